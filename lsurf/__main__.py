@@ -1,0 +1,7 @@
+"""``python -m lsurf`` is the ``lsurf`` command (so ``mpirun -n 4 python -m lsurf surface ...`` works)."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

@@ -1,0 +1,123 @@
+"""The (alpha, beta) grid, its parsing from ``MIN:MAX:NUM`` specs, and its partition into tiles."""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+
+import numpy as np
+
+from .errors import UserError
+
+# Bytes the surface file and the in-memory bookkeeping need per grid point: 4 splits' worth of
+# float64 values and standard errors plus the done mask, with headroom.
+_BYTES_PER_POINT = 96
+
+
+def parse_axis(spec: str, name: str) -> np.ndarray:
+    """``"-1:1:51"`` -> ``numpy.linspace(-1, 1, 51)``; every malformed spec is a :class:`UserError`."""
+    parts = str(spec).split(":")
+    if len(parts) != 3:
+        raise UserError(f"--{name} {spec!r}: expected MIN:MAX:NUM, e.g. -1:1:51")
+    try:
+        lo, hi = float(parts[0]), float(parts[1])
+    except ValueError:
+        raise UserError(f"--{name} {spec!r}: MIN and MAX must be numbers") from None
+    try:
+        num = int(parts[2])
+    except ValueError:
+        raise UserError(f"--{name} {spec!r}: NUM must be a whole number") from None
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        raise UserError(f"--{name} {spec!r}: MIN and MAX must be finite")
+    if num < 1:
+        raise UserError(f"--{name} {spec!r}: NUM must be at least 1")
+    if hi < lo or (hi == lo and num > 1):
+        raise UserError(f"--{name} {spec!r}: MAX must be greater than MIN")
+    return np.linspace(lo, hi, num)
+
+
+@dataclass(frozen=True)
+class Tile:
+    """A rectangle of grid points: rows ``j0:j1`` (beta) by columns ``i0:i1`` (alpha)."""
+
+    index: int
+    j0: int
+    j1: int
+    i0: int
+    i1: int
+
+    @property
+    def size(self) -> int:
+        return (self.j1 - self.j0) * (self.i1 - self.i0)
+
+
+@dataclass(frozen=True)
+class Grid:
+    """Coordinates of a 1-D (``y is None``) or 2-D surface; values are stored as ``[j, i]`` at ``(x[i], y[j])``."""
+
+    x: np.ndarray
+    y: np.ndarray | None = None
+
+    @classmethod
+    def parse(cls, x: str, y: str | None = None) -> Grid:
+        grid = cls(parse_axis(x, "x"), None if y is None else parse_axis(y, "y"))
+        grid.check_fits_in_memory()
+        return grid
+
+    @property
+    def ndim(self) -> int:
+        return 1 if self.y is None else 2
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (len(self.x),) if self.y is None else (len(self.y), len(self.x))
+
+    @property
+    def num_points(self) -> int:
+        return int(np.prod(self.shape))
+
+    def check_fits_in_memory(self) -> None:
+        need = self.num_points * _BYTES_PER_POINT
+        have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        if need > have // 2:
+            raise UserError(
+                f"grid of {self.num_points:,} points needs about {need / 2**30:.1f} GiB, "
+                f"more than half of this machine's {have / 2**30:.1f} GiB: use fewer points"
+            )
+
+    def coords(self, j: int, i: int) -> tuple[float, float]:
+        """(alpha, beta) of point ``[j, i]``; beta is 0 on a 1-D grid."""
+        return float(self.x[i]), (0.0 if self.y is None else float(self.y[j]))
+
+    def tiles(self, shape: tuple[int, int] | None = None, ranks: int = 1) -> list[Tile]:
+        """Cut the grid into rectangles; by default about 4 per rank so dynamic scheduling can balance."""
+        ny = 1 if self.y is None else len(self.y)
+        nx = len(self.x)
+        th, tw = shape if shape is not None else self._default_tile(ny, nx, ranks)
+        th, tw = max(1, min(th, ny)), max(1, min(tw, nx))
+        tiles = []
+        for j0 in range(0, ny, th):
+            for i0 in range(0, nx, tw):
+                tiles.append(Tile(len(tiles), j0, min(j0 + th, ny), i0, min(i0 + tw, nx)))
+        return tiles
+
+    @staticmethod
+    def _default_tile(ny: int, nx: int, ranks: int) -> tuple[int, int]:
+        target = max(1, (ny * nx) // (4 * max(1, ranks)))  # points per tile
+        tw = max(1, min(nx, target))
+        th = max(1, min(ny, target // tw))
+        return th, tw
+
+
+def parse_tile(spec: str | None) -> tuple[int, int] | None:
+    """``"4x8"`` -> (4 rows of beta, 8 columns of alpha); ``None`` keeps the automatic choice."""
+    if spec is None:
+        return None
+    try:
+        a, b = (int(v) for v in str(spec).lower().split("x"))
+    except ValueError:
+        raise UserError(f"--tile {spec!r}: expected ROWSxCOLS, e.g. 4x8") from None
+    if a < 1 or b < 1:
+        raise UserError(f"--tile {spec!r}: both sides must be at least 1")
+    return a, b

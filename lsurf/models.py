@@ -1,0 +1,239 @@
+"""Model zoo by name, ``pkg.module:factory`` plug-ins, and checkpoint loading.
+
+The CIFAR ResNets and VGG-9 keep the layer names of Li et al.'s ``loss-landscape`` code so its
+checkpoints load with ``strict=True``.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import importlib
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import UserError
+
+
+class MLP(nn.Module):
+    """Flatten, then ``hidden`` ReLU layers; ``hidden=()`` is plain linear regression."""
+
+    def __init__(self, in_features: int, out_features: int, hidden: tuple[int, ...] = (64, 64)):
+        super().__init__()
+        sizes = (in_features, *hidden)
+        layers: list[nn.Module] = []
+        for a, b in zip(sizes[:-1], sizes[1:]):
+            layers += [nn.Linear(a, b), nn.ReLU()]
+        layers.append(nn.Linear(sizes[-1], out_features))
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x.flatten(1))
+
+
+class DigitsCNN(nn.Module):
+    """A small CNN for 1x8x8 images (scikit-learn's digits): two 3x3 convs, one pool, a linear head."""
+
+    def __init__(self, in_channels: int = 1, num_classes: int = 10):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, 16, 3, padding=1)
+        self.conv2 = nn.Conv2d(16, 32, 3, padding=1)
+        self.linear = nn.Linear(32 * 4 * 4, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.conv1(x))
+        x = F.max_pool2d(F.relu(self.conv2(x)), 2)
+        return self.linear(x.flatten(1))
+
+
+class BasicBlock(nn.Module):
+    def __init__(self, in_planes: int, planes: int, stride: int = 1, shortcut: bool = True):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, stride=1, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.has_shortcut = shortcut
+        if shortcut:
+            self.shortcut = nn.Sequential()
+            if stride != 1 or in_planes != planes:
+                self.shortcut = nn.Sequential(
+                    nn.Conv2d(in_planes, planes, 1, stride=stride, bias=False), nn.BatchNorm2d(planes)
+                )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        if self.has_shortcut:
+            out = out + self.shortcut(x)
+        return F.relu(out)
+
+
+class CifarResNet(nn.Module):
+    """ResNet-(6n+2) for 32x32 inputs: 16/32/64 channels, 8x8 average pool, ``linear`` head."""
+
+    def __init__(self, depth: int, shortcut: bool = True, in_channels: int = 3, num_classes: int = 10):
+        super().__init__()
+        n = (depth - 2) // 6
+        self.conv1 = nn.Conv2d(in_channels, 16, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(16)
+        planes_in = 16
+        for s, (planes, stride) in enumerate([(16, 1), (32, 2), (64, 2)], start=1):
+            blocks = []
+            for b in range(n):
+                blocks.append(BasicBlock(planes_in, planes, stride if b == 0 else 1, shortcut))
+                planes_in = planes
+            setattr(self, f"layer{s}", nn.Sequential(*blocks))
+        self.linear = nn.Linear(64, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.layer3(self.layer2(self.layer1(out)))
+        out = F.adaptive_avg_pool2d(out, 1).flatten(1)
+        return self.linear(out)
+
+
+class VGG9(nn.Module):
+    """VGG-9 as in Li et al.: 7 conv+BN layers, one FC+BN layer, a linear classifier."""
+
+    def __init__(self, in_channels: int = 3, num_classes: int = 10, size: int = 32):
+        super().__init__()
+        layers: list[nn.Module] = []
+        for v in [64, 64, "M", 128, 128, "M", 256, 256, 256, "M"]:
+            if v == "M":
+                layers.append(nn.MaxPool2d(2, 2, ceil_mode=True))
+                size = -(-size // 2)
+            else:
+                layers += [nn.Conv2d(in_channels, v, 3, padding=1), nn.BatchNorm2d(v), nn.ReLU(inplace=True)]
+                in_channels = v
+        self.features = nn.Sequential(*layers)
+        self.fc = nn.Sequential(nn.Linear(256 * size * size, 256), nn.BatchNorm1d(256), nn.ReLU(inplace=True))
+        self.classifier = nn.Linear(256, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.fc(self.features(x).flatten(1)))
+
+
+def _flat(shape: tuple[int, ...]) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+# name -> factory(in_shape, num_outputs)
+ZOO: dict[str, Callable[[tuple[int, ...], int], nn.Module]] = {
+    "linear": lambda shape, k: MLP(_flat(shape), k, hidden=()),
+    "mlp": lambda shape, k: MLP(_flat(shape), k),
+    "cnn": lambda shape, k: DigitsCNN(shape[0], k),
+    "vgg9": lambda shape, k: VGG9(shape[0], k, shape[-1]),
+}
+for _depth in (20, 56, 110):
+    ZOO[f"resnet{_depth}"] = lambda shape, k, d=_depth: CifarResNet(d, True, shape[0], k)
+    ZOO[f"resnet{_depth}_noshort"] = lambda shape, k, d=_depth: CifarResNet(d, False, shape[0], k)
+
+
+def load_plugin(spec: str, what: str) -> Callable:
+    """Import ``pkg.module:name`` and return the attribute, with a clear error for each way it can fail."""
+    module_name, _, attr = spec.partition(":")
+    if not module_name or not attr:
+        raise UserError(f"{what} plug-in {spec!r}: expected pkg.module:callable")
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as e:  # ImportError, or the module's own import-time error
+        raise UserError(f"{what} plug-in {spec!r}: cannot import {module_name!r} ({e})") from None
+    fn = getattr(module, attr, None)
+    if not callable(fn):
+        raise UserError(f"{what} plug-in {spec!r}: {module_name} has no callable {attr!r}")
+    return fn
+
+
+def build_model(name: str, in_shape: tuple[int, ...], num_outputs: int) -> nn.Module:
+    """A zoo model sized for the data, or a plug-in ``pkg.module:factory`` called with no arguments."""
+    if ":" in name:
+        factory = load_plugin(name, "model")
+        try:
+            model = factory()
+        except Exception as e:
+            raise UserError(f"model plug-in {name!r} raised {type(e).__name__}: {e}") from None
+        if not isinstance(model, nn.Module):
+            raise UserError(f"model plug-in {name!r} returned {type(model).__name__}, not a torch.nn.Module")
+        return model
+    if name not in ZOO:
+        close = difflib.get_close_matches(name, ZOO, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else f" (known: {', '.join(sorted(ZOO))})"
+        raise UserError(f"unknown model {name!r}{hint}")
+    return ZOO[name](tuple(in_shape), num_outputs)
+
+
+def file_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """The state dict of a checkpoint: a bare state dict, or ``{'state_dict': ..., ...}`` as Li et al. save."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"checkpoint {str(path)!r} does not exist")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"checkpoint {str(path)!r} is not a readable torch checkpoint ({first})") from None
+    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise UserError(f"checkpoint {str(path)!r} holds no state dict of tensors")
+    # Checkpoints saved from nn.DataParallel prefix every key with "module."
+    if obj and all(k.startswith("module.") for k in obj):
+        obj = {k[len("module.") :]: v for k, v in obj.items()}
+    return obj
+
+
+def load_checkpoint(model: nn.Module, path: str | Path) -> None:
+    """Load a checkpoint with ``strict=True``, naming the first missing/unexpected key on mismatch."""
+    state = read_state_dict(path)
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing keys, first {missing[0]!r}")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected keys, first {unexpected[0]!r}")
+        raise UserError(f"checkpoint {str(path)!r} does not fit this model: {'; '.join(parts)}")
+    for k, v in state.items():
+        if tuple(v.shape) != tuple(own[k].shape):
+            raise UserError(
+                f"checkpoint {str(path)!r} does not fit this model: {k!r} has shape "
+                f"{tuple(v.shape)}, the model expects {tuple(own[k].shape)}"
+            )
+    model.load_state_dict(state, strict=True)
+
+
+# Input shape and class count of the data each zoo family was designed for, used when no data is
+# given (e.g. ``lsurf directions --model resnet20``).
+DEFAULT_SHAPES = {"cnn": ((1, 8, 8), 10), "vgg9": ((3, 32, 32), 10), "resnet": ((3, 32, 32), 10)}
+
+
+def load_model(name: str, in_shape: tuple[int, ...] | None, num_outputs: int | None,
+               checkpoint: str | Path | None = None) -> nn.Module:
+    """A model by zoo name or plug-in, with the checkpoint's weights if one is given."""
+    if in_shape is None:
+        family = "resnet" if name.startswith("resnet") else name
+        if family not in DEFAULT_SHAPES:
+            raise UserError(f"model {name!r} needs --data to know its input shape")
+        in_shape, num_outputs = DEFAULT_SHAPES[family]
+    model = build_model(name, in_shape, num_outputs)
+    if checkpoint is not None:
+        load_checkpoint(model, checkpoint)
+    return model

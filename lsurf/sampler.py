@@ -1,0 +1,239 @@
+"""The distributed sampling run: tiles of the grid -> evaluator -> one shared surface file.
+
+Every rank runs :func:`sample_surface`. Rank 0 checks (or creates) the file and broadcasts what is
+already done; tiles are taken from a shared queue, evaluated, and written as soon as they finish —
+by each rank itself through parallel HDF5 (``driver='mpio'``), or, where h5py is serial, by rank 0
+from messages the other ranks send it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import sys
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import torch
+from torch import nn
+
+from . import __version__, surface_file
+from .data import Split, resident_batches
+from .directions import Directions, target_tensors
+from .errors import UserError
+from .evaluate import STATS, Evaluator, check_outputs_fit, resolve_loss
+from .grid import Grid, Tile
+from .parallel import TileQueue, World, pin_device, world
+
+_TAG_TILE, _TAG_END = 11, 12
+
+
+def use_parallel_hdf5(w: World, writer: str) -> bool:
+    """``writer``: ``auto`` (mpio where h5py has MPI), ``mpio`` or ``root`` (gather to rank 0)."""
+    if writer not in ("auto", "mpio", "root"):
+        raise UserError(f"--writer {writer!r}: expected auto, mpio or root")
+    has_mpi = h5py.get_config().mpi
+    if writer == "mpio" and not has_mpi and w.size > 1:
+        raise UserError("--writer mpio: this h5py is not built with MPI")
+    return w.size > 1 and has_mpi and writer != "root"
+
+
+def sample_surface(
+    model: nn.Module,
+    data: dict[str, Split],
+    directions: Directions,
+    grid: Grid,
+    out: str | Path,
+    *,
+    loss: str = "cross_entropy",
+    dtype: torch.dtype = torch.float32,
+    device: str = "auto",
+    threads: int | None = None,
+    batch_size: int = 512,
+    bn: str = "eval",
+    tile: tuple[int, int] | None = None,
+    schedule: str = "dynamic",
+    writer: str = "auto",
+    overwrite: bool = False,
+    provenance: dict | None = None,
+    progress: bool = True,
+    log=None,
+) -> surface_file.Surface | None:
+    """Sample loss and accuracy over ``grid`` around the model's current weights into ``out``.
+
+    Call it on every rank of an MPI job (or in a single process). Returns the finished surface on
+    rank 0 and None elsewhere. ``provenance`` (e.g. the checkpoint's SHA-256) is stored in the
+    file, and its ``identity`` entries must match for an existing file to be resumed.
+    """
+    w = world()
+    log = log or (lambda msg: None)
+    if grid.ndim != directions.ndim:
+        raise UserError(f"the grid is {grid.ndim}-D but the directions are {directions.ndim}-D")
+    dev = pin_device(w, device, threads)
+    log(f"rank {w.rank}/{w.size} (local {w.local_rank}/{w.local_size}) on {dev}, "
+        f"{torch.get_num_threads()} threads")
+    loss_fn = resolve_loss(loss)
+    model.to(device=dev, dtype=dtype)
+    dir_type = directions.meta.get("dir_type", "weights")
+    _, targets = target_tensors(model, dir_type)
+    check_outputs_fit(model, next(iter(data.values())), loss_fn, dev, dtype)
+    batches = {s: resident_batches(split, batch_size, dev, dtype) for s, split in data.items()}
+    evaluator = Evaluator(model, targets, directions.to(dev, dtype), batches, loss_fn, bn)
+
+    prov = dict(provenance or {})
+    identity = {
+        **prov.pop("identity", {}),
+        "directions_sha256": directions.sha256(),
+        "data_sha256": {s: split.fingerprint() for s, split in data.items()} if w.is_root else None,
+        "loss": loss, "dtype": str(dtype).replace("torch.", ""), "bn": bn, "dir_type": dir_type,
+    }
+    attrs = _provenance_attrs(prov, directions)
+    path = Path(out)
+    with contextlib.ExitStack() as stack:
+        def prepare():
+            if not w.is_root:
+                return None
+            stack.enter_context(surface_file.exclusive_lock(path))
+            surface_file.prepare(path, grid, list(data), identity, attrs, overwrite)
+            return _existing(path, data)
+
+        existing = w.bcast(w.agree(prepare))
+        stats = _run(w, evaluator, grid, path, list(data), existing, tile, schedule, writer, progress, log)
+        gathered = w.gather(stats)
+        if w.is_root:
+            surface_file.finalize(path, _run_attrs(gathered))
+    evaluator.restore()
+    return surface_file.read_surface(path) if w.is_root else None
+
+
+def _existing(path: Path, data: dict) -> dict | None:
+    """The done mask and values of a resumed file (None for a fresh one)."""
+    surface = surface_file.read_surface(path)
+    if not surface.done.any():
+        return None
+    return {"done": surface.done, "values": surface.values}
+
+
+def _provenance_attrs(prov: dict, directions: Directions) -> dict:
+    versions = {"lsurf": __version__, "torch": torch.__version__, "h5py": h5py.__version__,
+                "numpy": np.__version__, "python": sys.version.split()[0]}
+    return {
+        "config": json.dumps(prov.get("config", {}), default=str),
+        "directions": json.dumps(directions.meta, default=str),
+        "versions": json.dumps(versions),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        **{k: v for k, v in prov.items() if k != "config" and isinstance(v, (str, int, float))},
+    }
+
+
+def _run(w: World, ev: Evaluator, grid: Grid, path: Path, splits: list[str], existing, tile, schedule,
+         writer: str, progress: bool, log) -> dict:
+    done = existing["done"] if existing else np.zeros(grid.shape, dtype=bool)
+    done2 = done.reshape(grid.shape if grid.ndim == 2 else (1, -1))
+    tiles = [t for t in grid.tiles(tile, w.size) if not done2[t.j0:t.j1, t.i0:t.i1].all()]
+    todo_points = int((~done).sum())
+    parallel_io = use_parallel_hdf5(w, writer)
+    if w.is_root:
+        log(f"{len(tiles)} tiles, {todo_points} of {grid.num_points} points to do; "
+            f"writer: {'parallel HDF5 (mpio)' if parallel_io else 'rank 0'}")
+    out = surface_file.TileWriter(path, grid, w.comm) if parallel_io else (
+        surface_file.TileWriter(path, grid) if w.is_root else None)
+    queue = TileQueue(w, len(tiles), schedule)
+    bar = _progress_bar(todo_points) if (progress and w.is_root) else None
+    names = surface_file.quantity_names(splits)
+    points, seconds, ends = 0, 0.0, 0
+    try:
+        while (k := queue.next()) is not None:
+            t = tiles[k]
+            t0 = time.perf_counter()
+            values, n = _evaluate_tile(ev, grid, t, done2, existing, names, splits)
+            seconds += time.perf_counter() - t0
+            points += n
+            queue.add_done(n)
+            if out is not None:
+                out.write(t, values)
+            else:
+                w.comm.send((k, values), dest=0, tag=_TAG_TILE)
+            if w.is_root and w.comm is not None and not parallel_io:
+                ends += _receive(w, tiles, out, block=False)
+            if bar is not None:
+                bar.update(queue.points_done() - bar.n)
+        if w.comm is not None and not parallel_io:
+            if w.is_root:
+                while ends < w.size - 1:
+                    ends += _receive(w, tiles, out, block=True)
+            else:
+                w.comm.send(None, dest=0, tag=_TAG_END)
+        w.barrier()
+        if bar is not None:
+            bar.update(queue.points_done() - bar.n)
+    finally:
+        if bar is not None:
+            bar.close()
+    queue.close()
+    if out is not None:
+        out.close()
+    return {"rank": w.rank, "points": points, "seconds": seconds}
+
+
+def _receive(w: World, tiles: list[Tile], out: surface_file.TileWriter, block: bool) -> int:
+    """Rank 0 writes tiles other ranks sent; returns how many ranks said they have finished."""
+    from mpi4py import MPI
+
+    ends = 0
+    status = MPI.Status()
+    while block or w.comm.Iprobe(source=MPI.ANY_SOURCE, tag=MPI.ANY_TAG):
+        msg = w.comm.recv(source=MPI.ANY_SOURCE, tag=MPI.ANY_TAG, status=status)
+        if status.Get_tag() == _TAG_END:
+            ends += 1
+        else:
+            k, values = msg
+            out.write(tiles[k], values)
+        if block:
+            break
+    return ends
+
+
+def _evaluate_tile(ev: Evaluator, grid: Grid, t: Tile, done2: np.ndarray, existing, names, splits):
+    """Values of every quantity over the tile; points already done keep their stored values."""
+    shape = (t.j1 - t.j0, t.i1 - t.i0)
+    vals = {n: np.full(shape, np.nan) for n in names}
+    if existing is not None:
+        for n in names:
+            stored = existing["values"][n].reshape(grid.shape if grid.ndim == 2 else (1, -1))
+            vals[n][:] = stored[t.j0:t.j1, t.i0:t.i1]
+    n_eval = 0
+    for jj, j in enumerate(range(t.j0, t.j1)):
+        for ii, i in enumerate(range(t.i0, t.i1)):
+            if done2[j, i]:
+                continue
+            result = ev.evaluate(*grid.coords(j, i))
+            for s in splits:
+                for q, v in zip(STATS, result[s]):
+                    vals[f"{s}_{q}"][jj, ii] = v
+            n_eval += 1
+    if grid.ndim == 1:
+        vals = {n: v[0] for n, v in vals.items()}
+    return vals, n_eval
+
+
+def _progress_bar(total: int):
+    from tqdm import tqdm
+
+    interactive = sys.stderr.isatty()
+    return tqdm(total=total, unit="pt", desc="lsurf", file=sys.stderr, dynamic_ncols=True,
+                mininterval=0.5 if interactive else 30, smoothing=0.1)
+
+
+def _run_attrs(gathered: list[dict]) -> dict:
+    points = np.array([g["points"] for g in gathered])
+    seconds = np.array([g["seconds"] for g in gathered])
+    total = int(points.sum())
+    return {
+        "rank_points": points, "rank_seconds": seconds,
+        "eval_seconds_total": float(seconds.sum()),
+        "eval_seconds_per_point": float(seconds.sum() / total) if total else float("nan"),
+        "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }

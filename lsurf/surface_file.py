@@ -1,0 +1,233 @@
+"""The surface file: one HDF5 file per surface, shared by all ranks, and the reader for ours and
+Li et al.'s.
+
+Layout (2-D; a 1-D file drops ``y``): root datasets ``x``/``y`` (HDF5 dimension scales, so
+xarray shows named coordinates), ``xcoordinates``/``ycoordinates`` (the reference's names),
+``{split}_{loss,acc,loss_stderr,acc_stderr}`` of shape (ny, nx) with value ``[j, i]`` at
+``(x[i], y[j])``, NaN until computed, and ``done`` (uint8). Attributes hold the provenance.
+
+Crash safety: the file is created complete (every dataset allocated and filled with NaN) under a
+temporary name, closed and renamed into place. During a run only raw values are written into
+that fixed storage, so a killed process leaves a valid file whose ``done`` mask says what is
+finished.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from .errors import UserError
+from .evaluate import STATS
+from .grid import Grid, Tile
+
+FORMAT = "lsurf-surface-1"
+
+
+def quantity_names(splits: list[str]) -> list[str]:
+    return [f"{s}_{q}" for s in splits for q in STATS]
+
+
+def open_h5(path: str | Path, mode: str = "r", **kw) -> h5py.File:
+    """``h5py.File`` with a :class:`UserError` naming the file when it is not readable HDF5."""
+    try:
+        return h5py.File(path, mode, **kw)
+    except FileNotFoundError:
+        raise UserError(f"{str(path)!r} does not exist") from None
+    except OSError as e:
+        reason = "it is in use by another process" if "lock" in str(e).lower() else "not a readable HDF5 file"
+        raise UserError(f"{str(path)!r}: {reason} ({str(e).splitlines()[0]})") from None
+
+
+@contextlib.contextmanager
+def exclusive_lock(path: str | Path):
+    """Hold ``PATH.lock`` (flock) for a whole run so a second job on the same file is refused.
+
+    The kernel drops an flock when its process dies, even by SIGKILL, so no stale lock survives.
+    """
+    lock_path = f"{path}.lock"
+    try:
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        raise UserError(f"cannot write next to {str(path)!r}: {e.strerror}") from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise UserError(f"{str(path)!r} is in use by another lsurf job (lock {lock_path} is held)") from None
+        except OSError:
+            pass  # file systems without flock: carry on unprotected
+        yield
+    finally:
+        os.close(fd)
+        with contextlib.suppress(OSError):
+            os.unlink(lock_path)
+
+
+def _identity_mismatch(f: h5py.File, grid: Grid, identity: dict) -> str | None:
+    """Why an existing file cannot be resumed by this run, or None if it can."""
+    if f.attrs.get("format") != FORMAT:
+        return "it was not written by lsurf"
+    if not np.array_equal(f["x"][()], grid.x) or (grid.y is None) != ("y" not in f) or (
+        grid.y is not None and not np.array_equal(f["y"][()], grid.y)
+    ):
+        old_y = f"{len(f['y'])} y" if "y" in f else "no y"
+        return f"it has another grid ({len(f['x'])} x by {old_y} points)"
+    old = json.loads(f.attrs["identity"])
+    for key, value in identity.items():
+        if old.get(key) != value:
+            return f"it was made with another {key.replace('_', ' ')} ({old.get(key)!r}, now {value!r})"
+    return None
+
+
+def prepare(path: str | Path, grid: Grid, splits: list[str], identity: dict, attrs: dict, overwrite: bool) -> int:
+    """Make sure ``path`` is a surface file for this run; returns how many points are already done.
+
+    An existing file that matches is resumed; one that does not is refused (never touched) unless
+    ``overwrite``, in which case a fresh file replaces it atomically.
+    """
+    path = Path(path)
+    if not path.parent.is_dir():
+        raise UserError(f"output folder {str(path.parent)!r} does not exist")
+    if not os.access(path.parent, os.W_OK):
+        raise UserError(f"output folder {str(path.parent)!r} is not writable")
+    if path.exists() and not overwrite:
+        with open_h5(path, "r") as f:
+            why = _identity_mismatch(f, grid, identity)
+            if why is None:
+                return int(f["done"][()].sum())
+        raise UserError(f"{str(path)!r} exists but {why}: use --overwrite to replace it")
+    _create(path, grid, splits, identity, attrs)
+    return 0
+
+
+def _create(path: Path, grid: Grid, splits: list[str], identity: dict, attrs: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with h5py.File(tmp, "w") as f:
+        x = f.create_dataset("x", data=grid.x)
+        x.make_scale("x")
+        scales = [x]
+        f.create_dataset("xcoordinates", data=grid.x).dims[0].attach_scale(x)
+        if grid.y is not None:
+            y = f.create_dataset("y", data=grid.y)
+            y.make_scale("y")
+            scales = [y, x]
+            f.create_dataset("ycoordinates", data=grid.y).dims[0].attach_scale(y)
+        # data= (not just shape=) allocates the storage now: later writes never touch metadata.
+        for name in quantity_names(splits):
+            _attach(f.create_dataset(name, data=np.full(grid.shape, np.nan)), scales)
+        _attach(f.create_dataset("done", data=np.zeros(grid.shape, dtype=np.uint8)), scales)
+        f.attrs["format"] = FORMAT
+        f.attrs["identity"] = json.dumps(identity)
+        for k, v in attrs.items():
+            f.attrs[k] = v
+    tmp.replace(path)
+
+
+def _attach(ds: h5py.Dataset, scales: list[h5py.Dataset]) -> None:
+    for axis, scale in enumerate(scales):
+        ds.dims[axis].attach_scale(scale)
+
+
+def read_done(path: str | Path) -> np.ndarray:
+    with open_h5(path, "r") as f:
+        return f["done"][()].astype(bool)
+
+
+def tile_slice(grid: Grid, tile: Tile) -> tuple[slice, ...]:
+    if grid.ndim == 1:
+        return (slice(tile.i0, tile.i1),)
+    return (slice(tile.j0, tile.j1), slice(tile.i0, tile.i1))
+
+
+class TileWriter:
+    """Writes finished tiles (values first, then ``done``) into an open file.
+
+    With ``driver='mpio'`` every rank holds one and writes its own tiles independently; on the
+    serial path only rank 0 holds one and writes what the other ranks send it.
+    """
+
+    def __init__(self, path: str | Path, grid: Grid, comm=None):
+        self.grid = grid
+        self.parallel = comm is not None
+        self.f = h5py.File(path, "r+", driver="mpio", comm=comm) if self.parallel else h5py.File(path, "r+")
+        self.datasets = {name: self.f[name] for name in self.f if name.endswith(STATS)}
+
+    def write(self, tile: Tile, values: dict[str, np.ndarray]) -> None:
+        sl = tile_slice(self.grid, tile)
+        for name, arr in values.items():
+            self.datasets[name][sl] = arr
+        self.f["done"][sl] = 1
+        if not self.parallel:
+            self.f.flush()  # the serial driver buffers small writes; H5Fflush is collective under mpio
+
+    def close(self) -> None:
+        self.f.close()
+
+
+def finalize(path: str | Path, attrs: dict) -> None:
+    """Add run statistics to the attributes once every rank has closed the file."""
+    with h5py.File(path, "r+") as f:
+        for k, v in attrs.items():
+            f.attrs[k] = v
+
+
+@dataclass
+class Surface:
+    """A surface read back: coordinates, quantities as (ny, nx) or (nx,) arrays, ``done`` and attributes."""
+
+    path: str
+    x: np.ndarray
+    y: np.ndarray | None
+    values: dict[str, np.ndarray]
+    done: np.ndarray
+    attrs: dict = field(default_factory=dict)
+    reference: bool = False  # written by Li et al.'s code
+
+    @property
+    def ndim(self) -> int:
+        return 1 if self.y is None else 2
+
+    @property
+    def config(self) -> dict:
+        return json.loads(self.attrs.get("config", "{}"))
+
+
+def read_surface(path: str | Path) -> Surface:
+    """Read our file or one of Li et al.'s (−1 = not computed, arrays stored ``[ix, iy]``-allocated)."""
+    with open_h5(path, "r") as f:
+        attrs = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in f.attrs.items()}
+        if attrs.get("format") == FORMAT:
+            y = f["y"][()] if "y" in f else None
+            values = {n: f[n][()] for n in f if n.endswith(STATS)}
+            return Surface(str(path), f["x"][()], y, values, f["done"][()].astype(bool), attrs)
+        if "xcoordinates" not in f:
+            raise UserError(f"{str(path)!r} is not a surface file (no xcoordinates)")
+        return _read_reference(f, str(path), attrs)
+
+
+def _read_reference(f: h5py.File, path: str, attrs: dict) -> Surface:
+    x = f["xcoordinates"][()]
+    y = f["ycoordinates"][()] if "ycoordinates" in f else None
+    shape = (len(x),) if y is None else (len(y), len(x))
+    values = {}
+    for name in f:
+        if name.endswith(("_loss", "_acc")) and isinstance(f[name], h5py.Dataset):
+            # Allocated (nx, ny) but filled so that element [a, b] is the point (x[b], y[a]).
+            a = np.array(f[name][()], dtype=np.float64).ravel().reshape(shape)
+            a[a == -1] = np.nan
+            values[name] = a
+    if not values:
+        raise UserError(f"{path!r} has coordinates but no *_loss or *_acc datasets")
+    done = np.all([np.isfinite(v) for v in values.values()], axis=0)
+    if "dir_file" in f:
+        raw = f["dir_file"][()]
+        attrs["dir_file"] = raw.decode() if isinstance(raw, bytes) else str(raw)
+    return Surface(path, x, y, values, done, attrs, reference=True)

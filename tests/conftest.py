@@ -1,0 +1,59 @@
+"""Shared helpers: run the real CLI in a subprocess, alone or under a real ``mpirun``."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+FIXTURES = REPO.parent / "shared" / "fixtures" / "loss-landscape"
+
+
+def _env(extra: dict | None = None) -> dict:
+    env = dict(os.environ)
+    env.update({"OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
+                "OMPI_MCA_rmaps_base_oversubscribe": "1", "PYTHONUNBUFFERED": "1",
+                "OMPI_MCA_btl_vader_single_copy_mechanism": "none"})
+    env.setdefault("PYTHONPATH", str(REPO))
+    env.update(extra or {})
+    return env
+
+
+def lsurf(*args, cwd=None, timeout=300, env=None, check=False) -> subprocess.CompletedProcess:
+    """``python -m lsurf ARGS`` in one process; returns the completed process (text output)."""
+    cmd = [sys.executable, "-m", "lsurf", *map(str, args)]
+    p = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=_env(env))
+    if check and p.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} -> {p.returncode}\n{p.stdout}\n{p.stderr}")
+    return p
+
+
+def mpi_command(n: int, *args) -> list[str]:
+    return ["mpirun", "-n", str(n), "--oversubscribe", "--allow-run-as-root",
+            sys.executable, "-m", "lsurf", *map(str, args)]
+
+
+def mpirun(n: int, *args, cwd=None, timeout=300, env=None, check=False) -> subprocess.CompletedProcess:
+    """``mpirun -n N python -m lsurf ARGS`` for real (Open MPI, oversubscribed, as root)."""
+    cmd = mpi_command(n, *args)
+    p = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=_env(env))
+    if check and p.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} -> {p.returncode}\n{p.stdout}\n{p.stderr}")
+    return p
+
+
+requires_mpi = pytest.mark.skipif(shutil.which("mpirun") is None, reason="mpirun not installed")
+requires_fixtures = pytest.mark.skipif(not FIXTURES.is_dir(), reason="../shared/fixtures not present")
+
+
+@pytest.fixture(scope="session")
+def digits_checkpoint(tmp_path_factory) -> Path:
+    """A CNN trained for 2 epochs on digits (deterministic), shared by the whole session."""
+    out = tmp_path_factory.mktemp("runs")
+    lsurf("train", "--model", "cnn", "--data", "digits", "--epochs", "2", "--out-dir", out, check=True)
+    return out / "model_2.t7"
