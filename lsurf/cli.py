@@ -8,6 +8,7 @@ aborts the whole job.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import re
 import sys
@@ -34,6 +35,10 @@ from .grid import Grid, parse_tile
 from .models import file_sha256, load_model
 from .parallel import install_abort_hook, world
 
+_PLUGGED_COMMANDS = [
+    ("plot", "lsurf.plot", "plot a surface file: contours, heat map, 3-D surface, 1-D curves"),
+    ("vtk", "lsurf.vtkfile", "write a VTK XML file of a surface for ParaView"),
+]
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
@@ -116,6 +121,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--loss", default="cross_entropy")
     p.add_argument("--out-dir", required=True)
     p.set_defaults(func=cmd_train)
+
+    # Commands whose options live with their code: each module has add_arguments(p) and run(args).
+    for name, module, text in _PLUGGED_COMMANDS:
+        mod = importlib.import_module(module)
+        p = sub.add_parser(name, help=text)
+        mod.add_arguments(p)
+        p.add_argument("--debug", action="store_true", help="show tracebacks for bad input")
+        p.set_defaults(func=mod.run)
 
     p = sub.add_parser("info", help="provenance and coverage of a surface file")
     p.add_argument("file")

@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Install what is missing (idempotent) and run the whole test suite, MPI and Slurm tests included.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+bash "$ROOT/jobs/setup.sh"
+# A real single-node Slurm for tests/test_slurm.py (nothing starts until a test starts it).
+if ! command -v slurmctld >/dev/null || ! command -v munged >/dev/null; then
+  echo "[test] apt: installing Slurm and munge for the Slurm tests"
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+    slurmctld slurmd slurm-client munge >/dev/null
+fi
+cd "$ROOT"
+export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
+"$ROOT/.venv/bin/python" -m ruff check lsurf tests bench
+exec "$ROOT/.venv/bin/python" -m pytest -q --timeout=900 "$@"
