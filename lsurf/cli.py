@@ -92,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="train", help="comma-separated splits: train,test")
     p.add_argument("--loss", default="cross_entropy", help="cross_entropy | mse | pkg.module:fn (per-sample)")
     p.add_argument("--dtype", default="float32", choices=list(DTYPES))
-    p.add_argument("--batch-size", type=int, default=512)
+    p.add_argument("--batch-size", type=int, help="samples per forward (default: 128 on CPU, 1024 on GPU)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--threads", type=int, help="torch threads per rank (default: cores per rank on the node)")
     p.add_argument("--bn", default="eval", choices=["eval", "recalibrate"])
@@ -145,7 +145,8 @@ def _model_and_data(args, splits: tuple[str, ...]):
     data = load_data(args.data, splits, args.subset) if args.data else None
     first = next(iter(data.values())) if data else None
     model = load_model(args.model, tuple(first.x.shape[1:]) if first else None,
-                       first.num_outputs if first else None, args.checkpoint)
+                       first.num_outputs if first else None, args.checkpoint,
+                       DTYPES.get(getattr(args, "dtype", "float32"), torch.float32))
     return model, data
 
 
@@ -167,7 +168,7 @@ def cmd_surface(args) -> int:
 
     def setup():
         grid = Grid.parse(args.x, args.y)
-        if args.dtype not in DTYPES:
+        if args.dtype not in DTYPES:  # a job file bypasses argparse's choices
             raise UserError(f"--dtype {args.dtype!r}: expected float32 or float64")
         model, data = _model_and_data(args, _splits(args.split))
         return grid, model, data, _directions_for(args, model, grid.ndim == 2), parse_tile(args.tile)
@@ -246,9 +247,9 @@ def describe(s) -> list[str]:
     ranges = f"x [{s.x.min():g}, {s.x.max():g}]" + ("" if s.y is None else f", y [{s.y.min():g}, {s.y.max():g}]")
     done = int(s.done.sum())
     lines = [
-        f"file:      {s.path}" + ("  (written by Li et al.'s loss-landscape)" if s.reference else ""),
-        f"grid:      {shape} points, {ranges}",
-        f"coverage:  {done}/{s.done.size} points done ({100 * done / s.done.size:.1f} %)",
+        f"{'file:':<20}{s.path}" + ("  (written by Li et al.'s loss-landscape)" if s.reference else ""),
+        f"{'grid:':<20}{shape} points, {ranges}",
+        f"{'coverage:':<20}{done}/{s.done.size} points done ({100 * done / s.done.size:.1f} %)",
     ]
     for name, v in sorted(s.values.items()):
         if name.endswith("_stderr"):
@@ -258,19 +259,20 @@ def describe(s) -> list[str]:
         fin = ok[np.isfinite(ok)]
         rng = f"min {fin.min():.6g}, max {fin.max():.6g}" if fin.size else "no finite values"
         flag = f"  ({bad} points non-finite: overflow)" if bad else ""
-        lines.append(f"{name + ':':<11}{rng}{flag}")
+        lines.append(f"{name + ':':<20}{rng}{flag}")
     for key in ("model", "data", "checkpoint", "checkpoint_sha256", "dir_file", "dir_file_sha256", "mpi_ranks",
                 "created", "finished", "eval_seconds_total", "eval_seconds_per_point"):
         if key in s.attrs and s.attrs[key] != "":
-            lines.append(f"{key + ':':<11}{s.attrs[key]}")
+            lines.append(f"{key + ':':<20}{s.attrs[key]}")
     for key in ("directions", "versions"):
         if key in s.attrs:
-            lines.append(f"{key + ':':<11}{s.attrs[key]}")
+            lines.append(f"{key + ':':<20}{s.attrs[key]}")
     if "rank_points" in s.attrs:
         pts, secs = s.attrs["rank_points"], s.attrs["rank_seconds"]
-        lines.append("ranks:     " + ", ".join(f"{r}: {p} pts {t:.1f} s" for r, (p, t) in enumerate(zip(pts, secs))))
+        per_rank = (f"{r}: {p} pts {t:.1f} s" for r, (p, t) in enumerate(zip(pts, secs)))
+        lines.append(f"{'ranks:':<20}" + ", ".join(per_rank))
     if "config" in s.attrs:
-        lines.append(f"config:    {json.dumps(json.loads(s.attrs['config']), sort_keys=True)}")
+        lines.append(f"{'config:':<20}{json.dumps(json.loads(s.attrs['config']), sort_keys=True)}")
     return lines
 
 

@@ -68,7 +68,9 @@ def _cifar_batch(path: Path) -> Split:
     try:
         with open(path, "rb") as f:
             batch = pickle.load(f, encoding="bytes")
-        data, labels = batch[b"data"], batch[b"labels"]
+        # CIFAR-10's own files (Python 2 pickles) have bytes keys; re-pickled copies have str keys.
+        batch = {k.decode() if isinstance(k, bytes) else k: v for k, v in batch.items()}
+        data, labels = batch["data"], batch["labels"]
         x = np.asarray(data, dtype=np.uint8).reshape(-1, 3, 32, 32)
         y = np.asarray(labels, dtype=np.int64)
     except FileNotFoundError:

@@ -44,7 +44,10 @@ def resolve_loss(spec: str) -> LossFn:
 
 
 def check_outputs_fit(model: nn.Module, split: Split, loss_fn: LossFn, device, dtype) -> None:
-    """Run one tiny batch so a model/label mismatch is a clear error before any work starts."""
+    """Run one tiny batch so a model/label mismatch is a clear error before any work starts.
+
+    The model must already be in eval mode: a forward in train mode would move BatchNorm statistics.
+    """
     x = split.x[:2].to(device=device, dtype=dtype)
     y = split.y[:2].to(device=device, dtype=dtype if split.y.is_floating_point() else split.y.dtype)
     try:

@@ -6,6 +6,7 @@ process where no MPI library is installed. A serial run uses the same code with 
 
 from __future__ import annotations
 
+import ctypes
 import os
 import sys
 import traceback
@@ -119,10 +120,28 @@ def threads_per_rank(w: World) -> int:
     return max(1, min(cores, per_rank))
 
 
+def keep_freed_memory() -> None:
+    """Ask glibc to keep freed activation buffers instead of returning them to the kernel.
+
+    A forward pass allocates and frees the same multi-MB activations every batch; by default glibc
+    serves those with fresh mmap pages, and the page faults cost more than the convolutions: a
+    ResNet-20 pass over 1,000 CIFAR images took 1.13 s instead of 0.70 s here (batch 128).
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return  # not glibc: nothing to tune
+    m_trim_threshold, m_top_pad, m_mmap_threshold = -1, -2, -3
+    libc.mallopt(m_mmap_threshold, 32 << 20)  # glibc's maximum
+    libc.mallopt(m_trim_threshold, 1 << 30)
+    libc.mallopt(m_top_pad, 64 << 20)
+
+
 def pin_device(w: World, spec: str = "auto", threads: int | None = None) -> torch.device:
     """Choose this rank's device (``cuda:(local_rank % GPUs)``) and its CPU thread count."""
     n_threads = threads or threads_per_rank(w)
     torch.set_num_threads(n_threads)
+    keep_freed_memory()
     if spec == "cpu":
         return torch.device("cpu")
     if spec.startswith("cuda:"):

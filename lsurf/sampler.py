@@ -51,7 +51,7 @@ def sample_surface(
     dtype: torch.dtype = torch.float32,
     device: str = "auto",
     threads: int | None = None,
-    batch_size: int = 512,
+    batch_size: int | None = None,
     bn: str = "eval",
     tile: tuple[int, int] | None = None,
     schedule: str = "dynamic",
@@ -64,8 +64,10 @@ def sample_surface(
     """Sample loss and accuracy over ``grid`` around the model's current weights into ``out``.
 
     Call it on every rank of an MPI job (or in a single process). Returns the finished surface on
-    rank 0 and None elsewhere. ``provenance`` (e.g. the checkpoint's SHA-256) is stored in the
-    file, and its ``identity`` entries must match for an existing file to be resumed.
+    rank 0 and None elsewhere. ``batch_size`` None means 128 on the CPU (small activations stay
+    in cache) and 1024 on a GPU (fewer kernel launches); in eval mode it changes only speed.
+    ``provenance`` (e.g. the checkpoint's SHA-256) is stored in the file, and its ``identity``
+    entries must match for an existing file to be resumed.
     """
     w = world()
     log = log or (lambda msg: None)
@@ -75,10 +77,13 @@ def sample_surface(
     log(f"rank {w.rank}/{w.size} (local {w.local_rank}/{w.local_size}) on {dev}, "
         f"{torch.get_num_threads()} threads")
     loss_fn = resolve_loss(loss)
-    model.to(device=dev, dtype=dtype)
+    model.to(device=dev, dtype=dtype).eval()  # before any forward: train mode would move BN statistics
     dir_type = directions.meta.get("dir_type", "weights")
     _, targets = target_tensors(model, dir_type)
     check_outputs_fit(model, next(iter(data.values())), loss_fn, dev, dtype)
+    batch_size = batch_size or (1024 if dev.type == "cuda" else 128)
+    if batch_size < 1:
+        raise UserError(f"--batch-size {batch_size}: must be at least 1")
     batches = {s: resident_batches(split, batch_size, dev, dtype) for s, split in data.items()}
     evaluator = Evaluator(model, targets, directions.to(dev, dtype), batches, loss_fn, bn)
 
