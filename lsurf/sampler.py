@@ -73,17 +73,9 @@ def sample_surface(
     log = log or (lambda msg: None)
     if grid.ndim != directions.ndim:
         raise UserError(f"the grid is {grid.ndim}-D but the directions are {directions.ndim}-D")
-    dev = pin_device(w, device, threads)
-    log(f"rank {w.rank}/{w.size} (local {w.local_rank}/{w.local_size}) on {dev}, "
-        f"{torch.get_num_threads()} threads")
-    loss_fn = resolve_loss(loss)
-    model.to(device=dev, dtype=dtype).eval()  # before any forward: train mode would move BN statistics
+    dev, loss_fn, batch_size = w.agree(lambda: _check_inputs(w, model, data, device, threads, loss, dtype, batch_size))
     dir_type = directions.meta.get("dir_type", "weights")
     _, targets = target_tensors(model, dir_type)
-    check_outputs_fit(model, next(iter(data.values())), loss_fn, dev, dtype)
-    batch_size = batch_size or (1024 if dev.type == "cuda" else 128)
-    if batch_size < 1:
-        raise UserError(f"--batch-size {batch_size}: must be at least 1")
     batches = {s: resident_batches(split, batch_size, dev, dtype) for s, split in data.items()}
     evaluator = Evaluator(model, targets, directions.to(dev, dtype), batches, loss_fn, bn)
 
@@ -105,12 +97,27 @@ def sample_surface(
             return _existing(path, data)
 
         existing = w.bcast(w.agree(prepare))
+        log(f"rank {w.rank}/{w.size} (local {w.local_rank}/{w.local_size}) on {dev}, "
+            f"{torch.get_num_threads()} threads")
         stats = _run(w, evaluator, grid, path, list(data), existing, tile, schedule, writer, progress, log)
         gathered = w.gather(stats)
         if w.is_root:
             surface_file.finalize(path, _run_attrs(gathered))
     evaluator.restore()
     return surface_file.read_surface(path) if w.is_root else None
+
+
+def _check_inputs(w: World, model: nn.Module, data: dict[str, Split], device: str, threads: int | None, loss: str,
+                  dtype: torch.dtype, batch_size: int | None):
+    """Device, loss function and batch size, after one tiny forward proves model, data and loss fit."""
+    dev = pin_device(w, device, threads)
+    loss_fn = resolve_loss(loss)
+    model.to(device=dev, dtype=dtype).eval()  # before any forward: train mode would move BN statistics
+    check_outputs_fit(model, next(iter(data.values())), loss_fn, dev, dtype)
+    batch_size = batch_size or (1024 if dev.type == "cuda" else 128)
+    if batch_size < 1:
+        raise UserError(f"--batch-size {batch_size}: must be at least 1")
+    return dev, loss_fn, batch_size
 
 
 def _existing(path: Path, data: dict) -> dict | None:

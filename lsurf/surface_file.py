@@ -75,16 +75,24 @@ def _identity_mismatch(f: h5py.File, grid: Grid, identity: dict) -> str | None:
     """Why an existing file cannot be resumed by this run, or None if it can."""
     if f.attrs.get("format") != FORMAT:
         return "it was not written by lsurf"
-    if not np.array_equal(f["x"][()], grid.x) or (grid.y is None) != ("y" not in f) or (
-        grid.y is not None and not np.array_equal(f["y"][()], grid.y)
+    old_grid = Grid(f["x"][()], f["y"][()] if "y" in f else None)
+    if describe_grid(old_grid) != describe_grid(grid) or not np.array_equal(old_grid.x, grid.x) or (
+        grid.y is not None and not np.array_equal(old_grid.y, grid.y)
     ):
-        old_y = f"{len(f['y'])} y" if "y" in f else "no y"
-        return f"it has another grid ({len(f['x'])} x by {old_y} points)"
+        return f"it has another grid ({describe_grid(old_grid)}; this run: {describe_grid(grid)})"
     old = json.loads(f.attrs["identity"])
     for key, value in identity.items():
         if old.get(key) != value:
             return f"it was made with another {key.replace('_', ' ')} ({old.get(key)!r}, now {value!r})"
     return None
+
+
+def describe_grid(grid: Grid) -> str:
+    """``x -1:1:51, y -1:1:51`` — the grid in the syntax of the options."""
+    def axis(name: str, v: np.ndarray) -> str:
+        return f"{name} {v[0]:g}:{v[-1]:g}:{len(v)}"
+
+    return axis("x", grid.x) + ("" if grid.y is None else ", " + axis("y", grid.y))
 
 
 def prepare(path: str | Path, grid: Grid, splits: list[str], identity: dict, attrs: dict, overwrite: bool) -> int:
@@ -157,7 +165,10 @@ class TileWriter:
     def __init__(self, path: str | Path, grid: Grid, comm=None):
         self.grid = grid
         self.parallel = comm is not None
-        self.f = h5py.File(path, "r+", driver="mpio", comm=comm) if self.parallel else h5py.File(path, "r+")
+        # HDF5's own lock would stop `lsurf info` and plots from reading a running job's file;
+        # writers are kept apart by exclusive_lock() instead.
+        self.f = (h5py.File(path, "r+", driver="mpio", comm=comm) if self.parallel
+                  else h5py.File(path, "r+", locking=False))
         self.datasets = {name: self.f[name] for name in self.f if name.endswith(STATS)}
 
     def write(self, tile: Tile, values: dict[str, np.ndarray]) -> None:

@@ -1,0 +1,148 @@
+"""Real mpirun: 1, 2 and 4 ranks agree with the serial run on both write paths; kill, resume, abort, lock."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import textwrap
+import time
+
+import h5py
+import numpy as np
+import pytest
+from conftest import _env, lsurf, mpi_command, mpirun, requires_mpi
+
+pytestmark = requires_mpi
+GRID = ["--x", "-1:1:9", "--y", "-1:1:7"]
+COMMON = ["--model", "cnn", "--data", "digits", "--subset", "300", "--no-progress"]
+
+
+def arrays(path) -> dict[str, np.ndarray]:
+    with h5py.File(path) as f:
+        return {k: f[k][()] for k in ("train_loss", "train_acc", "train_loss_stderr", "done")}
+
+
+@pytest.fixture(scope="module")
+def serial(tmp_path_factory, digits_checkpoint):
+    out = tmp_path_factory.mktemp("serial") / "serial.h5"
+    lsurf("surface", *COMMON, *GRID, "--checkpoint", digits_checkpoint, "--out", out, check=True)
+    return arrays(out)
+
+
+@pytest.mark.parametrize("ranks,writer", [(1, "auto"), (2, "mpio"), (2, "root"), (4, "mpio"), (4, "root")])
+def test_ranks_and_writers_agree_with_serial(ranks, writer, serial, tmp_path, digits_checkpoint):
+    out = tmp_path / "m.h5"
+    p = mpirun(ranks, "surface", *COMMON, *GRID, "--checkpoint", digits_checkpoint, "--writer", writer,
+               "--out", out, check=True)
+    expected = "parallel HDF5" if writer == "mpio" and ranks > 1 else "rank 0"
+    assert f"writer: {expected}" in p.stderr
+    got = arrays(out)
+    assert got["done"].all()
+    for k in ("train_loss", "train_acc", "train_loss_stderr"):
+        np.testing.assert_allclose(got[k], serial[k], rtol=1e-6, atol=1e-9)
+    with h5py.File(out) as f:
+        assert len(f.attrs["rank_points"]) == ranks and f.attrs["rank_points"].sum() == 63
+
+
+def test_static_schedule_and_forced_serial_h5py_path(serial, tmp_path, digits_checkpoint):
+    out = tmp_path / "s.h5"
+    mpirun(2, "surface", *COMMON, *GRID, "--checkpoint", digits_checkpoint, "--schedule", "static",
+           "--tile", "1x9", "--writer", "root", "--out", out, check=True)
+    got = arrays(out)
+    np.testing.assert_allclose(got["train_loss"], serial["train_loss"], rtol=1e-6)
+    with h5py.File(out) as f:  # round-robin rows of 9 points: rank 0 takes rows 0,2,4,6
+        assert list(f.attrs["rank_points"]) == [36, 27]
+
+
+def _wait_for_done(path, at_least: int, timeout: float = 120) -> int:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            with h5py.File(path, "r") as f:
+                n = int(f["done"][()].sum())
+            if n >= at_least:
+                return n
+        except (OSError, KeyError):
+            pass
+        time.sleep(0.05)
+    raise AssertionError(f"{path}: fewer than {at_least} points done after {timeout} s")
+
+
+def _rank_pids(mpirun_pid: int) -> list[int]:
+    out = subprocess.run(["pgrep", "-P", str(mpirun_pid)], capture_output=True, text=True).stdout
+    return [int(p) for p in out.split()]
+
+
+@pytest.mark.parametrize("writer", ["mpio", "root"])
+def test_sigkill_one_rank_then_resume(writer, tmp_path, digits_checkpoint):
+    grid = ["--x", "-1:1:25", "--y", "-1:1:25", "--tile", "1x25"]
+    args = ["surface", "--model", "cnn", "--data", "digits", "--no-progress", *grid,
+            "--checkpoint", digits_checkpoint, "--writer", writer]
+    full = tmp_path / "full.h5"
+    mpirun(2, *args, "--out", full, check=True)
+    out = tmp_path / "killed.h5"
+    job = subprocess.Popen(mpi_command(2, *args, "--out", out), env=_env(), stdout=subprocess.PIPE,
+                           stderr=subprocess.STDOUT, text=True)
+    try:
+        _wait_for_done(out, 100)
+        victim = _rank_pids(job.pid)[-1]
+        os.kill(victim, signal.SIGKILL)
+        job.wait(timeout=30)  # the whole job ends promptly
+    finally:
+        job.kill()
+    assert job.returncode != 0
+    with h5py.File(out) as f:
+        done_before = f["done"][()].astype(bool)
+        loss = f["train_loss"][()]
+    assert 0 < done_before.sum() < 625
+    assert np.isfinite(loss[done_before]).all() and np.isnan(loss[~done_before]).all()
+    mpirun(2, *args, "--out", out, check=True)
+    with h5py.File(out) as f, h5py.File(full) as g:
+        assert f["done"][()].all()
+        assert f.attrs["rank_points"].sum() == 625 - done_before.sum()  # no finished point recomputed
+        for k in ("train_loss", "train_acc"):
+            np.testing.assert_allclose(f[k][()], g[k][()], rtol=1e-6)
+
+
+def test_exception_on_one_rank_aborts_everything(tmp_path):
+    (tmp_path / "faulty.py").write_text(textwrap.dedent("""
+        import os
+        import torch
+        from lsurf.models import DigitsCNN
+
+        class Faulty(DigitsCNN):
+            calls = 0
+            def forward(self, x):
+                Faulty.calls += 1
+                if os.environ.get("OMPI_COMM_WORLD_RANK") == "1" and Faulty.calls > 20:
+                    raise RuntimeError("injected failure")
+                return super().forward(x)
+
+        def make():
+            return Faulty()
+    """))
+    env = {"PYTHONPATH": f"{tmp_path}:{_env()['PYTHONPATH']}"}
+    t0 = time.time()
+    p = mpirun(2, "surface", "--model", "faulty:make", "--data", "digits", "--x", "-1:1:40", "--y", "-1:1:40",
+               "--out", tmp_path / "f.h5", "--no-progress", env=env, timeout=120)
+    assert p.returncode != 0
+    assert time.time() - t0 < 60
+    assert "rank 1 failed: RuntimeError: injected failure" in p.stderr + p.stdout
+    with h5py.File(tmp_path / "f.h5") as f:  # what rank 0 finished is intact and marked
+        done = f["done"][()].astype(bool)
+        assert np.isfinite(f["train_loss"][()][done]).all()
+
+
+def test_second_job_on_file_in_use_is_refused(tmp_path, digits_checkpoint):
+    args = ["surface", "--model", "cnn", "--data", "digits", "--x", "-1:1:41", "--y", "-1:1:41",
+            "--checkpoint", digits_checkpoint, "--no-progress", "--out", tmp_path / "busy.h5"]
+    job = subprocess.Popen(mpi_command(2, *args), env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        _wait_for_done(tmp_path / "busy.h5", 1)
+        p = lsurf(*args)
+        assert p.returncode == 2
+        assert "in use by another lsurf job" in p.stderr and len(p.stderr.strip().splitlines()) == 1
+    finally:
+        job.kill()
+        job.wait()

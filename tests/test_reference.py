@@ -1,0 +1,43 @@
+"""Against Li et al.'s loss-landscape: its checkpoint, direction file and surface file."""
+
+from __future__ import annotations
+
+import numpy as np
+from conftest import FIXTURES, lsurf, mpirun, requires_fixtures, requires_mpi
+
+from lsurf import load_model, read_surface
+
+pytestmark = requires_fixtures
+RESNET = FIXTURES / "resnet20"
+
+
+def test_reference_checkpoint_loads_strictly():
+    model = load_model("resnet20", None, None, RESNET / "model_300.t7")
+    assert sum(1 for _ in model.parameters()) == 65
+
+
+@requires_mpi
+def test_reproduces_reference_surface(tmp_path):
+    """The whole 11x11 surface, on 2 ranks, against the reference's numbers (float32: ~1e-5)."""
+    out = tmp_path / "ref.h5"
+    mpirun(2, "surface", "--model", "resnet20", "--checkpoint", RESNET / "model_300.t7",
+           "--dir-file", RESNET / "directions_weights_filter_biasbn.h5",
+           "--data", f"cifar10:{FIXTURES / 'cifar10-fake'}", "--x", "-1:1:11", "--y", "-1:1:11",
+           "--out", out, "--no-progress", check=True, timeout=600)
+    ours, theirs = read_surface(out), read_surface(RESNET / "surface_11x11.h5")
+    assert theirs.reference and ours.done.all()
+    np.testing.assert_array_equal(ours.x, theirs.x)
+    np.testing.assert_allclose(ours.values["train_loss"], theirs.values["train_loss"], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(ours.values["train_acc"], theirs.values["train_acc"], atol=1e-9)
+    # Square grid: our (ny, nx) arrays are the reference's bytes.
+    import h5py
+
+    with h5py.File(RESNET / "surface_11x11.h5") as f:
+        np.testing.assert_allclose(ours.values["train_loss"], f["train_loss"][()], rtol=1e-5)
+
+
+def test_info_reads_reference_file():
+    p = lsurf("info", RESNET / "surface_11x11.h5", check=True)
+    assert "Li et al." in p.stdout
+    assert "121/121 points done" in p.stdout
+    assert "11 x 11 points" in p.stdout

@@ -1,0 +1,87 @@
+"""The surface file: re-read, xarray, info, resume and refusal, NaN for points not done."""
+
+from __future__ import annotations
+
+import h5py
+import numpy as np
+import pytest
+from conftest import lsurf
+
+COMMON = ["--model", "cnn", "--data", "digits", "--subset", "200", "--no-progress"]
+
+
+@pytest.fixture
+def surface(tmp_path, digits_checkpoint):
+    out = tmp_path / "s.h5"
+    lsurf("surface", *COMMON, "--checkpoint", digits_checkpoint, "--x", "-1:1:5", "--y", "-0.5:0.5:3",
+          "--split", "train,test", "--out", out, check=True)
+    return out
+
+
+def test_layout_and_provenance(surface, digits_checkpoint):
+    with h5py.File(surface) as f:
+        for split in ("train", "test"):
+            for q in ("loss", "acc", "loss_stderr", "acc_stderr"):
+                assert f[f"{split}_{q}"].shape == (3, 5)
+                assert np.isfinite(f[f"{split}_{q}"][()]).all()
+        assert f["done"][()].all()
+        np.testing.assert_array_equal(f["xcoordinates"][()], np.linspace(-1, 1, 5))
+        np.testing.assert_array_equal(f["ycoordinates"][()], np.linspace(-0.5, 0.5, 3))
+        assert (0 <= f["train_acc"][()]).all() and (f["train_acc"][()] <= 100).all()
+        import hashlib
+        assert f.attrs["checkpoint_sha256"] == hashlib.sha256(digits_checkpoint.read_bytes()).hexdigest()
+        for key in ("config", "versions", "created", "dir_file_sha256", "eval_seconds_total",
+                    "eval_seconds_per_point", "rank_points"):
+            assert key in f.attrs, key
+        # value [j, i] is at (x[i], y[j]): the centre of the grid is the checkpoint itself.
+        centre = f["train_loss"][1, 2]
+        assert centre == pytest.approx(f["train_loss"][()].min(), abs=0.5)
+
+
+def test_xarray_sees_named_coordinates(surface):
+    xr = pytest.importorskip("xarray")
+    ds = xr.open_dataset(surface, engine="h5netcdf")
+    assert ds["train_loss"].dims == ("y", "x")
+    np.testing.assert_array_equal(ds["x"].values, np.linspace(-1, 1, 5))
+    assert float(ds["train_loss"].sel(x=0.0, y=0.0)) == pytest.approx(float(ds["train_loss"][1, 2]))
+
+
+def test_info_reports(surface):
+    p = lsurf("info", surface, check=True)
+    assert "15/15 points done" in p.stdout and "5 x 3 points" in p.stdout
+    assert "checkpoint_sha256" in p.stdout and "test_loss" in p.stdout
+
+
+def test_rerun_resumes_nothing_and_other_grid_is_refused(surface, digits_checkpoint):
+    before = surface.read_bytes()
+    p = lsurf("surface", *COMMON, "--checkpoint", digits_checkpoint, "--x", "-1:1:5", "--y", "-0.5:0.5:3",
+              "--split", "train,test", "--out", surface, check=True)
+    assert "15/15" in p.stdout
+    with h5py.File(surface) as f:
+        assert f.attrs["rank_points"].sum() == 0  # everything was already done
+    for other in (["--x", "-1:1:7", "--y", "-0.5:0.5:3"], ["--x", "-1:1:5", "--y", "-0.5:0.5:3", "--seed", "4"]):
+        before = surface.read_bytes()
+        p = lsurf("surface", *COMMON, "--checkpoint", digits_checkpoint, "--split", "train,test", *other,
+                  "--out", surface)
+        assert p.returncode == 2, p.stderr
+        assert "use --overwrite" in p.stderr and len(p.stderr.strip().splitlines()) == 1
+        assert surface.read_bytes() == before
+    p = lsurf("surface", *COMMON, "--checkpoint", digits_checkpoint, "--x", "-1:1:7", "--y", "-0.5:0.5:3",
+              "--out", surface, "--overwrite", check=True)
+    with h5py.File(surface) as f:
+        assert f["train_loss"].shape == (3, 7)
+
+
+def test_partial_file_has_nan_where_not_done(tmp_path):
+    from lsurf.grid import Grid, Tile
+    from lsurf.surface_file import TileWriter, prepare, read_surface
+
+    grid = Grid(np.linspace(0, 1, 4), np.linspace(0, 1, 3))
+    prepare(tmp_path / "p.h5", grid, ["train"], {}, {}, overwrite=False)
+    w = TileWriter(tmp_path / "p.h5", grid)
+    w.write(Tile(0, 0, 1, 0, 4), {"train_loss": np.arange(4.0)[None], "train_acc": np.ones((1, 4))})
+    w.close()
+    s = read_surface(tmp_path / "p.h5")
+    assert s.done[0].all() and not s.done[1:].any()
+    np.testing.assert_array_equal(s.values["train_loss"][0], np.arange(4.0))
+    assert np.isnan(s.values["train_loss"][1:]).all()
