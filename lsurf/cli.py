@@ -93,6 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--loss", default="cross_entropy", help="cross_entropy | mse | pkg.module:fn (per-sample)")
     p.add_argument("--dtype", default="float32", choices=list(DTYPES))
     p.add_argument("--batch-size", type=int, help="samples per forward (default: 128 on CPU, 1024 on GPU)")
+    p.add_argument("--points-per-pass", type=int,
+                   help="grid points per vmap-ed forward (1 = per point; default: calibrated at start)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--threads", type=int, help="torch threads per rank (default: cores per rank on the node)")
     p.add_argument("--bn", default="eval", choices=["eval", "recalibrate"])
@@ -199,7 +201,8 @@ def cmd_surface(args) -> int:
     t0 = time.time()
     surface = sample_surface(
         model, data, dirs, grid, out, loss=args.loss, dtype=DTYPES[args.dtype], device=args.device,
-        threads=args.threads, batch_size=args.batch_size, bn=args.bn, tile=tile, schedule=args.schedule,
+        threads=args.threads, batch_size=args.batch_size, points_per_pass=args.points_per_pass, bn=args.bn,
+        tile=tile, schedule=args.schedule,
         writer=args.writer, overwrite=args.overwrite, provenance=provenance, progress=not args.no_progress,
         log=lambda m: print(f"lsurf: {m}", file=sys.stderr, flush=True),
     )

@@ -6,6 +6,7 @@ each split's statistics stay on the device until one host synchronisation per po
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 
 import numpy as np
@@ -64,21 +65,28 @@ def check_outputs_fit(model: nn.Module, split: Split, loss_fn: LossFn, device, d
 class Evaluator:
     """Evaluates loss/accuracy of ``model`` at grid coordinates around its current weights θ*.
 
-    ``targets`` are the tensors the directions move (they share storage with the model); θ* is
-    copied once here and the model is put back exactly by :meth:`restore`.
+    ``targets`` (named ``names``) are the tensors the directions move; they share storage with the
+    model. θ* is copied once here and the model is put back exactly by :meth:`restore`.
+
+    Two paths give the same numbers: per point (weights written in place, one plain forward per
+    batch) and stacked (``points_per_pass`` = K > 1: K perturbed weight sets, one ``vmap``-ed
+    forward per batch). Which is faster depends on the model and device: :meth:`calibrate` measures.
     """
 
     def __init__(
         self,
         model: nn.Module,
+        names: list[str],
         targets: list[torch.Tensor],
         directions: Directions,
         batches: dict[str, list[tuple[torch.Tensor, torch.Tensor]]],
         loss_fn: LossFn,
         bn: str = "eval",
+        points_per_pass: int = 1,
     ):
         self.model = model.eval()
         idx = [i for i, t in enumerate(targets) if t.is_floating_point()]
+        self.names = [names[i] for i in idx]
         self.params = [targets[i] for i in idx]
         self.origin = [t.detach().clone() for t in self.params]
         self.d1 = [directions.x[i] for i in idx]
@@ -88,6 +96,11 @@ class Evaluator:
         if bn not in ("eval", "recalibrate"):
             raise UserError(f"--bn {bn!r}: expected eval or recalibrate")
         self.bn = bn
+        if points_per_pass < 1:
+            raise UserError(f"--points-per-pass {points_per_pass}: must be at least 1")
+        if points_per_pass > 1 and bn == "recalibrate":
+            raise UserError("--points-per-pass > 1 cannot be combined with --bn recalibrate")
+        self.points_per_pass = points_per_pass
         self.saved_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
 
     @torch.no_grad()
@@ -105,24 +118,85 @@ class Evaluator:
 
     def evaluate(self, a: float, b: float = 0.0) -> dict[str, np.ndarray]:
         """``{split: [loss, loss_stderr, acc, acc_stderr]}`` at (a, b)."""
+        return self.evaluate_many([(a, b)])[0]
+
+    def evaluate_many(self, points: list[tuple[float, float]]) -> list[dict[str, np.ndarray]]:
+        """Results for each (a, b), ``points_per_pass`` points per forward pass."""
+        out = []
+        for k in range(0, len(points), self.points_per_pass):
+            chunk = points[k : k + self.points_per_pass]
+            pending = self._stacked(chunk) if len(chunk) > 1 else self._single(*chunk[0])
+            host = pending.cpu().numpy()  # one host synchronisation per pass: (splits, points, 4)
+            out += [{s: host[i, p] for i, s in enumerate(self.batches)} for p in range(len(chunk))]
+        return out
+
+    def _single(self, a: float, b: float) -> torch.Tensor:
         self.set_point(a, b)
         if self.bn == "recalibrate":
             self._recalibrate_bn()
-        pending = {s: self._pass(batches) for s, batches in self.batches.items()}
-        # One host synchronisation for the whole point.
-        host = torch.stack(list(pending.values())).cpu().numpy()
-        return {s: host[k] for k, s in enumerate(pending)}
+        return torch.stack([self._pass(batches, lambda x: self.model(x)[None]) for batches in self.batches.values()])
+
+    def _stacked(self, chunk: list[tuple[float, float]]) -> torch.Tensor:
+        ref = self.origin[0]
+        a = torch.tensor([p[0] for p in chunk], dtype=ref.dtype, device=ref.device)
+        b = torch.tensor([p[1] for p in chunk], dtype=ref.dtype, device=ref.device)
+        params = {}
+        for i, (name, o) in enumerate(zip(self.names, self.origin)):
+            shape = (-1,) + (1,) * o.dim()
+            w = o + a.view(shape) * self.d1[i]
+            params[name] = w if self.d2 is None else w + b.view(shape) * self.d2[i]
+
+        def forward(p: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+            return torch.func.functional_call(self.model, p, (x,))
+
+        batched = torch.vmap(forward, in_dims=(0, None))
+        return torch.stack([self._pass(batches, lambda x: batched(params, x)) for batches in self.batches.values()])
 
     @torch.inference_mode()
-    def _pass(self, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    def _pass(self, batches: list[tuple[torch.Tensor, torch.Tensor]], forward) -> torch.Tensor:
+        """Statistics over all batches for the K weight sets ``forward`` evaluates: (K, 4).
+
+        ``forward(x)`` returns (K, B, ...) outputs; the loss sees them as K·B samples.
+        """
         losses, correct = [], []
         classify = not batches[0][1].is_floating_point()
         for x, y in batches:
-            out = self.model(x)
-            losses.append(self.loss_fn(out, y))
+            out = forward(x)
+            k = len(out)
+            losses.append(self.loss_fn(out.flatten(0, 1), y.repeat(k, *([1] * (y.dim() - 1)))).view(k, -1))
             if classify:
-                correct.append(out.argmax(1) == y)
-        return summarize(torch.cat(losses), torch.cat(correct) if classify else None)
+                correct.append(out.argmax(-1) == y)
+        return summarize(torch.cat(losses, 1), torch.cat(correct, 1) if classify else None)
+
+    def calibrate(self, candidates: tuple[int, ...] = (1, 2, 4, 8, 16), n_batches: int = 2, repeats: int = 3,
+                  log=None) -> int:
+        """Time a few batches per point on each path and keep the fastest ``points_per_pass``.
+
+        Each candidate's best of ``repeats`` counts, K grows only while it keeps paying, and the
+        stacked path must win by 10 % to be chosen, so timing noise does not pick a slower path.
+        """
+        batches = next(iter(self.batches.values()))[:n_batches]
+        saved, self.batches = self.batches, {"calibration": batches}
+        timings = {}
+        try:
+            for k in candidates:
+                pts = [(0.0, 0.0)] * k
+                self.points_per_pass = k
+                try:
+                    self.evaluate_many(pts)  # warm-up (allocations, vmap tracing)
+                    timings[k] = min(_seconds(self.evaluate_many, pts) for _ in range(repeats)) / k
+                except (RuntimeError, MemoryError):  # out of memory, or an op vmap cannot batch
+                    break
+                if timings[k] > 1.2 * min(timings.values()):
+                    break  # larger K only gets slower where stacking does not pay (e.g. convs on a CPU)
+        finally:
+            self.batches = saved
+        best = min(timings, key=timings.get)
+        self.points_per_pass = best if timings[best] < 0.9 * timings[1] else 1
+        if log:
+            shown = ", ".join(f"K={k}: {1e3 * t:.2f} ms" for k, t in timings.items())
+            log(f"calibration (per point, {len(batches)} batches): {shown} -> points per pass {self.points_per_pass}")
+        return self.points_per_pass
 
     @torch.no_grad()
     def _recalibrate_bn(self) -> None:
@@ -140,14 +214,20 @@ class Evaluator:
             m.momentum = mom
 
 
+def _seconds(fn, *args) -> float:
+    t0 = time.perf_counter()
+    fn(*args)
+    return time.perf_counter() - t0
+
+
 def summarize(losses: torch.Tensor, correct: torch.Tensor | None) -> torch.Tensor:
-    """[mean loss, its standard error, accuracy %, its standard error] as one float64 device tensor."""
+    """[mean loss, its standard error, accuracy %, its standard error] along the last dimension (float64)."""
     lo = losses.double()
-    n = lo.numel()
-    mean = lo.mean()
-    se = lo.std() / n**0.5 if n > 1 else torch.zeros((), dtype=torch.float64, device=lo.device)
+    n = lo.shape[-1]
+    mean = lo.mean(-1)
+    se = lo.std(-1) / n**0.5 if n > 1 else torch.zeros_like(mean)
     if correct is None:
-        nan = torch.full((), float("nan"), dtype=torch.float64, device=lo.device)
-        return torch.stack([mean, se, nan, nan])
-    p = correct.double().mean()
-    return torch.stack([mean, se, 100 * p, 100 * (p * (1 - p) / n).sqrt()])
+        nan = torch.full_like(mean, float("nan"))
+        return torch.stack([mean, se, nan, nan], -1)
+    p = correct.double().mean(-1)
+    return torch.stack([mean, se, 100 * p, 100 * (p * (1 - p) / n).sqrt()], -1)

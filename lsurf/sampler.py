@@ -52,6 +52,7 @@ def sample_surface(
     device: str = "auto",
     threads: int | None = None,
     batch_size: int | None = None,
+    points_per_pass: int | None = None,
     bn: str = "eval",
     tile: tuple[int, int] | None = None,
     schedule: str = "dynamic",
@@ -67,18 +68,14 @@ def sample_surface(
     rank 0 and None elsewhere. ``batch_size`` None means 128 on the CPU (small activations stay
     in cache) and 1024 on a GPU (fewer kernel launches); in eval mode it changes only speed.
     ``provenance`` (e.g. the checkpoint's SHA-256) is stored in the file, and its ``identity``
-    entries must match for an existing file to be resumed.
+    entries must match for an existing file to be resumed. ``points_per_pass`` None calibrates:
+    the faster of per-point and stacked (vmap) evaluation is measured on this rank and used.
     """
     w = world()
     log = log or (lambda msg: None)
-    if grid.ndim != directions.ndim:
-        raise UserError(f"the grid is {grid.ndim}-D but the directions are {directions.ndim}-D")
-    dev, loss_fn, batch_size = w.agree(lambda: _check_inputs(w, model, data, device, threads, loss, dtype, batch_size))
+    dev, loss_fn, batch_size = w.agree(
+        lambda: _check_inputs(w, model, data, directions, grid, device, threads, loss, dtype, batch_size))
     dir_type = directions.meta.get("dir_type", "weights")
-    _, targets = target_tensors(model, dir_type)
-    batches = {s: resident_batches(split, batch_size, dev, dtype) for s, split in data.items()}
-    evaluator = Evaluator(model, targets, directions.to(dev, dtype), batches, loss_fn, bn)
-
     prov = dict(provenance or {})
     identity = {
         **prov.pop("identity", {}),
@@ -94,9 +91,15 @@ def sample_surface(
                 return None
             stack.enter_context(surface_file.exclusive_lock(path))
             surface_file.prepare(path, grid, list(data), identity, attrs, overwrite)
-            return _existing(path, data)
+            return _existing(path)
 
         existing = w.bcast(w.agree(prepare))
+        names, targets = target_tensors(model, dir_type)
+        batches = {s: resident_batches(split, batch_size, dev, dtype) for s, split in data.items()}
+        evaluator = w.agree(lambda: Evaluator(model, names, targets, directions.to(dev, dtype), batches, loss_fn, bn,
+                                              points_per_pass or 1))
+        if points_per_pass is None and bn == "eval":  # rank 0 decides, so every rank takes the same path
+            evaluator.points_per_pass = w.bcast(evaluator.calibrate(log=log) if w.is_root else None)
         log(f"rank {w.rank}/{w.size} (local {w.local_rank}/{w.local_size}) on {dev}, "
             f"{torch.get_num_threads()} threads")
         stats = _run(w, evaluator, grid, path, list(data), existing, tile, schedule, writer, progress, log)
@@ -107,9 +110,11 @@ def sample_surface(
     return surface_file.read_surface(path) if w.is_root else None
 
 
-def _check_inputs(w: World, model: nn.Module, data: dict[str, Split], device: str, threads: int | None, loss: str,
-                  dtype: torch.dtype, batch_size: int | None):
+def _check_inputs(w: World, model: nn.Module, data: dict[str, Split], directions: Directions, grid: Grid, device: str,
+                  threads: int | None, loss: str, dtype: torch.dtype, batch_size: int | None):
     """Device, loss function and batch size, after one tiny forward proves model, data and loss fit."""
+    if grid.ndim != directions.ndim:
+        raise UserError(f"the grid is {grid.ndim}-D but the directions are {directions.ndim}-D")
     dev = pin_device(w, device, threads)
     loss_fn = resolve_loss(loss)
     model.to(device=dev, dtype=dtype).eval()  # before any forward: train mode would move BN statistics
@@ -120,7 +125,7 @@ def _check_inputs(w: World, model: nn.Module, data: dict[str, Split], device: st
     return dev, loss_fn, batch_size
 
 
-def _existing(path: Path, data: dict) -> dict | None:
+def _existing(path: Path) -> dict | None:
     """The done mask and values of a resumed file (None for a fresh one)."""
     surface = surface_file.read_surface(path)
     if not surface.done.any():
@@ -187,7 +192,7 @@ def _run(w: World, ev: Evaluator, grid: Grid, path: Path, splits: list[str], exi
     queue.close()
     if out is not None:
         out.close()
-    return {"rank": w.rank, "points": points, "seconds": seconds}
+    return {"rank": w.rank, "points": points, "seconds": seconds, "points_per_pass": ev.points_per_pass}
 
 
 def _receive(w: World, tiles: list[Tile], out: surface_file.TileWriter, block: bool) -> int:
@@ -216,19 +221,14 @@ def _evaluate_tile(ev: Evaluator, grid: Grid, t: Tile, done2: np.ndarray, existi
         for n in names:
             stored = existing["values"][n].reshape(grid.shape if grid.ndim == 2 else (1, -1))
             vals[n][:] = stored[t.j0:t.j1, t.i0:t.i1]
-    n_eval = 0
-    for jj, j in enumerate(range(t.j0, t.j1)):
-        for ii, i in enumerate(range(t.i0, t.i1)):
-            if done2[j, i]:
-                continue
-            result = ev.evaluate(*grid.coords(j, i))
-            for s in splits:
-                for q, v in zip(STATS, result[s]):
-                    vals[f"{s}_{q}"][jj, ii] = v
-            n_eval += 1
+    todo = [(j, i) for j in range(t.j0, t.j1) for i in range(t.i0, t.i1) if not done2[j, i]]
+    for (j, i), result in zip(todo, ev.evaluate_many([grid.coords(j, i) for j, i in todo])):
+        for s in splits:
+            for q, v in zip(STATS, result[s]):
+                vals[f"{s}_{q}"][j - t.j0, i - t.i0] = v
     if grid.ndim == 1:
         vals = {n: v[0] for n, v in vals.items()}
-    return vals, n_eval
+    return vals, len(todo)
 
 
 def _progress_bar(total: int):
@@ -247,5 +247,6 @@ def _run_attrs(gathered: list[dict]) -> dict:
         "rank_points": points, "rank_seconds": seconds,
         "eval_seconds_total": float(seconds.sum()),
         "eval_seconds_per_point": float(seconds.sum() / total) if total else float("nan"),
+        "points_per_pass": int(gathered[0]["points_per_pass"]),
         "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }

@@ -62,7 +62,8 @@ def test_quadratic_surface_via_cli(regression, tmp_path):
         assert f["xdirection"]["0"].dtype == np.float64
     # ignore=none: the bias direction equals the bias itself; filter norm: row norm of W0.
     np.testing.assert_array_equal(dx[1], regression["b0"])
-    np.testing.assert_allclose(np.linalg.norm(dx[0]), np.linalg.norm(regression["w0"]), rtol=1e-9)  # Li et al.: d·|w|/(|d|+1e-10)
+    # rtol 1e-9: Li et al.'s rule scales by |w| / (|d| + 1e-10)
+    np.testing.assert_allclose(np.linalg.norm(dx[0]), np.linalg.norm(regression["w0"]), rtol=1e-9)
     with h5py.File(out) as f:
         xs, ys, loss = f["xcoordinates"][()], f["ycoordinates"][()], f["train_loss"][()]
         acc, done = f["train_acc"][()], f["done"][()]

@@ -1,0 +1,52 @@
+"""The stacked (vmap) path gives the per-point path's values; calibration picks a valid K."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from lsurf import Evaluator, load_data, load_model, random_directions
+from lsurf.data import resident_batches
+from lsurf.directions import target_tensors
+from lsurf.evaluate import resolve_loss
+
+
+def _evaluator(model_name: str, data_spec: str, dir_type: str, k: int, loss: str = "cross_entropy") -> Evaluator:
+    torch.manual_seed(0)
+    data = load_data(data_spec, ("train", "test"))
+    first = data["train"]
+    model = load_model(model_name, tuple(first.x.shape[1:]), first.num_outputs).eval()
+    dirs = random_directions(model, seed=3, dir_type=dir_type, ignore="none")
+    names, targets = target_tensors(model, dir_type)
+    batches = {s: resident_batches(sp, 48, torch.device("cpu"), torch.float32) for s, sp in data.items()}
+    return Evaluator(model, names, targets, dirs, batches, resolve_loss(loss), points_per_pass=k)
+
+
+# (With ignore=none a BN weight moves to w·(1+a+b): a+b = -1 would zero every activation and tie the logits.)
+POINTS = [(a, b) for a in (-0.7, 0.0, 0.4) for b in (-0.2, 0.5)]
+
+
+@pytest.mark.parametrize("model,data,dir_type,loss", [
+    ("mlp", "digits", "weights", "cross_entropy"),
+    ("cnn", "digits", "weights", "cross_entropy"),
+    ("resnet20", "synthetic:shape=3x32x32,n=60", "weights", "cross_entropy"),
+    ("resnet20", "synthetic:shape=3x32x32,n=60", "states", "cross_entropy"),
+    ("mlp", "synthetic:shape=6,n=80,task=regression", "weights", "mse"),
+])
+def test_stacked_equals_per_point(model, data, dir_type, loss):
+    single = _evaluator(model, data, dir_type, 1, loss).evaluate_many(POINTS)
+    stacked = _evaluator(model, data, dir_type, 4, loss).evaluate_many(POINTS)
+    for s1, s4 in zip(single, stacked, strict=True):
+        for split in s1:
+            np.testing.assert_allclose(s4[split], s1[split], rtol=1e-5, atol=1e-6, equal_nan=True)
+
+
+def test_calibration_chooses_a_candidate_and_restores_data():
+    ev = _evaluator("mlp", "digits", "weights", 1)
+    before = {s: len(b) for s, b in ev.batches.items()}
+    k = ev.calibrate(candidates=(1, 2, 4))
+    assert k in (1, 2, 4) and ev.points_per_pass == k
+    assert {s: len(b) for s, b in ev.batches.items()} == before
+    np.testing.assert_allclose(ev.evaluate(0.2, 0.1)["train"], _evaluator("mlp", "digits", "weights", 1)
+                               .evaluate(0.2, 0.1)["train"], rtol=1e-5)
