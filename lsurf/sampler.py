@@ -161,6 +161,7 @@ def _run(w: World, ev: Evaluator, grid: Grid, path: Path, splits: list[str], exi
     bar = _progress_bar(todo_points) if (progress and w.is_root) else None
     names = surface_file.quantity_names(splits)
     points, seconds, ends = 0, 0.0, 0
+    wall = time.perf_counter()
     try:
         while (k := queue.next()) is not None:
             t = tiles[k]
@@ -190,9 +191,12 @@ def _run(w: World, ev: Evaluator, grid: Grid, path: Path, splits: list[str], exi
         if bar is not None:
             bar.close()
     queue.close()
+    write_seconds = 0.0
     if out is not None:
         out.close()
-    return {"rank": w.rank, "points": points, "seconds": seconds, "points_per_pass": ev.points_per_pass}
+        write_seconds = out.seconds
+    return {"rank": w.rank, "points": points, "seconds": seconds, "points_per_pass": ev.points_per_pass,
+            "write_seconds": write_seconds, "wall_seconds": time.perf_counter() - wall}
 
 
 def _receive(w: World, tiles: list[Tile], out: surface_file.TileWriter, block: bool) -> int:
@@ -245,6 +249,8 @@ def _run_attrs(gathered: list[dict]) -> dict:
     total = int(points.sum())
     return {
         "rank_points": points, "rank_seconds": seconds,
+        "rank_write_seconds": np.array([g["write_seconds"] for g in gathered]),
+        "wall_seconds": float(max(g["wall_seconds"] for g in gathered)),
         "eval_seconds_total": float(seconds.sum()),
         "eval_seconds_per_point": float(seconds.sum() / total) if total else float("nan"),
         "points_per_pass": int(gathered[0]["points_per_pass"]),

@@ -18,6 +18,7 @@ import contextlib
 import fcntl
 import json
 import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -170,14 +171,17 @@ class TileWriter:
         self.f = (h5py.File(path, "r+", driver="mpio", comm=comm) if self.parallel
                   else h5py.File(path, "r+", locking=False))
         self.datasets = {name: self.f[name] for name in self.f if name.endswith(STATS)}
+        self.seconds = 0.0  # time spent writing, for the run's statistics
 
     def write(self, tile: Tile, values: dict[str, np.ndarray]) -> None:
+        t0 = time.perf_counter()
         sl = tile_slice(self.grid, tile)
         for name, arr in values.items():
             self.datasets[name][sl] = arr
         self.f["done"][sl] = 1
         if not self.parallel:
             self.f.flush()  # the serial driver buffers small writes; H5Fflush is collective under mpio
+        self.seconds += time.perf_counter() - t0
 
     def close(self) -> None:
         self.f.close()
