@@ -8,6 +8,7 @@ aborts the whole job.
 from __future__ import annotations
 
 import argparse
+import copy
 import importlib
 import json
 import re
@@ -26,18 +27,20 @@ from .directions import (
     IGNORES,
     NORMS,
     load_directions,
+    model_directions,
     random_directions,
     save_directions,
     target_tensors,
 )
 from .errors import UserError
 from .grid import Grid, parse_tile
-from .models import file_sha256, load_model
+from .models import file_sha256, load_checkpoint, load_model
 from .parallel import install_abort_hook, world
 
 _PLUGGED_COMMANDS = [
     ("plot", "lsurf.plot", "plot a surface file: contours, heat map, 3-D surface, 1-D curves"),
     ("vtk", "lsurf.vtkfile", "write a VTK XML file of a surface for ParaView"),
+    ("trajectory", "lsurf.trajectory", "PCA directions of a training trajectory and its projection"),
 ]
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
@@ -87,6 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_data(p)
     _add_direction_options(p)
     p.add_argument("--dir-file", help="reuse the directions in this file (ours or Li et al.'s)")
+    p.add_argument("--model2", help="x direction = model2 - checkpoint (alpha=1 is model 2): interpolation")
+    p.add_argument("--model3", help="with --model2: y direction = model3 - checkpoint, the plane of 3 models")
     p.add_argument("--x", default="-1:1:51", help="MIN:MAX:NUM of alpha (numpy.linspace)")
     p.add_argument("--y", help="MIN:MAX:NUM of beta; absent -> a 1-D curve")
     p.add_argument("--split", default="train", help="comma-separated splits: train,test")
@@ -153,6 +158,8 @@ def _model_and_data(args, splits: tuple[str, ...]):
 
 
 def _directions_for(args, model, want_y: bool):
+    if getattr(args, "model2", None):
+        return _model_directions(args, model, want_y)
     if getattr(args, "dir_file", None):
         dir_type = args.dir_type
         names, targets = target_tensors(model, dir_type)
@@ -161,6 +168,29 @@ def _directions_for(args, model, want_y: bool):
         return dirs
     return random_directions(model, seed=args.seed, norm=args.norm, ignore=args.ignore,
                              dir_type=args.dir_type, two=want_y, same_dir=args.same_dir)
+
+
+def _model_directions(args, model, want_y: bool):
+    """Directions towards --model2 (and --model3) from --checkpoint, checked to be the same architecture."""
+    others = [args.model2] + ([args.model3] if args.model3 else [])
+    if want_y != bool(args.model3):
+        raise UserError("a plane through models needs both --model3 and --y; a line needs --model2 alone")
+    if args.dir_file:
+        raise UserError("--dir-file and --model2 both set the directions: give one")
+    states = []
+    for path in others:
+        twin = copy.deepcopy(model)
+        load_checkpoint(twin, path)
+        states.append(twin.state_dict())
+    return model_directions(model, states, args.dir_type, others)
+
+
+def _markers(args) -> list[dict]:
+    """Where the models of an interpolation or a plane lie, for plots."""
+    if not getattr(args, "model2", None):
+        return []
+    marks = [{"label": "model 1", "x": 0.0, "y": 0.0}, {"label": "model 2", "x": 1.0, "y": 0.0}]
+    return marks + ([{"label": "model 3", "x": 0.0, "y": 1.0}] if args.model3 else [])
 
 
 def cmd_surface(args) -> int:
@@ -194,7 +224,7 @@ def cmd_surface(args) -> int:
         "model": args.model, "data": args.data or "", "checkpoint": args.checkpoint or "",
         "checkpoint_sha256": ckpt_sha, "dir_file": dir_file,
         "dir_file_sha256": file_sha256(dir_file) if w.is_root else "",
-        "mpi_ranks": w.size,
+        "mpi_ranks": w.size, "markers": json.dumps(_markers(args)),
         "identity": {"model": args.model, "checkpoint_sha256": ckpt_sha, "splits": list(data),
                      "subset": args.subset},
     }

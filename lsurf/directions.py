@@ -189,3 +189,22 @@ def _read_group(g: h5py.Group, path: Path, group: str, names: list[str], targets
             raise UserError(f"direction file {str(path)!r}: {group}/{i} ({name}) contains NaN or inf")
         out.append(torch.from_numpy(a.astype(np.float32) if a.dtype.kind != "f" else a))
     return out
+
+
+def model_directions(model: nn.Module, others: list[dict[str, torch.Tensor]], dir_type: str = "weights",
+                     sources: list[str] | None = None) -> Directions:
+    """Unnormalised directions to other models: d₁ = θ₂ − θ₁ (and d₂ = θ₃ − θ₁).
+
+    Coordinates then mean models: α = 1 is exactly model 2 and (0, 1) exactly model 3, so a 1-D
+    run interpolates (Goodfellow et al.) and a 2-D run spans the plane through three models.
+    ``others`` are state dicts of the same architecture (already checked to fit).
+    """
+    names, targets = target_tensors(model, dir_type)  # parameter names are state-dict keys too
+
+    def towards(state: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+        return [(state[n].to(w) - w).detach().cpu() if w.is_floating_point() else torch.zeros(w.shape)
+                for n, w in zip(names, targets)]
+
+    dirs = [towards(s) for s in others]
+    meta = {"source": "models", "dir_type": dir_type, "models": sources or []}
+    return Directions(names, dirs[0], dirs[1] if len(dirs) > 1 else None, meta)
