@@ -207,33 +207,26 @@ def cmd_surface(args) -> int:
 
     grid, model, data, dirs, tile = w.agree(setup)
     out = Path(args.out)
-    dir_file = args.dir_file or str(out.with_name(out.stem + ".directions.h5"))
     ckpt_sha = file_sha256(args.checkpoint) if args.checkpoint else ""
-
-    def save_dirs():
-        if w.is_root and not args.dir_file:
-            if not out.parent.is_dir():
-                raise UserError(f"output folder {str(out.parent)!r} does not exist")
-            save_directions(dirs, dir_file, {"checkpoint_sha256": ckpt_sha})
-
-    w.agree(save_dirs)
     from .sampler import sample_surface
 
     provenance = {
         "config": {k: v for k, v in vars(args).items() if k != "func"},
         "model": args.model, "data": args.data or "", "checkpoint": args.checkpoint or "",
-        "checkpoint_sha256": ckpt_sha, "dir_file": dir_file,
-        "dir_file_sha256": file_sha256(dir_file) if w.is_root else "",
-        "mpi_ranks": w.size, "markers": json.dumps(_markers(args)),
+        "checkpoint_sha256": ckpt_sha, "mpi_ranks": w.size, "markers": json.dumps(_markers(args)),
         "identity": {"model": args.model, "checkpoint_sha256": ckpt_sha, "splits": list(data),
                      "subset": args.subset},
     }
+    if args.dir_file:
+        provenance.update(dir_file=args.dir_file, dir_file_sha256=file_sha256(args.dir_file))
+    save_dirs = None if args.dir_file else out.with_name(out.stem + ".directions.h5")
     t0 = time.time()
     surface = sample_surface(
         model, data, dirs, grid, out, loss=args.loss, dtype=DTYPES[args.dtype], device=args.device,
         threads=args.threads, batch_size=args.batch_size, points_per_pass=args.points_per_pass, bn=args.bn,
         tile=tile, schedule=args.schedule,
-        writer=args.writer, overwrite=args.overwrite, provenance=provenance, progress=not args.no_progress,
+        writer=args.writer, overwrite=args.overwrite, provenance=provenance, save_directions_to=save_dirs,
+        progress=not args.no_progress,
         log=lambda m: print(f"lsurf: {m}", file=sys.stderr, flush=True),
     )
     if surface is not None:

@@ -21,10 +21,11 @@ from torch import nn
 
 from . import __version__, surface_file
 from .data import Split, resident_batches
-from .directions import Directions, target_tensors
+from .directions import Directions, save_directions, target_tensors
 from .errors import UserError
 from .evaluate import STATS, Evaluator, check_outputs_fit, resolve_loss
 from .grid import Grid, Tile
+from .models import file_sha256
 from .parallel import TileQueue, World, pin_device, world
 
 _TAG_TILE, _TAG_END = 11, 12
@@ -59,6 +60,7 @@ def sample_surface(
     writer: str = "auto",
     overwrite: bool = False,
     provenance: dict | None = None,
+    save_directions_to: str | Path | None = None,
     progress: bool = True,
     log=None,
 ) -> surface_file.Surface | None:
@@ -68,7 +70,9 @@ def sample_surface(
     rank 0 and None elsewhere. ``batch_size`` None means 128 on the CPU (small activations stay
     in cache) and 1024 on a GPU (fewer kernel launches); in eval mode it changes only speed.
     ``provenance`` (e.g. the checkpoint's SHA-256) is stored in the file, and its ``identity``
-    entries must match for an existing file to be resumed. ``points_per_pass`` None calibrates:
+    entries must match for an existing file to be resumed. ``save_directions_to`` writes the
+    directions there (when a new output file is started) and records the file in the surface's
+    provenance. ``points_per_pass`` None calibrates:
     the faster of per-point and stacked (vmap) evaluation is measured on this rank and used.
     """
     w = world()
@@ -90,8 +94,12 @@ def sample_surface(
             if not w.is_root:
                 return None
             stack.enter_context(surface_file.exclusive_lock(path))
-            surface_file.prepare(path, grid, list(data), identity, attrs, overwrite)
-            return _existing(path)
+            if surface_file.accept(path, grid, identity, overwrite):
+                return _existing(path)
+            if save_directions_to is not None:  # only once the output is accepted: nothing else is touched
+                _save_directions(directions, save_directions_to, attrs)
+            surface_file.create(path, grid, list(data), identity, attrs)
+            return None
 
         existing = w.bcast(w.agree(prepare))
         names, targets = target_tensors(model, dir_type)
@@ -119,10 +127,20 @@ def _check_inputs(w: World, model: nn.Module, data: dict[str, Split], directions
     loss_fn = resolve_loss(loss)
     model.to(device=dev, dtype=dtype).eval()  # before any forward: train mode would move BN statistics
     check_outputs_fit(model, next(iter(data.values())), loss_fn, dev, dtype)
-    batch_size = batch_size or (1024 if dev.type == "cuda" else 128)
+    if batch_size is None:
+        batch_size = 1024 if dev.type == "cuda" else 128
     if batch_size < 1:
         raise UserError(f"--batch-size {batch_size}: must be at least 1")
     return dev, loss_fn, batch_size
+
+
+def _save_directions(directions: Directions, path: str | Path, attrs: dict) -> None:
+    try:
+        save_directions(directions, path, {"checkpoint_sha256": attrs.get("checkpoint_sha256", "")})
+    except OSError as e:
+        raise UserError(f"cannot write {str(path)!r}: {e.strerror or e}") from None
+    attrs["dir_file"] = str(path)
+    attrs["dir_file_sha256"] = file_sha256(path)
 
 
 def _existing(path: Path) -> dict | None:

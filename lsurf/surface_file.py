@@ -54,6 +54,8 @@ def exclusive_lock(path: str | Path):
     The kernel drops an flock when its process dies, even by SIGKILL, so no stale lock survives.
     """
     lock_path = f"{path}.lock"
+    if not Path(path).parent.is_dir():
+        raise UserError(f"output folder {str(Path(path).parent)!r} does not exist")
     try:
         fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
     except OSError as e:
@@ -96,25 +98,30 @@ def describe_grid(grid: Grid) -> str:
     return axis("x", grid.x) + ("" if grid.y is None else ", " + axis("y", grid.y))
 
 
-def prepare(path: str | Path, grid: Grid, splits: list[str], identity: dict, attrs: dict, overwrite: bool) -> int:
-    """Make sure ``path`` is a surface file for this run; returns how many points are already done.
-
-    An existing file that matches is resumed; one that does not is refused (never touched) unless
-    ``overwrite``, in which case a fresh file replaces it atomically.
-    """
+def accept(path: str | Path, grid: Grid, identity: dict, overwrite: bool) -> bool:
+    """May this run write ``path``? True if it resumes an existing matching file, False if it
+    must create one; an existing file made differently is refused (and never touched) unless
+    ``overwrite``."""
     path = Path(path)
-    if not path.parent.is_dir():
-        raise UserError(f"output folder {str(path.parent)!r} does not exist")
     if not os.access(path.parent, os.W_OK):
         raise UserError(f"output folder {str(path.parent)!r} is not writable")
-    if path.exists() and not overwrite:
-        with open_h5(path, "r") as f:
-            why = _identity_mismatch(f, grid, identity)
-            if why is None:
-                return int(f["done"][()].sum())
+    if not path.exists() or overwrite:
+        return False
+    with open_h5(path, "r") as f:
+        why = _identity_mismatch(f, grid, identity)
+    if why is not None:
         raise UserError(f"{str(path)!r} exists but {why}: use --overwrite to replace it")
-    _create(path, grid, splits, identity, attrs)
-    return 0
+    return True
+
+
+def create(path: str | Path, grid: Grid, splits: list[str], identity: dict, attrs: dict) -> None:
+    """A fresh file with every dataset allocated, replacing ``path`` atomically."""
+    path = Path(path)
+    try:
+        _create(path, grid, splits, identity, attrs)
+    except OSError as e:
+        path.with_name(path.name + ".tmp").unlink(missing_ok=True)
+        raise UserError(f"cannot write {str(path)!r}: {e.strerror or e}") from None
 
 
 def _create(path: Path, grid: Grid, splits: list[str], identity: dict, attrs: dict) -> None:

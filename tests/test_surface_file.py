@@ -74,10 +74,10 @@ def test_rerun_resumes_nothing_and_other_grid_is_refused(surface, digits_checkpo
 
 def test_partial_file_has_nan_where_not_done(tmp_path):
     from lsurf.grid import Grid, Tile
-    from lsurf.surface_file import TileWriter, prepare, read_surface
+    from lsurf.surface_file import TileWriter, create, read_surface
 
     grid = Grid(np.linspace(0, 1, 4), np.linspace(0, 1, 3))
-    prepare(tmp_path / "p.h5", grid, ["train"], {}, {}, overwrite=False)
+    create(tmp_path / "p.h5", grid, ["train"], {}, {})
     w = TileWriter(tmp_path / "p.h5", grid)
     w.write(Tile(0, 0, 1, 0, 4), {"train_loss": np.arange(4.0)[None], "train_acc": np.ones((1, 4))})
     w.close()

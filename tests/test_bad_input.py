@@ -1,0 +1,168 @@
+"""A corpus of wrong invocations: each ends with exit 2, one line naming the problem and the value,
+no traceback, and every file that existed before is byte-identical afterwards."""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+import textwrap
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+from conftest import lsurf
+
+from lsurf import load_model, random_directions, save_directions
+
+SMALL = ["--model", "cnn", "--data", "digits", "--subset", "100", "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def ws(tmp_path_factory, digits_checkpoint):
+    """A workspace of good and bad files, and a finished surface to protect."""
+    d = tmp_path_factory.mktemp("bad")
+    shutil.copy(digits_checkpoint, d / "good.t7")
+    raw = (d / "good.t7").read_bytes()
+    (d / "truncated.t7").write_bytes(raw[: len(raw) // 2])
+    (d / "notes.t7").write_text("these are not weights\n")
+    torch.save(load_model("mlp", (1, 8, 8), 10).state_dict(), d / "mlp.t7")
+    save_directions(random_directions(load_model("resnet20", None, None), seed=0), d / "resnet_dirs.h5")
+    nan_dirs = random_directions(load_model("cnn", (1, 8, 8), 10, d / "good.t7"), seed=0)
+    nan_dirs.x[2][0] = float("nan")
+    save_directions(nan_dirs, d / "nan_dirs.h5")
+    save_directions(random_directions(load_model("cnn", (1, 8, 8), 10, d / "good.t7"), seed=0, two=False),
+                    d / "x_only.h5")
+    (d / "corrupt.h5").write_bytes(b"\x89HDF\r\n\x1a\n" + bytes(range(256)) * 8)
+    (d / "cifar_empty").mkdir()
+    (d / "job_unknown.toml").write_text('model = "cnn"\nbatchsize = 64\n')
+    (d / "job_broken.toml").write_text('model = "cnn\n')
+    (d / "a_file").write_text("x")
+    (d / "plugins.py").write_text(textwrap.dedent("""
+        import torch
+        def raising():
+            raise ValueError("factory exploded")
+        def three_outputs():
+            return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 3))
+        def bad_items():
+            return [1, 2, 3], None
+    """))
+    lsurf("surface", *SMALL, "--checkpoint", d / "good.t7", "--x", "-1:1:3", "--y", "-1:1:3",
+          "--out", d / "done.h5", check=True)
+    return d
+
+
+def _grid(extra=()):
+    return ["--x", "-1:1:3", "--y", "-1:1:3", *extra]
+
+
+# (id, argument builder given the workspace, substrings the one line must contain)
+CASES = [
+    ("grid-two-parts", lambda d: ["surface", *SMALL, "--x", "-1:1"], ["--x", "'-1:1'", "MIN:MAX:NUM"]),
+    ("grid-reversed", lambda d: ["surface", *SMALL, "--x", "1:-1:5"], ["'1:-1:5'", "greater than MIN"]),
+    ("grid-letters", lambda d: ["surface", *SMALL, "--x", "a:b:c"], ["'a:b:c'", "numbers"]),
+    ("grid-zero-points", lambda d: ["surface", *SMALL, "--x", "0:1:0"], ["'0:1:0'", "at least 1"]),
+    ("grid-float-count", lambda d: ["surface", *SMALL, "--y", "0:1:2.5"], ["--y", "'0:1:2.5'", "whole number"]),
+    ("grid-too-large", lambda d: ["surface", *SMALL, "--x", "0:1:100000000", "--y", "0:1:100000000"],
+     ["grid of", "GiB"]),
+    ("tile-zero", lambda d: ["surface", *SMALL, *_grid(["--tile", "0x3"])], ["--tile", "'0x3'"]),
+    ("unknown-model", lambda d: ["surface", "--model", "resnet21", "--x", "0:1:2"], ["'resnet21'", "'resnet20'"]),
+    ("plugin-not-importable", lambda d: ["surface", "--model", "nosuchpkg.mod:make", "--x", "0:1:2"],
+     ["nosuchpkg.mod", "cannot import"]),
+    ("plugin-raises", lambda d: ["surface", "--model", "plugins:raising", "--x", "0:1:2"],
+     ["plugins:raising", "factory exploded"]),
+    ("checkpoint-missing", lambda d: ["surface", *SMALL, "--checkpoint", d / "nope.t7", "--x", "0:1:2"],
+     ["nope.t7", "does not exist"]),
+    ("checkpoint-truncated", lambda d: ["surface", *SMALL, "--checkpoint", d / "truncated.t7", "--x", "0:1:2"],
+     ["truncated.t7", "not a readable torch checkpoint"]),
+    ("checkpoint-not-weights", lambda d: ["surface", *SMALL, "--checkpoint", d / "notes.t7", "--x", "0:1:2"],
+     ["notes.t7", "not a readable"]),
+    ("checkpoint-other-architecture", lambda d: ["surface", *SMALL, "--checkpoint", d / "mlp.t7", "--x", "0:1:2"],
+     ["mlp.t7", "missing keys, first 'conv1.weight'", "unexpected keys, first 'net.0.weight'"]),
+    ("dirs-other-model", lambda d: ["surface", *SMALL, "--checkpoint", d / "good.t7", "--dir-file",
+                                    d / "resnet_dirs.h5", *_grid()], ["resnet_dirs.h5", "another model"]),
+    ("dirs-nan", lambda d: ["surface", *SMALL, "--checkpoint", d / "good.t7", "--dir-file", d / "nan_dirs.h5",
+                            *_grid()], ["nan_dirs.h5", "NaN"]),
+    ("dirs-only-x-for-2d", lambda d: ["surface", *SMALL, "--checkpoint", d / "good.t7", "--dir-file",
+                                      d / "x_only.h5", *_grid()], ["x_only.h5", "only an x direction"]),
+    ("dirs-corrupt-hdf5", lambda d: ["surface", *SMALL, "--checkpoint", d / "good.t7", "--dir-file",
+                                     d / "corrupt.h5", *_grid()], ["corrupt.h5", "not a readable HDF5"]),
+    ("output-corrupt-hdf5", lambda d: ["surface", *SMALL, "--checkpoint", d / "good.t7", *_grid(),
+                                       "--out", d / "corrupt.h5"], ["corrupt.h5", "not a readable HDF5"]),
+    ("output-other-grid", lambda d: ["surface", *SMALL, "--checkpoint", d / "good.t7", "--x", "-1:1:5",
+                                     "--y", "-1:1:3", "--out", d / "done.h5"],
+     ["done.h5", "another grid", "x -1:1:3", "x -1:1:5", "--overwrite"]),
+    ("output-other-directions", lambda d: ["surface", *SMALL, "--checkpoint", d / "good.t7", *_grid(["--seed", "5"]),
+                                           "--out", d / "done.h5"], ["done.h5", "directions sha256"]),
+    ("output-other-checkpoint", lambda d: ["surface", *SMALL, "--checkpoint", d / "truncated.t7", *_grid(),
+                                           "--out", d / "done.h5"], ["truncated.t7"]),
+    ("output-other-data", lambda d: ["surface", "--model", "cnn", "--data", "digits", "--subset", "120",
+                                     "--checkpoint", d / "good.t7", *_grid(), "--out", d / "done.h5"],
+     ["done.h5", "another"]),
+    ("output-folder-missing", lambda d: ["surface", *SMALL, "--checkpoint", d / "good.t7", *_grid(),
+                                         "--out", d / "a_file" / "s.h5"], ["a_file", "does not exist"]),
+    ("output-not-writable", lambda d: ["surface", *SMALL, "--checkpoint", d / "good.t7", *_grid(),
+                                       "--out", "/proc/lsurf.h5"], ["/proc/lsurf.h5"]),
+    ("cifar-without-batches", lambda d: ["surface", "--model", "resnet20", "--data", f"cifar10:{d / 'cifar_empty'}",
+                                         "--x", "0:1:2"], ["cifar_empty", "data_batch_1"]),
+    ("subset-too-large", lambda d: ["surface", "--model", "cnn", "--data", "digits", "--subset", "99999",
+                                    "--x", "0:1:2"], ["--subset 99999", "larger than"]),
+    ("outputs-do-not-fit-labels", lambda d: ["surface", "--model", "plugins:three_outputs", "--data", "digits",
+                                             "--x", "0:1:2", "--out", d / "o.h5"], ["do not fit the data"]),
+    ("data-plugin-bad-items", lambda d: ["surface", "--model", "cnn", "--data", "plugins:bad_items", "--x", "0:1:2"],
+     ["plugins:bad_items", "(x, y)"]),
+    ("unknown-data", lambda d: ["surface", "--model", "cnn", "--data", "imagenet", "--x", "0:1:2"], ["'imagenet'"]),
+    ("unknown-split", lambda d: ["surface", *SMALL, "--split", "validation", "--x", "0:1:2"], ["'validation'"]),
+    ("batch-size-zero", lambda d: ["surface", *SMALL, "--batch-size", "0", "--x", "0:1:2", "--out", d / "o.h5"],
+     ["--batch-size 0"]),
+    ("synthetic-bad-option", lambda d: ["surface", "--model", "cnn", "--data", "synthetic:colour=red", "--x", "0:1:2"],
+     ["colour=red"]),
+    ("no-cuda", lambda d: ["surface", *SMALL, "--device", "cuda", "--x", "0:1:2", "--out", d / "o.h5"],
+     ["--device cuda", "no CUDA"]),
+    ("toml-unknown-key", lambda d: ["surface", "--config", d / "job_unknown.toml"],
+     ["job_unknown.toml", "'batchsize'", "'batch-size'"]),
+    ("toml-broken", lambda d: ["surface", "--config", d / "job_broken.toml"], ["job_broken.toml", "not valid TOML"]),
+    ("bad-dtype", lambda d: ["surface", *SMALL, "--dtype", "float16"], ["--dtype", "float16"]),
+    ("model2-with-dir-file", lambda d: ["surface", *SMALL, "--checkpoint", d / "good.t7", "--model2", d / "good.t7",
+                                        "--dir-file", d / "x_only.h5", "--x", "0:1:2"], ["--dir-file", "--model2"]),
+    ("info-missing", lambda d: ["info", d / "nothing.h5"], ["nothing.h5", "does not exist"]),
+    ("info-not-a-surface", lambda d: ["info", d / "resnet_dirs.h5"], ["resnet_dirs.h5", "not a surface file"]),
+]
+
+
+def _snapshot(d: Path) -> dict[str, str]:
+    return {str(p): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(d.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("case,build,needles", CASES, ids=[c[0] for c in CASES])
+def test_bad_input(case, build, needles, ws):
+    before = _snapshot(ws)
+    p = lsurf(*build(ws), cwd=ws, env={"PYTHONPATH": f"{ws}:{Path(__file__).resolve().parents[1]}"})
+    lines = p.stderr.strip().splitlines()
+    assert p.returncode == 2, f"{case}: exit {p.returncode}\n{p.stderr}"
+    assert len(lines) == 1, f"{case}: expected one line, got:\n{p.stderr}"
+    assert lines[0].startswith("lsurf: error"), lines[0]
+    assert "Traceback" not in p.stderr
+    for needle in needles:
+        assert needle in lines[0], f"{case}: {needle!r} not in {lines[0]!r}"
+    after = _snapshot(ws)
+    assert {k: v for k, v in after.items() if k in before} == before, f"{case} changed an existing file"
+    assert not [k for k in after if k not in before and not k.endswith((".lock", "o.directions.h5"))], after
+
+
+def test_debug_shows_the_traceback(ws):
+    p = lsurf("surface", "--model", "resnet21", "--x", "0:1:2", "--debug", cwd=ws)
+    assert p.returncode != 0 and "Traceback" in p.stderr and "UserError" in p.stderr
+
+
+def test_overflow_is_stored_flagged_and_not_an_error(tmp_path):
+    """Far out along a direction the loss overflows to inf: that is a result, not a failure."""
+    out = tmp_path / "far.h5"
+    lsurf("surface", "--model", "linear", "--data", "synthetic:shape=4,n=50,task=regression", "--loss", "mse",
+          "--norm", "none", "--x", "0:1e30:3", "--out", out, "--no-progress", check=True)
+    with h5py.File(out) as f:
+        loss, done = f["train_loss"][()], f["done"][()]
+    assert done.all() and np.isfinite(loss[0]) and not np.isfinite(loss[2])
+    info = lsurf("info", out, check=True).stdout
+    assert "non-finite" in info
