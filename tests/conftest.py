@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -45,6 +46,29 @@ def mpirun(n: int, *args, cwd=None, timeout=300, env=None, check=False) -> subpr
     if check and p.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} -> {p.returncode}\n{p.stdout}\n{p.stderr}")
     return p
+
+
+def wait_for_done(path, at_least: int, timeout: float = 120) -> int:
+    """Poll a running job's surface file (readable while it is written) until enough points are done."""
+    import h5py
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            with h5py.File(path, "r") as f:
+                n = int(f["done"][()].sum())
+            if n >= at_least:
+                return n
+        except (OSError, KeyError):
+            pass  # not created yet
+        time.sleep(0.05)
+    raise AssertionError(f"{path}: fewer than {at_least} points done after {timeout} s")
+
+
+def rank_pids(mpirun_pid: int) -> list[int]:
+    """The rank processes Open MPI's mpirun started on this node (its children)."""
+    out = subprocess.run(["pgrep", "-P", str(mpirun_pid)], capture_output=True, text=True).stdout
+    return [int(p) for p in out.split()]
 
 
 requires_mpi = pytest.mark.skipif(shutil.which("mpirun") is None, reason="mpirun not installed")

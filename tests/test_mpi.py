@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import signal
 import subprocess
 import textwrap
 import time
@@ -11,7 +9,7 @@ import time
 import h5py
 import numpy as np
 import pytest
-from conftest import _env, lsurf, mpi_command, mpirun, requires_mpi
+from conftest import _env, lsurf, mpi_command, mpirun, requires_mpi, wait_for_done
 
 pytestmark = requires_mpi
 GRID = ["--x", "-1:1:9", "--y", "-1:1:7"]
@@ -55,56 +53,6 @@ def test_static_schedule_and_forced_serial_h5py_path(serial, tmp_path, digits_ch
         assert list(f.attrs["rank_points"]) == [36, 27]
 
 
-def _wait_for_done(path, at_least: int, timeout: float = 120) -> int:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        try:
-            with h5py.File(path, "r") as f:
-                n = int(f["done"][()].sum())
-            if n >= at_least:
-                return n
-        except (OSError, KeyError):
-            pass
-        time.sleep(0.05)
-    raise AssertionError(f"{path}: fewer than {at_least} points done after {timeout} s")
-
-
-def _rank_pids(mpirun_pid: int) -> list[int]:
-    out = subprocess.run(["pgrep", "-P", str(mpirun_pid)], capture_output=True, text=True).stdout
-    return [int(p) for p in out.split()]
-
-
-@pytest.mark.parametrize("writer", ["mpio", "root"])
-def test_sigkill_one_rank_then_resume(writer, tmp_path, digits_checkpoint):
-    grid = ["--x", "-1:1:25", "--y", "-1:1:25", "--tile", "1x25"]
-    args = ["surface", "--model", "cnn", "--data", "digits", "--no-progress", *grid,
-            "--checkpoint", digits_checkpoint, "--writer", writer]
-    full = tmp_path / "full.h5"
-    mpirun(2, *args, "--out", full, check=True)
-    out = tmp_path / "killed.h5"
-    job = subprocess.Popen(mpi_command(2, *args, "--out", out), env=_env(), stdout=subprocess.PIPE,
-                           stderr=subprocess.STDOUT, text=True)
-    try:
-        _wait_for_done(out, 100)
-        victim = _rank_pids(job.pid)[-1]
-        os.kill(victim, signal.SIGKILL)
-        job.wait(timeout=30)  # the whole job ends promptly
-    finally:
-        job.kill()
-    assert job.returncode != 0
-    with h5py.File(out) as f:
-        done_before = f["done"][()].astype(bool)
-        loss = f["train_loss"][()]
-    assert 0 < done_before.sum() < 625
-    assert np.isfinite(loss[done_before]).all() and np.isnan(loss[~done_before]).all()
-    mpirun(2, *args, "--out", out, check=True)
-    with h5py.File(out) as f, h5py.File(full) as g:
-        assert f["done"][()].all()
-        assert f.attrs["rank_points"].sum() == 625 - done_before.sum()  # no finished point recomputed
-        for k in ("train_loss", "train_acc"):
-            np.testing.assert_allclose(f[k][()], g[k][()], rtol=1e-6)
-
-
 def test_exception_on_one_rank_aborts_everything(tmp_path):
     (tmp_path / "faulty.py").write_text(textwrap.dedent("""
         import os
@@ -139,7 +87,7 @@ def test_second_job_on_file_in_use_is_refused(tmp_path, digits_checkpoint):
             "--checkpoint", digits_checkpoint, "--no-progress", "--out", tmp_path / "busy.h5"]
     job = subprocess.Popen(mpi_command(2, *args), env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        _wait_for_done(tmp_path / "busy.h5", 1)
+        wait_for_done(tmp_path / "busy.h5", 1)
         p = lsurf(*args)
         assert p.returncode == 2
         assert "in use by another lsurf job" in p.stderr and len(p.stderr.strip().splitlines()) == 1
