@@ -9,7 +9,6 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -22,6 +21,11 @@ from .models import load_plugin
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 # Per split and point: mean loss, its standard error, accuracy (%), its standard error.
 STATS = ("loss", "loss_stderr", "acc", "acc_stderr")
+
+
+def quantity_names(splits) -> list[str]:
+    """Dataset names of the statistics of these splits, e.g. ``train_loss``, ``test_acc_stderr``."""
+    return [f"{s}_{q}" for s in splits for q in STATS]
 
 
 def _cross_entropy(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -116,18 +120,24 @@ class Evaluator:
     def restore(self) -> None:
         self.model.load_state_dict(self.saved_state)
 
-    def evaluate(self, a: float, b: float = 0.0) -> dict[str, np.ndarray]:
-        """``{split: [loss, loss_stderr, acc, acc_stderr]}`` at (a, b)."""
+    @property
+    def quantities(self) -> list[str]:
+        """Names of the values each point yields, e.g. ``train_loss``, ``test_acc_stderr``."""
+        return quantity_names(self.batches)
+
+    def evaluate(self, a: float, b: float = 0.0) -> dict[str, float]:
+        """``{quantity: value}`` at (a, b), e.g. ``{"train_loss": 0.08, "train_acc": 97.9, ...}``."""
         return self.evaluate_many([(a, b)])[0]
 
-    def evaluate_many(self, points: list[tuple[float, float]]) -> list[dict[str, np.ndarray]]:
+    def evaluate_many(self, points: list[tuple[float, float]]) -> list[dict[str, float]]:
         """Results for each (a, b), ``points_per_pass`` points per forward pass."""
         out = []
         for k in range(0, len(points), self.points_per_pass):
             chunk = points[k : k + self.points_per_pass]
             pending = self._stacked(chunk) if len(chunk) > 1 else self._single(*chunk[0])
             host = pending.cpu().numpy()  # one host synchronisation per pass: (splits, points, 4)
-            out += [{s: host[i, p] for i, s in enumerate(self.batches)} for p in range(len(chunk))]
+            per_point = host.transpose(1, 0, 2).reshape(len(chunk), -1)
+            out += [dict(zip(self.quantities, map(float, row))) for row in per_point]
         return out
 
     def _single(self, a: float, b: float) -> torch.Tensor:

@@ -23,7 +23,7 @@ from . import __version__, surface_file
 from .data import Split, resident_batches
 from .directions import Directions, save_directions, target_tensors
 from .errors import UserError
-from .evaluate import STATS, Evaluator, check_outputs_fit, resolve_loss
+from .evaluate import Evaluator, check_outputs_fit, quantity_names, resolve_loss
 from .grid import Grid, Tile
 from .models import file_sha256
 from .parallel import TileQueue, World, pin_device, world
@@ -98,7 +98,7 @@ def sample_surface(
                 return _existing(path)
             if save_directions_to is not None:  # only once the output is accepted: nothing else is touched
                 _save_directions(directions, save_directions_to, attrs)
-            surface_file.create(path, grid, list(data), identity, attrs)
+            surface_file.create(path, grid, quantity_names(data), identity, attrs)
             return None
 
         existing = w.bcast(w.agree(prepare))
@@ -110,7 +110,7 @@ def sample_surface(
             evaluator.points_per_pass = w.bcast(evaluator.calibrate(log=log) if w.is_root else None)
         log(f"rank {w.rank}/{w.size} (local {w.local_rank}/{w.local_size}) on {dev}, "
             f"{torch.get_num_threads()} threads")
-        stats = _run(w, evaluator, grid, path, list(data), existing, tile, schedule, writer, progress, log)
+        stats = _run(w, evaluator, grid, path, existing, tile, schedule, writer, progress, log)
         gathered = w.gather(stats)
         if w.is_root:
             surface_file.finalize(path, _run_attrs(gathered))
@@ -163,7 +163,7 @@ def _provenance_attrs(prov: dict, directions: Directions) -> dict:
     }
 
 
-def _run(w: World, ev: Evaluator, grid: Grid, path: Path, splits: list[str], existing, tile, schedule,
+def _run(w: World, ev: Evaluator, grid: Grid, path: Path, existing, tile, schedule,
          writer: str, progress: bool, log) -> dict:
     done = existing["done"] if existing else np.zeros(grid.shape, dtype=bool)
     done2 = done.reshape(grid.shape if grid.ndim == 2 else (1, -1))
@@ -177,14 +177,13 @@ def _run(w: World, ev: Evaluator, grid: Grid, path: Path, splits: list[str], exi
         surface_file.TileWriter(path, grid) if w.is_root else None)
     queue = TileQueue(w, len(tiles), schedule)
     bar = _progress_bar(todo_points) if (progress and w.is_root) else None
-    names = surface_file.quantity_names(splits)
     points, seconds, ends = 0, 0.0, 0
     wall = time.perf_counter()
     try:
         while (k := queue.next()) is not None:
             t = tiles[k]
             t0 = time.perf_counter()
-            values, n = _evaluate_tile(ev, grid, t, done2, existing, names, splits)
+            values, n = _evaluate_tile(ev, grid, t, done2, existing)
             seconds += time.perf_counter() - t0
             points += n
             queue.add_done(n)
@@ -235,19 +234,18 @@ def _receive(w: World, tiles: list[Tile], out: surface_file.TileWriter, block: b
     return ends
 
 
-def _evaluate_tile(ev: Evaluator, grid: Grid, t: Tile, done2: np.ndarray, existing, names, splits):
+def _evaluate_tile(ev: Evaluator, grid: Grid, t: Tile, done2: np.ndarray, existing):
     """Values of every quantity over the tile; points already done keep their stored values."""
     shape = (t.j1 - t.j0, t.i1 - t.i0)
-    vals = {n: np.full(shape, np.nan) for n in names}
+    vals = {n: np.full(shape, np.nan) for n in ev.quantities}
     if existing is not None:
-        for n in names:
+        for n in ev.quantities:
             stored = existing["values"][n].reshape(grid.shape if grid.ndim == 2 else (1, -1))
             vals[n][:] = stored[t.j0:t.j1, t.i0:t.i1]
     todo = [(j, i) for j in range(t.j0, t.j1) for i in range(t.i0, t.i1) if not done2[j, i]]
     for (j, i), result in zip(todo, ev.evaluate_many([grid.coords(j, i) for j, i in todo])):
-        for s in splits:
-            for q, v in zip(STATS, result[s]):
-                vals[f"{s}_{q}"][j - t.j0, i - t.i0] = v
+        for n, v in result.items():
+            vals[n][j - t.j0, i - t.i0] = v
     if grid.ndim == 1:
         vals = {n: v[0] for n, v in vals.items()}
     return vals, len(todo)

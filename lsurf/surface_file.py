@@ -26,14 +26,9 @@ import h5py
 import numpy as np
 
 from .errors import UserError
-from .evaluate import STATS
 from .grid import Grid, Tile
 
 FORMAT = "lsurf-surface-1"
-
-
-def quantity_names(splits: list[str]) -> list[str]:
-    return [f"{s}_{q}" for s in splits for q in STATS]
 
 
 def open_h5(path: str | Path, mode: str = "r", **kw) -> h5py.File:
@@ -114,17 +109,17 @@ def accept(path: str | Path, grid: Grid, identity: dict, overwrite: bool) -> boo
     return True
 
 
-def create(path: str | Path, grid: Grid, splits: list[str], identity: dict, attrs: dict) -> None:
+def create(path: str | Path, grid: Grid, quantities: list[str], identity: dict, attrs: dict) -> None:
     """A fresh file with every dataset allocated, replacing ``path`` atomically."""
     path = Path(path)
     try:
-        _create(path, grid, splits, identity, attrs)
+        _create(path, grid, quantities, identity, attrs)
     except OSError as e:
         path.with_name(path.name + ".tmp").unlink(missing_ok=True)
         raise UserError(f"cannot write {str(path)!r}: {e.strerror or e}") from None
 
 
-def _create(path: Path, grid: Grid, splits: list[str], identity: dict, attrs: dict) -> None:
+def _create(path: Path, grid: Grid, quantities: list[str], identity: dict, attrs: dict) -> None:
     tmp = path.with_name(path.name + ".tmp")
     with h5py.File(tmp, "w") as f:
         x = f.create_dataset("x", data=grid.x)
@@ -137,10 +132,11 @@ def _create(path: Path, grid: Grid, splits: list[str], identity: dict, attrs: di
             scales = [y, x]
             f.create_dataset("ycoordinates", data=grid.y).dims[0].attach_scale(y)
         # data= (not just shape=) allocates the storage now: later writes never touch metadata.
-        for name in quantity_names(splits):
+        for name in quantities:
             _attach(f.create_dataset(name, data=np.full(grid.shape, np.nan)), scales)
         _attach(f.create_dataset("done", data=np.zeros(grid.shape, dtype=np.uint8)), scales)
         f.attrs["format"] = FORMAT
+        f.attrs["quantities"] = json.dumps(quantities)
         f.attrs["identity"] = json.dumps(identity)
         for k, v in attrs.items():
             f.attrs[k] = v
@@ -177,7 +173,7 @@ class TileWriter:
         # writers are kept apart by exclusive_lock() instead.
         self.f = (h5py.File(path, "r+", driver="mpio", comm=comm) if self.parallel
                   else h5py.File(path, "r+", locking=False))
-        self.datasets = {name: self.f[name] for name in self.f if name.endswith(STATS)}
+        self.datasets = {name: self.f[name] for name in json.loads(self.f.attrs["quantities"])}
         self.seconds = 0.0  # time spent writing, for the run's statistics
 
     def write(self, tile: Tile, values: dict[str, np.ndarray]) -> None:
@@ -228,7 +224,7 @@ def read_surface(path: str | Path) -> Surface:
         attrs = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in f.attrs.items()}
         if attrs.get("format") == FORMAT:
             y = f["y"][()] if "y" in f else None
-            values = {n: f[n][()] for n in f if n.endswith(STATS)}
+            values = {n: f[n][()] for n in json.loads(f.attrs["quantities"])}
             return Surface(str(path), f["x"][()], y, values, f["done"][()].astype(bool), attrs)
         if "xcoordinates" not in f:
             raise UserError(f"{str(path)!r} is not a surface file (no xcoordinates)")

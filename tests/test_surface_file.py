@@ -77,7 +77,7 @@ def test_partial_file_has_nan_where_not_done(tmp_path):
     from lsurf.surface_file import TileWriter, create, read_surface
 
     grid = Grid(np.linspace(0, 1, 4), np.linspace(0, 1, 3))
-    create(tmp_path / "p.h5", grid, ["train"], {}, {})
+    create(tmp_path / "p.h5", grid, ["train_loss", "train_acc"], {}, {})
     w = TileWriter(tmp_path / "p.h5", grid)
     w.write(Tile(0, 0, 1, 0, 4), {"train_loss": np.arange(4.0)[None], "train_acc": np.ones((1, 4))})
     w.close()
