@@ -173,34 +173,22 @@ def _run(w: World, ev: Evaluator, grid: Grid, path: Path, existing, tile, schedu
     if w.is_root:
         log(f"{len(tiles)} tiles, {todo_points} of {grid.num_points} points to do; "
             f"writer: {'parallel HDF5 (mpio)' if parallel_io else 'rank 0'}")
-    out = surface_file.TileWriter(path, grid, w.comm) if parallel_io else (
-        surface_file.TileWriter(path, grid) if w.is_root else None)
+    sink = _Sink(w, path, grid, tiles, parallel_io)
     queue = TileQueue(w, len(tiles), schedule)
     bar = _progress_bar(todo_points) if (progress and w.is_root) else None
-    points, seconds, ends = 0, 0.0, 0
+    points, seconds = 0, 0.0
     wall = time.perf_counter()
     try:
         while (k := queue.next()) is not None:
-            t = tiles[k]
             t0 = time.perf_counter()
-            values, n = _evaluate_tile(ev, grid, t, done2, existing)
+            values, n = _evaluate_tile(ev, grid, tiles[k], done2, existing)
             seconds += time.perf_counter() - t0
             points += n
             queue.add_done(n)
-            if out is not None:
-                out.write(t, values)
-            else:
-                w.comm.send((k, values), dest=0, tag=_TAG_TILE)
-            if w.is_root and w.comm is not None and not parallel_io:
-                ends += _receive(w, tiles, out, block=False)
+            sink.put(k, values)
             if bar is not None:
                 bar.update(queue.points_done() - bar.n)
-        if w.comm is not None and not parallel_io:
-            if w.is_root:
-                while ends < w.size - 1:
-                    ends += _receive(w, tiles, out, block=True)
-            else:
-                w.comm.send(None, dest=0, tag=_TAG_END)
+        write_seconds = sink.finish()
         w.barrier()
         if bar is not None:
             bar.update(queue.points_done() - bar.n)
@@ -208,30 +196,57 @@ def _run(w: World, ev: Evaluator, grid: Grid, path: Path, existing, tile, schedu
         if bar is not None:
             bar.close()
     queue.close()
-    write_seconds = 0.0
-    if out is not None:
-        out.close()
-        write_seconds = out.seconds
     return {"rank": w.rank, "points": points, "seconds": seconds, "points_per_pass": ev.points_per_pass,
             "write_seconds": write_seconds, "wall_seconds": time.perf_counter() - wall}
 
 
-def _receive(w: World, tiles: list[Tile], out: surface_file.TileWriter, block: bool) -> int:
-    """Rank 0 writes tiles other ranks sent; returns how many ranks said they have finished."""
-    from mpi4py import MPI
+class _Sink:
+    """Where finished tiles go: into the file by this rank (parallel HDF5, or a lone process), or,
+    where h5py is serial, to rank 0, which writes its own tiles and those the others send."""
 
-    ends = 0
-    status = MPI.Status()
-    while block or w.comm.Iprobe(source=MPI.ANY_SOURCE, tag=MPI.ANY_TAG):
-        msg = w.comm.recv(source=MPI.ANY_SOURCE, tag=MPI.ANY_TAG, status=status)
-        if status.Get_tag() == _TAG_END:
-            ends += 1
+    def __init__(self, w: World, path: Path, grid: Grid, tiles: list[Tile], parallel_io: bool):
+        self.w, self.tiles = w, tiles
+        self.relay = w.comm is not None and not parallel_io  # tiles travel to rank 0
+        writes_here = parallel_io or w.is_root
+        self.out = surface_file.TileWriter(path, grid, w.comm if parallel_io else None) if writes_here else None
+        self.sends = []  # non-blocking, so a worker never waits while rank 0 computes
+        self.finished_ranks = 0
+
+    def put(self, k: int, values: dict[str, np.ndarray]) -> None:
+        if self.out is not None:
+            self.out.write(self.tiles[k], values)
         else:
-            k, values = msg
-            out.write(tiles[k], values)
-        if block:
-            break
-    return ends
+            self.sends.append(self.w.comm.isend((k, values), dest=0, tag=_TAG_TILE))
+        if self.relay and self.w.is_root:
+            self._receive(block=False)
+
+    def finish(self) -> float:
+        """Deliver everything; returns the seconds this rank spent writing."""
+        if self.relay and self.w.is_root:
+            while self.finished_ranks < self.w.size - 1:
+                self._receive(block=True)
+        elif self.relay:
+            self.sends.append(self.w.comm.isend(None, dest=0, tag=_TAG_END))
+            for request in self.sends:
+                request.wait()
+        if self.out is None:
+            return 0.0
+        self.out.close()
+        return self.out.seconds
+
+    def _receive(self, block: bool) -> None:
+        from mpi4py import MPI
+
+        status = MPI.Status()
+        while block or self.w.comm.Iprobe(source=MPI.ANY_SOURCE, tag=MPI.ANY_TAG):
+            msg = self.w.comm.recv(source=MPI.ANY_SOURCE, tag=MPI.ANY_TAG, status=status)
+            if status.Get_tag() == _TAG_END:
+                self.finished_ranks += 1
+            else:
+                k, values = msg
+                self.out.write(self.tiles[k], values)
+            if block:
+                return
 
 
 def _evaluate_tile(ev: Evaluator, grid: Grid, t: Tile, done2: np.ndarray, existing):
