@@ -179,11 +179,12 @@ def _subset(split: Split, n: int, name: str) -> Split:
 
 
 def resident_batches(
-    split: Split, batch_size: int, device: torch.device, dtype: torch.dtype
+    split: Split, batch_size: int, device: torch.device, dtype: torch.dtype, channels_last: bool = False
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """The split on ``device`` once, cut into views of ``batch_size`` samples (the last may be shorter)."""
+    """The split on ``device`` once, cut into ``batch_size`` samples (the last may be shorter)."""
     x = split.x.to(device=device, dtype=dtype if torch.is_floating_point(split.x) else split.x.dtype)
     y = split.y.to(device=device, dtype=dtype if torch.is_floating_point(split.y) else split.y.dtype)
-    if device.type == "cuda":
-        x, y = x.contiguous(), y.contiguous()
-    return [(x[i : i + batch_size], y[i : i + batch_size]) for i in range(0, len(x), batch_size)]
+    batches = [(x[i : i + batch_size], y[i : i + batch_size]) for i in range(0, len(x), batch_size)]
+    if channels_last and x.dim() == 4:
+        batches = [(bx.contiguous(memory_format=torch.channels_last), by) for bx, by in batches]
+    return batches

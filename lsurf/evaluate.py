@@ -87,6 +87,7 @@ class Evaluator:
         loss_fn: LossFn,
         bn: str = "eval",
         points_per_pass: int = 1,
+        amp: bool = False,
     ):
         self.model = model.eval()
         idx = [i for i, t in enumerate(targets) if t.is_floating_point()]
@@ -105,6 +106,7 @@ class Evaluator:
         if points_per_pass > 1 and bn == "recalibrate":
             raise UserError("--points-per-pass > 1 cannot be combined with --bn recalibrate")
         self.points_per_pass = points_per_pass
+        self.amp = amp  # bfloat16 autocast of the forward; losses are still reduced in float64
         self.saved_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
 
     @torch.no_grad()
@@ -171,7 +173,11 @@ class Evaluator:
         losses, correct = [], []
         classify = not batches[0][1].is_floating_point()
         for x, y in batches:
-            out = forward(x)
+            if self.amp:
+                with torch.autocast(x.device.type, dtype=torch.bfloat16):
+                    out = forward(x).float()
+            else:
+                out = forward(x)
             k = len(out)
             losses.append(self.loss_fn(out.flatten(0, 1), y.repeat(k, *([1] * (y.dim() - 1)))).view(k, -1))
             if classify:

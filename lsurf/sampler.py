@@ -54,6 +54,8 @@ def sample_surface(
     threads: int | None = None,
     batch_size: int | None = None,
     points_per_pass: int | None = None,
+    amp: bool = False,
+    channels_last: bool = False,
     bn: str = "eval",
     tile: tuple[int, int] | None = None,
     schedule: str = "dynamic",
@@ -73,7 +75,9 @@ def sample_surface(
     entries must match for an existing file to be resumed. ``save_directions_to`` writes the
     directions there (when a new output file is started) and records the file in the surface's
     provenance. ``points_per_pass`` None calibrates:
-    the faster of per-point and stacked (vmap) evaluation is measured on this rank and used.
+    the faster of per-point and stacked (vmap) evaluation is measured on rank 0 and used by all.
+    ``amp`` runs forwards under bfloat16 autocast (values change at the 1e-2 level: a speed
+    option for GPUs, recorded in the file's identity); ``channels_last`` only changes memory layout.
     """
     w = world()
     log = log or (lambda msg: None)
@@ -85,7 +89,7 @@ def sample_surface(
         **prov.pop("identity", {}),
         "directions_sha256": directions.sha256(),
         "data_sha256": {s: split.fingerprint() for s, split in data.items()} if w.is_root else None,
-        "loss": loss, "dtype": str(dtype).replace("torch.", ""), "bn": bn, "dir_type": dir_type,
+        "loss": loss, "dtype": str(dtype).replace("torch.", ""), "bn": bn, "dir_type": dir_type, "amp": amp,
     }
     attrs = _provenance_attrs(prov, directions)
     path = Path(out)
@@ -102,10 +106,12 @@ def sample_surface(
             return None
 
         existing = w.bcast(w.agree(prepare))
+        if channels_last:  # before taking the target tensors: .to() gives parameters new storage
+            model.to(memory_format=torch.channels_last)
         names, targets = target_tensors(model, dir_type)
-        batches = {s: resident_batches(split, batch_size, dev, dtype) for s, split in data.items()}
+        batches = {s: resident_batches(split, batch_size, dev, dtype, channels_last) for s, split in data.items()}
         evaluator = w.agree(lambda: Evaluator(model, names, targets, directions.to(dev, dtype), batches, loss_fn, bn,
-                                              points_per_pass or 1))
+                                              points_per_pass or 1, amp))
         if points_per_pass is None and bn == "eval":  # rank 0 decides, so every rank takes the same path
             evaluator.points_per_pass = w.bcast(evaluator.calibrate(log=log) if w.is_root else None)
         log(f"rank {w.rank}/{w.size} (local {w.local_rank}/{w.local_size}) on {dev}, "

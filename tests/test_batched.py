@@ -50,3 +50,22 @@ def test_calibration_chooses_a_candidate_and_restores_data():
     assert {s: len(b) for s, b in ev.batches.items()} == before
     assert ev.evaluate(0.2, 0.1)["train_loss"] == pytest.approx(
         _evaluator("mlp", "digits", "weights", 1).evaluate(0.2, 0.1)["train_loss"], rel=1e-5)
+
+
+def test_channels_last_and_bf16_autocast(tmp_path):
+    """channels-last changes only the layout; bf16 autocast changes values at the 1e-2 level only."""
+    from lsurf import Grid, sample_surface
+
+    def run(name, **kw):
+        torch.manual_seed(0)
+        data = load_data("synthetic:shape=3x32x32,n=48", ("train",))
+        model = load_model("resnet20", None, None).eval()
+        dirs = random_directions(model, seed=1)
+        grid = Grid.parse("-0.5:0.5:3", "-0.5:0.5:2")
+        return sample_surface(model, data, dirs, grid, tmp_path / name, progress=False, **kw).values["train_loss"]
+
+    plain = run("plain.h5")
+    np.testing.assert_allclose(run("cl.h5", channels_last=True), plain, rtol=1e-5)
+    amp = run("amp.h5", amp=True)
+    assert not np.array_equal(amp, plain)
+    np.testing.assert_allclose(amp, plain, rtol=3e-2)
