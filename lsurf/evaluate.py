@@ -7,6 +7,7 @@ each split's statistics stay on the device until one host synchronisation per po
 from __future__ import annotations
 
 import time
+import warnings
 from collections.abc import Callable
 
 import torch
@@ -193,18 +194,10 @@ class Evaluator:
         """
         batches = next(iter(self.batches.values()))[:n_batches]
         saved, self.batches = self.batches, {"calibration": batches}
-        timings = {}
         try:
-            for k in candidates:
-                pts = [(0.0, 0.0)] * k
-                self.points_per_pass = k
-                try:
-                    self.evaluate_many(pts)  # warm-up (allocations, vmap tracing)
-                    timings[k] = min(_seconds(self.evaluate_many, pts) for _ in range(repeats)) / k
-                except (RuntimeError, MemoryError):  # out of memory, or an op vmap cannot batch
-                    break
-                if timings[k] > 1.2 * min(timings.values()):
-                    break  # larger K only gets slower where stacking does not pay (e.g. convs on a CPU)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # vmap's "slow fallback" notes: the timing says what matters
+                timings = self._time_candidates(candidates, repeats)
         finally:
             self.batches = saved
         best = min(timings, key=timings.get)
@@ -213,6 +206,21 @@ class Evaluator:
             shown = ", ".join(f"K={k}: {1e3 * t:.2f} ms" for k, t in timings.items())
             log(f"calibration (per point, {len(batches)} batches): {shown} -> points per pass {self.points_per_pass}")
         return self.points_per_pass
+
+    def _time_candidates(self, candidates: tuple[int, ...], repeats: int) -> dict[int, float]:
+        """Seconds per point for each K, stopping where K stops paying or cannot run."""
+        timings: dict[int, float] = {}
+        for k in candidates:
+            pts = [(0.0, 0.0)] * k
+            self.points_per_pass = k
+            try:
+                self.evaluate_many(pts)  # warm-up (allocations, vmap tracing)
+                timings[k] = min(_seconds(self.evaluate_many, pts) for _ in range(repeats)) / k
+            except (RuntimeError, MemoryError):  # out of memory, or an op vmap cannot batch
+                break
+            if timings[k] > 1.2 * min(timings.values()):
+                break  # larger K only gets slower where stacking does not pay (e.g. convs on a CPU)
+        return timings
 
     @torch.no_grad()
     def _recalibrate_bn(self) -> None:
