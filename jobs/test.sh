@@ -12,5 +12,5 @@ if ! command -v slurmctld >/dev/null || ! command -v munged >/dev/null; then
 fi
 cd "$ROOT"
 export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
-"$ROOT/.venv/bin/python" -m ruff check lsurf tests bench
+"$ROOT/.venv/bin/python" -m ruff check .
 exec "$ROOT/.venv/bin/python" -m pytest -q --timeout=900 "$@"
