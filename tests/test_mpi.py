@@ -35,6 +35,7 @@ def test_ranks_and_writers_agree_with_serial(ranks, writer, serial, tmp_path, di
                "--out", out, check=True)
     expected = "parallel HDF5" if writer == "mpio" and ranks > 1 else "rank 0"
     assert f"writer: {expected}" in p.stderr
+    assert p.stderr.count("on cpu, 1 threads") == ranks or ranks == 1  # 2 cores: never oversubscribe threads
     got = arrays(out)
     assert got["done"].all()
     for k in ("train_loss", "train_acc", "train_loss_stderr"):
