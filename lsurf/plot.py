@@ -1,9 +1,242 @@
-"""Placeholder: being written (see issue 4)."""
+"""``lsurf plot``: contour lines, filled contours, heat maps and 3-D surfaces of 2-D files; loss and
+accuracy curves of 1-D files. Works on ours and on Li et al.'s files, partial ones included.
+
+Colour scales are robust by default: where a few points explode (large α, overflow), the upper
+limit is the 95th percentile of the finite values instead of their maximum, so one huge value does
+not crush the whole map into one colour; ``--vmax`` overrides.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from .errors import UserError
+from .surface_file import Surface, read_surface
+
+KINDS = ("contour", "filled", "heatmap", "surface3d")
+
+
+def quantity(surface: Surface, name: str) -> np.ndarray:
+    """A stored quantity, or ``hessian_ratio`` = |λ_min / λ_max| (Li et al.'s convexity map)."""
+    if name == "hessian_ratio":
+        hi, lo = quantity(surface, "hessian_max"), quantity(surface, "hessian_min")
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return np.abs(lo / hi)
+    if name not in surface.values:
+        known = ", ".join(sorted(surface.values))
+        raise UserError(f"{surface.path!r} has no quantity {name!r} (it has: {known})")
+    return np.where(surface.done, surface.values[name], np.nan)
+
+
+def color_range(z: np.ndarray, vmin: float | None, vmax: float | None, log: bool) -> tuple[float, float]:
+    """The colour limits: given ones win; otherwise the finite range, with a heavy upper tail cut at
+    the 95th percentile (when the maximum is more than 3x that percentile's distance from the minimum)."""
+    finite = z[np.isfinite(z) & ((z > 0) if log else True)]
+    if finite.size == 0:
+        raise UserError("nothing to plot: no finite values computed yet")
+    lo = float(finite.min()) if vmin is None else vmin
+    hi = float(finite.max())
+    p95 = float(np.percentile(finite, 95))
+    if vmax is not None:
+        hi = vmax
+    elif hi - lo > 3 * (p95 - lo) and p95 > lo:
+        hi = p95
+    if hi <= lo:
+        hi = lo + (abs(lo) or 1.0) * 1e-6
+    return lo, hi
+
+
+def _title(surface: Surface, name: str) -> str:
+    a = surface.attrs
+    norm = json.loads(a["directions"]).get("norm") if "directions" in a else None
+    parts = [p for p in (a.get("model"), a.get("data")) if p]
+    text = " on ".join(parts) if parts else Path(surface.path).name
+    if norm:
+        text += f", {norm}-normalised directions"
+    return f"{name}: {text}"
+
+
+def _markers(surface: Surface) -> list[dict]:
+    raw = surface.attrs.get("markers")
+    return json.loads(raw) if raw else []
+
+
+def _axis_labels(projection) -> tuple[str, str]:
+    if projection is None:
+        return "α", "β"
+    ev = projection["explained_variance"]
+    return f"α: PC1 ({100 * ev[0]:.1f} %)", f"β: PC2 ({100 * ev[1]:.1f} %)"
+
+
+def read_projection(path: str | Path) -> dict:
+    """A projection file from ``lsurf trajectory``: ``proj_x``, ``proj_y``, labels, explained variance."""
+    from .surface_file import open_h5
+
+    with open_h5(path, "r") as f:
+        if "proj_x" not in f or "proj_y" not in f:
+            raise UserError(f"{str(path)!r} is not a projection file (no proj_x/proj_y)")
+        labels = [s.decode() if isinstance(s, bytes) else str(s) for s in f["labels"][()]] if "labels" in f else []
+        ev = np.asarray(f.attrs.get("explained_variance", [np.nan, np.nan]), dtype=float)
+        return {"x": f["proj_x"][()], "y": f["proj_y"][()], "labels": labels, "explained_variance": ev}
+
+
+def plot_surface(surface: Surface, name: str = "train_loss", kind: str = "filled", *, vmin=None, vmax=None,
+                 levels: int = 20, log: bool = False, size=(6.0, 5.0), projection: dict | None = None):
+    """One figure of a 2-D surface: ``kind`` in contour, filled, heatmap, surface3d."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import LogNorm, Normalize
+
+    if surface.ndim != 2:
+        raise UserError(f"{surface.path!r} is 1-D: use plot_curve")
+    if kind not in KINDS:
+        raise UserError(f"--kind {kind!r}: expected one of {', '.join(KINDS)}")
+    z = quantity(surface, name)
+    lo, hi = color_range(z, vmin, vmax, log)
+    # Losses rise steeply away from a minimum: geometric levels and colours resolve basin and walls alike.
+    geometric = log or (name.endswith("loss") and lo > 0)
+    norm = LogNorm(lo, hi) if geometric else Normalize(lo, hi)
+    X, Y = np.meshgrid(surface.x, surface.y)  # Z[j, i] sits at (x[i], y[j])
+    masked = np.ma.masked_invalid(np.clip(z, lo, hi) if kind != "contour" else z)
+    fig = plt.figure(figsize=size, layout="constrained")
+    xlabel, ylabel = _axis_labels(projection)
+    if kind == "surface3d":
+        ax = fig.add_subplot(projection="3d")
+        height = np.log10(masked) if log else masked
+        ax.plot_surface(X, Y, height, cmap="viridis", norm=Normalize(height.min(), height.max()),
+                        linewidth=0, antialiased=True)
+        ax.set_zlabel(f"log10 {name}" if log else name)
+    else:
+        ax = fig.add_subplot()
+        if kind == "contour":
+            cs = ax.contour(X, Y, masked, levels=_levels(lo, hi, levels, geometric), cmap="viridis", norm=norm)
+            ax.clabel(cs, cs.levels[::2], inline=True, fontsize=7, fmt="%.3g")
+        elif kind == "filled":
+            cs = ax.contourf(X, Y, masked, levels=_levels(lo, hi, levels, geometric), cmap="viridis", norm=norm,
+                             extend="max")
+            fig.colorbar(cs, ax=ax, label=name, format="%.3g")
+        else:
+            mesh = ax.pcolormesh(X, Y, masked, cmap="viridis", norm=norm, shading="nearest")
+            fig.colorbar(mesh, ax=ax, label=name)
+        _overlay(ax, surface, projection)
+        if _comparable(surface.x, surface.y):
+            ax.set_aspect("equal")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(_title(surface, name), fontsize=10)
+    return fig
+
+
+def _levels(lo: float, hi: float, n: int, geometric: bool) -> np.ndarray:
+    return np.geomspace(lo, hi, n) if geometric else np.linspace(lo, hi, n)
+
+
+def _comparable(x: np.ndarray, y: np.ndarray) -> bool:
+    rx, ry = np.ptp(x), np.ptp(y)
+    return rx > 0 and ry > 0 and 1 / 3 <= rx / ry <= 3
+
+
+def _overlay(ax, surface: Surface, projection: dict | None) -> None:
+    """Model markers (planes through models) and a training path (PCA projection)."""
+    for m in _markers(surface):
+        ax.plot(m["x"], m.get("y", 0.0), "o", color="white", markeredgecolor="black", markersize=7)
+        ax.annotate(m["label"], (m["x"], m.get("y", 0.0)), textcoords="offset points", xytext=(6, 6), fontsize=9)
+    if projection is not None:
+        ax.plot(projection["x"], projection["y"], "-o", color="crimson", markersize=3, linewidth=1.5,
+                label="training path")
+        ax.plot(projection["x"][-1], projection["y"][-1], "*", color="crimson", markersize=12)
+        ax.legend(loc="upper right", fontsize=8)
+
+
+def plot_curve(surface: Surface, *, log: bool = False, size=(6.0, 4.0), vmax=None):
+    """Loss (left axis) and accuracy (right axis) against α, every split of a 1-D file."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if surface.ndim != 1:
+        raise UserError(f"{surface.path!r} is 2-D: use plot_surface")
+    fig, ax = plt.subplots(figsize=size, layout="constrained")
+    twin = ax.twinx()
+    styles = {"train": "-", "test": "--"}
+    splits = sorted({n.split("_")[0] for n in surface.values if n.endswith(("_loss", "_acc"))})
+    for split in splits:
+        style = styles.get(split, ":")
+        if f"{split}_loss" in surface.values:
+            ax.plot(surface.x, quantity(surface, f"{split}_loss"), style, color="tab:blue", label=f"{split} loss")
+        if f"{split}_acc" in surface.values:
+            twin.plot(surface.x, quantity(surface, f"{split}_acc"), style, color="tab:red", label=f"{split} accuracy")
+    losses = np.concatenate([quantity(surface, f"{s}_loss").ravel() for s in splits if f"{s}_loss" in surface.values])
+    lo, hi = color_range(losses, None, vmax, log)
+    pad = 0.05 * (hi - lo)
+    ax.set_ylim((lo * 0.9, hi * 1.1) if log else (lo - pad, hi + pad))
+    if log:
+        ax.set_yscale("log")
+    for m in _markers(surface):
+        ax.axvline(m["x"], color="gray", linewidth=0.8)
+        ax.annotate(m["label"], (m["x"], 1.0), xycoords=("data", "axes fraction"), xytext=(3, -12),
+                    textcoords="offset points", fontsize=8)
+    ax.set_xlabel("α")
+    ax.set_ylabel("loss", color="tab:blue")
+    twin.set_ylabel("accuracy (%)", color="tab:red")
+    handles = ax.get_legend_handles_labels()[0] + twin.get_legend_handles_labels()[0]
+    fig.legend(handles, [h.get_label() for h in handles], loc="outside lower center", ncols=4, fontsize=8)
+    ax.set_title(_title(surface, "loss and accuracy"), fontsize=10)
+    return fig
 
 
 def add_arguments(p) -> None:
-    p.add_argument("file")
+    p.add_argument("file", help="a surface file (lsurf's or Li et al.'s)")
+    p.add_argument("--quantity", default="train_loss", help="train_loss, test_acc, ..., hessian_ratio")
+    p.add_argument("--kind", default=",".join(KINDS), help="comma-separated: " + ", ".join(KINDS))
+    p.add_argument("--vmin", type=float)
+    p.add_argument("--vmax", type=float, help="upper colour limit (default: robust, see lsurf.plot)")
+    p.add_argument("--levels", type=int, default=20, help="contour levels")
+    p.add_argument("--log", action="store_true", help="logarithmic colour scale / height")
+    p.add_argument("--format", default="png", choices=["png", "pdf", "svg"])
+    p.add_argument("--dpi", type=int, default=150)
+    p.add_argument("--size", default="6x5", help="figure size in inches, WxH")
+    p.add_argument("--out-dir", help="where to write (default: next to FILE)")
+    p.add_argument("--trajectory", help="projection file of lsurf trajectory: draw the path")
 
 
 def run(args) -> int:
-    raise NotImplementedError
+    import matplotlib.pyplot as plt
+
+    surface = read_surface(args.file)
+    size = _size(args.size)
+    out_dir = Path(args.out_dir) if args.out_dir else Path(args.file).resolve().parent
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = Path(args.file).stem
+    done = int(surface.done.sum())
+    print(f"coverage: {done}/{surface.done.size} points")
+    if surface.ndim == 1:
+        figures = {f"{stem}_curve": plot_curve(surface, log=args.log, size=size, vmax=args.vmax)}
+    else:
+        proj = read_projection(args.trajectory) if args.trajectory else None
+        kinds = [k.strip() for k in args.kind.split(",") if k.strip()]
+        figures = {f"{stem}_{args.quantity}_{k}": plot_surface(
+            surface, args.quantity, k, vmin=args.vmin, vmax=args.vmax, levels=args.levels, log=args.log,
+            size=size, projection=proj) for k in kinds}
+    for name, fig in figures.items():
+        path = out_dir / f"{name}.{args.format}"
+        fig.savefig(path, dpi=args.dpi)
+        plt.close(fig)
+        print(f"wrote {path}")
+    return 0
+
+
+def _size(spec: str) -> tuple[float, float]:
+    try:
+        w, h = (float(v) for v in spec.lower().split("x"))
+    except ValueError:
+        raise UserError(f"--size {spec!r}: expected WxH in inches, e.g. 6x5") from None
+    if w <= 0 or h <= 0:
+        raise UserError(f"--size {spec!r}: both sides must be positive")
+    return w, h

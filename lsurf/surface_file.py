@@ -148,9 +148,11 @@ def _attach(ds: h5py.Dataset, scales: list[h5py.Dataset]) -> None:
         ds.dims[axis].attach_scale(scale)
 
 
-def read_done(path: str | Path) -> np.ndarray:
-    with open_h5(path, "r") as f:
-        return f["done"][()].astype(bool)
+def _quantities(f: h5py.File) -> list[str]:
+    """The per-point datasets: listed in the file, or every dataset but coordinates and ``done``."""
+    if "quantities" in f.attrs:
+        return json.loads(f.attrs["quantities"])
+    return [n for n in f if n not in ("x", "y", "xcoordinates", "ycoordinates", "done")]
 
 
 def tile_slice(grid: Grid, tile: Tile) -> tuple[slice, ...]:
@@ -173,7 +175,7 @@ class TileWriter:
         # writers are kept apart by exclusive_lock() instead.
         self.f = (h5py.File(path, "r+", driver="mpio", comm=comm) if self.parallel
                   else h5py.File(path, "r+", locking=False))
-        self.datasets = {name: self.f[name] for name in json.loads(self.f.attrs["quantities"])}
+        self.datasets = {name: self.f[name] for name in _quantities(self.f)}
         self.seconds = 0.0  # time spent writing, for the run's statistics
 
     def write(self, tile: Tile, values: dict[str, np.ndarray]) -> None:
@@ -224,7 +226,7 @@ def read_surface(path: str | Path) -> Surface:
         attrs = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in f.attrs.items()}
         if attrs.get("format") == FORMAT:
             y = f["y"][()] if "y" in f else None
-            values = {n: f[n][()] for n in json.loads(f.attrs["quantities"])}
+            values = {n: f[n][()] for n in _quantities(f)}
             return Surface(str(path), f["x"][()], y, values, f["done"][()].astype(bool), attrs)
         if "xcoordinates" not in f:
             raise UserError(f"{str(path)!r} is not a surface file (no xcoordinates)")
@@ -244,7 +246,7 @@ def _read_reference(f: h5py.File, path: str, attrs: dict) -> Surface:
             values[name] = a
     if not values:
         raise UserError(f"{path!r} has coordinates but no *_loss or *_acc datasets")
-    done = np.all([np.isfinite(v) for v in values.values()], axis=0)
+    done = np.any([np.isfinite(v) for v in values.values()], axis=0)  # their loss and accuracy come together
     if "dir_file" in f:
         raw = f["dir_file"][()]
         attrs["dir_file"] = raw.decode() if isinstance(raw, bytes) else str(raw)

@@ -137,12 +137,3 @@ def run(args) -> int:
     print(f"next: lsurf surface --model {args.model} --checkpoint {centre_path} --dir-file {args.dir_out} "
           f"--x=-1:1:31 --y=-1:1:31 ...; lsurf plot SURFACE --trajectory {args.proj_out}")
     return 0
-
-
-def read_projection(path: str | Path) -> Projection:
-    with h5py.File(path, "r") as f:
-        labels = [s.decode() if isinstance(s, bytes) else str(s) for s in f["labels"][()]] if "labels" in f else []
-        return Projection(f["proj_x"][()], f["proj_y"][()], f["distance"][()] if "distance" in f else None,
-                          labels, np.asarray(f.attrs.get("explained_variance", [np.nan, np.nan])))
-
-

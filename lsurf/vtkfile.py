@@ -1,9 +1,106 @@
-"""Placeholder: being written (see issue 4)."""
+"""``lsurf vtk``: a surface as a VTK XML structured grid (``.vts``) for ParaView.
+
+The chosen quantity is the height z (``--log``: log10 of it; ``--zmax`` clips), and every quantity
+plus ``done`` is point data, NaN kept, so ParaView can colour by accuracy on a loss-shaped surface.
+A 1-D file becomes a single row of points (nx × 1 × 1). ``--interp K`` refines each axis K-fold by
+linear interpolation (K·(n−1)+1 points), smoothing the look of a coarse grid without new samples.
+Written by hand (XML with base64 arrays): no VTK library is needed to make the file, only to read it.
+"""
+
+from __future__ import annotations
+
+import base64
+import struct
+from pathlib import Path
+
+import numpy as np
+
+from .errors import UserError
+from .surface_file import Surface, read_surface
+
+
+def refine(x: np.ndarray, values: np.ndarray, k: int, axis: int) -> tuple[np.ndarray, np.ndarray]:
+    """Linear interpolation of ``values`` along ``axis`` onto a K-fold finer ``x``."""
+    fine = np.linspace(x[0], x[-1], k * (len(x) - 1) + 1) if len(x) > 1 else x
+    moved = np.moveaxis(values, axis, -1)
+    out = np.apply_along_axis(lambda v: np.interp(fine, x, v), -1, moved)
+    return fine, np.moveaxis(out, -1, axis)
+
+
+def write_vtk(surface: Surface, path: str | Path, quantity: str = "train_loss", *, log: bool = False,
+              zmax: float | None = None, interp: int = 1) -> Path:
+    """Write the ``.vts`` file and return its path."""
+    if quantity not in surface.values:
+        raise UserError(f"{surface.path!r} has no quantity {quantity!r} (it has: {', '.join(sorted(surface.values))})")
+    if interp < 1:
+        raise UserError(f"--interp {interp}: must be at least 1")
+    fields = {n: np.where(surface.done, v, np.nan).astype(float) for n, v in surface.values.items()}
+    fields["done"] = surface.done.astype(float)
+    x = surface.x
+    y = np.array([0.0]) if surface.y is None else surface.y
+    if surface.ndim == 1:
+        fields = {n: v[None, :] for n, v in fields.items()}
+    if interp > 1:
+        for axis, coords in ((1, "x"), (0, "y")):
+            if (len(x) if coords == "x" else len(y)) < 2:
+                continue
+            for n in list(fields):
+                new, fields[n] = refine(x if coords == "x" else y, fields[n], interp, axis)
+            x, y = (new, y) if coords == "x" else (x, new)
+    z = fields[quantity].copy()
+    if log:
+        with np.errstate(divide="ignore", invalid="ignore"):
+            z = np.log10(z)
+    if zmax is not None:
+        z = np.minimum(z, zmax)
+    z = np.where(np.isfinite(z), z, np.nanmin(z[np.isfinite(z)]) if np.isfinite(z).any() else 0.0)
+    X, Y = np.meshgrid(x, y)  # (ny, nx); VTK runs x fastest, exactly this C order
+    points = np.column_stack([X.ravel(), Y.ravel(), z.ravel()])
+    path = Path(path)
+    with open(path, "w") as f:
+        f.write(_xml(len(x), len(y), points, fields))
+    return path
+
+
+def _xml(nx: int, ny: int, points: np.ndarray, fields: dict[str, np.ndarray]) -> str:
+    """The XML text; arrays are base64 binary (VTK's ASCII reader cannot parse NaN)."""
+    extent = f"0 {nx - 1} 0 {ny - 1} 0 0"
+
+    def encoded(a: np.ndarray) -> str:
+        raw = np.ascontiguousarray(a, dtype="<f8").tobytes()
+        return base64.b64encode(struct.pack("<I", len(raw)) + raw).decode()  # UInt32 byte count, then data
+
+    arrays = "\n".join(
+        f'        <DataArray type="Float64" Name="{n}" format="binary">{encoded(v)}</DataArray>'
+        for n, v in fields.items())
+    return f"""<?xml version="1.0"?>
+<VTKFile type="StructuredGrid" version="1.0" byte_order="LittleEndian" header_type="UInt32">
+  <StructuredGrid WholeExtent="{extent}">
+    <Piece Extent="{extent}">
+      <PointData>
+{arrays}
+      </PointData>
+      <Points>
+        <DataArray type="Float64" NumberOfComponents="3" format="binary">{encoded(points)}</DataArray>
+      </Points>
+    </Piece>
+  </StructuredGrid>
+</VTKFile>
+"""
 
 
 def add_arguments(p) -> None:
-    p.add_argument("file")
+    p.add_argument("file", help="a surface file (lsurf's or Li et al.'s)")
+    p.add_argument("--quantity", default="train_loss", help="the height of the surface")
+    p.add_argument("--log", action="store_true", help="height = log10(quantity)")
+    p.add_argument("--zmax", type=float, help="clip the height here")
+    p.add_argument("--interp", type=int, default=1, help="refine each axis K-fold (linear)")
+    p.add_argument("--out", help="output .vts (default: FILE with .vts)")
 
 
 def run(args) -> int:
-    raise NotImplementedError
+    surface = read_surface(args.file)
+    out = Path(args.out) if args.out else Path(args.file).with_suffix(".vts")
+    path = write_vtk(surface, out, args.quantity, log=args.log, zmax=args.zmax, interp=args.interp)
+    print(f"wrote {path} ({int(surface.done.sum())}/{surface.done.size} points computed)")
+    return 0
