@@ -100,6 +100,16 @@ def checkpoint_paths(items: list[str], pattern: str) -> list[Path]:
     return [Path(p) for p in items]
 
 
+def _covering_grid(proj: Projection, points: int = 31) -> str:
+    """Grid options that frame the whole path with a 10 % margin."""
+    def axis(v: np.ndarray) -> str:
+        lo, hi = min(v.min(), 0.0), max(v.max(), 0.0)
+        pad = 0.1 * (hi - lo) or 1.0
+        return f"{lo - pad:.3g}:{hi + pad:.3g}:{points}"
+
+    return f"--x={axis(proj.x)} --y={axis(proj.y)}"
+
+
 def add_arguments(p) -> None:
     p.add_argument("checkpoints", nargs="+", help="checkpoint files in training order, or one folder")
     p.add_argument("--pattern", default="model_*.t7", help="with a folder: which files (natural order)")
@@ -135,5 +145,5 @@ def run(args) -> int:
           f"largest distance off the plane {proj.distance.max():.4g}")
     print(f"wrote {args.dir_out} (directions, centre {centre_path}) and {args.proj_out} (projection)")
     print(f"next: lsurf surface --model {args.model} --checkpoint {centre_path} --dir-file {args.dir_out} "
-          f"--x=-1:1:31 --y=-1:1:31 ...; lsurf plot SURFACE --trajectory {args.proj_out}")
+          f"{_covering_grid(proj)} ...; lsurf plot SURFACE --trajectory {args.proj_out}")
     return 0
