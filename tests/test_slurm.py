@@ -1,0 +1,74 @@
+"""The repo's own sbatch template under a real Slurm: same file as mpirun, and a pre-emption drill."""
+
+from __future__ import annotations
+
+import time
+
+import h5py
+import numpy as np
+import pytest
+import slurm_cluster
+from conftest import REPO, _env, lsurf, mpirun, requires_mpi, wait_for_done
+
+pytestmark = [requires_mpi, pytest.mark.skipif(slurm_cluster.missing() is not None,
+                                               reason=str(slurm_cluster.missing()))]
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    with slurm_cluster.SlurmCluster(tmp_path_factory.mktemp("slurm")) as c:
+        c.env.update(_env({"LSURF_ENV": f"export PYTHONPATH={REPO}"}))
+        yield c
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs")
+    lsurf("train", "--model", "cnn", "--data", "digits", "--epochs", "1", "--out-dir", out, check=True)
+    return out / "model_1.t7"
+
+
+def _submit(cluster, folder, args, wait=True):
+    cmd = ["sbatch", "-n", "2", "--chdir", str(folder), "--output", str(folder / "job-%j.log")]
+    return cluster.run(*cmd, *(["--wait"] if wait else []), str(REPO / "slurm" / "cpu.sbatch"), *map(str, args),
+                       check=False)
+
+
+def test_sbatch_equals_mpirun(cluster, checkpoint, tmp_path):
+    args = ["--model", "cnn", "--data", "digits", "--checkpoint", checkpoint, "--x", "-1:1:9", "--y", "-1:1:9",
+            "--no-progress"]
+    p = _submit(cluster, tmp_path, [*args, "--out", tmp_path / "slurm.h5"])
+    log = "\n".join(f.read_text() for f in tmp_path.glob("job-*.log"))
+    assert p.returncode == 0, p.stdout + p.stderr + log
+    assert "lsurf: rank 1/2" in log and "2 tasks" in log
+    mpirun(2, "surface", *args, "--out", tmp_path / "direct.h5", check=True)
+    with h5py.File(tmp_path / "slurm.h5") as a, h5py.File(tmp_path / "direct.h5") as b:
+        assert a["done"][()].all() and a.attrs["mpi_ranks"] == 2
+        for k in ("train_loss", "train_acc"):
+            np.testing.assert_allclose(a[k][()], b[k][()], rtol=1e-12)
+
+
+def test_preempted_job_resumes(cluster, checkpoint, tmp_path):
+    args = ["--model", "cnn", "--data", "digits", "--checkpoint", checkpoint, "--x", "-1:1:41", "--y", "-1:1:41",
+            "--tile", "1x41", "--no-progress"]
+    total = 41 * 41
+    out = tmp_path / "pre.h5"
+    p = _submit(cluster, tmp_path, [*args, "--out", out], wait=False)
+    assert p.returncode == 0, p.stderr
+    job = p.stdout.split()[-1]
+    wait_for_done(out, total // 5)
+    cluster.run("scancel", job)
+    cluster.wait_empty()
+    with h5py.File(out) as f:
+        done = f["done"][()].astype(bool)
+        loss = f["train_loss"][()]
+    assert 0 < done.sum() < total
+    assert np.isfinite(loss[done]).all() and np.isnan(loss[~done]).all()
+    time.sleep(0.5)
+    p = _submit(cluster, tmp_path, [*args, "--out", out])
+    assert p.returncode == 0, p.stdout + p.stderr
+    mpirun(2, "surface", *args, "--out", tmp_path / "whole.h5", check=True)
+    with h5py.File(out) as f, h5py.File(tmp_path / "whole.h5") as g:
+        assert f["done"][()].all()
+        assert f.attrs["rank_points"].sum() == total - done.sum()  # only the missing points were computed
+        np.testing.assert_allclose(f["train_loss"][()], g["train_loss"][()], rtol=1e-6)
