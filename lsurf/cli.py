@@ -41,6 +41,7 @@ _PLUGGED_COMMANDS = [
     ("plot", "lsurf.plot", "plot a surface file: contours, heat map, 3-D surface, 1-D curves"),
     ("vtk", "lsurf.vtkfile", "write a VTK XML file of a surface for ParaView"),
     ("trajectory", "lsurf.trajectory", "PCA directions of a training trajectory and its projection"),
+    ("hessian", "lsurf.hessian", "top Hessian eigenvalues, trace and eigenvalue density at the checkpoint"),
 ]
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
@@ -106,6 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--threads", type=int, help="torch threads per rank (default: cores per rank on the node)")
     p.add_argument("--bn", default="eval", choices=["eval", "recalibrate"])
+    p.add_argument("--hessian", action="store_true", help="also λ_max, λ_min of the Hessian at every point")
+    p.add_argument("--hessian-iters", type=int, default=30, help="Lanczos steps per point for --hessian")
     p.add_argument("--tile", help="ROWSxCOLS of grid points per tile (default: about 4 tiles per rank)")
     p.add_argument("--schedule", default="dynamic", choices=["dynamic", "static"])
     p.add_argument("--writer", default="auto", choices=["auto", "mpio", "root"],
@@ -228,6 +231,7 @@ def cmd_surface(args) -> int:
         model, data, dirs, grid, out, loss=args.loss, dtype=DTYPES[args.dtype], device=args.device,
         threads=args.threads, batch_size=args.batch_size, points_per_pass=args.points_per_pass, bn=args.bn,
         amp=args.amp == "bf16", channels_last=args.channels_last,
+        hessian_iters=args.hessian_iters if args.hessian else 0,
         tile=tile, schedule=args.schedule,
         writer=args.writer, overwrite=args.overwrite, provenance=provenance, save_directions_to=save_dirs,
         progress=not args.no_progress,

@@ -116,10 +116,11 @@ def _synthetic(options: str) -> dict[str, Split]:
         raise UserError(f"synthetic data {options!r}: need n>=1, positive shape, task classification|regression")
     g = torch.Generator().manual_seed(seed)
     n_test = max(1, n // 5)
-    x = torch.randn(n + n_test, *shape, generator=g)
+    f32 = torch.float32  # explicit: the same numbers whatever torch's default dtype is
+    x = torch.randn(n + n_test, *shape, generator=g, dtype=f32)
     if opts["task"] == "regression":
-        w = torch.randn(int(np.prod(shape)), outputs, generator=g)
-        y = x.flatten(1) @ w + 0.1 * torch.randn(n + n_test, outputs, generator=g)
+        w = torch.randn(int(np.prod(shape)), outputs, generator=g, dtype=f32)
+        y = x.flatten(1) @ w + 0.1 * torch.randn(n + n_test, outputs, generator=g, dtype=f32)
         y = y.squeeze(1) if outputs == 1 else y
     else:
         y = torch.randint(0, classes, (n + n_test,), generator=g)

@@ -10,6 +10,7 @@ import time
 import warnings
 from collections.abc import Callable
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -24,9 +25,10 @@ LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 STATS = ("loss", "loss_stderr", "acc", "acc_stderr")
 
 
-def quantity_names(splits) -> list[str]:
-    """Dataset names of the statistics of these splits, e.g. ``train_loss``, ``test_acc_stderr``."""
-    return [f"{s}_{q}" for s in splits for q in STATS]
+def quantity_names(splits, hessian: bool = False) -> list[str]:
+    """Dataset names of the statistics of these splits, e.g. ``train_loss``, ``test_acc_stderr``,
+    and of the curvature maps when asked for."""
+    return [f"{s}_{q}" for s in splits for q in STATS] + (["hessian_max", "hessian_min"] if hessian else [])
 
 
 def _cross_entropy(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -89,6 +91,7 @@ class Evaluator:
         bn: str = "eval",
         points_per_pass: int = 1,
         amp: bool = False,
+        hessian_iters: int = 0,
     ):
         self.model = model.eval()
         idx = [i for i, t in enumerate(targets) if t.is_floating_point()]
@@ -108,6 +111,9 @@ class Evaluator:
             raise UserError("--points-per-pass > 1 cannot be combined with --bn recalibrate")
         self.points_per_pass = points_per_pass
         self.amp = amp  # bfloat16 autocast of the forward; losses are still reduced in float64
+        if hessian_iters and points_per_pass > 1:
+            raise UserError("--hessian evaluates one point at a time: drop --points-per-pass")
+        self.hessian_iters = hessian_iters  # Lanczos steps for λ_max, λ_min per point (0: none)
         self.saved_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
 
     @torch.no_grad()
@@ -126,7 +132,7 @@ class Evaluator:
     @property
     def quantities(self) -> list[str]:
         """Names of the values each point yields, e.g. ``train_loss``, ``test_acc_stderr``."""
-        return quantity_names(self.batches)
+        return quantity_names(self.batches, hessian=self.hessian_iters > 0)
 
     def evaluate(self, a: float, b: float = 0.0) -> dict[str, float]:
         """``{quantity: value}`` at (a, b), e.g. ``{"train_loss": 0.08, "train_acc": 97.9, ...}``."""
@@ -140,8 +146,17 @@ class Evaluator:
             pending = self._stacked(chunk) if len(chunk) > 1 else self._single(*chunk[0])
             host = pending.cpu().numpy()  # one host synchronisation per pass: (splits, points, 4)
             per_point = host.transpose(1, 0, 2).reshape(len(chunk), -1)
+            if self.hessian_iters:  # one point per chunk: the weights are still set at it
+                per_point = np.hstack([per_point, [self._curvature()]])
             out += [dict(zip(self.quantities, map(float, row))) for row in per_point]
         return out
+
+    def _curvature(self) -> tuple[float, float]:
+        """(λ_max, λ_min) of the first split's mean loss at the current weights."""
+        from .hessian import Hessian
+
+        batches = next(iter(self.batches.values()))
+        return Hessian(self.model, batches, self.loss_fn).extreme_eigenvalues(self.hessian_iters)
 
     def _single(self, a: float, b: float) -> torch.Tensor:
         self.set_point(a, b)

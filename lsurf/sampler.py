@@ -56,6 +56,7 @@ def sample_surface(
     points_per_pass: int | None = None,
     amp: bool = False,
     channels_last: bool = False,
+    hessian_iters: int = 0,
     bn: str = "eval",
     tile: tuple[int, int] | None = None,
     schedule: str = "dynamic",
@@ -78,6 +79,8 @@ def sample_surface(
     the faster of per-point and stacked (vmap) evaluation is measured on rank 0 and used by all.
     ``amp`` runs forwards under bfloat16 autocast (values change at the 1e-2 level: a speed
     option for GPUs, recorded in the file's identity); ``channels_last`` only changes memory layout.
+    ``hessian_iters`` > 0 adds λ_max and λ_min of the first split's Hessian at every point
+    (that many Lanczos steps), datasets ``hessian_max`` and ``hessian_min``.
     """
     w = world()
     log = log or (lambda msg: None)
@@ -90,6 +93,7 @@ def sample_surface(
         "directions_sha256": directions.sha256(),
         "data_sha256": {s: split.fingerprint() for s, split in data.items()} if w.is_root else None,
         "loss": loss, "dtype": str(dtype).replace("torch.", ""), "bn": bn, "dir_type": dir_type, "amp": amp,
+        "hessian_iters": hessian_iters,
     }
     attrs = _provenance_attrs(prov, directions)
     path = Path(out)
@@ -102,7 +106,7 @@ def sample_surface(
                 return _existing(path)
             if save_directions_to is not None:  # only once the output is accepted: nothing else is touched
                 _save_directions(directions, save_directions_to, attrs)
-            surface_file.create(path, grid, quantity_names(data), identity, attrs)
+            surface_file.create(path, grid, quantity_names(data, hessian_iters > 0), identity, attrs)
             return None
 
         existing = w.bcast(w.agree(prepare))
@@ -111,8 +115,9 @@ def sample_surface(
         names, targets = target_tensors(model, dir_type)
         batches = {s: resident_batches(split, batch_size, dev, dtype, channels_last) for s, split in data.items()}
         evaluator = w.agree(lambda: Evaluator(model, names, targets, directions.to(dev, dtype), batches, loss_fn, bn,
-                                              points_per_pass or 1, amp))
-        if points_per_pass is None and bn == "eval":  # rank 0 decides, so every rank takes the same path
+                                              points_per_pass or 1, amp, hessian_iters))
+        # Rank 0 calibrates and decides, so every rank takes the same path.
+        if points_per_pass is None and bn == "eval" and not hessian_iters:
             evaluator.points_per_pass = w.bcast(evaluator.calibrate(log=log) if w.is_root else None)
         log(f"rank {w.rank}/{w.size} (local {w.local_rank}/{w.local_size}) on {dev}, "
             f"{torch.get_num_threads()} threads")
