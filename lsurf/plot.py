@@ -117,8 +117,9 @@ def plot_surface(surface: Surface, name: str = "train_loss", kind: str = "filled
             cs = ax.contour(X, Y, masked, levels=_levels(lo, hi, levels, geometric), cmap="viridis", norm=norm)
             ax.clabel(cs, cs.levels[::2], inline=True, fontsize=7, fmt="%.3g")
         elif kind == "filled":
+            clipped = bool(np.nanmax(z) > hi)  # an arrow on the colour bar only when values were cut
             cs = ax.contourf(X, Y, masked, levels=_levels(lo, hi, levels, geometric), cmap="viridis", norm=norm,
-                             extend="max")
+                             extend="max" if clipped else "neither")
             fig.colorbar(cs, ax=ax, label=name, format="%.3g")
         else:
             mesh = ax.pcolormesh(X, Y, masked, cmap="viridis", norm=norm, shading="nearest")
