@@ -118,7 +118,8 @@ def sample_surface(
                                               points_per_pass or 1, amp, hessian_iters))
         # Rank 0 calibrates and decides, so every rank takes the same path.
         if points_per_pass is None and bn == "eval" and not hessian_iters:
-            evaluator.points_per_pass = w.bcast(evaluator.calibrate(log=log) if w.is_root else None)
+            todo = grid.num_points - (int(existing["done"].sum()) if existing else 0)
+            evaluator.points_per_pass = w.bcast(evaluator.calibrate(points=todo, log=log) if w.is_root else None)
         log(f"rank {w.rank}/{w.size} (local {w.local_rank}/{w.local_size}) on {dev}, "
             f"{torch.get_num_threads()} threads")
         stats = _run(w, evaluator, grid, path, existing, tile, schedule, writer, progress, log)
