@@ -103,7 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="grid points per vmap-ed forward (1 = per point; default: calibrated at start)")
     p.add_argument("--amp", choices=["bf16"], help="bfloat16 autocast of forwards (faster on GPUs; values "
                    "change at the 1e-2 level, and the file records it)")
-    p.add_argument("--channels-last", action="store_true", help="NHWC memory layout for 4-D inputs")
+    p.add_argument("--layout", default="auto", choices=["auto", "contiguous", "channels-last"],
+                   help="memory layout of 4-D inputs (auto: the faster of the two, measured at start)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--threads", type=int, help="torch threads per rank (default: cores per rank on the node)")
     p.add_argument("--bn", default="eval", choices=["eval", "recalibrate"])
@@ -230,7 +231,7 @@ def cmd_surface(args) -> int:
     surface = sample_surface(
         model, data, dirs, grid, out, loss=args.loss, dtype=DTYPES[args.dtype], device=args.device,
         threads=args.threads, batch_size=args.batch_size, points_per_pass=args.points_per_pass, bn=args.bn,
-        amp=args.amp == "bf16", channels_last=args.channels_last,
+        amp=args.amp == "bf16", channels_last={"auto": None, "channels-last": True}.get(args.layout, False),
         hessian_iters=args.hessian_iters if args.hessian else 0,
         tile=tile, schedule=args.schedule,
         writer=args.writer, overwrite=args.overwrite, provenance=provenance, save_directions_to=save_dirs,

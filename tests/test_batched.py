@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import h5py
 import numpy as np
 import pytest
 import torch
@@ -64,8 +65,11 @@ def test_channels_last_and_bf16_autocast(tmp_path):
         grid = Grid.parse("-0.5:0.5:3", "-0.5:0.5:2")
         return sample_surface(model, data, dirs, grid, tmp_path / name, progress=False, **kw).values["train_loss"]
 
-    plain = run("plain.h5")
+    plain = run("plain.h5", channels_last=False)
     np.testing.assert_allclose(run("cl.h5", channels_last=True), plain, rtol=1e-5)
-    amp = run("amp.h5", amp=True)
+    np.testing.assert_allclose(run("auto.h5"), plain, rtol=1e-5)  # layout measured at start
+    with h5py.File(tmp_path / "cl.h5") as f, h5py.File(tmp_path / "plain.h5") as g:
+        assert f.attrs["channels_last"] == 1 and g.attrs["channels_last"] == 0
+    amp = run("amp.h5", amp=True, channels_last=False)
     assert not np.array_equal(amp, plain)
     np.testing.assert_allclose(amp, plain, rtol=3e-2)
