@@ -11,6 +11,7 @@ if ! command -v slurmctld >/dev/null || ! command -v munged >/dev/null; then
     slurmctld slurmd slurm-client munge >/dev/null
 fi
 cd "$ROOT"
+export PATH="$ROOT/.venv/bin:$PATH:/usr/sbin:/sbin"  # the venv for subprocesses; Slurm daemons live in sbin
 export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
 "$ROOT/.venv/bin/python" -m ruff check .
 exec "$ROOT/.venv/bin/python" -m pytest -q --timeout=900 "$@"

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import sys
 import time
+from pathlib import Path
 
 import h5py
 import numpy as np
@@ -17,7 +19,9 @@ pytestmark = [requires_mpi, pytest.mark.skipif(slurm_cluster.missing() is not No
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
     with slurm_cluster.SlurmCluster(tmp_path_factory.mktemp("slurm")) as c:
-        c.env.update(_env({"LSURF_ENV": f"export PYTHONPATH={REPO}"}))
+        # The job must find this interpreter (its venv) and this checkout, whatever PATH pytest had.
+        activate = f"export PATH={Path(sys.executable).parent}:$PATH PYTHONPATH={REPO}"
+        c.env.update(_env({"LSURF_ENV": activate}))
         yield c
 
 
