@@ -90,8 +90,8 @@ SlurmctldPidFile={d / 'slurmctld.pid'}
 SlurmdPidFile={d / 'slurmd.pid'}
 SlurmctldLogFile={d / 'log' / 'slurmctld.log'}
 SlurmdLogFile={d / 'log' / 'slurmd.log'}
-SlurmctldPort=16817
-SlurmdPort=16818
+SlurmctldPort={_free_port()}
+SlurmdPort={_free_port()}
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
 SelectType=select/cons_tres
@@ -146,6 +146,13 @@ PartitionName={self.partition} Nodes={name} Default=YES MaxTime=INFINITE State=U
             _stop(p.pid, p)
         if hasattr(self, "munge_pid"):
             _stop(self.munge_pid)
+
+
+def _free_port() -> int:
+    """A port nobody listens on now, so clusters of concurrent test runs do not collide."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def _stop(pid: int, proc: subprocess.Popen | None = None) -> None:
