@@ -43,6 +43,30 @@ def test_stacked_equals_per_point(model, data, dir_type, loss):
         np.testing.assert_allclose(list(s4.values()), list(s1.values()), rtol=1e-5, atol=1e-6, equal_nan=True)
 
 
+@pytest.mark.parametrize("k", [1, 3])
+def test_reductions_in_chunks_equal_an_independent_computation(monkeypatch, k):
+    """Outputs reduced a few batches at a time (a tiny threshold forces many uneven chunks) give
+    the mean cross-entropy, its standard error and the accuracy that plain torch computes."""
+    import lsurf.evaluate
+
+    monkeypatch.setattr(lsurf.evaluate, "_REDUCE_EVERY", 700)  # 48 x 10 logits per batch: 2 batches a chunk
+    ev = _evaluator("mlp", "digits", "weights", k)
+    got = ev.evaluate_many(POINTS[:3])
+    for (a, b), values in zip(POINTS[:3], got, strict=True):
+        ev.set_point(a, b)
+        for split in ("train", "test"):
+            x = torch.cat([bx for bx, _ in ev.batches[split]])
+            y = torch.cat([by for _, by in ev.batches[split]])
+            with torch.no_grad():
+                logits = ev.model(x).double()
+            losses = torch.nn.functional.cross_entropy(logits, y, reduction="none").numpy()
+            hits = (logits.argmax(1) == y).double().numpy()
+            assert values[f"{split}_loss"] == pytest.approx(losses.mean(), rel=1e-6)
+            assert values[f"{split}_loss_stderr"] == pytest.approx(losses.std(ddof=1) / np.sqrt(len(y)), rel=1e-4)
+            assert values[f"{split}_acc"] == pytest.approx(100 * hits.mean(), abs=1e-9)
+    ev.restore()
+
+
 def test_calibration_chooses_a_candidate_and_restores_data():
     ev = _evaluator("mlp", "digits", "weights", 1)
     before = {s: len(b) for s, b in ev.batches.items()}
