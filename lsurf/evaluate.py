@@ -237,34 +237,61 @@ class Evaluator:
 
         Each candidate's best of ``repeats`` counts, K grows only while it keeps paying, and the
         stacked path must win by 10 % to be chosen, so timing noise does not pick a slower path.
-        With ``points`` (how many the run will evaluate) calibration stops once it has cost 3 % of
-        the run's estimated time: a short run is not worth a long search.
+        With ``points`` (how many the run will evaluate) calibration may cost at most 3 % of the
+        run: a candidate is timed only if what it will cost still fits, so a short run is not
+        calibrated at all and stays on the per-point path.
         """
+        first = next(iter(self.batches.values()))
         all_batches = sum(len(b) for b in self.batches.values())
-        batches = next(iter(self.batches.values()))[:n_batches]
-        saved = self.batches
-        self._use_batches({"calibration": batches})
+        n_batches = min(n_batches, len(first))
+        # The least calibration that decides anything: the first two candidates, warm-up and repeats,
+        # four calls for the estimates below. Each call costs at least its share of a point's batches.
+        least = ((1 + repeats) * sum(candidates[:2]) + 4) * n_batches / all_batches
+        saved, timings = self.batches, {}
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # vmap's "slow fallback" notes: the timing says what matters
-                scale = all_batches / len(batches)  # calibration passes -> full passes
-                timings = self._time_candidates(candidates, repeats, points and (0.03 * points * scale))
+                if points is None or least <= 0.03 * points:
+                    start = time.perf_counter()
+                    budget = points and 0.03 * points * self._seconds_per_point(first, n_batches, all_batches)
+                    self._use_batches({"calibration": first[:n_batches]})
+                    timings = self._time_candidates(candidates, repeats, budget, start)
         finally:
             self._use_batches(saved)
-        best = min(timings, key=timings.get)
-        self.points_per_pass = best if timings[best] < 0.9 * timings[1] else 1
-        if log:
+        best = min(timings, key=timings.get, default=1)
+        self.points_per_pass = best if timings and timings[best] < 0.9 * timings[1] else 1
+        if log and timings:
             shown = ", ".join(f"K={k}: {1e3 * t:.2f} ms" for k, t in timings.items())
-            log(f"calibration (per point, {len(batches)} batches): {shown} -> points per pass {self.points_per_pass}")
+            log(f"calibration (per point, {n_batches} batches): {shown} -> points per pass {self.points_per_pass}")
+        elif log:
+            log(f"calibration skipped: {points} points are too few to pay for it -> points per pass 1")
         return self.points_per_pass
 
-    def _time_candidates(self, candidates: tuple[int, ...], repeats: int, budget: float | None) -> dict[int, float]:
-        """Seconds per point for each K, stopping where K stops paying, cannot run, or the time spent
-        exceeds ``budget`` × (seconds per point at K=1)."""
+    def _seconds_per_point(self, first: list, n_batches: int, all_batches: int) -> float:
+        """A whole point's seconds on the per-point path, from K=1 calls on one and on ``n_batches``
+        batches: per-call costs (reductions, host sync) would be overcounted by scaling the second."""
+        self.points_per_pass = 1
+        self._use_batches({"calibration": first[:1]})
+        self.evaluate_many([(0.0, 0.0)])  # warm-up
+        one = _seconds(self.evaluate_many, [(0.0, 0.0)])
+        if n_batches == 1:
+            return one * all_batches
+        self._use_batches({"calibration": first[:n_batches]})
+        some = _seconds(self.evaluate_many, [(0.0, 0.0)])
+        per_batch = max(some - one, 0.0) / (n_batches - 1)
+        return max(some, one + (all_batches - 1) * per_batch)
+
+    def _time_candidates(self, candidates: tuple[int, ...], repeats: int, budget: float | None,
+                         start: float) -> dict[int, float]:
+        """Seconds per point for each K, stopping where K stops paying or cannot run, or before a
+        candidate whose warm-up and repeats would take the seconds spent since ``start`` past ``budget``."""
         timings: dict[int, float] = {}
-        start = time.perf_counter()
-        for k in candidates:
-            if budget and timings and time.perf_counter() - start > budget * timings[1]:
+        self.points_per_pass = 1
+        unit = _seconds(self.evaluate_many, [(0.0, 0.0)])  # a first look at seconds per point
+        for i, k in enumerate(candidates):
+            # Warm-up and repeats at the best per-point time so far; the first candidate alone decides nothing.
+            needed = (1 + repeats) * (sum(candidates[:2]) if i == 0 else k) * min(timings.values(), default=unit)
+            if budget is not None and time.perf_counter() - start + needed > budget:
                 break
             pts = [(0.0, 0.0)] * k
             self.points_per_pass = k

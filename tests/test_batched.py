@@ -77,6 +77,23 @@ def test_calibration_chooses_a_candidate_and_restores_data():
         _evaluator("mlp", "digits", "weights", 1).evaluate(0.2, 0.1)["train_loss"], rel=1e-5)
 
 
+@pytest.mark.parametrize("points", [10, 10_000, None])
+def test_calibration_is_skipped_when_the_run_cannot_pay_for_it(points):
+    """Digits in batches of 48 is 38 batches. Timing K=1 and K=2 (warm-up and 3 repeats each, on
+    2 batches) and the per-point estimate cost at least (4·3 + 4)·2/38 = 0.84 points: more than 3 %
+    of a 10-point run, so nothing is timed; a 10,000-point run (or an unbounded call) times both."""
+    ev = _evaluator("mlp", "digits", "weights", 1)
+    sizes, messages = [], []
+    timed = ev.evaluate_many
+    ev.evaluate_many = lambda pts: sizes.append(len(pts)) or timed(pts)
+    k = ev.calibrate(points=points, log=messages.append)
+    if points == 10:
+        assert (sizes, k) == ([], 1) and messages == ["calibration skipped: 10 points are too few to pay for it "
+                                                      "-> points per pass 1"]
+    else:
+        assert {1, 2} <= set(sizes) and k in sizes and messages[0].startswith("calibration (per point, 2 batches)")
+
+
 def test_channels_last_and_bf16_autocast(tmp_path):
     """channels-last changes only the layout; bf16 autocast changes values at the 1e-2 level only."""
     from lsurf import Grid, sample_surface
