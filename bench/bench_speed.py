@@ -23,7 +23,8 @@ Times are milliseconds per grid point (bare θ*: per pass): the best round of ea
 the three paired ones the mean over points of each point's best round. ``x bare`` divides by the
 bare pass at θ*, ``x bare@pts`` by the bare passes at the same points. Loss values of every method
 are checked to agree. The last section runs the whole ``lsurf.sample_surface`` API on the digits
-CNN. Target lines say met or MISSED.
+CNN; the one before it shows the threads lsurf takes per rank and a ResNet-20 pass at 1 and 2 threads
+with the cores free and with one kept busy. Target lines say met or MISSED.
 
 Run: ``python bench/bench_speed.py [--quick] [--device cpu|cuda] [--threads 1]``; the last line is JSON.
 """
@@ -53,7 +54,7 @@ import lsurf  # noqa: E402
 from lsurf.data import resident_batches  # noqa: E402
 from lsurf.directions import target_tensors  # noqa: E402
 from lsurf.evaluate import Evaluator, resolve_loss  # noqa: E402
-from lsurf.parallel import World, pin_device  # noqa: E402
+from lsurf.parallel import World, pin_device, threads_per_rank  # noqa: E402
 
 SYNTH = "synthetic:shape=3x32x32,n=1000"
 
@@ -340,6 +341,38 @@ def print_sample_surface(i2: dict) -> None:
     print(f"  writes {1e3 * i2['write_seconds']:.1f} ms")
 
 
+def thread_choice(dev: torch.device, threads: int) -> dict:
+    """lsurf's threads per rank here, and why: a ResNet-20 pass (1,000 images) with 1 and with all
+    cores' threads, with the cores free and with one busy neighbour (what every rank is under MPI)."""
+    cpus = len(os.sched_getaffinity(0))
+    model = lsurf.load_model("resnet20", (3, 32, 32), 10).eval()
+    batches = resident_batches(lsurf.load_data(SYNTH, ("train",))["train"], 128, dev, torch.float32)
+    best: dict[str, float] = {}
+    for busy in (False, True):
+        spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"]) if busy else None
+        try:
+            for n in sorted({1, cpus}):
+                torch.set_num_threads(n)
+                bare_pass(model, batches[:1])
+                best[f"{n} thread(s), {'one core busy' if busy else 'cores free'}"] = min(
+                    timed(dev, bare_pass, model, batches)[0] for _ in range(2))
+        finally:
+            if spinner:
+                spinner.kill()
+                spinner.wait()
+    torch.set_num_threads(threads)
+    return {"cpus": cpus, "alone": threads_per_rank(World(cpus=cpus)),
+            "two_ranks": threads_per_rank(World(size=2, local_size=2, cpus=max(1, cpus // 2))),
+            "resnet20_pass_seconds": best}
+
+
+def print_thread_choice(tc: dict) -> None:
+    print(f"\nthreads: {tc['cpus']} CPUs here; lsurf takes {tc['alone']} thread(s) alone, {tc['two_ranks']} per rank "
+          "with 2 ranks on the node (OMP_NUM_THREADS or --threads override)")
+    for label, seconds in tc["resnet20_pass_seconds"].items():
+        print(f"  ResNet-20 pass, {label:<34}{1e3 * seconds:>10.1f} ms")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="fewer points and rounds (about two minutes)")
@@ -347,6 +380,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1: one rank's layout)")
     ap.add_argument("--only", help="comma-separated model names to run (default: all)")
     ap.add_argument("--no-sample-surface", action="store_true", help="skip the sample_surface measurement")
+    ap.add_argument("--no-threads", action="store_true", help="skip the thread-choice measurement")
     ap.add_argument("--naive-worker", help=argparse.SUPPRESS)  # internal: the naive loop in its own process
     ap.add_argument("--rounds", type=int, default=1, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -364,6 +398,10 @@ def main(argv: list[str] | None = None) -> int:
             log(f"{case.model} on {case.data}: {case.points} points x {case.rounds} rounds")
             summaries.append(measure(case, dev, args.threads, log))
             print_case(summaries[-1])
+    tc = None
+    if not args.no_threads and dev.type == "cpu" and len(os.sched_getaffinity(0)) > 1:
+        tc = thread_choice(dev, args.threads)
+        print_thread_choice(tc)
     i2 = None
     if not args.no_sample_surface and (not args.only or "cnn" in args.only.split(",")):
         i2 = sample_surface_overhead(dev, args.threads, args.quick, log)
@@ -374,7 +412,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {label:<62}{value:>8.3f} {want:<8} {'met' if ok else 'MISSED'}")
     print(f"load average before {load0}, after {load_avg()}; {time.perf_counter() - t_start:.0f} s")
     print(json.dumps({"bench": "speed", "device": str(dev), "threads": torch.get_num_threads(), "quick": args.quick,
-                      "cases": summaries, "sample_surface": i2,
+                      "cases": summaries, "sample_surface": i2, "threads_choice": tc,
                       "targets": {g[0]: {"value": round(g[1], 4), "target": g[2], "met": g[3]} for g in goals}}))
     return 0
 
