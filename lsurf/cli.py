@@ -35,7 +35,7 @@ from .directions import (
 from .errors import UserError
 from .grid import Grid, parse_tile
 from .models import file_sha256, load_checkpoint, load_model
-from .parallel import install_abort_hook, world
+from .parallel import current_world, install_abort_hook, world
 
 _PLUGGED_COMMANDS = [
     ("plot", "lsurf.plot", "plot a surface file: contours, heat map, 3-D surface, 1-D curves"),
@@ -324,7 +324,7 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         if getattr(args, "debug", False):
             raise
-        w = world()
+        w = current_world()
         collective = getattr(e, "collective", False)
         if w.is_root or not collective:
             where = f" (rank {w.rank})" if w.size > 1 and not collective else ""
@@ -334,7 +334,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         print("lsurf: interrupted", file=sys.stderr)
-        world().abort(130)
+        current_world().abort(130)
         return 130
 
 

@@ -79,7 +79,23 @@ def world() -> World:
     global _WORLD
     if _WORLD is None:
         _WORLD = _make_world()
+        if _WORLD.comm is None and os.environ.get("LSURF_MPI") != "0":
+            _refuse_tasks_without_mpi()
     return _WORLD
+
+
+def current_world() -> World:
+    """The world if one was made, else a single process: for error paths, which must not fail."""
+    return _WORLD or World()
+
+
+def _refuse_tasks_without_mpi() -> None:
+    """``srun --mpi=none`` (or a launcher that sets no PMI variables) starts N copies that know
+    nothing of each other: each would sample the whole grid alone and race for the output file."""
+    tasks = os.environ.get("SLURM_STEP_NUM_TASKS", "1")
+    if tasks.isdigit() and int(tasks) > 1:
+        raise UserError(f"srun started {tasks} tasks that share no MPI job (no PMI variables set): launch with "
+                        "srun --mpi=pmix (or the --mpi your site's MPI needs), or mpirun")
 
 
 def _make_world() -> World:

@@ -76,3 +76,16 @@ def test_preempted_job_resumes(cluster, checkpoint, tmp_path):
         assert f["done"][()].all()
         assert f.attrs["rank_points"].sum() == total - done.sum()  # only the missing points were computed
         np.testing.assert_allclose(f["train_loss"][()], g["train_loss"][()], rtol=1e-6)
+
+
+def test_srun_without_mpi_is_refused(cluster, checkpoint, tmp_path):
+    """srun --mpi=none starts two copies that know nothing of each other: both refuse in one line,
+    before touching the output, instead of each sampling the whole grid alone."""
+    out = tmp_path / "none.h5"
+    p = cluster.run("srun", "-n", "2", "--mpi=none", "--chdir", str(tmp_path), sys.executable, "-m", "lsurf",
+                    "surface", "--model", "cnn", "--data", "digits", "--checkpoint", str(checkpoint),
+                    "--x", "-1:1:3", "--out", str(out), check=False, timeout=120)
+    errors = [line for line in p.stderr.splitlines() if line.startswith("lsurf:")]
+    assert p.returncode != 0 and len(errors) == 2, p.stdout + p.stderr
+    assert all(line.startswith("lsurf: error: srun started 2 tasks that share no MPI job") for line in errors)
+    assert "Traceback" not in p.stderr and not out.exists()
