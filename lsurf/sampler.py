@@ -122,10 +122,12 @@ def sample_surface(
         batches = {s: resident_batches(split, batch_size, dev, dtype, channels_last) for s, split in data.items()}
         evaluator = w.agree(lambda: Evaluator(model, names, targets, directions.to(dev, dtype), batches, loss_fn, bn,
                                               points_per_pass or 1, amp, hessian_iters))
-        # Rank 0 calibrates and decides, so every rank takes the same path.
+        # Rank 0 calibrates and decides, so every rank takes the same path. The others wait meanwhile,
+        # so calibration is weighed against one rank's share of the points: the run's wall time.
         if points_per_pass is None and bn == "eval" and not hessian_iters:
             todo = grid.num_points - (int(existing["done"].sum()) if existing else 0)
-            evaluator.points_per_pass = w.bcast(evaluator.calibrate(points=todo, log=log) if w.is_root else None)
+            share = -(-todo // w.size)
+            evaluator.points_per_pass = w.bcast(evaluator.calibrate(points=share, log=log) if w.is_root else None)
         log(f"rank {w.rank}/{w.size} (local {w.local_rank}/{w.local_size}) on {dev}, "
             f"{torch.get_num_threads()} threads")
         stats = _run(w, evaluator, grid, path, existing, tile, schedule, writer, progress, log)
