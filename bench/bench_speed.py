@@ -153,7 +153,7 @@ def paired(s: Setup, ev: Evaluator, best: dict[str, np.ndarray]) -> list[float]:
 
 def run(ev: Evaluator, s: Setup, calibrate: bool = False) -> tuple[float, float, int, list[float]]:
     """(calibration seconds, run seconds, K, losses) of ``evaluate_many`` over all points."""
-    t_cal = timed(s.dev, ev.calibrate, (1, 2, 4, 8, 16), 2, 3, len(s.points))[0] if calibrate else 0.0
+    t_cal = timed(s.dev, ev.calibrate, None, 2, 3, len(s.points))[0] if calibrate else 0.0
     t_run, res = timed(s.dev, ev.evaluate_many, s.points)
     ev.restore()
     return t_cal, t_run, ev.points_per_pass, [r["train_loss"] for r in res]

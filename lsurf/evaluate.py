@@ -231,9 +231,12 @@ class Evaluator:
             hits = (out.max(-1).indices == y).sum(-1, dtype=torch.float64)
         return torch.stack([loss.sum(-1), loss.square().sum(-1), hits], -1)
 
-    def calibrate(self, candidates: tuple[int, ...] = (1, 2, 4, 8, 16), n_batches: int = 2, repeats: int = 3,
+    def calibrate(self, candidates: tuple[int, ...] | None = None, n_batches: int = 2, repeats: int = 3,
                   points: int | None = None, log=None) -> int:
         """Time a few batches per point on each path and keep the fastest ``points_per_pass``.
+
+        Candidates are K = 1, 2, 4, 8, 16, and on a GPU (where stacking amortises kernel launches
+        and keeps paying longer) 32 and 64; a K that runs out of memory ends the search.
 
         Each candidate's best of ``repeats`` counts, K grows only while it keeps paying, and the
         stacked path must win by 10 % to be chosen, so timing noise does not pick a slower path.
@@ -241,6 +244,8 @@ class Evaluator:
         run: a candidate is timed only if what it will cost still fits, so a short run is not
         calibrated at all and stays on the per-point path.
         """
+        if candidates is None:
+            candidates = (1, 2, 4, 8, 16) + ((32, 64) if self.origin[0].is_cuda else ())
         first = next(iter(self.batches.values()))
         all_batches = sum(len(b) for b in self.batches.values())
         n_batches = min(n_batches, len(first))
