@@ -240,12 +240,18 @@ class Evaluator:
 
         Each candidate's best of ``repeats`` counts, K grows only while it keeps paying, and the
         stacked path must win by 10 % to be chosen, so timing noise does not pick a slower path.
-        With ``points`` (how many the run will evaluate) calibration may cost at most 3 % of the
-        run: a candidate is timed only if what it will cost still fits, so a short run is not
-        calibrated at all and stays on the per-point path.
+        With ``points`` (how many the run will evaluate) calibration is budgeted at 3 % of the run:
+        a candidate is timed only if its cost, estimated from the best time so far, still fits, so a
+        short run is not calibrated at all and stays on the per-point path. ``--bn recalibrate`` and
+        ``--hessian`` evaluate one point at a time: nothing to choose.
         """
         if candidates is None:
             candidates = (1, 2, 4, 8, 16) + ((32, 64) if self.origin[0].is_cuda else ())
+        if candidates[0] != 1:
+            raise ValueError(f"calibration candidates must start with 1, the per-point baseline: {candidates}")
+        if self.bn == "recalibrate" or self.hessian_iters:
+            self.points_per_pass = 1
+            return 1
         first = next(iter(self.batches.values()))
         all_batches = sum(len(b) for b in self.batches.values())
         n_batches = min(n_batches, len(first))
@@ -261,6 +267,9 @@ class Evaluator:
                     budget = points and 0.03 * points * self._seconds_per_point(first, n_batches, all_batches)
                     self._use_batches({"calibration": first[:n_batches]})
                     timings = self._time_candidates(candidates, repeats, budget, start)
+        except BaseException:
+            self.points_per_pass = 1
+            raise
         finally:
             self._use_batches(saved)
         best = min(timings, key=timings.get, default=1)

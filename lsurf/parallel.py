@@ -95,7 +95,7 @@ def _refuse_tasks_without_mpi() -> None:
     tasks = os.environ.get("SLURM_STEP_NUM_TASKS", "1")
     if tasks.isdigit() and int(tasks) > 1:
         raise UserError(f"srun started {tasks} tasks that share no MPI job (no PMI variables set): launch with "
-                        "srun --mpi=pmix (or the --mpi your site's MPI needs), or mpirun")
+                        "srun --mpi=pmix (or the --mpi your site's MPI needs) or mpirun; LSURF_MPI=1 if it is MPI")
 
 
 def _make_world() -> World:

@@ -94,6 +94,20 @@ def test_calibration_is_skipped_when_the_run_cannot_pay_for_it(points):
         assert {1, 2} <= set(sizes) and k in sizes and messages[0].startswith("calibration (per point, 2 batches)")
 
 
+def test_calibration_needs_the_per_point_baseline_and_leaves_k_alone_on_error():
+    ev = _evaluator("mlp", "digits", "weights", 1)
+    with pytest.raises(ValueError, match="must start with 1"):
+        ev.calibrate(candidates=(2, 4))
+    def interrupted_at_k4(pts):
+        if len(pts) == 4:
+            raise KeyboardInterrupt
+
+    ev.evaluate_many = interrupted_at_k4
+    with pytest.raises(KeyboardInterrupt):
+        ev.calibrate(candidates=(1, 4))
+    assert ev.points_per_pass == 1 and set(ev.batches) == {"train", "test"}
+
+
 def test_channels_last_and_bf16_autocast(tmp_path):
     """channels-last changes only the layout; bf16 autocast changes values at the 1e-2 level only."""
     from lsurf import Grid, sample_surface
