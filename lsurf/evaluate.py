@@ -263,10 +263,12 @@ class Evaluator:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # vmap's "slow fallback" notes: the timing says what matters
                 if points is None or least <= 0.03 * points:
-                    start = time.perf_counter()
-                    budget = points and 0.03 * points * self._seconds_per_point(first, n_batches, all_batches)
+                    start, budget, unit = time.perf_counter(), None, 0.0
+                    if points is not None:
+                        unit, whole = self._seconds_per_point(first, n_batches, all_batches)
+                        budget = 0.03 * points * whole
                     self._use_batches({"calibration": first[:n_batches]})
-                    timings = self._time_candidates(candidates, repeats, budget, start)
+                    timings = self._time_candidates(candidates, repeats, budget, start, unit)
         except BaseException:
             self.points_per_pass = 1
             raise
@@ -281,27 +283,27 @@ class Evaluator:
             log(f"calibration skipped: {points} points are too few to pay for it -> points per pass 1")
         return self.points_per_pass
 
-    def _seconds_per_point(self, first: list, n_batches: int, all_batches: int) -> float:
-        """A whole point's seconds on the per-point path, from K=1 calls on one and on ``n_batches``
-        batches: per-call costs (reductions, host sync) would be overcounted by scaling the second."""
+    def _seconds_per_point(self, first: list, n_batches: int, all_batches: int) -> tuple[float, float]:
+        """(seconds of a K=1 call on ``n_batches`` batches, estimated seconds of a whole point), from
+        calls on one and on ``n_batches`` batches: scaling the second alone would overcount per-call
+        costs (reductions, host sync)."""
         self.points_per_pass = 1
         self._use_batches({"calibration": first[:1]})
         self.evaluate_many([(0.0, 0.0)])  # warm-up
         one = _seconds(self.evaluate_many, [(0.0, 0.0)])
         if n_batches == 1:
-            return one * all_batches
+            return one, one * all_batches
         self._use_batches({"calibration": first[:n_batches]})
         some = _seconds(self.evaluate_many, [(0.0, 0.0)])
         per_batch = max(some - one, 0.0) / (n_batches - 1)
-        return max(some, one + (all_batches - 1) * per_batch)
+        return some, max(some, one + (all_batches - 1) * per_batch)
 
     def _time_candidates(self, candidates: tuple[int, ...], repeats: int, budget: float | None,
-                         start: float) -> dict[int, float]:
+                         start: float, unit: float) -> dict[int, float]:
         """Seconds per point for each K, stopping where K stops paying or cannot run, or before a
-        candidate whose warm-up and repeats would take the seconds spent since ``start`` past ``budget``."""
+        candidate whose warm-up and repeats would take the seconds spent since ``start`` past ``budget``
+        (``unit``: a first look at seconds per point, until K=1 is timed)."""
         timings: dict[int, float] = {}
-        self.points_per_pass = 1
-        unit = _seconds(self.evaluate_many, [(0.0, 0.0)])  # a first look at seconds per point
         for i, k in enumerate(candidates):
             # Warm-up and repeats at the best per-point time so far; the first candidate alone decides nothing.
             needed = (1 + repeats) * (sum(candidates[:2]) if i == 0 else k) * min(timings.values(), default=unit)

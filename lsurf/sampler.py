@@ -124,7 +124,7 @@ def sample_surface(
                                               points_per_pass or 1, amp, hessian_iters))
         # Rank 0 calibrates and decides, so every rank takes the same path. The others wait meanwhile,
         # so calibration is weighed against one rank's share of the points: the run's wall time.
-        if points_per_pass is None and bn == "eval" and not hessian_iters:
+        if points_per_pass is None:
             todo = grid.num_points - (int(existing["done"].sum()) if existing else 0)
             share = -(-todo // w.size)
             evaluator.points_per_pass = w.bcast(evaluator.calibrate(points=share, log=log) if w.is_root else None)
