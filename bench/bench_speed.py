@@ -54,10 +54,10 @@ from torch.utils.data import DataLoader, TensorDataset
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import lsurf  # noqa: E402
-from lsurf.data import resident_batches  # noqa: E402
-from lsurf.directions import target_tensors  # noqa: E402
-from lsurf.evaluate import Evaluator, resolve_loss  # noqa: E402
-from lsurf.parallel import World, pin_device, threads_per_rank  # noqa: E402
+from lsurf.engine.data import resident_batches  # noqa: E402
+from lsurf.engine.directions import target_tensors  # noqa: E402
+from lsurf.engine.evaluate import Evaluator, resolve_loss  # noqa: E402
+from lsurf.run.parallel import World, pin_device, threads_per_rank  # noqa: E402
 
 SYNTH = "synthetic:shape=3x32x32,n=1000"
 

@@ -11,18 +11,18 @@ The public API, in the order data flows::
     surface.values["train_loss"]                              # (ny, nx), [j, i] at (x[i], y[j])
 """
 
-__version__ = "0.1.0"
-
-from .data import load_data  # noqa: E402
-from .directions import Directions, load_directions, random_directions, save_directions  # noqa: E402
-from .errors import UserError  # noqa: E402
-from .evaluate import Evaluator  # noqa: E402
-from .grid import Grid  # noqa: E402
-from .models import build_model, load_checkpoint, load_model  # noqa: E402
-from .sampler import sample_surface  # noqa: E402
-from .surface_file import Surface, read_surface  # noqa: E402
+from lsurf._version import __version__
+from lsurf.engine.data import load_data
+from lsurf.engine.directions import Directions, load_directions, random_directions, save_directions
+from lsurf.engine.evaluate import Evaluator
+from lsurf.engine.grid import Grid
+from lsurf.engine.models import build_model, load_checkpoint, load_model
+from lsurf.engine.surface_file import Surface, read_surface
+from lsurf.errors import UserError
+from lsurf.run.sampler import sample_surface
 
 __all__ = [
-    "Directions", "Evaluator", "Grid", "Surface", "UserError", "build_model", "load_checkpoint", "load_data",
-    "load_directions", "load_model", "random_directions", "read_surface", "sample_surface", "save_directions",
+    "__version__", "Directions", "Evaluator", "Grid", "Surface", "UserError", "build_model", "load_checkpoint",
+    "load_data", "load_directions", "load_model", "random_directions", "read_surface", "sample_surface",
+    "save_directions",
 ]

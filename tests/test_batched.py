@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from lsurf import Evaluator, load_data, load_model, random_directions
-from lsurf.data import resident_batches
-from lsurf.directions import target_tensors
-from lsurf.evaluate import resolve_loss
+from lsurf.engine.data import resident_batches
+from lsurf.engine.directions import target_tensors
+from lsurf.engine.evaluate import resolve_loss
 
 
 def _evaluator(model_name: str, data_spec: str, dir_type: str, k: int, loss: str = "cross_entropy") -> Evaluator:
@@ -47,9 +47,9 @@ def test_stacked_equals_per_point(model, data, dir_type, loss):
 def test_reductions_in_chunks_equal_an_independent_computation(monkeypatch, k):
     """Outputs reduced a few batches at a time (a tiny threshold forces many uneven chunks) give
     the mean cross-entropy, its standard error and the accuracy that plain torch computes."""
-    import lsurf.evaluate
+    import lsurf.engine.evaluate
 
-    monkeypatch.setattr(lsurf.evaluate, "_REDUCE_EVERY", 700)  # 48 x 10 logits per batch: 2 batches a chunk
+    monkeypatch.setattr(lsurf.engine.evaluate, "_REDUCE_EVERY", 700)  # 48 x 10 logits per batch: 2 batches a chunk
     ev = _evaluator("mlp", "digits", "weights", k)
     got = ev.evaluate_many(POINTS[:3])
     for (a, b), values in zip(POINTS[:3], got, strict=True):

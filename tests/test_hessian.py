@@ -10,8 +10,8 @@ from conftest import lsurf, mpirun, requires_mpi
 from torch import nn
 
 from lsurf import UserError
-from lsurf.evaluate import resolve_loss
-from lsurf.hessian import Hessian
+from lsurf.engine.evaluate import resolve_loss
+from lsurf.engine.hessian import Hessian
 
 N, D = 90, 6
 F64 = torch.float64

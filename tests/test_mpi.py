@@ -58,7 +58,7 @@ def test_exception_on_one_rank_aborts_everything(tmp_path):
     (tmp_path / "faulty.py").write_text(textwrap.dedent("""
         import os
         import torch
-        from lsurf.models import DigitsCNN
+        from lsurf.engine.models import DigitsCNN
 
         class Faulty(DigitsCNN):
             calls = 0

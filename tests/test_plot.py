@@ -12,9 +12,9 @@ matplotlib.use("Agg")
 import matplotlib.image as mpimg  # noqa: E402
 from matplotlib.collections import QuadMesh  # noqa: E402
 
-from lsurf.grid import Grid, Tile  # noqa: E402
-from lsurf.plot import color_range, plot_curve, plot_surface  # noqa: E402
-from lsurf.surface_file import TileWriter, create, read_surface  # noqa: E402
+from lsurf.engine.grid import Grid, Tile  # noqa: E402
+from lsurf.engine.surface_file import TileWriter, create, read_surface  # noqa: E402
+from lsurf.post.plot import color_range, plot_curve, plot_surface  # noqa: E402
 
 
 def write_surface(path, x, y, loss, acc, done=None, attrs=None):
@@ -123,7 +123,7 @@ def test_trajectory_and_markers_are_drawn(bowl, tmp_path):
     with h5py.File(tmp_path / "proj.h5", "w") as f:
         f["proj_x"], f["proj_y"] = np.array([0.8, 0.4, 0.1, 0.0]), np.array([0.5, 0.2, 0.05, 0.0])
         f.attrs["explained_variance"] = [0.931, 0.042]
-    from lsurf.plot import read_projection
+    from lsurf.post.plot import read_projection
 
     s = read_surface(bowl)
     s.attrs["markers"] = '[{"label": "model 3", "x": 0.0, "y": 1.0}]'

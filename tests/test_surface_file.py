@@ -73,8 +73,8 @@ def test_rerun_resumes_nothing_and_other_grid_is_refused(surface, digits_checkpo
 
 
 def test_partial_file_has_nan_where_not_done(tmp_path):
-    from lsurf.grid import Grid, Tile
-    from lsurf.surface_file import TileWriter, create, read_surface
+    from lsurf.engine.grid import Grid, Tile
+    from lsurf.engine.surface_file import TileWriter, create, read_surface
 
     grid = Grid(np.linspace(0, 1, 4), np.linspace(0, 1, 3))
     create(tmp_path / "p.h5", grid, ["train_loss", "train_acc"], {}, {})

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import UserError
+from lsurf.errors import UserError
 
 
 class MLP(nn.Module):
@@ -234,7 +234,7 @@ def load_model(name: str, in_shape: tuple[int, ...] | None, num_outputs: int | N
     if in_shape is None:
         family = "resnet" if name.startswith("resnet") else name
         if family not in DEFAULT_SHAPES:
-            raise UserError(f"model {name!r} needs --data to know its input shape")
+            raise UserError(f"model {name!r} needs `data` to know its input shape")
         in_shape, num_outputs = DEFAULT_SHAPES[family]
     model = build_model(name, in_shape, num_outputs).to(dtype)
     if checkpoint is not None:

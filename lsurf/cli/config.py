@@ -14,7 +14,7 @@ try:
 except ModuleNotFoundError:  # Python < 3.11
     import tomli as tomllib
 
-from .errors import UserError
+from lsurf.errors import UserError
 
 
 def read_job_file(path: str, known: set[str]) -> dict:

@@ -25,8 +25,8 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from .errors import UserError
-from .grid import Grid, Tile
+from lsurf.engine.grid import Grid, Tile
+from lsurf.errors import UserError
 
 FORMAT = "lsurf-surface-1"
 
@@ -105,7 +105,7 @@ def accept(path: str | Path, grid: Grid, identity: dict, overwrite: bool) -> boo
     with open_h5(path, "r") as f:
         why = _identity_mismatch(f, grid, identity)
     if why is not None:
-        raise UserError(f"{str(path)!r} exists but {why}: use --overwrite to replace it")
+        raise UserError(f"{str(path)!r} exists but {why}: use `overwrite` to replace it")
     return True
 
 

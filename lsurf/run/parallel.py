@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .errors import UserError
+from lsurf.errors import UserError
 
 # Variables that MPI launchers set in every process they start.
 _LAUNCHER_VARS = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "MPI_LOCALNRANKS", "PMI_RANK")
@@ -175,12 +175,12 @@ def pin_device(w: World, spec: str = "auto", threads: int | None = None) -> torc
     elif spec in ("auto", "cuda"):
         if not torch.cuda.is_available():
             if spec == "cuda":
-                raise UserError("--device cuda: no CUDA device is visible")
+                raise UserError("`device` cuda: no CUDA device is visible")
             return torch.device("cpu")
         # device_count() honours CUDA_VISIBLE_DEVICES, e.g. one GPU per Slurm task -> cuda:0.
         device = torch.device("cuda", w.local_rank % torch.cuda.device_count())
     else:
-        raise UserError(f"--device {spec!r}: expected auto, cpu, cuda or cuda:N")
+        raise UserError(f"`device` {spec!r}: expected auto, cpu, cuda or cuda:N")
     torch.cuda.set_device(device)
     return device
 
@@ -195,7 +195,7 @@ class TileQueue:
 
     def __init__(self, w: World, n: int, schedule: str = "dynamic"):
         if schedule not in ("dynamic", "static"):
-            raise UserError(f"--schedule {schedule!r}: expected dynamic or static")
+            raise UserError(f"`schedule` {schedule!r}: expected dynamic or static")
         self.w, self.n, self.schedule = w, n, schedule
         self._next_static = w.rank
         self._done_local = 0

@@ -19,14 +19,15 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import __version__, surface_file
-from .data import Split, resident_batches
-from .directions import Directions, save_directions, target_tensors
-from .errors import UserError
-from .evaluate import Evaluator, check_outputs_fit, quantity_names, resolve_loss
-from .grid import Grid, Tile
-from .models import file_sha256
-from .parallel import TileQueue, World, pin_device, world
+from lsurf._version import __version__
+from lsurf.engine import surface_file
+from lsurf.engine.data import Split, resident_batches
+from lsurf.engine.directions import Directions, save_directions, target_tensors
+from lsurf.engine.evaluate import Evaluator, check_outputs_fit, quantity_names, resolve_loss
+from lsurf.engine.grid import Grid, Tile
+from lsurf.engine.models import file_sha256
+from lsurf.errors import UserError
+from lsurf.run.parallel import TileQueue, World, pin_device, world
 
 _TAG_TILE, _TAG_END = 11, 12
 
@@ -34,10 +35,10 @@ _TAG_TILE, _TAG_END = 11, 12
 def use_parallel_hdf5(w: World, writer: str) -> bool:
     """``writer``: ``auto`` (mpio where h5py has MPI), ``mpio`` or ``root`` (gather to rank 0)."""
     if writer not in ("auto", "mpio", "root"):
-        raise UserError(f"--writer {writer!r}: expected auto, mpio or root")
+        raise UserError(f"`writer` {writer!r}: expected auto, mpio or root")
     has_mpi = h5py.get_config().mpi
     if writer == "mpio" and not has_mpi and w.size > 1:
-        raise UserError("--writer mpio: this h5py is not built with MPI")
+        raise UserError("`writer` mpio: this h5py is not built with MPI")
     return w.size > 1 and has_mpi and writer != "root"
 
 
@@ -176,7 +177,7 @@ def _check_inputs(w: World, model: nn.Module, data: dict[str, Split], directions
     if batch_size is None:
         batch_size = 1024 if dev.type == "cuda" else 128
     if batch_size < 1:
-        raise UserError(f"--batch-size {batch_size}: must be at least 1")
+        raise UserError(f"`batch_size` {batch_size}: must be at least 1")
     return dev, loss_fn, batch_size
 
 

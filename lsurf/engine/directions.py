@@ -11,17 +11,21 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal, get_args
 
 import h5py
 import numpy as np
 import torch
 from torch import nn
 
-from .errors import UserError
+from lsurf.errors import UserError
 
-NORMS = ("filter", "layer", "weight", "none")
-DIR_TYPES = ("weights", "states")
-IGNORES = ("biasbn", "none")
+Norm = Literal["filter", "layer", "weight", "none"]
+DirType = Literal["weights", "states"]
+Ignore = Literal["biasbn", "none"]
+NORMS: tuple[str, ...] = get_args(Norm)
+DIR_TYPES: tuple[str, ...] = get_args(DirType)
+IGNORES: tuple[str, ...] = get_args(Ignore)
 
 
 def target_tensors(model: nn.Module, dir_type: str) -> tuple[list[str], list[torch.Tensor]]:
@@ -35,7 +39,7 @@ def target_tensors(model: nn.Module, dir_type: str) -> tuple[list[str], list[tor
     if dir_type == "states":
         state = model.state_dict()
         return list(state), list(state.values())
-    raise UserError(f"--dir-type {dir_type!r}: expected one of {', '.join(DIR_TYPES)}")
+    raise UserError(f"`dir_type` {dir_type!r}: expected one of {', '.join(DIR_TYPES)}")
 
 
 def normalize(d: torch.Tensor, w: torch.Tensor, norm: str, ignore: str) -> None:
@@ -60,7 +64,7 @@ def normalize(d: torch.Tensor, w: torch.Tensor, norm: str, ignore: str) -> None:
     elif norm == "weight":
         d.mul_(w)
     elif norm != "none":
-        raise UserError(f"--norm {norm!r}: expected one of {', '.join(NORMS)}")
+        raise UserError(f"`norm` {norm!r}: expected one of {', '.join(NORMS)}")
 
 
 @dataclass
@@ -106,9 +110,9 @@ def random_directions(
     every rerun, gets the same bytes.
     """
     if ignore not in IGNORES:
-        raise UserError(f"--ignore {ignore!r}: expected one of {', '.join(IGNORES)}")
+        raise UserError(f"`ignore` {ignore!r}: expected one of {', '.join(IGNORES)}")
     if norm not in NORMS:
-        raise UserError(f"--norm {norm!r}: expected one of {', '.join(NORMS)}")
+        raise UserError(f"`norm` {norm!r}: expected one of {', '.join(NORMS)}")
     names, targets = target_tensors(model, dir_type)
     gen = torch.Generator().manual_seed(seed)
 
@@ -162,7 +166,7 @@ def load_directions(path: str | Path, names: list[str], targets: list[torch.Tens
         if "xdirection" not in f:
             raise UserError(f"direction file {str(path)!r} has no 'xdirection' group")
         if want_y and "ydirection" not in f:
-            raise UserError(f"direction file {str(path)!r} has only an x direction but --y asks for 2-D")
+            raise UserError(f"direction file {str(path)!r} has only an x direction but `y` asks for 2-D")
         groups = ["xdirection", "ydirection"] if want_y else ["xdirection"]
         lists = [_read_group(f[g], path, g, names, targets) for g in groups]
         meta = json.loads(f.attrs["meta"]) if "meta" in f.attrs else {"source": "file"}

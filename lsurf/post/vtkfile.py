@@ -15,8 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import UserError
-from .surface_file import Surface, read_surface
+from lsurf.engine.surface_file import Surface, read_surface
+from lsurf.errors import UserError
 
 
 def refine(x: np.ndarray, values: np.ndarray, k: int, axis: int) -> tuple[np.ndarray, np.ndarray]:
@@ -33,7 +33,7 @@ def write_vtk(surface: Surface, path: str | Path, quantity: str = "train_loss", 
     if quantity not in surface.values:
         raise UserError(f"{surface.path!r} has no quantity {quantity!r} (it has: {', '.join(sorted(surface.values))})")
     if interp < 1:
-        raise UserError(f"--interp {interp}: must be at least 1")
+        raise UserError(f"`interp` {interp}: must be at least 1")
     fields = {n: np.where(surface.done, v, np.nan).astype(float) for n, v in surface.values.items()}
     fields["done"] = surface.done.astype(float)
     x = surface.x

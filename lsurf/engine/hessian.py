@@ -15,8 +15,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import __version__
-from .errors import UserError
+from lsurf._version import __version__
+from lsurf.errors import UserError
 
 Batches = list[tuple[torch.Tensor, torch.Tensor]]
 
@@ -155,9 +155,9 @@ def add_arguments(p) -> None:
 def run(args) -> int:
     import h5py
 
-    from .data import load_data, resident_batches
-    from .evaluate import resolve_loss
-    from .models import load_model
+    from lsurf.engine.data import load_data, resident_batches
+    from lsurf.engine.evaluate import resolve_loss
+    from lsurf.engine.models import load_model
 
     dtype = torch.float64 if args.dtype == "float64" else torch.float32
     split = load_data(args.data, (args.split,), args.subset)[args.split]

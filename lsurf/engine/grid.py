@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .errors import UserError
+from lsurf.errors import UserError
 
 # Bytes the surface file and the in-memory bookkeeping need per grid point: 4 splits' worth of
 # float64 values and standard errors plus the done mask, with headroom.
@@ -19,21 +19,21 @@ def parse_axis(spec: str, name: str) -> np.ndarray:
     """``"-1:1:51"`` -> ``numpy.linspace(-1, 1, 51)``; every malformed spec is a :class:`UserError`."""
     parts = str(spec).split(":")
     if len(parts) != 3:
-        raise UserError(f"--{name} {spec!r}: expected MIN:MAX:NUM, e.g. -1:1:51")
+        raise UserError(f"`{name}` {spec!r}: expected MIN:MAX:NUM, e.g. -1:1:51")
     try:
         lo, hi = float(parts[0]), float(parts[1])
     except ValueError:
-        raise UserError(f"--{name} {spec!r}: MIN and MAX must be numbers") from None
+        raise UserError(f"`{name}` {spec!r}: MIN and MAX must be numbers") from None
     try:
         num = int(parts[2])
     except ValueError:
-        raise UserError(f"--{name} {spec!r}: NUM must be a whole number") from None
+        raise UserError(f"`{name}` {spec!r}: NUM must be a whole number") from None
     if not (math.isfinite(lo) and math.isfinite(hi)):
-        raise UserError(f"--{name} {spec!r}: MIN and MAX must be finite")
+        raise UserError(f"`{name}` {spec!r}: MIN and MAX must be finite")
     if num < 1:
-        raise UserError(f"--{name} {spec!r}: NUM must be at least 1")
+        raise UserError(f"`{name}` {spec!r}: NUM must be at least 1")
     if hi < lo or (hi == lo and num > 1):
-        raise UserError(f"--{name} {spec!r}: MAX must be greater than MIN")
+        raise UserError(f"`{name}` {spec!r}: MAX must be greater than MIN")
     return np.linspace(lo, hi, num)
 
 
@@ -117,7 +117,7 @@ def parse_tile(spec: str | None) -> tuple[int, int] | None:
     try:
         a, b = (int(v) for v in str(spec).lower().split("x"))
     except ValueError:
-        raise UserError(f"--tile {spec!r}: expected ROWSxCOLS, e.g. 4x8") from None
+        raise UserError(f"`tile` {spec!r}: expected ROWSxCOLS, e.g. 4x8") from None
     if a < 1 or b < 1:
-        raise UserError(f"--tile {spec!r}: both sides must be at least 1")
+        raise UserError(f"`tile` {spec!r}: both sides must be at least 1")
     return a, b

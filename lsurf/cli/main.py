@@ -19,10 +19,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import __version__
-from .config import merge
-from .data import load_data
-from .directions import (
+from lsurf._version import __version__
+from lsurf.cli.config import merge
+from lsurf.engine.data import load_data
+from lsurf.engine.directions import (
     DIR_TYPES,
     IGNORES,
     NORMS,
@@ -32,16 +32,16 @@ from .directions import (
     save_directions,
     target_tensors,
 )
-from .errors import UserError
-from .grid import Grid, parse_tile
-from .models import file_sha256, load_checkpoint, load_model
-from .parallel import current_world, install_abort_hook, world
+from lsurf.engine.grid import Grid, parse_tile
+from lsurf.engine.models import file_sha256, load_checkpoint, load_model
+from lsurf.errors import UserError
+from lsurf.run.parallel import current_world, install_abort_hook, world
 
 _PLUGGED_COMMANDS = [
-    ("plot", "lsurf.plot", "plot a surface file: contours, heat map, 3-D surface, 1-D curves"),
-    ("vtk", "lsurf.vtkfile", "write a VTK XML file of a surface for ParaView"),
-    ("trajectory", "lsurf.trajectory", "PCA directions of a training trajectory and its projection"),
-    ("hessian", "lsurf.hessian", "top Hessian eigenvalues, trace and eigenvalue density at the checkpoint"),
+    ("plot", "lsurf.post.plot", "plot a surface file: contours, heat map, 3-D surface, 1-D curves"),
+    ("vtk", "lsurf.post.vtkfile", "write a VTK XML file of a surface for ParaView"),
+    ("trajectory", "lsurf.engine.trajectory", "PCA directions of a training trajectory and its projection"),
+    ("hessian", "lsurf.engine.hessian", "top Hessian eigenvalues, trace and eigenvalue density at the checkpoint"),
 ]
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
@@ -215,7 +215,7 @@ def cmd_surface(args) -> int:
     grid, model, data, dirs, tile = w.agree(setup)
     out = Path(args.out)
     ckpt_sha = file_sha256(args.checkpoint) if args.checkpoint else ""
-    from .sampler import sample_surface
+    from lsurf.run.sampler import sample_surface
 
     provenance = {
         "config": {k: v for k, v in vars(args).items() if k != "func"},
@@ -257,7 +257,7 @@ def cmd_directions(args) -> int:
 
 
 def cmd_train(args) -> int:
-    from .train import train
+    from lsurf.engine.train import train
 
     torch.manual_seed(args.seed)
     model, data = _model_and_data(args, ("train", "test"))
@@ -268,7 +268,7 @@ def cmd_train(args) -> int:
 
 
 def cmd_info(args) -> int:
-    from .surface_file import read_surface
+    from lsurf.engine.surface_file import read_surface
 
     s = read_surface(args.file)
     for line in describe(s):
@@ -328,7 +328,7 @@ def main(argv: list[str] | None = None) -> int:
         collective = getattr(e, "collective", False)
         if w.is_root or not collective:
             where = f" (rank {w.rank})" if w.size > 1 and not collective else ""
-            print(f"lsurf: error{where}: {e}", file=sys.stderr, flush=True)
+            print(f"lsurf: error{where}: {e.as_flags()}", file=sys.stderr, flush=True)
         if w.size > 1 and not collective:
             w.abort(2)
         return 2

@@ -17,10 +17,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import __version__
-from .directions import DIR_TYPES, IGNORES, Directions, save_directions, target_tensors
-from .errors import UserError
-from .models import file_sha256, load_checkpoint, load_model
+from lsurf._version import __version__
+from lsurf.engine.directions import DIR_TYPES, IGNORES, Directions, save_directions, target_tensors
+from lsurf.engine.models import file_sha256, load_checkpoint, load_model
+from lsurf.errors import UserError
 
 
 @dataclass
@@ -123,7 +123,7 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
-    from .data import load_data
+    from lsurf.engine.data import load_data
 
     paths = checkpoint_paths(args.checkpoints, args.pattern)
     centre_path = Path(args.checkpoint) if args.checkpoint else paths[-1]

@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .errors import UserError
-from .models import load_plugin
+from lsurf.engine.models import load_plugin
+from lsurf.errors import UserError
 
 CIFAR_MEAN = (125.3 / 255, 123.0 / 255, 113.9 / 255)
 CIFAR_STD = (63.0 / 255, 62.1 / 255, 66.7 / 255)
@@ -151,7 +151,7 @@ def load_data(spec: str, splits: tuple[str, ...] = ("train",), subset: int | Non
     """Load the named splits of a data spec as CPU tensors, optionally a fixed seeded subset of each."""
     for s in splits:
         if s not in SPLITS:
-            raise UserError(f"--split {s!r}: expected train and/or test")
+            raise UserError(f"`split` {s!r}: expected train and/or test")
     if spec == "digits":
         data = _digits()
     elif spec.startswith("cifar10:"):
@@ -172,9 +172,9 @@ def load_data(spec: str, splits: tuple[str, ...] = ("train",), subset: int | Non
 
 def _subset(split: Split, n: int, name: str) -> Split:
     if n < 1:
-        raise UserError(f"--subset {n}: must be at least 1")
+        raise UserError(f"`subset` {n}: must be at least 1")
     if n > len(split):
-        raise UserError(f"--subset {n} is larger than the {name} split ({len(split)} samples)")
+        raise UserError(f"`subset` {n} is larger than the {name} split ({len(split)} samples)")
     idx = torch.randperm(len(split), generator=torch.Generator().manual_seed(0))[:n].sort().values
     return Split(split.x[idx], split.y[idx])
 

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import UserError
-from .surface_file import Surface, read_surface
+from lsurf.engine.surface_file import Surface, read_surface
+from lsurf.errors import UserError
 
 KINDS = ("contour", "filled", "heatmap", "surface3d")
 
@@ -73,7 +73,7 @@ def _axis_labels(projection) -> tuple[str, str]:
 
 def read_projection(path: str | Path) -> dict:
     """A projection file from ``lsurf trajectory``: ``proj_x``, ``proj_y``, labels, explained variance."""
-    from .surface_file import open_h5
+    from lsurf.engine.surface_file import open_h5
 
     with open_h5(path, "r") as f:
         if "proj_x" not in f or "proj_y" not in f:
@@ -95,7 +95,7 @@ def plot_surface(surface: Surface, name: str = "train_loss", kind: str = "filled
     if surface.ndim != 2:
         raise UserError(f"{surface.path!r} is 1-D: use plot_curve")
     if kind not in KINDS:
-        raise UserError(f"--kind {kind!r}: expected one of {', '.join(KINDS)}")
+        raise UserError(f"`kind` {kind!r}: expected one of {', '.join(KINDS)}")
     z = quantity(surface, name)
     lo, hi = color_range(z, vmin, vmax, log)
     # Losses rise steeply away from a minimum: geometric levels and colours resolve basin and walls alike.
@@ -237,7 +237,7 @@ def _size(spec: str) -> tuple[float, float]:
     try:
         w, h = (float(v) for v in spec.lower().split("x"))
     except ValueError:
-        raise UserError(f"--size {spec!r}: expected WxH in inches, e.g. 6x5") from None
+        raise UserError(f"`size` {spec!r}: expected WxH in inches, e.g. 6x5") from None
     if w <= 0 or h <= 0:
-        raise UserError(f"--size {spec!r}: both sides must be positive")
+        raise UserError(f"`size` {spec!r}: both sides must be positive")
     return w, h

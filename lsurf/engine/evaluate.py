@@ -16,10 +16,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .data import Split
-from .directions import Directions
-from .errors import UserError
-from .models import load_plugin
+from lsurf.engine.data import Split
+from lsurf.engine.directions import Directions
+from lsurf.engine.models import load_plugin
+from lsurf.errors import UserError
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 # Per split and point: mean loss, its standard error, accuracy (%), its standard error.
@@ -55,7 +55,7 @@ def resolve_loss(spec: str) -> LossFn:
         return LOSSES[spec]
     if ":" in spec:
         return load_plugin(spec, "loss")
-    raise UserError(f"--loss {spec!r}: expected cross_entropy, mse or pkg.module:fn")
+    raise UserError(f"`loss` {spec!r}: expected cross_entropy, mse or pkg.module:fn")
 
 
 def check_outputs_fit(model: nn.Module, split: Split, loss_fn: LossFn, device, dtype) -> None:
@@ -110,16 +110,16 @@ class Evaluator:
         self._use_batches(batches)
         self.loss_fn = loss_fn
         if bn not in ("eval", "recalibrate"):
-            raise UserError(f"--bn {bn!r}: expected eval or recalibrate")
+            raise UserError(f"`bn` {bn!r}: expected eval or recalibrate")
         self.bn = bn
         if points_per_pass < 1:
-            raise UserError(f"--points-per-pass {points_per_pass}: must be at least 1")
+            raise UserError(f"`points_per_pass` {points_per_pass}: must be at least 1")
         if points_per_pass > 1 and bn == "recalibrate":
-            raise UserError("--points-per-pass > 1 cannot be combined with --bn recalibrate")
+            raise UserError("`points_per_pass` > 1 cannot be combined with `bn` recalibrate")
         self.points_per_pass = points_per_pass
         self.amp = amp  # bfloat16 autocast of the forward; losses are still reduced in float64
         if hessian_iters and points_per_pass > 1:
-            raise UserError("--hessian evaluates one point at a time: drop --points-per-pass")
+            raise UserError("`hessian` evaluates one point at a time: drop `points_per_pass`")
         self.hessian_iters = hessian_iters  # Lanczos steps for λ_max, λ_min per point (0: none)
         self.saved_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
 
@@ -169,7 +169,7 @@ class Evaluator:
 
     def _curvature(self) -> tuple[float, float]:
         """(λ_max, λ_min) of the first split's mean loss at the current weights."""
-        from .hessian import Hessian
+        from lsurf.engine.hessian import Hessian
 
         batches = next(iter(self.batches.values()))
         return Hessian(self.model, batches, self.loss_fn).extreme_eigenvalues(self.hessian_iters)

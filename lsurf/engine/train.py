@@ -11,8 +11,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .data import Split
-from .evaluate import resolve_loss
+from lsurf.engine.data import Split
+from lsurf.engine.evaluate import resolve_loss
 
 
 def _accuracy(model: nn.Module, split: Split | None) -> float:

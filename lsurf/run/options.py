@@ -1,0 +1,161 @@
+"""The options of a run, in one frozen, validated object.
+
+Every command and every notebook call goes through :class:`Options`: the CLI fills it from flags
+and the ``--config`` job file (TOML keys are the field names, ``-`` or ``_``), and a notebook user
+writes ``Options(x="-1:1:31", batch_size=256)``. The vocabularies below are the only definition of
+the allowed values; argparse takes its ``choices`` from them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from typing import Any, Literal, get_args, get_type_hints
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+from lsurf.engine.directions import DirType, Ignore, Norm
+from lsurf.errors import UserError
+
+Dtype = Literal["float32", "float64"]
+Layout = Literal["auto", "contiguous", "channels-last"]
+BatchNorm = Literal["eval", "recalibrate"]
+Amp = Literal["none", "bf16"]
+Schedule = Literal["dynamic", "static"]
+Writer = Literal["auto", "mpio", "root"]
+Split = Literal["train", "test"]
+
+
+def choices(vocabulary: Any) -> tuple[str, ...]:
+    """The allowed values of a ``Literal`` vocabulary (for argparse ``choices`` and messages)."""
+    return tuple(get_args(vocabulary))
+
+
+@dataclass(frozen=True)
+class Options:
+    """Everything a surface run needs to know; defaults are the CLI's defaults.
+
+    Groups: what to load (model, checkpoint, data, subset, split), the directions (seed, norm,
+    ignore, dir_type, same_dir, dir_file, model2, model3), the grid (x, y), how to evaluate (loss,
+    dtype, device, threads, batch_size, points_per_pass, amp, layout, bn, hessian_iters), how to
+    distribute and write (tile, schedule, writer, out, overwrite, progress). ``None`` means "choose
+    for me" where the run plan decides (batch size, points per pass, threads).
+    """
+
+    model: str = "cnn"
+    checkpoint: str | None = None
+    data: str | None = "digits"
+    subset: int | None = None
+    split: tuple[Split, ...] = ("train",)
+    seed: int = 0
+    norm: Norm = "filter"
+    ignore: Ignore = "biasbn"
+    dir_type: DirType = "weights"
+    same_dir: bool = False
+    dir_file: str | None = None
+    model2: str | None = None
+    model3: str | None = None
+    x: str = "-1:1:51"
+    y: str | None = None
+    loss: str = "cross_entropy"
+    dtype: Dtype = "float32"
+    device: str = "auto"
+    threads: int | None = None
+    batch_size: int | None = None
+    points_per_pass: int | None = None
+    amp: Amp = "none"
+    layout: Layout = "auto"
+    bn: BatchNorm = "eval"
+    hessian_iters: int = 0
+    tile: str | None = None
+    schedule: Schedule = "dynamic"
+    writer: Writer = "auto"
+    out: str = "surface.h5"
+    overwrite: bool = False
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if isinstance(self.split, str):  # "train,test" from a job file or a flag
+            object.__setattr__(self, "split", tuple(s.strip() for s in self.split.split(",") if s.strip()))
+        for f in fields(self):
+            _check_field(f.name, _HINTS[f.name], getattr(self, f.name))
+        for name in ("threads", "batch_size", "points_per_pass", "subset"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise UserError(f"`{name}` {value}: must be at least 1")
+        if self.hessian_iters < 0:
+            raise UserError(f"`hessian_iters` {self.hessian_iters}: must be at least 0")
+        if not self.split:
+            raise UserError("`split` is empty: expected train and/or test")
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any], base: Options | None = None) -> Options:
+        """Options from a mapping (a job file's table): keys are field names, ``-`` or ``_``;
+        an unknown key is refused with the closest known name."""
+        known = {f.name for f in fields(cls)}
+        clean: dict[str, Any] = {}
+        for key, value in values.items():
+            name = key.replace("-", "_")
+            if name not in known:
+                close = difflib.get_close_matches(name, known, n=1)
+                hint = f" (did you mean {close[0].replace('_', '-')!r}?)" if close else ""
+                raise UserError(f"unknown option {key!r}{hint}")
+            clean[name] = tuple(value) if isinstance(value, list) else value
+        return dataclasses.replace(base or cls(), **clean)
+
+    def replace(self, **changes: Any) -> Options:
+        return dataclasses.replace(self, **changes)
+
+    @property
+    def torch_dtype(self):
+        import torch
+
+        return torch.float64 if self.dtype == "float64" else torch.float32
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def read_job_file(path: str) -> dict[str, Any]:
+    """The table of a TOML job file (keys checked later by :meth:`Options.from_mapping`)."""
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except FileNotFoundError:
+        raise UserError(f"`config` {path!r} does not exist") from None
+    except IsADirectoryError:
+        raise UserError(f"`config` {path!r} is a folder, not a TOML file") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"`config` {path!r} is not valid TOML ({e})") from None
+
+
+_HINTS = get_type_hints(Options)
+
+
+def _check_field(name: str, hint: Any, value: Any) -> None:
+    """One field against its annotation: Literal values, ints, bools, strings, optional, tuples."""
+    args = get_args(hint)
+    if value is None and type(None) in args:
+        return
+    inner = [a for a in args if a is not type(None)] if type(None) in args else [hint]
+    kind = inner[0]
+    if getattr(kind, "__origin__", None) is Literal:
+        if value not in get_args(kind):
+            raise UserError(f"`{name}` {value!r}: expected {' or '.join(map(str, get_args(kind)))}")
+    elif getattr(kind, "__origin__", None) is tuple:
+        for item in value:
+            _check_field(name, get_args(kind)[0], item)
+    elif kind is bool:
+        if not isinstance(value, bool):
+            raise UserError(f"`{name}` {value!r}: expected true or false")
+    elif kind is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise UserError(f"`{name}` {value!r}: expected a whole number")
+    elif kind is str and not isinstance(value, str):
+        raise UserError(f"`{name}` {value!r}: expected a string")
