@@ -57,7 +57,8 @@ import lsurf  # noqa: E402
 from lsurf.engine.data import resident_batches  # noqa: E402
 from lsurf.engine.directions import target_tensors  # noqa: E402
 from lsurf.engine.evaluate import Evaluator, resolve_loss  # noqa: E402
-from lsurf.run.parallel import World, pin_device, threads_per_rank  # noqa: E402
+from lsurf.run.runtime import configure_process, threads_per_rank  # noqa: E402
+from lsurf.run.world import World  # noqa: E402
 
 SYNTH = "synthetic:shape=3x32x32,n=1000"
 
@@ -150,7 +151,7 @@ def paired(s: Setup, ev: Evaluator, best: dict[str, np.ndarray]) -> list[float]:
         t, res = timed(s.dev, ev.evaluate_many, [(a, b)])
         best["per_point"][p] = min(best["per_point"][p], t)
         losses.append(res[0]["train_loss"])
-    ev.restore()
+    ev.set_point(0.0, 0.0)
     return losses
 
 
@@ -159,7 +160,7 @@ def run(ev: Evaluator, s: Setup, calibrate_for: int | None = 0) -> tuple[float, 
     calibrating for a run of ``calibrate_for`` points (None: unbounded, 0: no calibration)."""
     t_cal = timed(s.dev, ev.calibrate, None, 2, 3, calibrate_for)[0] if calibrate_for != 0 else 0.0
     t_run, res = timed(s.dev, ev.evaluate_many, s.points)
-    ev.restore()
+    ev.set_point(0.0, 0.0)
     return t_cal, t_run, ev.points_per_pass, [r["train_loss"] for r in res]
 
 
@@ -395,7 +396,7 @@ def main(argv: list[str] | None = None) -> int:
         naive_worker(Case(**json.loads(args.naive_worker)), args.device, args.threads, args.rounds)
         return 0
 
-    dev = pin_device(World(), args.device, args.threads)  # threads and malloc settings, as lsurf sets them
+    dev = configure_process(World(), args.device, args.threads)  # threads and malloc settings, as lsurf sets them
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
     load0, t_start = load_avg(), time.perf_counter()
     print(f"device {dev}, {torch.get_num_threads()} threads, torch {torch.__version__}, load {load0}")

@@ -22,6 +22,7 @@ class UserError(ValueError):
     """
 
     collective: bool = False
+    rank: int = 0
 
     @property
     def params(self) -> list[str]:

@@ -64,7 +64,6 @@ def test_reductions_in_chunks_equal_an_independent_computation(monkeypatch, k):
             assert values[f"{split}_loss"] == pytest.approx(losses.mean(), rel=1e-6)
             assert values[f"{split}_loss_stderr"] == pytest.approx(losses.std(ddof=1) / np.sqrt(len(y)), rel=1e-4)
             assert values[f"{split}_acc"] == pytest.approx(100 * hits.mean(), abs=1e-9)
-    ev.restore()
 
 
 def test_calibration_chooses_a_candidate_and_restores_data():
@@ -120,11 +119,11 @@ def test_channels_last_and_bf16_autocast(tmp_path):
         grid = Grid.parse("-0.5:0.5:3", "-0.5:0.5:2")
         return sample_surface(model, data, dirs, grid, tmp_path / name, progress=False, **kw).values["train_loss"]
 
-    plain = run("plain.h5", channels_last=False)
-    np.testing.assert_allclose(run("cl.h5", channels_last=True), plain, rtol=1e-5)
+    plain = run("plain.h5", layout="contiguous")
+    np.testing.assert_allclose(run("cl.h5", layout="channels-last"), plain, rtol=1e-5)
     np.testing.assert_allclose(run("auto.h5"), plain, rtol=1e-5)  # layout measured at start
     with h5py.File(tmp_path / "cl.h5") as f, h5py.File(tmp_path / "plain.h5") as g:
         assert f.attrs["channels_last"] == 1 and g.attrs["channels_last"] == 0
-    amp = run("amp.h5", amp=True, channels_last=False)
+    amp = run("amp.h5", amp="bf16", layout="contiguous")
     assert not np.array_equal(amp, plain)
     np.testing.assert_allclose(amp, plain, rtol=3e-2)

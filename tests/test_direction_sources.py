@@ -128,22 +128,21 @@ def test_bn_recalibration_uses_training_statistics(tmp_path):
     """After recalibration at α=0, the first BN layer's statistics are those of the training data."""
     from lsurf import Evaluator, random_directions
     from lsurf.engine.data import resident_batches
-    from lsurf.engine.evaluate import resolve_loss
+    from lsurf.engine.evaluate import evaluator, resolve_loss
 
     torch.manual_seed(0)
     split = load_data("synthetic:shape=3x32x32,n=64", ("train",))["train"]
     model = load_model("resnet20", None, None).eval()
-    names, targets = target_tensors(model, "weights")
     dirs = random_directions(model, seed=0)
-    batches = {"train": resident_batches(split, 16, torch.device("cpu"), torch.float32)}
-    ev = Evaluator(model, names, targets, dirs, batches, resolve_loss("cross_entropy"), bn="recalibrate")
-    ev.set_point(0.0, 0.0)
-    ev._recalibrate_bn()
-    with torch.no_grad():
-        h = model.conv1(split.x)
-    torch.testing.assert_close(model.bn1.running_mean, h.mean((0, 2, 3)), rtol=1e-4, atol=1e-5)
-    ev.restore()
+    with evaluator(model, {"train": split}, dirs, batch_size=16, bn="recalibrate") as ev:
+        ev.set_point(0.0, 0.0)
+        ev._recalibrate_bn()
+        with torch.no_grad():
+            h = model.conv1(split.x)
+        torch.testing.assert_close(model.bn1.running_mean, h.mean((0, 2, 3)), rtol=1e-4, atol=1e-5)
     assert torch.equal(model.bn1.running_mean, torch.zeros(16))  # put back afterwards
+    names, targets = target_tensors(model, "weights")
+    batches = {"train": resident_batches(split, 16, torch.device("cpu"), torch.float32)}
     with pytest.raises(UserError):
         Evaluator(model, names, targets, dirs, batches, resolve_loss("cross_entropy"), bn="recalibrate",
                   points_per_pass=4)

@@ -212,3 +212,12 @@ def model_directions(model: nn.Module, others: list[dict[str, torch.Tensor]], di
     dirs = [towards(s) for s in others]
     meta = {"source": "models", "dir_type": dir_type, "models": sources or []}
     return Directions(names, dirs[0], dirs[1] if len(dirs) > 1 else None, meta)
+
+
+def markers(meta: dict) -> list[dict]:
+    """Where the models of an interpolation or a plane through models lie, for plots: derived from
+    how the directions were made (``source`` models: model 2 at α = 1, model 3 at β = 1)."""
+    if meta.get("source") != "models":
+        return []
+    marks = [{"label": "model 1", "x": 0.0, "y": 0.0}, {"label": "model 2", "x": 1.0, "y": 0.0}]
+    return marks + ([{"label": "model 3", "x": 0.0, "y": 1.0}] if len(meta.get("models", [])) > 1 else [])

@@ -6,31 +6,26 @@ each split's statistics stay on the device until one host synchronisation per po
 
 from __future__ import annotations
 
-import math
+import contextlib
+import copy
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lsurf.engine.data import Split
-from lsurf.engine.directions import Directions
+from lsurf.engine.data import Split, resident_batches
+from lsurf.engine.directions import Directions, target_tensors
+from lsurf.engine.metrics import METRICS, Metric, quantity_names
 from lsurf.engine.models import load_plugin
+from lsurf.engine.snapshot import preserved
 from lsurf.errors import UserError
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-# Per split and point: mean loss, its standard error, accuracy (%), its standard error.
-STATS = ("loss", "loss_stderr", "acc", "acc_stderr")
 _REDUCE_EVERY = 1 << 22  # model outputs held before a loss/argmax reduction (16 MB of float32)
-
-
-def quantity_names(splits, hessian: bool = False) -> list[str]:
-    """Dataset names of the statistics of these splits, e.g. ``train_loss``, ``test_acc_stderr``,
-    and of the curvature maps when asked for."""
-    return [f"{s}_{q}" for s in splits for q in STATS] + (["hessian_max", "hessian_min"] if hessian else [])
 
 
 def _cross_entropy(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -58,6 +53,40 @@ def resolve_loss(spec: str) -> LossFn:
     raise UserError(f"`loss` {spec!r}: expected cross_entropy, mse or pkg.module:fn")
 
 
+@contextlib.contextmanager
+def evaluator(
+    model: nn.Module,
+    data: dict[str, Split],
+    directions: Directions,
+    *,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    batch_size: int = 128,
+    channels_last: bool = False,
+    loss: str | LossFn = "cross_entropy",
+    bn: str = "eval",
+    points_per_pass: int = 1,
+    amp: bool = False,
+    hessian_iters: int = 0,
+    metrics: Sequence[Metric] = METRICS,
+) -> Iterator[Evaluator]:
+    """``with evaluator(model, data, directions, ...) as ev:`` — the model moved to ``device`` and
+    ``dtype`` (and NHWC with ``channels_last``) in eval mode, the splits resident there in batches,
+    and, on the way out, the model handed back exactly as it came (weights, buffers, device, dtype,
+    layout, train/eval flags), also after an exception or Ctrl-C."""
+    dev = torch.device(device)
+    with preserved(model):
+        model.to(device=dev, dtype=dtype)
+        if channels_last:  # before taking the target tensors: .to() gives parameters new storage
+            model.to(memory_format=torch.channels_last)
+        model.eval()
+        names, targets = target_tensors(model, directions.meta.get("dir_type", "weights"))
+        batches = {s: resident_batches(split, batch_size, dev, dtype, channels_last) for s, split in data.items()}
+        loss_fn = resolve_loss(loss) if isinstance(loss, str) else loss
+        yield Evaluator(model, names, targets, directions.to(dev, dtype), batches, loss_fn, bn, points_per_pass,
+                        amp, hessian_iters, metrics)
+
+
 def check_outputs_fit(model: nn.Module, split: Split, loss_fn: LossFn, device, dtype) -> None:
     """Run one tiny batch so a model/label mismatch is a clear error before any work starts.
 
@@ -79,8 +108,9 @@ def check_outputs_fit(model: nn.Module, split: Split, loss_fn: LossFn, device, d
 class Evaluator:
     """Evaluates loss/accuracy of ``model`` at grid coordinates around its current weights θ*.
 
+    Build it with :func:`evaluator`, which prepares the model and hands it back as it came.
     ``targets`` (named ``names``) are the tensors the directions move; they share storage with the
-    model. θ* is copied once here and the model is put back exactly by :meth:`restore`.
+    model, and θ* is copied once here.
 
     Two paths give the same numbers: per point (weights written in place, one plain forward per
     batch) and stacked (``points_per_pass`` = K > 1: K perturbed weight sets, one ``vmap``-ed
@@ -99,6 +129,7 @@ class Evaluator:
         points_per_pass: int = 1,
         amp: bool = False,
         hessian_iters: int = 0,
+        metrics: Sequence[Metric] = METRICS,
     ):
         self.model = model.eval()
         idx = [i for i, t in enumerate(targets) if t.is_floating_point()]
@@ -109,6 +140,7 @@ class Evaluator:
         self.d2 = None if directions.y is None else [directions.y[i] for i in idx]
         self._use_batches(batches)
         self.loss_fn = loss_fn
+        self.metrics = tuple(metrics)
         if bn not in ("eval", "recalibrate"):
             raise UserError(f"`bn` {bn!r}: expected eval or recalibrate")
         self.bn = bn
@@ -119,9 +151,15 @@ class Evaluator:
         self.points_per_pass = points_per_pass
         self.amp = amp  # bfloat16 autocast of the forward; losses are still reduced in float64
         if hessian_iters and points_per_pass > 1:
-            raise UserError("`hessian` evaluates one point at a time: drop `points_per_pass`")
+            raise UserError("`hessian_iters` evaluates one point at a time: drop `points_per_pass`")
         self.hessian_iters = hessian_iters  # Lanczos steps for λ_max, λ_min per point (0: none)
-        self.saved_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    def on_batches(self, batches: dict[str, list[tuple[torch.Tensor, torch.Tensor]]]) -> Evaluator:
+        """The same evaluator (same model, θ*, directions) over other batches: for calibration,
+        which times a few batches without touching this evaluator's own."""
+        twin = copy.copy(self)
+        twin._use_batches(batches)
+        return twin
 
     def _use_batches(self, batches: dict[str, list[tuple[torch.Tensor, torch.Tensor]]]) -> None:
         """Evaluate on these batches; each split's labels are joined once, for reductions over many batches."""
@@ -139,14 +177,10 @@ class Evaluator:
         if self.d2 is not None and b != 0.0:
             torch._foreach_add_(self.params, self.d2, alpha=b)
 
-    @torch.no_grad()
-    def restore(self) -> None:
-        self.model.load_state_dict(self.saved_state)
-
     @property
     def quantities(self) -> list[str]:
         """Names of the values each point yields, e.g. ``train_loss``, ``test_acc_stderr``."""
-        return quantity_names(self.batches, hessian=self.hessian_iters > 0)
+        return quantity_names(self.batches, self.hessian_iters > 0, self.metrics)
 
     def evaluate(self, a: float, b: float = 0.0) -> dict[str, float]:
         """``{quantity: value}`` at (a, b), e.g. ``{"train_loss": 0.08, "train_acc": 97.9, ...}``."""
@@ -161,7 +195,7 @@ class Evaluator:
             pending = self._stacked(chunk) if len(chunk) > 1 else self._single(*chunk[0])
             sums = pending.tolist()  # one host synchronisation per pass: [split][point][Σl, Σl², hits]
             for p in range(len(chunk)):
-                row = [v for s, n in zip(sums, self._sizes) for v in statistics(*s[p], n)]
+                row = [v for s, n in zip(sums, self._sizes) for v in self._statistics(s[p], n)]
                 if self.hessian_iters:  # one point per chunk: the weights are still set at it
                     row += self._curvature()
                 out.append(dict(zip(names, row)))
@@ -221,15 +255,20 @@ class Evaluator:
         return sums
 
     def _reduce(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """[Σ loss, Σ loss², correct] of (K, B, ...) outputs against B targets: (K, 3), float64."""
+        """Every metric's sums over (K, B, ...) outputs against B targets: (K, Σ widths), float64."""
         k = len(out)
         yk = y if k == 1 else y.repeat(k, *([1] * (y.dim() - 1)))
         loss = self.loss_fn(out.flatten(0, 1), yk).view(k, -1).double()
-        if y.is_floating_point():  # regression: no accuracy
-            hits = torch.full_like(loss[:, 0], float("nan"))
-        else:  # max's indices: the argmax, at half argmax's cost on a CPU
-            hits = (out.max(-1).indices == y).sum(-1, dtype=torch.float64)
-        return torch.stack([loss.sum(-1), loss.square().sum(-1), hits], -1)
+        return torch.cat([m.sums(out, y, loss) for m in self.metrics], -1)
+
+    def _statistics(self, sums: list[float], n: int) -> list[float]:
+        """Each metric's statistics of ``n`` samples from its slice of the sums (plain floats: on a
+        few numbers per point, numpy's per-call cost was 3 % of a small MLP's pass)."""
+        row, k = [], 0
+        for m in self.metrics:
+            row += m.finish(sums[k : k + m.width], n)
+            k += m.width
+        return row
 
     def calibrate(self, candidates: tuple[int, ...] | None = None, n_batches: int = 2, repeats: int = 3,
                   points: int | None = None, log=None) -> int:
@@ -242,15 +281,16 @@ class Evaluator:
         stacked path must win by 10 % to be chosen, so timing noise does not pick a slower path.
         With ``points`` (how many the run will evaluate) calibration is budgeted at 3 % of the run:
         a candidate is timed only if its cost, estimated from the best time so far, still fits, so a
-        short run is not calibrated at all and stays on the per-point path. ``--bn recalibrate`` and
-        ``--hessian`` evaluate one point at a time: nothing to choose.
+        short run is not calibrated at all and stays on the per-point path. BatchNorm recalibration
+        and curvature maps evaluate one point at a time: nothing to choose. The timings run on
+        evaluators over a few batches (:meth:`on_batches`); this one's batches are never touched.
         """
         if candidates is None:
             candidates = (1, 2, 4, 8, 16) + ((32, 64) if self.origin[0].is_cuda else ())
         if candidates[0] != 1:
             raise ValueError(f"calibration candidates must start with 1, the per-point baseline: {candidates}")
+        self.points_per_pass = 1
         if self.bn == "recalibrate" or self.hessian_iters:
-            self.points_per_pass = 1
             return 1
         first = next(iter(self.batches.values()))
         all_batches = sum(len(b) for b in self.batches.values())
@@ -258,22 +298,16 @@ class Evaluator:
         # The least calibration that decides anything: the first two candidates, warm-up and repeats,
         # four calls for the estimates below. Each call costs at least its share of a point's batches.
         least = ((1 + repeats) * sum(candidates[:2]) + 4) * n_batches / all_batches
-        saved, timings = self.batches, {}
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # vmap's "slow fallback" notes: the timing says what matters
-                if points is None or least <= 0.03 * points:
-                    start, budget, unit = time.perf_counter(), None, 0.0
-                    if points is not None:
-                        unit, whole = self._seconds_per_point(first, n_batches, all_batches)
-                        budget = 0.03 * points * whole
-                    self._use_batches({"calibration": first[:n_batches]})
-                    timings = self._time_candidates(candidates, repeats, budget, start, unit)
-        except BaseException:
-            self.points_per_pass = 1
-            raise
-        finally:
-            self._use_batches(saved)
+        timings: dict[int, float] = {}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # vmap's "slow fallback" notes: the timing says what matters
+            if points is None or least <= 0.03 * points:
+                start, budget, unit = time.perf_counter(), None, 0.0
+                if points is not None:
+                    unit, whole = self._seconds_per_point(first, n_batches, all_batches)
+                    budget = 0.03 * points * whole
+                probe = self.on_batches({"calibration": first[:n_batches]})
+                timings = probe._time_candidates(candidates, repeats, budget, start, unit)
         best = min(timings, key=timings.get, default=1)
         self.points_per_pass = best if timings and timings[best] < 0.9 * timings[1] else 1
         if log and timings:
@@ -287,14 +321,12 @@ class Evaluator:
         """(seconds of a K=1 call on ``n_batches`` batches, estimated seconds of a whole point), from
         calls on one and on ``n_batches`` batches: scaling the second alone would overcount per-call
         costs (reductions, host sync)."""
-        self.points_per_pass = 1
-        self._use_batches({"calibration": first[:1]})
-        self.evaluate_many([(0.0, 0.0)])  # warm-up
-        one = _seconds(self.evaluate_many, [(0.0, 0.0)])
+        one_batch = self.on_batches({"calibration": first[:1]})
+        one_batch.evaluate_many([(0.0, 0.0)])  # warm-up
+        one = _seconds(one_batch.evaluate_many, [(0.0, 0.0)])
         if n_batches == 1:
             return one, one * all_batches
-        self._use_batches({"calibration": first[:n_batches]})
-        some = _seconds(self.evaluate_many, [(0.0, 0.0)])
+        some = _seconds(self.on_batches({"calibration": first[:n_batches]}).evaluate_many, [(0.0, 0.0)])
         per_batch = max(some - one, 0.0) / (n_batches - 1)
         return some, max(some, one + (all_batches - 1) * per_batch)
 
@@ -350,14 +382,3 @@ def _autocast(forward):
         with torch.autocast(x.device.type, dtype=torch.bfloat16):
             return forward(x).float()
     return run
-
-
-def statistics(total: float, squares: float, hits: float, n: int) -> tuple[float, float, float, float]:
-    """[mean loss, its standard error, accuracy %, its standard error] of ``n`` samples from their sums.
-
-    Plain floats: on four numbers per point, numpy's per-call cost was 3 % of a small MLP's pass.
-    """
-    mean = total / n
-    var = max(squares - n * mean * mean, 0.0) / (n - 1) if n > 1 else 0.0
-    p = hits / n  # NaN for regression, and NaN stays NaN below
-    return mean, math.sqrt(var / n), 100 * p, 100 * math.sqrt(p * (1 - p) / n)

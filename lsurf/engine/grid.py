@@ -54,7 +54,11 @@ class Tile:
 
 @dataclass(frozen=True)
 class Grid:
-    """Coordinates of a 1-D (``y is None``) or 2-D surface; values are stored as ``[j, i]`` at ``(x[i], y[j])``."""
+    """Coordinates of a 1-D (``y is None``) or 2-D surface; values are stored as ``[j, i]`` at ``(x[i], y[j])``.
+
+    Inside lsurf every grid is a plane: a curve is one row, ``plane_shape`` (1, nx), with β = 0.
+    Only the file and the plots see its own ``shape`` (nx,) (:meth:`as_plane` converts).
+    """
 
     x: np.ndarray
     y: np.ndarray | None = None
@@ -74,6 +78,15 @@ class Grid:
         return (len(self.x),) if self.y is None else (len(self.y), len(self.x))
 
     @property
+    def plane_shape(self) -> tuple[int, int]:
+        """(rows, columns): (ny, nx), or (1, nx) for a curve."""
+        return (1 if self.y is None else len(self.y), len(self.x))
+
+    def as_plane(self, values: np.ndarray) -> np.ndarray:
+        """Values of ``shape`` viewed as ``plane_shape``."""
+        return values.reshape(self.plane_shape)
+
+    @property
     def num_points(self) -> int:
         return int(np.prod(self.shape))
 
@@ -90,11 +103,11 @@ class Grid:
         """(alpha, beta) of point ``[j, i]``; beta is 0 on a 1-D grid."""
         return float(self.x[i]), (0.0 if self.y is None else float(self.y[j]))
 
-    def tiles(self, shape: tuple[int, int] | None = None, ranks: int = 1) -> list[Tile]:
-        """Cut the grid into rectangles; by default about 4 per rank so dynamic scheduling can balance."""
-        ny = 1 if self.y is None else len(self.y)
-        nx = len(self.x)
-        th, tw = shape if shape is not None else self._default_tile(ny, nx, ranks)
+    def tiles(self, shape: tuple[int, int] | None = None, ranks: int = 1, min_points: int = 1) -> list[Tile]:
+        """Cut the plane into rectangles; by default about 4 per rank so dynamic scheduling can
+        balance, but at least ``min_points`` each (the points one stacked pass evaluates)."""
+        ny, nx = self.plane_shape
+        th, tw = shape if shape is not None else self._default_tile(ny, nx, ranks, min_points)
         th, tw = max(1, min(th, ny)), max(1, min(tw, nx))
         tiles = []
         for j0 in range(0, ny, th):
@@ -103,10 +116,10 @@ class Grid:
         return tiles
 
     @staticmethod
-    def _default_tile(ny: int, nx: int, ranks: int) -> tuple[int, int]:
-        target = max(1, (ny * nx) // (4 * max(1, ranks)))  # points per tile
+    def _default_tile(ny: int, nx: int, ranks: int, min_points: int = 1) -> tuple[int, int]:
+        target = max(1, min_points, (ny * nx) // (4 * max(1, ranks)))  # points per tile
         tw = max(1, min(nx, target))
-        th = max(1, min(ny, target // tw))
+        th = max(1, min(ny, -(-target // tw)))
         return th, tw
 
 

@@ -9,8 +9,11 @@ Hutchinson's estimate. The model is used at its current weights and in its curre
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 
+import h5py
 import numpy as np
 import torch
 from torch import nn
@@ -135,50 +138,33 @@ def _tridiagonal(alpha: list[float], beta: list[float]) -> np.ndarray:
     return np.diag(alpha) + np.diag(beta[: k - 1], 1) + np.diag(beta[: k - 1], -1)
 
 
-def add_arguments(p) -> None:
-    p.add_argument("--model", default="cnn")
-    p.add_argument("--checkpoint")
-    p.add_argument("--data", default="digits")
-    p.add_argument("--subset", type=int)
-    p.add_argument("--split", default="train", choices=["train", "test"])
-    p.add_argument("--loss", default="cross_entropy")
-    p.add_argument("--dtype", default="float32", choices=["float32", "float64"])
-    p.add_argument("--batch-size", type=int, default=512)
-    p.add_argument("--top-k", type=int, default=5)
-    p.add_argument("--trace-samples", type=int, default=50, help="Hutchinson samples (0: skip)")
-    p.add_argument("--density", action="store_true", help="also the eigenvalue density (SLQ)")
-    p.add_argument("--iters", type=int, default=100, help="Lanczos steps")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", help="HDF5 file for the results")
+def spectrum(h: Hessian, top_k: int = 5, iters: int = 100, trace_samples: int = 50, density: bool = False,
+             seed: int = 0) -> dict[str, np.ndarray]:
+    """What ``lsurf hessian`` reports: the ``top_k`` eigenvalues, Hutchinson's trace (when
+    ``trace_samples`` > 0) and the SLQ density (``density_grid``, ``density``) when asked for."""
+    if top_k < 1 or iters < 1 or trace_samples < 0:
+        raise UserError(f"`top_k` {top_k}, `iters` {iters}, `trace_samples` {trace_samples}: "
+                        "need top_k >= 1, iters >= 1, trace_samples >= 0")
+    values, _ = h.top_eigenvalues(top_k, iters, seed=seed)
+    results: dict[str, np.ndarray] = {"eigenvalues": values}
+    if trace_samples:
+        results["trace"] = np.array(h.trace(trace_samples, seed))
+    if density:
+        results["density_grid"], results["density"] = h.density(steps=min(iters, 80), seed=seed)
+    return results
 
 
-def run(args) -> int:
-    import h5py
-
-    from lsurf.engine.data import load_data, resident_batches
-    from lsurf.engine.evaluate import resolve_loss
-    from lsurf.engine.models import load_model
-
-    dtype = torch.float64 if args.dtype == "float64" else torch.float32
-    split = load_data(args.data, (args.split,), args.subset)[args.split]
-    model = load_model(args.model, tuple(split.x.shape[1:]), split.num_outputs, args.checkpoint, dtype).eval()
-    batches = resident_batches(split, args.batch_size, torch.device("cpu"), dtype)
-    h = Hessian(model, batches, resolve_loss(args.loss))
-    values, _ = h.top_eigenvalues(args.top_k, args.iters, seed=args.seed)
-    results = {"eigenvalues": values}
-    print("top eigenvalues: " + ", ".join(f"{v:.6g}" for v in values))
-    if args.trace_samples:
-        results["trace"] = np.array(h.trace(args.trace_samples, args.seed))
-        print(f"trace (Hutchinson, {args.trace_samples} samples): {float(results['trace']):.6g}")
-    if args.density:
-        results["density_grid"], results["density"] = h.density(steps=min(args.iters, 80), seed=args.seed)
-        print(f"density: {len(results['density'])} bins over [{results['density_grid'][0]:.4g}, "
-              f"{results['density_grid'][-1]:.4g}]")
-    if args.out:
-        with h5py.File(args.out, "w") as f:
+def save_spectrum(results: dict[str, np.ndarray], path: str, config: dict) -> None:
+    """The results as HDF5 datasets, with the configuration that made them."""
+    tmp = f"{path}.tmp"
+    try:
+        with h5py.File(tmp, "w") as f:
             for k, v in results.items():
                 f[k] = v
-            f.attrs["config"] = json.dumps({k: v for k, v in vars(args).items() if k != "func"}, default=str)
+            f.attrs["config"] = json.dumps(config, default=str)
             f.attrs["lsurf_version"] = __version__
-        print(f"wrote {args.out}")
-    return 0
+        os.replace(tmp, path)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise UserError(f"cannot write {path!r}: {e.strerror or e}") from None

@@ -226,17 +226,22 @@ DEFAULT_SHAPES = {"cnn": ((1, 8, 8), 10), "vgg9": ((3, 32, 32), 10), "resnet": (
 
 
 def load_model(name: str, in_shape: tuple[int, ...] | None, num_outputs: int | None,
-               checkpoint: str | Path | None = None, dtype: torch.dtype = torch.float32) -> nn.Module:
+               checkpoint: str | Path | None = None, dtype: torch.dtype = torch.float32,
+               seed: int | None = None) -> nn.Module:
     """A model by zoo name or plug-in, in ``dtype``, with the checkpoint's weights if one is given.
 
     The dtype is set before loading so a float64 checkpoint keeps its precision in a float64 run.
+    ``seed`` draws the initial weights from that seed without touching torch's global generator.
     """
     if in_shape is None:
         family = "resnet" if name.startswith("resnet") else name
         if family not in DEFAULT_SHAPES:
             raise UserError(f"model {name!r} needs `data` to know its input shape")
         in_shape, num_outputs = DEFAULT_SHAPES[family]
-    model = build_model(name, in_shape, num_outputs).to(dtype)
+    with torch.random.fork_rng(devices=[], enabled=seed is not None):
+        if seed is not None:
+            torch.manual_seed(seed)
+        model = build_model(name, in_shape, num_outputs).to(dtype)
     if checkpoint is not None:
         load_checkpoint(model, checkpoint)
     return model

@@ -156,9 +156,8 @@ def _quantities(f: h5py.File) -> list[str]:
 
 
 def tile_slice(grid: Grid, tile: Tile) -> tuple[slice, ...]:
-    if grid.ndim == 1:
-        return (slice(tile.i0, tile.i1),)
-    return (slice(tile.j0, tile.j1), slice(tile.i0, tile.i1))
+    """Where a tile of the plane lies in the file's datasets (a curve's are one-dimensional)."""
+    return (slice(tile.j0, tile.j1), slice(tile.i0, tile.i1))[2 - len(grid.shape):]
 
 
 class TileWriter:
@@ -181,8 +180,9 @@ class TileWriter:
     def write(self, tile: Tile, values: dict[str, np.ndarray]) -> None:
         t0 = time.perf_counter()
         sl = tile_slice(self.grid, tile)
+        shape = tuple(s.stop - s.start for s in sl)  # the plane's (rows, columns), or a curve's columns
         for name, arr in values.items():
-            self.datasets[name][sl] = arr
+            self.datasets[name][sl] = arr.reshape(shape)
         self.f["done"][sl] = 1
         if not self.parallel:
             self.f.flush()  # the serial driver buffers small writes; H5Fflush is collective under mpio
@@ -192,8 +192,8 @@ class TileWriter:
         self.f.close()
 
 
-def finalize(path: str | Path, attrs: dict) -> None:
-    """Add run statistics to the attributes once every rank has closed the file."""
+def set_attrs(path: str | Path, attrs: dict) -> None:
+    """Add attributes (the run plan, run statistics) while no rank holds the file open for writing."""
     with h5py.File(path, "r+") as f:
         for k, v in attrs.items():
             f.attrs[k] = v
@@ -218,6 +218,42 @@ class Surface:
     @property
     def config(self) -> dict:
         return json.loads(self.attrs.get("config", "{}"))
+
+    def describe(self) -> list[str]:
+        """Human-readable provenance and coverage, one line per item (what ``lsurf info`` prints)."""
+        shape = f"{len(self.x)}" if self.y is None else f"{len(self.x)} x {len(self.y)}"
+        ranges = f"x [{self.x.min():g}, {self.x.max():g}]"
+        if self.y is not None:
+            ranges += f", y [{self.y.min():g}, {self.y.max():g}]"
+        done = int(self.done.sum())
+        lines = [
+            f"{'file:':<20}{self.path}" + ("  (written by Li et al.'s loss-landscape)" if self.reference else ""),
+            f"{'grid:':<20}{shape} points, {ranges}",
+            f"{'coverage:':<20}{done}/{self.done.size} points done ({100 * done / self.done.size:.1f} %)",
+        ]
+        for name, v in sorted(self.values.items()):
+            if name.endswith("_stderr"):
+                continue
+            ok = v[self.done]
+            bad = int((~np.isfinite(ok)).sum())
+            fin = ok[np.isfinite(ok)]
+            rng = f"min {fin.min():.6g}, max {fin.max():.6g}" if fin.size else "no finite values"
+            flag = f"  ({bad} points non-finite: overflow)" if bad else ""
+            lines.append(f"{name + ':':<20}{rng}{flag}")
+        for key in ("model", "data", "checkpoint", "checkpoint_sha256", "dir_file", "dir_file_sha256", "mpi_ranks",
+                    "created", "finished", "eval_seconds_total", "eval_seconds_per_point"):
+            if key in self.attrs and self.attrs[key] != "":
+                lines.append(f"{key + ':':<20}{self.attrs[key]}")
+        for key in ("directions", "plan", "versions"):
+            if key in self.attrs:
+                lines.append(f"{key + ':':<20}{self.attrs[key]}")
+        if "rank_points" in self.attrs:
+            pts, secs = self.attrs["rank_points"], self.attrs["rank_seconds"]
+            per_rank = (f"{r}: {p} pts {t:.1f} s" for r, (p, t) in enumerate(zip(pts, secs)))
+            lines.append(f"{'ranks:':<20}" + ", ".join(per_rank))
+        if "config" in self.attrs:
+            lines.append(f"{'config:':<20}{json.dumps(json.loads(self.attrs['config']), sort_keys=True)}")
+        return lines
 
 
 def read_surface(path: str | Path) -> Surface:

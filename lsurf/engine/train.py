@@ -20,12 +20,15 @@ def _accuracy(model: nn.Module, split: Split | None) -> float:
         return 0.0
     model.eval()
     with torch.inference_mode():
-        pred = torch.cat([model(split.x[i : i + 1024]).argmax(1) for i in range(0, len(split), 1024)])
+        device, dtype = next(model.parameters()).device, next(model.parameters()).dtype
+        pred = torch.cat([model(split.x[i : i + 1024].to(device, dtype)).argmax(1).cpu()
+                          for i in range(0, len(split), 1024)])
     return 100.0 * (pred == split.y).double().mean().item()
 
 
 def save_checkpoint(model: nn.Module, path: Path, epoch: int, acc: float) -> None:
-    torch.save({"state_dict": model.state_dict(), "epoch": epoch, "acc": acc}, path)
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    torch.save({"state_dict": state, "epoch": epoch, "acc": acc}, path)
 
 
 def train(
@@ -40,12 +43,16 @@ def train(
     batch_size: int = 64,
     seed: int = 0,
     loss: str = "cross_entropy",
+    device: torch.device | str = "cpu",
     log=print,
 ) -> list[Path]:
-    """Train on ``data['train']`` with SGD; the shuffling order is a function of ``seed``."""
+    """Train on ``data['train']`` with SGD on ``device``; the shuffling order is a function of ``seed``.
+    The model is trained in place (that is the point) and left on ``device``; checkpoints hold CPU tensors."""
     out = Path(out_dir)
+    model.to(device)
     out.mkdir(parents=True, exist_ok=True)
     loss_fn = resolve_loss(loss)
+    dtype = next(model.parameters()).dtype
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, epochs))
     gen = torch.Generator().manual_seed(seed)
@@ -59,7 +66,8 @@ def train(
         for i in range(0, len(perm), batch_size):
             idx = perm[i : i + batch_size]
             opt.zero_grad(set_to_none=True)
-            batch_loss = loss_fn(model(train_split.x[idx]), train_split.y[idx]).mean()
+            x, y = train_split.x[idx].to(device), train_split.y[idx].to(device)
+            batch_loss = loss_fn(model(x.to(dtype) if x.is_floating_point() else x), y).mean()
             batch_loss.backward()
             opt.step()
             total += batch_loss.item() * len(idx)

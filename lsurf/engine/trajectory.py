@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from lsurf._version import __version__
-from lsurf.engine.directions import DIR_TYPES, IGNORES, Directions, save_directions, target_tensors
+from lsurf.engine.directions import Directions, save_directions, target_tensors
 from lsurf.engine.models import file_sha256, load_checkpoint, load_model
 from lsurf.errors import UserError
 
@@ -100,7 +100,7 @@ def checkpoint_paths(items: list[str], pattern: str) -> list[Path]:
     return [Path(p) for p in items]
 
 
-def _covering_grid(proj: Projection, points: int = 31) -> str:
+def covering_grid(proj: Projection, points: int = 31) -> str:
     """Grid options that frame the whole path with a 10 % margin."""
     def axis(v: np.ndarray) -> str:
         lo, hi = min(v.min(), 0.0), max(v.max(), 0.0)
@@ -110,40 +110,26 @@ def _covering_grid(proj: Projection, points: int = 31) -> str:
     return f"--x={axis(proj.x)} --y={axis(proj.y)}"
 
 
-def add_arguments(p) -> None:
-    p.add_argument("checkpoints", nargs="+", help="checkpoint files in training order, or one folder")
-    p.add_argument("--pattern", default="model_*.t7", help="with a folder: which files (natural order)")
-    p.add_argument("--model", default="cnn")
-    p.add_argument("--data", help="only to size zoo models that need it (mlp, linear)")
-    p.add_argument("--checkpoint", help="the centre θ_final (default: the last checkpoint)")
-    p.add_argument("--dir-type", default="weights", choices=DIR_TYPES)
-    p.add_argument("--ignore", default="biasbn", choices=IGNORES)
-    p.add_argument("--dir-out", default="pca_directions.h5", help="direction file for lsurf surface --dir-file")
-    p.add_argument("--proj-out", default="pca_projection.h5", help="projection file for lsurf plot --trajectory")
-
-
-def run(args) -> int:
-    from lsurf.engine.data import load_data
-
-    paths = checkpoint_paths(args.checkpoints, args.pattern)
-    centre_path = Path(args.checkpoint) if args.checkpoint else paths[-1]
-    shape, outputs = None, None
-    if args.data:
-        split = load_data(args.data, ("train",))["train"]
-        shape, outputs = tuple(split.x.shape[1:]), split.num_outputs
-    model = load_model(args.model, shape, outputs, centre_path)
+def trajectory_directions(model_name: str, paths: list[Path], centre: Path | None = None,
+                          data_shape: tuple[tuple[int, ...], int] | None = None, dir_type: str = "weights",
+                          ignore: str = "biasbn") -> tuple[Directions, Projection, Path]:
+    """PCA directions of the checkpoints at ``paths`` (training order) around ``centre`` (default:
+    the last), and the path projected onto them. ``data_shape`` (input shape, outputs) sizes zoo
+    models that need it. Returns the directions, the projection and the centre's path."""
+    centre_path = centre or paths[-1]
+    shape, outputs = data_shape or (None, None)
+    model = load_model(model_name, shape, outputs, centre_path)
     states = []
     for path in paths:
-        probe = load_model(args.model, shape, outputs)
+        probe = load_model(model_name, shape, outputs)
         load_checkpoint(probe, path)  # a checkpoint of another architecture fails here, by name
         states.append(probe.state_dict())
-    dirs, proj = pca_directions(model, states, [str(p) for p in paths], args.dir_type, args.ignore)
-    save_directions(dirs, args.dir_out, {"checkpoint": str(centre_path), "checkpoint_sha256": file_sha256(centre_path)})
-    proj.save(args.proj_out)
-    ev = proj.explained_variance
-    print(f"{len(paths)} checkpoints; explained variance PC1 {100 * ev[0]:.1f} %, PC2 {100 * ev[1]:.1f} %; "
-          f"largest distance off the plane {proj.distance.max():.4g}")
-    print(f"wrote {args.dir_out} (directions, centre {centre_path}) and {args.proj_out} (projection)")
-    print(f"next: lsurf surface --model {args.model} --checkpoint {centre_path} --dir-file {args.dir_out} "
-          f"{_covering_grid(proj)} ...; lsurf plot SURFACE --trajectory {args.proj_out}")
-    return 0
+    dirs, proj = pca_directions(model, states, [str(p) for p in paths], dir_type, ignore)
+    return dirs, proj, centre_path
+
+
+def save_trajectory(dirs: Directions, proj: Projection, centre: Path, dir_out: str | Path,
+                    proj_out: str | Path) -> None:
+    """The direction file (for ``lsurf surface --dir-file``) and the projection (for ``plot --trajectory``)."""
+    save_directions(dirs, dir_out, {"checkpoint": str(centre), "checkpoint_sha256": file_sha256(centre)})
+    proj.save(proj_out)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lsurf.engine.surface_file import Surface, read_surface
+from lsurf.engine.surface_file import Surface
 from lsurf.errors import UserError
 
 KINDS = ("contour", "filled", "heatmap", "surface3d")
@@ -86,11 +86,8 @@ def read_projection(path: str | Path) -> dict:
 def plot_surface(surface: Surface, name: str = "train_loss", kind: str = "filled", *, vmin=None, vmax=None,
                  levels: int = 20, log: bool = False, size=(6.0, 5.0), projection: dict | None = None):
     """One figure of a 2-D surface: ``kind`` in contour, filled, heatmap, surface3d."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     from matplotlib.colors import LogNorm, Normalize
+    from matplotlib.figure import Figure
 
     if surface.ndim != 2:
         raise UserError(f"{surface.path!r} is 1-D: use plot_curve")
@@ -103,7 +100,7 @@ def plot_surface(surface: Surface, name: str = "train_loss", kind: str = "filled
     norm = LogNorm(lo, hi) if geometric else Normalize(lo, hi)
     X, Y = np.meshgrid(surface.x, surface.y)  # Z[j, i] sits at (x[i], y[j])
     masked = np.ma.masked_invalid(np.clip(z, lo, hi) if kind != "contour" else z)
-    fig = plt.figure(figsize=size, layout="constrained")
+    fig = Figure(figsize=size, layout="constrained")
     xlabel, ylabel = _axis_labels(projection)
     if kind == "surface3d":
         ax = fig.add_subplot(projection="3d")
@@ -156,14 +153,12 @@ def _overlay(ax, surface: Surface, projection: dict | None) -> None:
 
 def plot_curve(surface: Surface, *, log: bool = False, size=(6.0, 4.0), vmax=None):
     """Loss (left axis) and accuracy (right axis) against α, every split of a 1-D file."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
 
     if surface.ndim != 1:
         raise UserError(f"{surface.path!r} is 2-D: use plot_surface")
-    fig, ax = plt.subplots(figsize=size, layout="constrained")
+    fig = Figure(figsize=size, layout="constrained")
+    ax = fig.subplots()
     twin = ax.twinx()
     styles = {"train": "-", "test": "--"}
     splits = sorted({n.split("_")[0] for n in surface.values if n.endswith(("_loss", "_acc"))})
@@ -192,48 +187,18 @@ def plot_curve(surface: Surface, *, log: bool = False, size=(6.0, 4.0), vmax=Non
     return fig
 
 
-def add_arguments(p) -> None:
-    p.add_argument("file", help="a surface file (lsurf's or Li et al.'s)")
-    p.add_argument("--quantity", default="train_loss", help="train_loss, test_acc, ..., hessian_ratio")
-    p.add_argument("--kind", default=",".join(KINDS), help="comma-separated: " + ", ".join(KINDS))
-    p.add_argument("--vmin", type=float)
-    p.add_argument("--vmax", type=float, help="upper colour limit (default: robust, see lsurf.plot)")
-    p.add_argument("--levels", type=int, default=20, help="contour levels")
-    p.add_argument("--log", action="store_true", help="logarithmic colour scale / height")
-    p.add_argument("--format", default="png", choices=["png", "pdf", "svg"])
-    p.add_argument("--dpi", type=int, default=150)
-    p.add_argument("--size", default="6x5", help="figure size in inches, WxH")
-    p.add_argument("--out-dir", help="where to write (default: next to FILE)")
-    p.add_argument("--trajectory", help="projection file of lsurf trajectory: draw the path")
-
-
-def run(args) -> int:
-    import matplotlib.pyplot as plt
-
-    surface = read_surface(args.file)
-    size = _size(args.size)
-    out_dir = Path(args.out_dir) if args.out_dir else Path(args.file).resolve().parent
-    out_dir.mkdir(parents=True, exist_ok=True)
-    stem = Path(args.file).stem
-    done = int(surface.done.sum())
-    print(f"coverage: {done}/{surface.done.size} points")
+def figures(surface: Surface, quantity_name: str = "train_loss", kinds: tuple[str, ...] = KINDS, *,
+            stem: str = "surface", projection: dict | None = None, **style) -> dict:
+    """``{file stem: Figure}`` of what ``lsurf plot`` draws: the loss/accuracy curve of a 1-D file,
+    one figure per kind of a 2-D file. ``style``: vmin, vmax, levels, log, size."""
     if surface.ndim == 1:
-        figures = {f"{stem}_curve": plot_curve(surface, log=args.log, size=size, vmax=args.vmax)}
-    else:
-        proj = read_projection(args.trajectory) if args.trajectory else None
-        kinds = [k.strip() for k in args.kind.split(",") if k.strip()]
-        figures = {f"{stem}_{args.quantity}_{k}": plot_surface(
-            surface, args.quantity, k, vmin=args.vmin, vmax=args.vmax, levels=args.levels, log=args.log,
-            size=size, projection=proj) for k in kinds}
-    for name, fig in figures.items():
-        path = out_dir / f"{name}.{args.format}"
-        fig.savefig(path, dpi=args.dpi)
-        plt.close(fig)
-        print(f"wrote {path}")
-    return 0
+        keep = {k: v for k, v in style.items() if k in ("log", "size", "vmax")}
+        return {f"{stem}_curve": plot_curve(surface, **keep)}
+    return {f"{stem}_{quantity_name}_{k}": plot_surface(surface, quantity_name, k, projection=projection, **style)
+            for k in kinds}
 
 
-def _size(spec: str) -> tuple[float, float]:
+def parse_size(spec: str) -> tuple[float, float]:
     try:
         w, h = (float(v) for v in spec.lower().split("x"))
     except ValueError:

@@ -1,8 +1,8 @@
 """``lsurf vtk``: a surface as a VTK XML structured grid (``.vts``) for ParaView.
 
-The chosen quantity is the height z (``--log``: log10 of it; ``--zmax`` clips), and every quantity
+The chosen quantity is the height z (``log``: log10 of it; ``zmax`` clips), and every quantity
 plus ``done`` is point data, NaN kept, so ParaView can colour by accuracy on a loss-shaped surface.
-A 1-D file becomes a single row of points (nx × 1 × 1). ``--interp K`` refines each axis K-fold by
+A 1-D file becomes a single row of points (nx × 1 × 1). ``interp`` K refines each axis K-fold by
 linear interpolation (K·(n−1)+1 points), smoothing the look of a coarse grid without new samples.
 Written by hand (XML with base64 arrays): no VTK library is needed to make the file, only to read it.
 """
@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lsurf.engine.surface_file import Surface, read_surface
+from lsurf.engine.surface_file import Surface
 from lsurf.errors import UserError
 
 
@@ -27,9 +27,10 @@ def refine(x: np.ndarray, values: np.ndarray, k: int, axis: int) -> tuple[np.nda
     return fine, np.moveaxis(out, -1, axis)
 
 
-def write_vtk(surface: Surface, path: str | Path, quantity: str = "train_loss", *, log: bool = False,
+def write_vtk(surface: Surface, path: str | Path | None = None, quantity: str = "train_loss", *, log: bool = False,
               zmax: float | None = None, interp: int = 1) -> Path:
-    """Write the ``.vts`` file and return its path."""
+    """Write the ``.vts`` file (default: beside the surface file, ``NAME.vts``) and return its path."""
+    path = Path(surface.path).with_suffix(".vts") if path is None else Path(path)
     if quantity not in surface.values:
         raise UserError(f"{surface.path!r} has no quantity {quantity!r} (it has: {', '.join(sorted(surface.values))})")
     if interp < 1:
@@ -56,7 +57,6 @@ def write_vtk(surface: Surface, path: str | Path, quantity: str = "train_loss", 
     z = np.where(np.isfinite(z), z, np.nanmin(z[np.isfinite(z)]) if np.isfinite(z).any() else 0.0)
     X, Y = np.meshgrid(x, y)  # (ny, nx); VTK runs x fastest, exactly this C order
     points = np.column_stack([X.ravel(), Y.ravel(), z.ravel()])
-    path = Path(path)
     with open(path, "w") as f:
         f.write(_xml(len(x), len(y), points, fields))
     return path
@@ -87,20 +87,3 @@ def _xml(nx: int, ny: int, points: np.ndarray, fields: dict[str, np.ndarray]) ->
   </StructuredGrid>
 </VTKFile>
 """
-
-
-def add_arguments(p) -> None:
-    p.add_argument("file", help="a surface file (lsurf's or Li et al.'s)")
-    p.add_argument("--quantity", default="train_loss", help="the height of the surface")
-    p.add_argument("--log", action="store_true", help="height = log10(quantity)")
-    p.add_argument("--zmax", type=float, help="clip the height here")
-    p.add_argument("--interp", type=int, default=1, help="refine each axis K-fold (linear)")
-    p.add_argument("--out", help="output .vts (default: FILE with .vts)")
-
-
-def run(args) -> int:
-    surface = read_surface(args.file)
-    out = Path(args.out) if args.out else Path(args.file).with_suffix(".vts")
-    path = write_vtk(surface, out, args.quantity, log=args.log, zmax=args.zmax, interp=args.interp)
-    print(f"wrote {path} ({int(surface.done.sum())}/{surface.done.size} points computed)")
-    return 0

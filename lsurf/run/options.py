@@ -81,6 +81,8 @@ class Options:
     progress: bool = True
 
     def __post_init__(self) -> None:
+        if not isinstance(self.dtype, str):  # torch.float64 from Python callers
+            object.__setattr__(self, "dtype", str(self.dtype).replace("torch.", ""))
         if isinstance(self.split, str):  # "train,test" from a job file or a flag
             object.__setattr__(self, "split", tuple(s.strip() for s in self.split.split(",") if s.strip()))
         for f in fields(self):
@@ -93,6 +95,16 @@ class Options:
             raise UserError(f"`hessian_iters` {self.hessian_iters}: must be at least 0")
         if not self.split:
             raise UserError("`split` is empty: expected train and/or test")
+        self._check_combinations()
+
+    def _check_combinations(self) -> None:
+        one_point = "`bn` recalibrate" if self.bn == "recalibrate" else "`hessian_iters`" if self.hessian_iters else ""
+        if one_point and (self.points_per_pass or 1) > 1:
+            raise UserError(f"`points_per_pass` > 1 cannot be combined with {one_point}: it evaluates one point "
+                            "at a time")
+        if self.amp == "bf16" and self.dtype == "float64":
+            raise UserError("`amp` bf16 with `dtype` float64 would compute in bfloat16 and call it float64: "
+                            "choose one")
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any], base: Options | None = None) -> Options:

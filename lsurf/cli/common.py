@@ -1,0 +1,150 @@
+"""What every command shares: the one-line-error parser, the option groups, and the merge of flags
+over a ``--config`` job file into :class:`~lsurf.run.options.Options`.
+
+Options that map onto ``Options`` have no argparse default (``SUPPRESS``): the parsed namespace
+holds exactly the flags the user typed, those win over the job file, and the dataclass holds the
+one set of defaults. argparse runs with ``allow_abbrev=False``, so ``--batch 64`` is refused rather
+than silently taken for ``--batch-size``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import re
+from typing import Any
+
+from lsurf.engine.directions import DIR_TYPES, IGNORES, NORMS
+from lsurf.errors import UserError
+from lsurf.run.options import Amp, BatchNorm, Dtype, Layout, Options, Schedule, Writer, choices, read_job_file
+
+SUPPRESS = argparse.SUPPRESS
+_NOT_OPTIONS = ("command", "func", "config", "debug")
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse that reports a usage error in one line (``--help`` still shows the usage)."""
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f"lsurf: error: {message} (see {self.prog} --help)\n")
+
+
+def join_negative_values(argv: list[str]) -> list[str]:
+    """``--x -1:1:11`` -> ``--x=-1:1:11``: argparse would take a value starting with '-' for an option."""
+    out: list[str] = []
+    for arg in argv:
+        if out and out[-1].startswith("--") and "=" not in out[-1] and re.match(r"^-[\d.]", arg):
+            out[-1] = f"{out[-1]}={arg}"
+        else:
+            out.append(arg)
+    return out
+
+
+def _default(name: str) -> str:
+    value = next(f for f in dataclasses.fields(Options) if f.name == name).default
+    return "" if value is None else f" (default {value})"
+
+
+def add_common(p: argparse.ArgumentParser, config: bool = True) -> None:
+    if config:
+        p.add_argument("--config", help="TOML job file; flags given here override its values")
+    p.add_argument("--debug", action="store_true", help="show tracebacks for bad input")
+
+
+def add_model(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model")
+    g.add_argument("--model", default=SUPPRESS, help="zoo name (mlp, cnn, resnet20, ...) or pkg.module:factory"
+                   + _default("model"))
+    g.add_argument("--checkpoint", default=SUPPRESS, help="weights to centre on: a state dict or {'state_dict': ...}")
+
+
+def add_data(p: argparse.ArgumentParser, split_help: str = "comma-separated splits: train,test") -> None:
+    g = p.add_argument_group("data")
+    g.add_argument("--data", default=SUPPRESS,
+                   help="digits | cifar10:PATH | synthetic[:shape=3x32x32,n=1000,...] | pkg.module:factory"
+                   + _default("data"))
+    g.add_argument("--subset", type=int, default=SUPPRESS, help="use a fixed seeded subset of N samples per split")
+    g.add_argument("--split", default=SUPPRESS, help=split_help + _default("split"))
+    g.add_argument("--loss", default=SUPPRESS, help="cross_entropy | mse | pkg.module:fn (per-sample)")
+
+
+def add_device(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("device")
+    g.add_argument("--device", default=SUPPRESS, help="auto | cpu | cuda | cuda:N (default auto)")
+    g.add_argument("--dtype", default=SUPPRESS, choices=choices(Dtype), help="(default float32)")
+    g.add_argument("--threads", type=int, default=SUPPRESS,
+                   help="torch threads per rank (default: cores per rank on the node)")
+    g.add_argument("--batch-size", type=int, default=SUPPRESS,
+                   help="samples per forward (default: 128 on CPU, 1024 on GPU)")
+
+
+def add_directions(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("directions")
+    g.add_argument("--seed", type=int, default=SUPPRESS, help="seed of the random directions (default 0)")
+    g.add_argument("--norm", default=SUPPRESS, choices=NORMS, help="(default filter)")
+    g.add_argument("--ignore", default=SUPPRESS, choices=IGNORES, help="biasbn: zero biases and BN parameters")
+    g.add_argument("--dir-type", default=SUPPRESS, choices=DIR_TYPES, help="(default weights)")
+    g.add_argument("--same-dir", action="store_true", default=SUPPRESS, help="y direction = x direction")
+    g.add_argument("--dir-file", default=SUPPRESS, help="reuse the directions in this file (ours or Li et al.'s)")
+    g.add_argument("--model2", default=SUPPRESS,
+                   help="x direction = model2 - checkpoint (alpha=1 is model 2): interpolation")
+    g.add_argument("--model3", default=SUPPRESS,
+                   help="with --model2: y direction = model3 - checkpoint, the plane of 3 models")
+
+
+def add_evaluation(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("evaluation")
+    g.add_argument("--points-per-pass", type=int, default=SUPPRESS,
+                   help="grid points per vmap-ed forward (1 = per point; default: calibrated at start)")
+    g.add_argument("--amp", default=SUPPRESS, choices=choices(Amp),
+                   help="bf16: bfloat16 autocast of forwards (values change at the 1e-2 level; recorded)")
+    g.add_argument("--layout", default=SUPPRESS, choices=choices(Layout),
+                   help="memory layout of 4-D inputs (auto: the faster of the two, measured at start)")
+    g.add_argument("--bn", default=SUPPRESS, choices=choices(BatchNorm), help="(default eval)")
+    g.add_argument("--hessian", action="store_true", default=SUPPRESS,
+                   help="also λ_max, λ_min of the Hessian at every point")
+    g.add_argument("--hessian-iters", type=int, default=SUPPRESS, help="Lanczos steps per point for --hessian (30)")
+
+
+def add_run(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("distribution and output")
+    g.add_argument("--tile", default=SUPPRESS, help="ROWSxCOLS of grid points per tile (default: about 4 per rank)")
+    g.add_argument("--schedule", default=SUPPRESS, choices=choices(Schedule), help="(default dynamic)")
+    g.add_argument("--writer", default=SUPPRESS, choices=choices(Writer),
+                   help="mpio: every rank writes via parallel HDF5; root: tiles are sent to rank 0")
+    g.add_argument("--out", default=SUPPRESS, help="the surface file (resumed if it matches; default surface.h5)")
+    g.add_argument("--overwrite", action="store_true", default=SUPPRESS,
+                   help="replace an existing output made differently")
+    g.add_argument("--no-progress", dest="progress", action="store_false", default=SUPPRESS)
+
+
+def merged_values(args: argparse.Namespace, extra: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The job file's values overridden by the flags the user typed, keys as field names. Keys
+    that are neither an option nor one of this command's ``extra`` names are refused."""
+    typed = {k: v for k, v in vars(args).items() if k not in _NOT_OPTIONS}
+    table: dict[str, Any] = {}
+    if getattr(args, "config", None):
+        known = {f.name for f in dataclasses.fields(Options)} | set(extra) | {"hessian"}
+        for key, value in read_job_file(args.config).items():
+            name = key.replace("-", "_")
+            if name not in known:
+                close = difflib.get_close_matches(name, known, n=1)
+                hint = f" (did you mean {close[0].replace('_', '-')!r}?)" if close else ""
+                raise UserError(f"`config` {args.config!r}: unknown key {key!r}{hint}")
+            table[name] = value
+    return {**table, **typed}
+
+
+def options_from(values: dict[str, Any], **fixed: Any) -> Options:
+    """:class:`Options` from merged values: ``hessian`` (a flag) turns ``hessian_iters`` on."""
+    values = dict(values)
+    if "hessian" in values:
+        values["hessian_iters"] = values.pop("hessian_iters", 30) if values.pop("hessian") else 0
+    elif "hessian_iters" in values:
+        values.pop("hessian_iters")  # steps without --hessian: no curvature maps, as before
+    return Options.from_mapping({**values, **fixed})

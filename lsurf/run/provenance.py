@@ -1,0 +1,77 @@
+"""What a surface was made from — by name and by hash — built once per run: the file's provenance
+attributes and the identity an existing file must match to be resumed."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+import torch
+
+from lsurf._version import __version__
+from lsurf.engine.data import Split
+from lsurf.engine.directions import Directions, markers
+from lsurf.engine.models import file_sha256
+from lsurf.run.options import Options
+
+
+@dataclass(frozen=True)
+class Provenance:
+    """The inputs of a run by name (and the files by SHA-256); empty strings where a notebook call
+    passed objects rather than names. ``config`` is the whole option set, for the record."""
+
+    model: str = ""
+    data: str = ""
+    checkpoint: str = ""
+    checkpoint_sha256: str = ""
+    subset: int | None = None
+    dir_file: str = ""
+    dir_file_sha256: str = ""
+    config: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, options: Options) -> Provenance:
+        """Provenance of a run described by ``options``: the checkpoint and direction file hashed."""
+        return cls(model=options.model, data=options.data or "", checkpoint=options.checkpoint or "",
+                   checkpoint_sha256=file_sha256(options.checkpoint) if options.checkpoint else "",
+                   subset=options.subset, config=options.as_dict()).with_dir_file(options.dir_file)
+
+    def with_dir_file(self, path: str | Path | None) -> Provenance:
+        """The same, with the direction file the run reads (or has just written)."""
+        if not path:
+            return self
+        return replace(self, dir_file=str(path), dir_file_sha256=file_sha256(path))
+
+    def identity(self, directions: Directions, data: dict[str, Split], options: Options,
+                 fingerprints: bool = True) -> dict[str, Any]:
+        """What an existing file must have been made with to be resumed: the inputs and every
+        option that changes values. Fingerprinting the data is costly: ``fingerprints`` False
+        (ranks other than the one that checks) leaves it out."""
+        return {
+            "model": self.model, "checkpoint_sha256": self.checkpoint_sha256, "splits": list(data),
+            "subset": self.subset, "directions_sha256": directions.sha256(),
+            "data_sha256": {s: split.fingerprint() for s, split in data.items()} if fingerprints else None,
+            "loss": options.loss, "dtype": options.dtype, "bn": options.bn,
+            "dir_type": directions.meta.get("dir_type", "weights"), "amp": options.amp == "bf16",
+            "hessian_iters": options.hessian_iters,
+        }
+
+    def attrs(self, directions: Directions, ranks: int) -> dict[str, Any]:
+        """The file's provenance attributes."""
+        versions = {"lsurf": __version__, "torch": torch.__version__, "h5py": h5py.__version__,
+                    "numpy": np.__version__, "python": sys.version.split()[0]}
+        out: dict[str, Any] = {
+            "config": json.dumps(self.config, default=str), "model": self.model, "data": self.data,
+            "checkpoint": self.checkpoint, "checkpoint_sha256": self.checkpoint_sha256, "mpi_ranks": ranks,
+            "markers": json.dumps(markers(directions.meta)), "directions": json.dumps(directions.meta, default=str),
+            "versions": json.dumps(versions), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        }
+        if self.dir_file:
+            out.update(dir_file=self.dir_file, dir_file_sha256=self.dir_file_sha256)
+        return out

@@ -1,0 +1,85 @@
+"""Where a run's model, data and directions come from, decided from :class:`Options` — the same
+decisions ``lsurf surface`` makes, as library calls a notebook can make too."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+from torch import nn
+
+from lsurf.engine.data import Split, load_data
+from lsurf.engine.directions import (
+    Directions,
+    load_directions,
+    model_directions,
+    random_directions,
+    save_directions,
+    target_tensors,
+)
+from lsurf.engine.grid import Grid
+from lsurf.engine.models import file_sha256, load_checkpoint, load_model
+from lsurf.errors import UserError
+from lsurf.run.options import Options
+
+
+def load_inputs(options: Options, seed: int | None = None) -> tuple[nn.Module, dict[str, Split] | None]:
+    """The model (at its checkpoint, in the run's dtype) and the data splits the options name.
+    Without data, zoo models take the input shape they were designed for; ``seed`` makes a fresh
+    model's initial weights a function of it."""
+    data = load_data(options.data, options.split, options.subset) if options.data else None
+    first = next(iter(data.values())) if data else None
+    model = load_model(options.model, tuple(first.x.shape[1:]) if first else None,
+                       first.num_outputs if first else None, options.checkpoint, options.torch_dtype, seed=seed)
+    return model, data
+
+
+def directions_for(options: Options, model: nn.Module, two: bool | None = None) -> Directions:
+    """The directions the options ask for, around the model's current weights: towards ``model2``
+    (and ``model3``: the plane through three models), from ``dir_file``, or random (seeded,
+    normalised). ``two`` (default: whether the grid has a y axis) asks for a second direction."""
+    two = (options.y is not None) if two is None else two
+    if options.model2:
+        return _towards_models(options, model, two)
+    if options.dir_file:
+        names, targets = target_tensors(model, options.dir_type)
+        dirs = load_directions(options.dir_file, names, targets, two)
+        dirs.meta.setdefault("dir_type", options.dir_type)
+        return dirs
+    return random_directions(model, seed=options.seed, norm=options.norm, ignore=options.ignore,
+                             dir_type=options.dir_type, two=two, same_dir=options.same_dir)
+
+
+def _towards_models(options: Options, model: nn.Module, two: bool) -> Directions:
+    """Directions towards ``model2`` (and ``model3``), checked to be the same architecture."""
+    others = [options.model2] + ([options.model3] if options.model3 else [])
+    if two != bool(options.model3):
+        raise UserError("a plane through models needs both `model3` and `y`; a line needs `model2` alone")
+    if options.dir_file:
+        raise UserError("`dir_file` and `model2` both set the directions: give one")
+    states = []
+    for path in others:
+        twin = copy.deepcopy(model)
+        load_checkpoint(twin, path)
+        states.append(twin.state_dict())
+    return model_directions(model, states, options.dir_type, [str(p) for p in others])
+
+
+def save_direction_file(dirs: Directions, options: Options) -> None:
+    """Write ``dirs`` to ``options.out`` with the checkpoint they were made around."""
+    if not Path(options.out).resolve().parent.is_dir():
+        raise UserError(f"output folder {str(Path(options.out).parent)!r} does not exist")
+    prov = {"checkpoint": options.checkpoint or "", "model": options.model}
+    if options.checkpoint:
+        prov["checkpoint_sha256"] = file_sha256(options.checkpoint)
+    save_directions(dirs, options.out, prov)
+
+
+def grid_for(options: Options) -> Grid:
+    return Grid.parse(options.x, options.y)
+
+
+def directions_path(out: str | Path) -> Path:
+    """Where a run that made its own directions keeps them: beside the surface, ``NAME.directions.h5``."""
+    out = Path(out)
+    return out.with_name(out.stem + ".directions.h5")

@@ -1,0 +1,118 @@
+"""This process's place in an MPI job — built from a communicator the caller passes (None: one
+process) — and the collective habits every rank follows: agree on bad input, abort on failure.
+
+mpi4py is imported only to learn the node-local layout of a communicator that already exists, so a
+single process never needs an MPI library.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+import traceback
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from lsurf.errors import UserError
+
+
+@dataclass
+class World:
+    """This process's place in the job; ``comm`` is None for a single process."""
+
+    comm: Any = None
+    rank: int = 0
+    size: int = 1
+    local_rank: int = 0
+    local_size: int = 1
+    cpus: int = 1  # CPUs this rank may use: its affinity set, divided among local ranks sharing that set
+
+    @classmethod
+    def of(cls, comm: Any = None) -> World:
+        """The world of ``comm`` (an mpi4py communicator, or None for one process)."""
+        if comm is None:
+            return cls(cpus=len(affinity()))
+        from mpi4py import MPI
+
+        node = comm.Split_type(MPI.COMM_TYPE_SHARED, key=comm.Get_rank())
+        # Launchers either bind each rank to its own cores or give every rank the whole allocation;
+        # ranks that see the same set must share it.
+        mine = affinity()
+        sharing = sum(1 for other in node.allgather(mine) if other == mine)
+        w = cls(comm, comm.Get_rank(), comm.Get_size(), node.Get_rank(), node.Get_size(),
+                max(1, len(mine) // sharing))
+        node.Free()
+        return w
+
+    @property
+    def is_root(self) -> bool:
+        return self.rank == 0
+
+    def bcast(self, obj):
+        return obj if self.comm is None else self.comm.bcast(obj, root=0)
+
+    def gather(self, obj) -> list | None:
+        return [obj] if self.comm is None else self.comm.gather(obj, root=0)
+
+    def allgather(self, obj) -> list:
+        return [obj] if self.comm is None else self.comm.allgather(obj)
+
+    def barrier(self) -> None:
+        if self.comm is not None:
+            self.comm.Barrier()
+
+    def agree(self, fn: Callable[[], Any]) -> Any:
+        """Run ``fn`` on every rank; if it raised :class:`UserError` anywhere, raise it everywhere.
+
+        Bad input is then a clean exit 2 on all ranks instead of an abort or a hang.
+        """
+        try:
+            result, error = fn(), None
+        except UserError as e:
+            result, error = None, str(e)
+        first = next((e for e in self.allgather(error) if e is not None), None)
+        if first is not None:
+            err = UserError(first)
+            err.collective = True  # every rank raises it: exit cleanly, no abort needed
+            err.rank = self.rank  # rank 0 alone reports it
+            raise err
+        return result
+
+    def abort(self, code: int) -> None:
+        if self.comm is not None and self.size > 1:
+            self.comm.Abort(code)
+        sys.exit(code)
+
+
+def affinity() -> frozenset[int]:
+    try:
+        return frozenset(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return frozenset(range(os.cpu_count() or 1))
+
+
+@contextlib.contextmanager
+def abort_on_failure(w: World) -> Iterator[None]:
+    """Any failure on one rank ends the whole job at once, never a hang in a collective: the other
+    ranks may be waiting for this one. Bad input that every rank agreed on (``collective``) is left
+    to the caller, which exits cleanly everywhere."""
+    try:
+        yield
+    except BaseException as e:
+        if w.size == 1 or getattr(e, "collective", False) or isinstance(e, SystemExit):
+            raise
+        if isinstance(e, UserError):
+            sys.stderr.write(f"lsurf: error (rank {w.rank}): {e}\n")
+            code = 2
+        elif isinstance(e, KeyboardInterrupt):
+            sys.stderr.write("lsurf: interrupted\n")
+            code = 130
+        else:
+            text = "".join(traceback.format_exception(type(e), e, e.__traceback__))
+            sys.stderr.write(f"lsurf: rank {w.rank} failed: {type(e).__name__}: {e}\n{text}")
+            code = 1
+        sys.stderr.flush()
+        w.comm.Abort(code)
+        raise
