@@ -170,3 +170,22 @@ def test_hessian_takes_device_and_job_file(tmp_path):
         assert f["eigenvalues"].shape == (2,) and '"dtype": "float64"' in f.attrs["config"]
     p = lsurf("hessian", "--config", tmp_path / "h.toml", "--device", "tpu")
     assert p.returncode == 2 and "--device 'tpu'" in p.stderr
+
+
+def test_no_import_circle_and_nothing_imports_the_package_root():
+    """Modules import downwards only: no circle among lsurf's modules (grimp, import-linter's graph,
+    counts imports inside functions too), and none imports the public API module ``lsurf`` itself."""
+    import re
+    from pathlib import Path
+
+    import grimp
+
+    graph = grimp.build_graph("lsurf")
+    modules = sorted(m for m in graph.modules if m != "lsurf")
+    circles = [(a, b) for i, a in enumerate(modules) for b in modules[i + 1:]
+               if graph.find_shortest_chain(a, b) and graph.find_shortest_chain(b, a)]
+    assert circles == []
+    root = Path(api.__file__).parent
+    upward = [str(p) for p in root.rglob("*.py") if p != root / "__init__.py"
+              and re.search(r"^\s*(from lsurf import|import lsurf\s*$)", p.read_text(), re.M)]
+    assert upward == []

@@ -13,7 +13,7 @@ import argparse
 import dataclasses
 import difflib
 import re
-from typing import Any
+from typing import Any, NoReturn
 
 from lsurf.engine.directions import DIR_TYPES, IGNORES, NORMS
 from lsurf.errors import UserError
@@ -30,7 +30,7 @@ class Parser(argparse.ArgumentParser):
         kwargs.setdefault("allow_abbrev", False)
         super().__init__(*args, **kwargs)
 
-    def error(self, message: str):  # type: ignore[override]
+    def error(self, message: str) -> NoReturn:
         self.exit(2, f"lsurf: error: {message} (see {self.prog} --help)\n")
 
 

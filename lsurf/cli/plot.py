@@ -1,4 +1,6 @@
-"""``lsurf plot``: contours, heat map, 3-D surface of a 2-D file; loss and accuracy curves of a 1-D one."""
+"""``lsurf plot``: contours, heat map, 3-D surface of a 2-D file; loss and accuracy curves of a 1-D
+one; several files side by side on one scale (``--diff``: their differences); ``--html``: a
+self-contained interactive page."""
 
 from __future__ import annotations
 
@@ -7,6 +9,8 @@ from pathlib import Path
 
 from lsurf.cli import common
 from lsurf.engine.surface_file import read_surface
+from lsurf.post.compare import DIFFS, plot_comparison
+from lsurf.post.html import write_html
 from lsurf.post.plot import KINDS, figures, parse_size, read_projection
 
 HELP = "plot a surface file: contours, heat map, 3-D surface, 1-D curves"
@@ -14,7 +18,8 @@ HELP = "plot a surface file: contours, heat map, 3-D surface, 1-D curves"
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     common.add_common(p, config=False)
-    p.add_argument("file", help="a surface file (lsurf's or Li et al.'s)")
+    p.add_argument("files", nargs="+", metavar="FILE",
+                   help="surface files (lsurf's or Li et al.'s); several: side by side on shared levels and colours")
     p.add_argument("--quantity", default="train_loss", help="train_loss, test_acc, ..., hessian_ratio")
     p.add_argument("--kind", default=",".join(KINDS), help="comma-separated: " + ", ".join(KINDS))
     p.add_argument("--vmin", type=float)
@@ -26,18 +31,31 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--size", default="6x5", help="figure size in inches, WxH")
     p.add_argument("--out-dir", help="where to write (default: next to FILE)")
     p.add_argument("--trajectory", help="projection file of lsurf trajectory: draw the path")
+    p.add_argument("--diff", choices=DIFFS, help="with several files: each minus (or over) the first")
+    p.add_argument("--html", action="store_true", help="also an interactive page (FILE.html; needs plotly)")
+    p.add_argument("--quantities", help="with --html: comma-separated quantities to offer (default: all)")
 
 
 def run(args: argparse.Namespace) -> int:
-    surface = read_surface(args.file)
+    surfaces = [read_surface(f) for f in args.files]
     size = parse_size(args.size)
-    out_dir = Path(args.out_dir) if args.out_dir else Path(args.file).resolve().parent
+    out_dir = Path(args.out_dir) if args.out_dir else Path(args.files[0]).resolve().parent
     out_dir.mkdir(parents=True, exist_ok=True)
-    print(f"coverage: {int(surface.done.sum())}/{surface.done.size} points")
+    for s in surfaces:
+        print(f"coverage: {int(s.done.sum())}/{s.done.size} points ({s.path})")
     kinds = tuple(k.strip() for k in args.kind.split(",") if k.strip())
-    projection = read_projection(args.trajectory) if args.trajectory else None
-    made = figures(surface, args.quantity, kinds, stem=Path(args.file).stem, projection=projection,
-                   vmin=args.vmin, vmax=args.vmax, levels=args.levels, log=args.log, size=size)
+    style = {"vmin": args.vmin, "vmax": args.vmax, "levels": args.levels, "log": args.log, "size": size}
+    stem = Path(args.files[0]).stem if len(surfaces) == 1 else "compare"
+    if len(surfaces) > 1 or args.diff:
+        made = {f"compare_{args.quantity}" + (f"_{args.diff}" if args.diff else ""):
+                plot_comparison(surfaces, args.quantity, kind=kinds[0] if len(kinds) == 1 else "filled",
+                                diff=args.diff, **style)}
+    else:
+        projection = read_projection(args.trajectory) if args.trajectory else None
+        made = figures(surfaces[0], args.quantity, kinds, stem=stem, projection=projection, **style)
+    if args.html:
+        wanted = [q.strip() for q in args.quantities.split(",")] if args.quantities else None
+        print(f"wrote {write_html(surfaces, out_dir / f'{stem}.html', wanted)}")
     for name, fig in made.items():
         path = out_dir / f"{name}.{args.format}"
         fig.savefig(path, dpi=args.dpi)

@@ -78,7 +78,7 @@ def evaluator(
     with preserved(model):
         model.to(device=dev, dtype=dtype)
         if channels_last:  # before taking the target tensors: .to() gives parameters new storage
-            model.to(memory_format=torch.channels_last)
+            model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]  # valid; not in torch stubs
         model.eval()
         names, targets = target_tensors(model, directions.meta.get("dir_type", "weights"))
         batches = {s: resident_batches(split, batch_size, dev, dtype, channels_last) for s, split in data.items()}
@@ -252,6 +252,7 @@ class Evaluator:
                 part = self._reduce(out if stacked else out[None], self._labels[split][bounds[first] : bounds[i + 1]])
                 sums = part if sums is None else sums + part
                 outs, first, held = [], i + 1, 0
+        assert sums is not None  # every split has a batch (_use_batches's torch.cat rejects an empty one)
         return sums
 
     def _reduce(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -264,7 +265,8 @@ class Evaluator:
     def _statistics(self, sums: list[float], n: int) -> list[float]:
         """Each metric's statistics of ``n`` samples from its slice of the sums (plain floats: on a
         few numbers per point, numpy's per-call cost was 3 % of a small MLP's pass)."""
-        row, k = [], 0
+        row: list[float] = []
+        k = 0
         for m in self.metrics:
             row += m.finish(sums[k : k + m.width], n)
             k += m.width
@@ -308,7 +310,7 @@ class Evaluator:
                     budget = 0.03 * points * whole
                 probe = self.on_batches({"calibration": first[:n_batches]})
                 timings = probe._time_candidates(candidates, repeats, budget, start, unit)
-        best = min(timings, key=timings.get, default=1)
+        best = min(timings, key=timings.__getitem__, default=1)
         self.points_per_pass = best if timings and timings[best] < 0.9 * timings[1] else 1
         if log and timings:
             shown = ", ".join(f"K={k}: {1e3 * t:.2f} ms" for k, t in timings.items())

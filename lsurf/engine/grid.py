@@ -109,7 +109,7 @@ class Grid:
         ny, nx = self.plane_shape
         th, tw = shape if shape is not None else self._default_tile(ny, nx, ranks, min_points)
         th, tw = max(1, min(th, ny)), max(1, min(tw, nx))
-        tiles = []
+        tiles: list[Tile] = []
         for j0 in range(0, ny, th):
             for i0 in range(0, nx, tw):
                 tiles.append(Tile(len(tiles), j0, min(j0 + th, ny), i0, min(i0 + tw, nx)))

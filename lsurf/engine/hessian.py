@@ -50,6 +50,7 @@ class Hessian:
                     raise UserError("Hessian needs a twice-differentiable model: no gradient depends on the "
                                     "weights (argmax, sign, rounding or detach in the forward?)")
                 dot = sum((g * vi).sum() for g, vi in live)
+                assert isinstance(dot, torch.Tensor)  # live is not empty, so sum() never returns its start 0
                 hv = torch.autograd.grad(dot, self.params, allow_unused=True)
                 out += torch.cat([(h if h is not None else torch.zeros_like(p)).reshape(-1)
                                   for h, p in zip(hv, self.params)])
@@ -80,13 +81,14 @@ class Hessian:
 
         ``sigma`` defaults to 1 % of the spectrum's width; the grid has at least ``bins`` points and
         at least four per ``sigma``, so the density integrates to one."""
-        nodes, weights = [], []
+        node_parts: list[np.ndarray] = []
+        weight_parts: list[np.ndarray] = []
         for r in range(runs):
             alpha, beta, _ = self._lanczos(steps, 0.0, seed + r)
             theta, s = np.linalg.eigh(_tridiagonal(alpha, beta))
-            nodes.append(theta)
-            weights.append(s[0] ** 2 / runs)
-        nodes, weights = np.concatenate(nodes), np.concatenate(weights)
+            node_parts.append(theta)
+            weight_parts.append(s[0] ** 2 / runs)
+        nodes, weights = np.concatenate(node_parts), np.concatenate(weight_parts)
         lo, hi = nodes.min(), nodes.max()
         width = hi - lo or max(abs(hi), 1.0)
         sigma = sigma or width / 100

@@ -33,8 +33,8 @@ class Metric(Protocol):
 class MeanLoss:
     """The mean per-sample loss and its standard error (from Σl and Σl²)."""
 
-    names = ("loss", "loss_stderr")
-    width = 2
+    names: tuple[str, ...] = ("loss", "loss_stderr")
+    width: int = 2
 
     def sums(self, out: torch.Tensor, y: torch.Tensor, loss: torch.Tensor) -> torch.Tensor:
         return torch.stack([loss.sum(-1), loss.square().sum(-1)], -1)
@@ -49,8 +49,8 @@ class MeanLoss:
 class Accuracy:
     """Top-1 accuracy in percent and its binomial standard error; NaN for regression targets."""
 
-    names = ("acc", "acc_stderr")
-    width = 1
+    names: tuple[str, ...] = ("acc", "acc_stderr")
+    width: int = 1
 
     def sums(self, out: torch.Tensor, y: torch.Tensor, loss: torch.Tensor) -> torch.Tensor:
         if y.is_floating_point():

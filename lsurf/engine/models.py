@@ -11,6 +11,7 @@ import hashlib
 import importlib
 from collections.abc import Callable
 from pathlib import Path
+from typing import Literal, cast
 
 import torch
 import torch.nn.functional as F
@@ -76,6 +77,10 @@ class BasicBlock(nn.Module):
 class CifarResNet(nn.Module):
     """ResNet-(6n+2) for 32x32 inputs: 16/32/64 channels, 8x8 average pool, ``linear`` head."""
 
+    layer1: nn.Sequential  # set by name in __init__
+    layer2: nn.Sequential
+    layer3: nn.Sequential
+
     def __init__(self, depth: int, shortcut: bool = True, in_channels: int = 3, num_classes: int = 10):
         super().__init__()
         n = (depth - 2) // 6
@@ -103,7 +108,8 @@ class VGG9(nn.Module):
     def __init__(self, in_channels: int = 3, num_classes: int = 10, size: int = 32):
         super().__init__()
         layers: list[nn.Module] = []
-        for v in [64, 64, "M", 128, 128, "M", 256, 256, 256, "M"]:
+        cfg: list[int | Literal["M"]] = [64, 64, "M", 128, 128, "M", 256, 256, 256, "M"]
+        for v in cfg:
             if v == "M":
                 layers.append(nn.MaxPool2d(2, 2, ceil_mode=True))
                 size = -(-size // 2)
@@ -132,9 +138,15 @@ ZOO: dict[str, Callable[[tuple[int, ...], int], nn.Module]] = {
     "cnn": lambda shape, k: DigitsCNN(shape[0], k),
     "vgg9": lambda shape, k: VGG9(shape[0], k, shape[-1]),
 }
+
+
+def _resnet(depth: int, shortcut: bool) -> Callable[[tuple[int, ...], int], nn.Module]:
+    return lambda shape, k: CifarResNet(depth, shortcut, shape[0], k)
+
+
 for _depth in (20, 56, 110):
-    ZOO[f"resnet{_depth}"] = lambda shape, k, d=_depth: CifarResNet(d, True, shape[0], k)
-    ZOO[f"resnet{_depth}_noshort"] = lambda shape, k, d=_depth: CifarResNet(d, False, shape[0], k)
+    ZOO[f"resnet{_depth}"] = _resnet(_depth, True)
+    ZOO[f"resnet{_depth}_noshort"] = _resnet(_depth, False)
 
 
 def load_plugin(spec: str, what: str) -> Callable:
@@ -241,7 +253,8 @@ def load_model(name: str, in_shape: tuple[int, ...] | None, num_outputs: int | N
     with torch.random.fork_rng(devices=[], enabled=seed is not None):
         if seed is not None:
             torch.manual_seed(seed)
-        model = build_model(name, in_shape, num_outputs).to(dtype)
+        # num_outputs is None here only if the caller gave in_shape without it: plug-ins ignore it
+        model = build_model(name, in_shape, cast(int, num_outputs)).to(dtype)
     if checkpoint is not None:
         load_checkpoint(model, checkpoint)
     return model

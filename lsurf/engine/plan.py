@@ -74,7 +74,7 @@ def faster_in_channels_last(model: nn.Module, x: torch.Tensor, log=None) -> bool
     with preserved(model):
         model.to(device=x.device, dtype=x.dtype).eval()
         nchw = best(x)
-        model.to(memory_format=torch.channels_last)
+        model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]  # valid; not in torch stubs
         nhwc = best(x.contiguous(memory_format=torch.channels_last))
     if log:
         log(f"layout: NCHW {1e3 * nchw:.2f} ms, NHWC {1e3 * nhwc:.2f} ms per batch -> "

@@ -75,7 +75,7 @@ def _identity_mismatch(f: h5py.File, grid: Grid, identity: dict) -> str | None:
         return "it was not written by lsurf"
     old_grid = Grid(f["x"][()], f["y"][()] if "y" in f else None)
     if describe_grid(old_grid) != describe_grid(grid) or not np.array_equal(old_grid.x, grid.x) or (
-        grid.y is not None and not np.array_equal(old_grid.y, grid.y)
+        grid.y is not None and (old_grid.y is None or not np.array_equal(old_grid.y, grid.y))
     ):
         return f"it has another grid ({describe_grid(old_grid)}; this run: {describe_grid(grid)})"
     old = json.loads(f.attrs["identity"])

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 
@@ -49,7 +50,7 @@ def color_range(z: np.ndarray, vmin: float | None, vmax: float | None, log: bool
     return lo, hi
 
 
-def _title(surface: Surface, name: str) -> str:
+def figure_title(surface: Surface, name: str) -> str:
     a = surface.attrs
     norm = json.loads(a["directions"]).get("norm") if "directions" in a else None
     parts = [p for p in (a.get("model"), a.get("data")) if p]
@@ -98,7 +99,9 @@ def plot_surface(surface: Surface, name: str = "train_loss", kind: str = "filled
     # Losses rise steeply away from a minimum: geometric levels and colours resolve basin and walls alike.
     geometric = log or (name.endswith("loss") and lo > 0)
     norm = LogNorm(lo, hi) if geometric else Normalize(lo, hi)
-    X, Y = np.meshgrid(surface.x, surface.y)  # Z[j, i] sits at (x[i], y[j])
+    y = surface.y
+    assert y is not None  # ndim == 2
+    X, Y = np.meshgrid(surface.x, y)  # Z[j, i] sits at (x[i], y[j])
     masked = np.ma.masked_invalid(np.clip(z, lo, hi) if kind != "contour" else z)
     fig = Figure(figsize=size, layout="constrained")
     xlabel, ylabel = _axis_labels(projection)
@@ -111,35 +114,36 @@ def plot_surface(surface: Surface, name: str = "train_loss", kind: str = "filled
     else:
         ax = fig.add_subplot()
         if kind == "contour":
-            cs = ax.contour(X, Y, masked, levels=_levels(lo, hi, levels, geometric), cmap="viridis", norm=norm)
-            ax.clabel(cs, cs.levels[::2], inline=True, fontsize=7, fmt="%.3g")
+            cs = ax.contour(X, Y, masked, levels=contour_levels(lo, hi, levels, geometric), cmap="viridis", norm=norm)
+            ax.clabel(cs, cast(np.ndarray, cs.levels)[::2], inline=True, fontsize=7, fmt="%.3g")
         elif kind == "filled":
             clipped = bool(np.nanmax(z) > hi)  # an arrow on the colour bar only when values were cut
-            cs = ax.contourf(X, Y, masked, levels=_levels(lo, hi, levels, geometric), cmap="viridis", norm=norm,
+            cs = ax.contourf(X, Y, masked, levels=contour_levels(lo, hi, levels, geometric), cmap="viridis", norm=norm,
                              extend="max" if clipped else "neither")
             fig.colorbar(cs, ax=ax, label=name, format="%.3g")
         else:
             mesh = ax.pcolormesh(X, Y, masked, cmap="viridis", norm=norm, shading="nearest")
             fig.colorbar(mesh, ax=ax, label=name)
-        _overlay(ax, surface, projection)
-        if _comparable(surface.x, surface.y):
+        draw_overlay(ax, surface, projection)
+        if comparable_axes(surface.x, y):
             ax.set_aspect("equal")
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
-    ax.set_title(_title(surface, name), fontsize=10)
+    ax.set_title(figure_title(surface, name), fontsize=10)
     return fig
 
 
-def _levels(lo: float, hi: float, n: int, geometric: bool) -> np.ndarray:
+def contour_levels(lo: float, hi: float, n: int, geometric: bool) -> np.ndarray:
     return np.geomspace(lo, hi, n) if geometric else np.linspace(lo, hi, n)
 
 
-def _comparable(x: np.ndarray, y: np.ndarray) -> bool:
+def comparable_axes(x: np.ndarray, y: np.ndarray) -> bool:
+    """Axes whose ranges are within 3x of each other are drawn at equal scale."""
     rx, ry = np.ptp(x), np.ptp(y)
-    return rx > 0 and ry > 0 and 1 / 3 <= rx / ry <= 3
+    return bool(rx > 0 and ry > 0 and 1 / 3 <= rx / ry <= 3)
 
 
-def _overlay(ax, surface: Surface, projection: dict | None) -> None:
+def draw_overlay(ax, surface: Surface, projection: dict | None) -> None:
     """Model markers (planes through models) and a training path (PCA projection)."""
     for m in _markers(surface):
         ax.plot(m["x"], m.get("y", 0.0), "o", color="white", markeredgecolor="black", markersize=7)
@@ -182,8 +186,8 @@ def plot_curve(surface: Surface, *, log: bool = False, size=(6.0, 4.0), vmax=Non
     ax.set_ylabel("loss", color="tab:blue")
     twin.set_ylabel("accuracy (%)", color="tab:red")
     handles = ax.get_legend_handles_labels()[0] + twin.get_legend_handles_labels()[0]
-    fig.legend(handles, [h.get_label() for h in handles], loc="outside lower center", ncols=4, fontsize=8)
-    ax.set_title(_title(surface, "loss and accuracy"), fontsize=10)
+    fig.legend(handles, [str(h.get_label()) for h in handles], loc="outside lower center", ncols=4, fontsize=8)
+    ax.set_title(figure_title(surface, "loss and accuracy"), fontsize=10)
     return fig
 
 

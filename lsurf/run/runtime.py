@@ -84,9 +84,10 @@ def choose_device(w: World, spec: str = "auto") -> torch.device:
     raise UserError(f"`device` {spec!r}: expected auto, cpu, cuda or cuda:N")
 
 
-def configure_process(w: World, device: str = "auto", threads: int | None = None) -> torch.device:
+def configure_process(w: World | None = None, device: str = "auto", threads: int | None = None) -> torch.device:
     """Set this process up for evaluation and return its device: torch threads (``threads`` or the
     CPUs this rank does not share), glibc's malloc policy, and the current CUDA device."""
+    w = w or World.of(None)
     torch.set_num_threads(threads or threads_per_rank(w))
     keep_freed_memory()
     dev = choose_device(w, device)

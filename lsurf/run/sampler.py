@@ -126,11 +126,13 @@ def _sample(w: World, model: nn.Module, data: dict[str, Split], directions: Dire
                 plan = replace(plan, points_per_pass=k)
             if w.is_root and stored is None:
                 surface_file.set_attrs(path, {"plan": plan.to_json()})
+            w.barrier()  # rank 0 has closed the file again before the writers open it
             log(f"rank {w.rank}/{w.size} (local {w.local_rank}/{w.local_size}) on {dev}, "
                 f"{torch.get_num_threads()} threads")
             stats = _run(w, ev, grid, path, existing, opts, log)
         gathered = w.gather(stats)
         if w.is_root:
+            assert gathered is not None  # gather returns the list on rank 0
             surface_file.set_attrs(path, _run_attrs(gathered, plan))
     return surface_file.read_surface(path) if w.is_root else None
 

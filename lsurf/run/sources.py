@@ -52,6 +52,7 @@ def directions_for(options: Options, model: nn.Module, two: bool | None = None) 
 
 def _towards_models(options: Options, model: nn.Module, two: bool) -> Directions:
     """Directions towards ``model2`` (and ``model3``), checked to be the same architecture."""
+    assert options.model2 is not None  # the caller comes here only with model2 set
     others = [options.model2] + ([options.model3] if options.model3 else [])
     if two != bool(options.model3):
         raise UserError("a plane through models needs both `model3` and `y`; a line needs `model2` alone")

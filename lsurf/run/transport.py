@@ -7,6 +7,7 @@ loops in one process. Message tags live here, beside the only code that sends an
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -14,6 +15,9 @@ from lsurf.engine import surface_file
 from lsurf.engine.grid import Grid, Tile
 from lsurf.errors import UserError
 from lsurf.run.world import World
+
+if TYPE_CHECKING:
+    from mpi4py import MPI
 
 _TAG_TILE, _TAG_END = 11, 12
 
@@ -40,16 +44,19 @@ class TileQueue:
             size = 2 if w.is_root else 0
             self.win = MPI.Win.Allocate(size * 8, disp_unit=8, comm=w.comm)
             if w.is_root:
-                np.frombuffer(self.win.tomemory(), dtype=np.int64)[:] = 0
+                # mpi4py's buffer has the buffer protocol, but numpy's stubs for Python < 3.12 name concrete types only
+                np.frombuffer(self.win.tomemory(), dtype=np.int64)[:] = 0  # type: ignore[call-overload]
             w.barrier()
 
     def _fetch_add(self, slot: int, value: int) -> int:
         MPI = self._MPI
         one = np.array([value], dtype=np.int64)
         old = np.zeros(1, dtype=np.int64)
-        self.win.Lock(0, MPI.LOCK_SHARED)
-        self.win.Fetch_and_op(one, old, 0, slot, MPI.SUM)
-        self.win.Unlock(0)
+        win = self.win
+        assert win is not None  # every caller checks that the window exists
+        win.Lock(0, MPI.LOCK_SHARED)
+        win.Fetch_and_op(one, old, 0, slot, MPI.SUM)
+        win.Unlock(0)
         return int(old[0])
 
     def next(self) -> int | None:
@@ -86,7 +93,7 @@ class TileSink:
         self.relay = w.comm is not None and not parallel_io  # tiles travel to rank 0
         writes_here = parallel_io or w.is_root
         self.out = surface_file.TileWriter(path, grid, w.comm if parallel_io else None) if writes_here else None
-        self.sends = []  # non-blocking, so a worker never waits while rank 0 computes
+        self.sends: list[MPI.Request] = []  # non-blocking, so a worker never waits while rank 0 computes
         self.finished_ranks = 0
 
     def put(self, k: int, values: dict[str, np.ndarray]) -> None:
@@ -127,6 +134,7 @@ class TileSink:
                 self.finished_ranks += 1
             else:
                 k, values = msg
+                assert self.out is not None  # only rank 0 receives, and rank 0 always writes
                 self.out.write(self.tiles[k], values)
             if block:
                 return

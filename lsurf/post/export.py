@@ -1,0 +1,144 @@
+"""A surface in other programs' formats: Li et al.'s HDF5 layout, a Wavefront OBJ mesh, CSV.
+
+- ``ll`` lets the reference code's own scripts (plot_2D.py, h52vtp.py) run on lsurf's output:
+  its dataset names (``xcoordinates``, ``ycoordinates``, ``{split}_loss``, ``{split}_acc``,
+  ``dir_file``), −1 for points not computed, and its index order — the reference allocates
+  (nx, ny) but fills element ``[a, b]`` with the point ``(x[b], y[a])``, so our (ny, nx) array
+  raveled and reshaped to (nx, ny) is byte for byte what it would have written
+  (../shared/fixtures/README.md).
+- ``obj`` is a triangle mesh for Blender or MeshLab: one vertex per grid point, the quantity
+  (or its log10) as height, two triangles per grid cell; cells touching a point without a
+  finite height are left out, so holes show where nothing was computed.
+- ``csv`` is one row per grid point for spreadsheets and pandas.
+
+Every format is written to ``PATH.tmp`` and renamed into place, so a failure (full disk, a
+killed process) never leaves a half-written file and never damages an existing one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Literal
+
+import h5py
+import numpy as np
+
+from lsurf.engine.surface_file import Surface
+from lsurf.errors import UserError
+from lsurf.post.compare import values_of
+
+FORMATS = ("ll", "obj", "csv")
+
+
+def export_surface(surface: Surface, path: str | Path, fmt: Literal["ll", "obj", "csv"], *,
+                   quantity: str = "train_loss", log: bool = False) -> Path:
+    """Write ``surface`` to ``path`` in format ``fmt``; returns the path written.
+
+    ``quantity`` and ``log`` choose the height of an ``obj`` mesh; ``ll`` and ``csv`` hold every
+    quantity (``ll``: only losses and accuracies, the reference's quantities).
+    """
+    path = Path(path)
+    if fmt not in FORMATS:
+        raise UserError(f"`fmt` {fmt!r}: expected one of {', '.join(FORMATS)}")
+    if fmt == "obj" and surface.ndim != 2:
+        raise UserError(f"`fmt` 'obj' needs a 2-D surface: {surface.path!r} is 1-D (use csv for curves)")
+    if not path.parent.is_dir():
+        raise UserError(f"`path`: folder {str(path.parent)!r} does not exist")
+    if path.exists() and path.resolve() == Path(surface.path).resolve():
+        raise UserError(f"`path` {str(path)!r} is the source file itself: choose another name")
+    if fmt == "ll":
+        return _atomic(path, lambda tmp: _write_ll(surface, tmp))
+    if fmt == "obj":
+        height = values_of(surface, quantity)
+        if log:
+            with np.errstate(divide="ignore", invalid="ignore"):
+                height = np.where(height > 0, np.log10(height), np.nan)
+        if not np.isfinite(height).any():
+            raise UserError(f"`quantity` {quantity!r}: no finite {'positive ' if log else ''}values to mesh")
+        label = f"log10 {quantity}" if log else quantity
+        return _atomic(path, lambda tmp: _write_obj(surface, height, label, tmp))
+    return _atomic(path, lambda tmp: _write_csv(surface, tmp))
+
+
+def default_export_path(source: str | Path, fmt: str) -> Path:
+    """Beside the source: ``NAME_ll.h5`` (never the source itself), ``NAME.obj``, ``NAME.csv``."""
+    source = Path(source)
+    return source.with_name(f"{source.stem}_ll.h5") if fmt == "ll" else source.with_suffix(f".{fmt}")
+
+
+def _atomic(path: Path, write: Callable[[Path], None]) -> Path:
+    """``write`` into ``PATH.tmp``, then rename; on any failure the tmp goes and the target stays."""
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException as e:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        if isinstance(e, OSError):
+            raise UserError(f"cannot write `path` {str(path)!r}: {e.strerror or e}") from None
+        raise
+    return path
+
+
+def reference_layout(a: np.ndarray) -> np.ndarray:
+    """Our (ny, nx) array, ``[j, i]`` at ``(x[i], y[j])``, as the reference stores it: shape (nx, ny),
+    flat index ``j * nx + i``. 1-D arrays are unchanged."""
+    return a if a.ndim == 1 else a.ravel().reshape(a.shape[1], a.shape[0])
+
+
+def _write_ll(surface: Surface, tmp: Path) -> None:
+    names = [n for n in surface.values if n.endswith(("_loss", "_acc"))]
+    if not names:
+        raise UserError(f"`fmt` 'll': {surface.path!r} has no *_loss or *_acc quantity to export")
+    with h5py.File(tmp, "w") as f:
+        f.create_dataset("xcoordinates", data=np.asarray(surface.x, dtype=np.float64))
+        if surface.y is not None:
+            f.create_dataset("ycoordinates", data=np.asarray(surface.y, dtype=np.float64))
+        for name in names:
+            arr = np.where(surface.done, np.asarray(surface.values[name], dtype=np.float64), -1.0)
+            f.create_dataset(name, data=reference_layout(arr))
+        f["dir_file"] = str(surface.attrs.get("dir_file", ""))
+
+
+def _write_obj(surface: Surface, height: np.ndarray, label: str, tmp: Path) -> None:
+    ny, nx = height.shape
+    ok = np.isfinite(height)
+    # Every grid point is a vertex (indices stay j * nx + i + 1); points without a height sit at the
+    # lowest height and belong to no face.
+    h = np.where(ok, height, np.nanmin(np.where(ok, height, np.nan)))
+    assert surface.y is not None  # export_surface refuses 1-D meshes
+    X, Y = np.meshgrid(surface.x, surface.y)
+    vertices = np.column_stack([X.ravel(), Y.ravel(), h.ravel()])
+    idx = np.arange(ny * nx).reshape(ny, nx) + 1
+    a, b, c, d = idx[:-1, :-1], idx[:-1, 1:], idx[1:, 1:], idx[1:, :-1]  # counter-clockwise seen from +z
+    cell_ok = (ok[:-1, :-1] & ok[:-1, 1:] & ok[1:, 1:] & ok[1:, :-1]).ravel()
+    a, b, c, d = (v.ravel()[cell_ok] for v in (a, b, c, d))
+    faces = np.column_stack([a, b, c, a, c, d]).reshape(-1, 3)
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(f"# lsurf surface {Path(surface.path).name}: vertices (alpha, beta, {label}), "
+                f"{nx} x {ny} grid, {len(faces)} triangles\n")
+        f.write(f"o {Path(surface.path).stem}\n")
+        np.savetxt(f, vertices, fmt="v %.9g %.9g %.9g")
+        np.savetxt(f, faces, fmt="f %d %d %d")
+
+
+def _write_csv(surface: Surface, tmp: Path) -> None:
+    names = list(surface.values)
+    done = surface.done.ravel()
+    if surface.y is None:
+        coords = [surface.x.ravel()]
+    else:
+        X, Y = np.meshgrid(surface.x, surface.y)  # row j * nx + i is the point (x[i], y[j])
+        coords = [X.ravel(), Y.ravel()]
+    columns = coords + [np.asarray(surface.values[n], dtype=np.float64).ravel() for n in names]
+    with open(tmp, "w", encoding="utf-8", newline="") as f:
+        f.write(",".join(["x"] + (["y"] if surface.y is not None else []) + names + ["done"]) + "\n")
+        for k in range(done.size):
+            cells = [repr(float(c[k])) for c in coords]
+            # points not computed have empty cells: spreadsheets and pandas read them as missing
+            cells += [repr(float(c[k])) if done[k] else "" for c in columns[len(coords):]]
+            f.write(",".join(cells + [str(int(done[k]))]) + "\n")
