@@ -3,7 +3,7 @@ accuracy curves of 1-D files. Works on ours and on Li et al.'s files, partial on
 
 Colour scales are robust by default: where a few points explode (large α, overflow), the upper
 limit is the 95th percentile of the finite values instead of their maximum, so one huge value does
-not crush the whole map into one colour; ``--vmax`` overrides.
+not crush the whole map into one colour; ``vmax`` overrides.
 """
 
 from __future__ import annotations
