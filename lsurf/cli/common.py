@@ -129,9 +129,11 @@ def merged_values(args: argparse.Namespace, extra: tuple[str, ...] = ()) -> dict
     typed = {k: v for k, v in vars(args).items() if k not in _NOT_OPTIONS}
     table: dict[str, Any] = {}
     if getattr(args, "config", None):
-        known = {f.name for f in dataclasses.fields(Options)} | set(extra) | {"hessian"}
+        known = {f.name for f in dataclasses.fields(Options)} | set(extra) | {"hessian", "no_progress"}
         for key, value in read_job_file(args.config).items():
             name = key.replace("-", "_")
+            if name == "no_progress":  # the flag's own name, as job files have always spelt it
+                name, value = "progress", not value
             if name not in known:
                 close = difflib.get_close_matches(name, known, n=1)
                 hint = f" (did you mean {close[0].replace('_', '-')!r}?)" if close else ""
