@@ -128,6 +128,15 @@ CASES = [
                                         "--dir-file", d / "x_only.h5", "--x", "0:1:2"], ["--dir-file", "--model2"]),
     ("info-missing", lambda d: ["info", d / "nothing.h5"], ["nothing.h5", "does not exist"]),
     ("info-not-a-surface", lambda d: ["info", d / "resnet_dirs.h5"], ["resnet_dirs.h5", "not a surface file"]),
+    ("abbreviated-flag", lambda d: ["surface", *SMALL, "--batch", "64", "--x", "0:1:2"], ["--batch 64"]),
+    ("resume-against-the-plan", lambda d: ["surface", *SMALL, "--checkpoint", d / "good.t7", *_grid(),
+                                           "--batch-size", "7", "--out", d / "done.h5"],
+     ["--batch-size 7", "--overwrite"]),
+    ("amp-with-float64", lambda d: ["surface", *SMALL, "--amp", "bf16", "--dtype", "float64"], ["--amp", "float64"]),
+    ("export-unknown-format", lambda d: ["export", d / "done.h5", "--format", "stl"], ["--format", "'stl'"]),
+    ("export-onto-itself", lambda d: ["export", d / "done.h5", "--format", "ll", "--out", d / "done.h5"],
+     ["done.h5", "source file itself"]),
+    ("plot-diff-one-file", lambda d: ["plot", d / "done.h5", "--diff", "ratio"], ["--diff", "two"]),
 ]
 
 
