@@ -11,13 +11,22 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import difflib
 import re
 from typing import Any, NoReturn
 
 from lsurf.engine.directions import DIR_TYPES, IGNORES, NORMS
-from lsurf.errors import UserError
-from lsurf.run.options import Amp, BatchNorm, Dtype, Layout, Options, Schedule, Writer, choices, read_job_file
+from lsurf.run.options import (
+    Amp,
+    BatchNorm,
+    Dtype,
+    Layout,
+    Options,
+    Schedule,
+    Writer,
+    choices,
+    field_names,
+    read_job_file,
+)
 
 SUPPRESS = argparse.SUPPRESS
 _NOT_OPTIONS = ("command", "func", "config", "debug")
@@ -130,15 +139,9 @@ def merged_values(args: argparse.Namespace, extra: tuple[str, ...] = ()) -> dict
     table: dict[str, Any] = {}
     if getattr(args, "config", None):
         known = {f.name for f in dataclasses.fields(Options)} | set(extra) | {"hessian", "no_progress"}
-        for key, value in read_job_file(args.config).items():
-            name = key.replace("-", "_")
-            if name == "no_progress":  # the flag's own name, as job files have always spelt it
-                name, value = "progress", not value
-            if name not in known:
-                close = difflib.get_close_matches(name, known, n=1)
-                hint = f" (did you mean {close[0].replace('_', '-')!r}?)" if close else ""
-                raise UserError(f"`config` {args.config!r}: unknown key {key!r}{hint}")
-            table[name] = value
+        table = field_names(read_job_file(args.config), known, f"`config` {args.config!r}: unknown key")
+        if "no_progress" in table:  # the flag's own name, as job files have always spelt it
+            table["progress"] = not table.pop("no_progress")
     return {**table, **typed}
 
 

@@ -110,15 +110,8 @@ class Options:
     def from_mapping(cls, values: Mapping[str, Any], base: Options | None = None) -> Options:
         """Options from a mapping (a job file's table): keys are field names, ``-`` or ``_``;
         an unknown key is refused with the closest known name."""
-        known = {f.name for f in fields(cls)}
-        clean: dict[str, Any] = {}
-        for key, value in values.items():
-            name = key.replace("-", "_")
-            if name not in known:
-                close = difflib.get_close_matches(name, known, n=1)
-                hint = f" (did you mean {close[0].replace('_', '-')!r}?)" if close else ""
-                raise UserError(f"unknown option {key!r}{hint}")
-            clean[name] = tuple(value) if isinstance(value, list) else value
+        clean = field_names(values, {f.name for f in fields(cls)}, "unknown option")
+        clean = {k: tuple(v) if isinstance(v, list) else v for k, v in clean.items()}
         return dataclasses.replace(base or cls(), **clean)
 
     def replace(self, **changes: Any) -> Options:
@@ -132,6 +125,20 @@ class Options:
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def field_names(values: Mapping[str, Any], known: set[str], what: str) -> dict[str, Any]:
+    """``values`` with keys as field names (``batch-size`` -> ``batch_size``); a key not in ``known``
+    is refused as ``what``, with the closest known name as a hint."""
+    out: dict[str, Any] = {}
+    for key, value in values.items():
+        name = key.replace("-", "_")
+        if name not in known:
+            close = difflib.get_close_matches(name, known, n=1)
+            hint = f" (did you mean {close[0].replace('_', '-')!r}?)" if close else ""
+            raise UserError(f"{what} {key!r}{hint}")
+        out[name] = value
+    return out
 
 
 def read_job_file(path: str) -> dict[str, Any]:

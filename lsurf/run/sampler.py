@@ -50,13 +50,12 @@ def run_surface(options: Options, comm: Any = None, log: Log | None = None) -> s
         grid, model, data, dirs = w.agree(lambda: _inputs(options))
         prov = Provenance.of(options)
         save_to = None if options.dir_file else directions_path(options.out)
-        return sample_surface(model, data, dirs, grid, options.out, options, comm=comm, provenance=prov,
-                              save_directions_to=save_to, log=log)
+        return _sample(w, model, data, dirs, grid, Path(options.out), options, prov, save_to,
+                       log or (lambda m: None))
 
 
 def _inputs(options: Options) -> tuple[Grid, nn.Module, dict[str, Split], Directions]:
     grid = grid_for(options)
-    parse_tile(options.tile)
     model, data = load_inputs(options)
     if data is None:
         raise UserError("`data` is needed to sample a surface")
