@@ -48,8 +48,11 @@ def mpirun(n: int, *args, cwd=None, timeout=300, env=None, check=False) -> subpr
     return p
 
 
-def wait_for_done(path, at_least: int, timeout: float = 120) -> int:
-    """Poll a running job's surface file (readable while it is written) until enough points are done."""
+def wait_for_done(path, at_least: int, timeout: float = 120, proc: subprocess.Popen | None = None) -> int:
+    """Poll a running job's surface file (readable while it is written) until enough points are done.
+
+    With ``proc``, a job that ends first fails the wait at once, with what it printed.
+    """
     import h5py
 
     deadline = time.time() + timeout
@@ -61,6 +64,9 @@ def wait_for_done(path, at_least: int, timeout: float = 120) -> int:
                 return n
         except (OSError, KeyError):
             pass  # not created yet
+        if proc is not None and proc.poll() is not None:
+            err = proc.stderr.read() if proc.stderr else ""
+            raise AssertionError(f"{path}: the job ended ({proc.returncode}) before {at_least} points:\n{err}")
         time.sleep(0.05)
     raise AssertionError(f"{path}: fewer than {at_least} points done after {timeout} s")
 

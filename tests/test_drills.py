@@ -52,7 +52,7 @@ def test_sigkill_a_random_rank_at_a_random_moment(moment, writer, job, tmp_path)
     out = tmp_path / "s.h5"
     proc = _start(args, out)
     try:
-        wait_for_done(out, int(moment * TOTAL))
+        wait_for_done(out, int(moment * TOTAL), proc=proc)
         os.kill(rng.choice(rank_pids(proc.pid)), signal.SIGKILL)
         proc.wait(timeout=30)
     finally:
@@ -75,7 +75,7 @@ def test_signal_to_mpirun_stops_every_rank(sig, job, tmp_path):
     out = tmp_path / "s.h5"
     proc = _start(args, out)
     try:
-        wait_for_done(out, 100)
+        wait_for_done(out, 100, proc=proc)
         ranks = rank_pids(proc.pid)
         t0 = time.time()
         proc.send_signal(sig)

@@ -146,6 +146,30 @@ def test_resume_reuses_the_recorded_plan_bit_for_bit(tmp_path):
         api.sample_surface(model, data, dirs, grid, path, progress=False, batch_size=7)
 
 
+def test_a_reader_watching_the_file_does_not_stop_the_run(tmp_path):
+    """`lsurf info` or a plot holds HDF5's shared lock while it reads; the run's own opens must not care."""
+    import subprocess
+    import sys
+
+    data = api.load_data("digits", ("train",), subset=40)
+    model = api.load_model("cnn", (1, 8, 8), 10)
+    dirs = api.random_directions(model, seed=3, two=False)
+    path = tmp_path / "w.h5"
+    api.sample_surface(model, data, dirs, Grid.parse("-1:1:3"), path, progress=False)
+    with h5py.File(path, "r+") as f:
+        f["done"][1:] = 0
+    reader = subprocess.Popen([sys.executable, "-c", "import h5py, sys, time\n"
+                               f"f = h5py.File({str(path)!r}, 'r'); print('open', flush=True); time.sleep(60)"],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert reader.stdout.readline().strip() == "open"
+        resumed = api.sample_surface(model, data, dirs, Grid.parse("-1:1:3"), path, progress=False)
+    finally:
+        reader.kill()
+        reader.wait()
+    assert resumed.done.all()
+
+
 def test_cli_flags_win_over_the_job_file_and_abbreviations_are_refused(tmp_path):
     (tmp_path / "job.toml").write_text('model = "cnn"\ndata = "digits"\nsubset = 60\nbatch_size = 32\n'
                                        'x = "-1:1:3"\nno-progress = true\n')

@@ -193,8 +193,12 @@ class TileWriter:
 
 
 def set_attrs(path: str | Path, attrs: dict) -> None:
-    """Add attributes (the run plan, run statistics) while no rank holds the file open for writing."""
-    with h5py.File(path, "r+") as f:
+    """Add attributes (the run plan, run statistics) while no rank holds the file open for writing.
+
+    Without HDF5's lock, for the reason TileWriter gives: a reader watching the job (``lsurf info``,
+    a plot) holds a shared lock that would make this open fail and end the run.
+    """
+    with h5py.File(path, "r+", locking=False) as f:
         for k, v in attrs.items():
             f.attrs[k] = v
 
