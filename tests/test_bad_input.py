@@ -39,6 +39,12 @@ def ws(tmp_path_factory, digits_checkpoint):
     (d / "job_unknown.toml").write_text('model = "cnn"\nbatchsize = 64\n')
     (d / "job_broken.toml").write_text('model = "cnn\n')
     (d / "a_file").write_text("x")
+    (d / "lengths").mkdir()
+    np.save(d / "lengths" / "train_x.npy", np.zeros((10, 1, 8, 8), np.float32))
+    np.save(d / "lengths" / "train_y.npy", np.zeros(9, np.int64))
+    (d / "trainonly").mkdir()
+    np.save(d / "trainonly" / "train_x.npy", np.zeros((10, 1, 8, 8), np.float32))
+    np.save(d / "trainonly" / "train_y.npy", np.zeros(10, np.int64))
     (d / "plugins.py").write_text(textwrap.dedent("""
         import torch
         def raising():
@@ -112,6 +118,14 @@ CASES = [
                                              "--x", "0:1:2", "--out", d / "o.h5"], ["do not fit the data"]),
     ("data-plugin-bad-items", lambda d: ["surface", "--model", "cnn", "--data", "plugins:bad_items", "--x", "0:1:2"],
      ["plugins:bad_items", "(x, y)"]),
+    ("store-missing", lambda d: ["surface", "--model", "cnn", "--data", f"npy:{d / 'nope'}", "--x", "0:1:2"],
+     ["nope", "does not exist"]),
+    ("store-not-hdf5", lambda d: ["surface", "--model", "cnn", "--data", f"hdf5:{d / 'notes.t7'}", "--x", "0:1:2"],
+     ["notes.t7", "not an HDF5 file"]),
+    ("store-x-y-lengths", lambda d: ["surface", "--model", "cnn", "--data", f"npy:{d / 'lengths'}", "--x", "0:1:2"],
+     ["lengths", "10 rows but y has 9"]),
+    ("store-unknown-split", lambda d: ["surface", "--model", "cnn", "--data", f"npy:{d / 'trainonly'}",
+                                       "--split", "test", "--x", "0:1:2"], ["has no test split"]),
     ("unknown-data", lambda d: ["surface", "--model", "cnn", "--data", "imagenet", "--x", "0:1:2"], ["'imagenet'"]),
     ("unknown-split", lambda d: ["surface", *SMALL, "--split", "validation", "--x", "0:1:2"], ["'validation'"]),
     ("batch-size-zero", lambda d: ["surface", *SMALL, "--batch-size", "0", "--x", "0:1:2", "--out", d / "o.h5"],
@@ -175,3 +189,24 @@ def test_overflow_is_stored_flagged_and_not_an_error(tmp_path):
     assert done.all() and np.isfinite(loss[0]) and not np.isfinite(loss[2])
     info = lsurf("info", out, check=True).stdout
     assert "non-finite" in info
+
+
+def test_verify_says_in_one_line_whether_the_surface_is_complete(ws, tmp_path):
+    """``surface --verify`` (run by the sbatch templates after srun) resolves --out as a run would, reads it,
+    and answers in one line: 0 when every point is done, 1 when some are missing or there is no file."""
+    args = ["surface", "--verify", *SMALL, "--checkpoint", ws / "good.t7", *_grid()]
+    (tmp_path / "job.toml").write_text(f'out = "{ws / "done.h5"}"\n')
+    for where in (["--out", ws / "done.h5"], ["--config", tmp_path / "job.toml"]):
+        p = lsurf(*args, *where)
+        assert p.returncode == 0 and p.stdout.strip() == f"{ws / 'done.h5'}: complete (9 points)", p.stderr
+    shutil.copy(ws / "done.h5", tmp_path / "part.h5")
+    with h5py.File(tmp_path / "part.h5", "r+") as f:
+        f["done"][0, :2] = 0
+    before = _snapshot(tmp_path)
+    p = lsurf(*args, "--out", tmp_path / "part.h5")
+    assert p.returncode == 1 and p.stderr.strip().splitlines() == [
+        f"lsurf: {tmp_path / 'part.h5'} is incomplete: 7 of 9 points done; resubmit the same command to finish it"]
+    assert _snapshot(tmp_path) == before  # read only
+    p = lsurf(*args, "--out", tmp_path / "none.h5")
+    assert p.returncode == 1 and len(p.stderr.strip().splitlines()) == 1
+    assert p.stderr.startswith(f"lsurf: {tmp_path / 'none.h5'} does not exist") and not (tmp_path / "none.h5").exists()

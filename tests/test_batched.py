@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from lsurf import Evaluator, load_data, load_model, random_directions
-from lsurf.engine.data import resident_batches
+from lsurf.engine.batches import resident_batches
 from lsurf.engine.directions import target_tensors
 from lsurf.engine.evaluate import resolve_loss
 

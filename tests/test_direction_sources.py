@@ -127,7 +127,7 @@ def test_trajectory_command_then_surface(run_dir, tmp_path):
 def test_bn_recalibration_uses_training_statistics(tmp_path):
     """After recalibration at α=0, the first BN layer's statistics are those of the training data."""
     from lsurf import Evaluator, random_directions
-    from lsurf.engine.data import resident_batches
+    from lsurf.engine.batches import resident_batches
     from lsurf.engine.evaluate import evaluator, resolve_loss
 
     torch.manual_seed(0)

@@ -43,14 +43,17 @@ def _start(args, out):
                             stderr=subprocess.PIPE, text=True)
 
 
-@pytest.mark.parametrize("moment,writer", [(0.05, "mpio"), (0.4, "root"), (0.8, "mpio")])
-def test_sigkill_a_random_rank_at_a_random_moment(moment, writer, job, tmp_path):
-    """Both write paths: parallel HDF5 (every rank writes) and rank 0 writing what it is sent."""
+@pytest.mark.parametrize("moment,writer,group", [(0.05, "mpio", 1), (0.4, "root", 1), (0.8, "mpio", 1),
+                                                 (0.3, "root", 2)])
+def test_sigkill_a_random_rank_at_a_random_moment(moment, writer, group, job, tmp_path):
+    """Both write paths: parallel HDF5 (every rank writes) and rank 0 writing what it is sent; and
+    a group of two ranks sharing every point (killed, then resumed as two ranks on their own)."""
     args, reference = job
     args = [*args, "--writer", writer]
+    first = [*args, "--ranks-per-point", str(group)]
     rng = random.Random(moment)
     out = tmp_path / "s.h5"
-    proc = _start(args, out)
+    proc = _start(first, out)
     try:
         wait_for_done(out, int(moment * TOTAL), proc=proc)
         os.kill(rng.choice(rank_pids(proc.pid)), signal.SIGKILL)

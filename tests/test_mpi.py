@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
+import sys
 import textwrap
 import time
 
@@ -95,3 +97,49 @@ def test_second_job_on_file_in_use_is_refused(tmp_path, digits_checkpoint):
     finally:
         job.kill()
         job.wait()
+
+
+def test_worker_takes_tiles_while_rank_0_computes_over_tcp(tmp_path):
+    """Across nodes without hardware atomics (simulated: ``--mca osc ^sm --mca btl self,tcp``) a worker's
+    Fetch_and_op on rank 0's window needs rank 0 to enter MPI. Rank 0 takes a tile and then computes
+    without MPI calls for up to 20 s, leaving early only once rank 1 has written that it took every other
+    tile of the queue: rank 0's progress thread must serve the window meanwhile, and no tile goes twice."""
+    (tmp_path / "tile_race.py").write_text(textwrap.dedent("""
+        import json, os, sys, time
+        from pathlib import Path
+        from mpi4py import MPI
+        from lsurf.run.transport import TileQueue
+        from lsurf.run.world import World
+
+        folder = Path(sys.argv[1])
+        w = World.of(MPI.COMM_WORLD)
+        queue = TileQueue(w, 50)
+        taken, report = [], {}
+        if w.is_root:
+            taken.append(queue.next())
+            t0, x = time.monotonic(), 0
+            while time.monotonic() - t0 < 20 and not (folder / "rank1.json").exists():  # no MPI in here
+                for i in range(20000):
+                    x += i
+            report = {"loop_end": time.time(), "loop_seconds": time.monotonic() - t0,
+                      "note": queue.progress_note}
+        while (k := queue.next()) is not None:
+            taken.append(k)
+        if not w.is_root:
+            (folder / "tmp.json").write_text(json.dumps({"finished": time.time(), "tiles": len(taken)}))
+            (folder / "tmp.json").rename(folder / "rank1.json")
+        everyone = w.gather(taken)
+        queue.close()
+        if w.is_root:
+            (folder / "rank0.json").write_text(json.dumps({**report, "taken": everyone}))
+    """))
+    cmd = ["mpirun", "-n", "2", "--oversubscribe", "--allow-run-as-root", "--mca", "osc", "^sm",
+           "--mca", "btl", "self,tcp", sys.executable, str(tmp_path / "tile_race.py"), str(tmp_path)]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=_env())
+    assert p.returncode == 0, p.stdout + p.stderr
+    rank0 = json.loads((tmp_path / "rank0.json").read_text())
+    rank1 = json.loads((tmp_path / "rank1.json").read_text())
+    assert rank1["finished"] <= rank0["loop_end"] and rank0["loop_seconds"] < 20, (rank0, rank1)
+    assert rank0["note"] == "progress thread on rank 0"
+    assert rank1["tiles"] == 49 and rank0["taken"][0] == [0]
+    assert sorted(rank0["taken"][0] + rank0["taken"][1]) == list(range(50))

@@ -32,8 +32,10 @@ def checkpoint(tmp_path_factory):
     return out / "model_1.t7"
 
 
-def _submit(cluster, folder, args, wait=True):
+def _submit(cluster, folder, args, wait=True, prepend=""):
     cmd = ["sbatch", "-n", "2", "--chdir", str(folder), "--output", str(folder / "job-%j.log")]
+    if prepend:  # one more shell line for the template's LSURF_ENV, for this job only
+        cmd.append(f"--export=ALL,LSURF_ENV={cluster.env['LSURF_ENV']}; {prepend}")
     return cluster.run(*cmd, *(["--wait"] if wait else []), str(REPO / "slurm" / "cpu.sbatch"), *map(str, args),
                        check=False)
 
@@ -45,6 +47,7 @@ def test_sbatch_equals_mpirun(cluster, checkpoint, tmp_path):
     log = "\n".join(f.read_text() for f in tmp_path.glob("job-*.log"))
     assert p.returncode == 0, p.stdout + p.stderr + log
     assert "lsurf: rank 1/2" in log and "2 tasks" in log
+    assert f"{tmp_path / 'slurm.h5'}: complete (81 points)" in log  # the template's check after srun
     mpirun(2, "surface", *args, "--out", tmp_path / "direct.h5", check=True)
     with h5py.File(tmp_path / "slurm.h5") as a, h5py.File(tmp_path / "direct.h5") as b:
         assert a["done"][()].all() and a.attrs["mpi_ranks"] == 2
@@ -89,3 +92,19 @@ def test_srun_without_mpi_is_refused(cluster, checkpoint, tmp_path):
     assert p.returncode != 0 and len(errors) == 2, p.stdout + p.stderr
     assert all(line.startswith("lsurf: error: srun started 2 tasks that share no MPI job") for line in errors)
     assert "Traceback" not in p.stderr and not out.exists()
+
+
+def test_job_fails_when_srun_exits_0_without_a_surface(cluster, checkpoint, tmp_path):
+    """Slurm 22.05's srun can exit 0 when the step failed to launch. Stand in for it with an srun that
+    does nothing and exits 0: the template's own check of the file fails the job, in clear lines."""
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "srun").write_text("#!/bin/sh\nexit 0\n")
+    (fake / "srun").chmod(0o755)
+    out = tmp_path / "never.h5"
+    p = _submit(cluster, tmp_path, ["--model", "cnn", "--data", "digits", "--checkpoint", checkpoint,
+                                    "--x", "-1:1:3", "--out", out], prepend=f"export PATH={fake}:$PATH")
+    log = "\n".join(f.read_text() for f in tmp_path.glob("job-*.log"))
+    assert p.returncode != 0, p.stdout + p.stderr + log
+    assert f"lsurf: {out} does not exist" in log
+    assert "failed: srun exit status 0, surface check exit status 1" in log, log

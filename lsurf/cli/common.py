@@ -14,6 +14,7 @@ import dataclasses
 import re
 from typing import Any, NoReturn
 
+from lsurf.engine.batches import Residency
 from lsurf.engine.directions import DIR_TYPES, IGNORES, NORMS
 from lsurf.run.options import (
     Amp,
@@ -75,7 +76,8 @@ def add_model(p: argparse.ArgumentParser) -> None:
 def add_data(p: argparse.ArgumentParser, split_help: str = "comma-separated splits: train,test") -> None:
     g = p.add_argument_group("data")
     g.add_argument("--data", default=SUPPRESS,
-                   help="digits | cifar10:PATH | synthetic[:shape=3x32x32,n=1000,...] | pkg.module:factory"
+                   help="digits | cifar10:PATH | synthetic[:shape=3x32x32,n=1000,...] | hdf5:FILE | npy:DIR | "
+                   "pkg.module:factory"
                    + _default("data"))
     g.add_argument("--subset", type=int, default=SUPPRESS, help="use a fixed seeded subset of N samples per split")
     g.add_argument("--split", default=SUPPRESS, help=split_help + _default("split"))
@@ -90,6 +92,18 @@ def add_device(p: argparse.ArgumentParser) -> None:
                    help="torch threads per rank (default: cores per rank on the node)")
     g.add_argument("--batch-size", type=int, default=SUPPRESS,
                    help="samples per forward (default: 128 on CPU, 1024 on GPU)")
+
+
+def add_data_feed(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("data larger than memory")
+    g.add_argument("--resident", default=SUPPRESS, choices=choices(Residency),
+                   help="hold each split on the device (always), stream it at every point (never), or hold it "
+                   "when it fits the memory budget (auto, the default)")
+    g.add_argument("--memory-budget", default=SUPPRESS,
+                   help="bytes a rank may hold data in, e.g. 4G (default: half the device's free memory; "
+                   "on the CPU half the available RAM shared by the node's ranks)")
+    g.add_argument("--workers", type=int, default=SUPPRESS,
+                   help="loader processes per rank when streaming (default: 1 on CPU, 2 on GPU)")
 
 
 def add_directions(p: argparse.ArgumentParser) -> None:
@@ -122,6 +136,8 @@ def add_evaluation(p: argparse.ArgumentParser) -> None:
 
 def add_run(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("distribution and output")
+    g.add_argument("--ranks-per-point", type=int, default=SUPPRESS,
+                   help="G ranks share every grid point, each with 1/G of every split (G divides the ranks)")
     g.add_argument("--tile", default=SUPPRESS, help="ROWSxCOLS of grid points per tile (default: about 4 per rank)")
     g.add_argument("--schedule", default=SUPPRESS, choices=choices(Schedule), help="(default dynamic)")
     g.add_argument("--writer", default=SUPPRESS, choices=choices(Writer),

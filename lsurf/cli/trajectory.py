@@ -31,7 +31,7 @@ def run(args: argparse.Namespace) -> int:
     shape = None
     if args.data:
         split = load_data(args.data, ("train",))["train"]
-        shape = (tuple(split.x.shape[1:]), split.num_outputs)
+        shape = (split.sample_shape, split.num_outputs)
     centre = Path(args.checkpoint) if args.checkpoint else None
     dirs, proj, centre = trajectory_directions(args.model, paths, centre, shape, args.dir_type, args.ignore)
     save_trajectory(dirs, proj, centre, args.dir_out, args.proj_out)

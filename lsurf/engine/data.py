@@ -1,21 +1,29 @@
-"""Data sets by spec (``digits``, ``cifar10:PATH``, ``synthetic:...``, ``pkg.module:factory``) and
-their device-resident, pre-batched form.
+"""Data sets by spec (``digits``, ``cifar10:PATH``, ``synthetic:...``, ``hdf5:PATH``, ``npy:DIR``,
+``pkg.module:factory``), as splits of three kinds that answer the same questions (length, a range
+of rows, a fingerprint):
 
-Every grid point is a full pass over the split, so the split is converted once to tensors on the
-evaluation device and cut into batches once; the hot loop only indexes a Python list.
+- :class:`Split`: whole tensors in host memory (the small built-in sets);
+- :class:`DatasetSplit`: a map-style Dataset read range by range, never whole unless asked (the
+  on-disk stores, and plug-in Datasets), so a split larger than memory can be streamed;
+- :class:`BatchStreamSplit`: batches from an iterable Dataset or a plug-in's DataLoader factory.
+
+How a split reaches the device at every grid point (resident or streamed) is lsurf.engine.batches'.
 """
 
 from __future__ import annotations
 
 import hashlib
 import pickle
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
 from lsurf.engine.models import load_plugin
+from lsurf.engine.stores import STORE_KINDS, open_store
 from lsurf.errors import UserError
 
 CIFAR_MEAN = (125.3 / 255, 123.0 / 255, 113.9 / 255)
@@ -43,13 +51,150 @@ class Split:
             return int(self.y.max().item()) + 1 if len(self.y) else 1
         return 1 if self.y.dim() == 1 else int(self.y.shape[1])
 
+    @property
+    def sample_shape(self) -> tuple[int, ...]:
+        return tuple(self.x.shape[1:])
+
+    def rows(self, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.x[start:stop], self.y[start:stop]
+
+    def nbytes(self) -> int:
+        return self.x.nbytes + self.y.nbytes
+
     def fingerprint(self) -> str:
         """SHA-256 of the bytes: a resumed run must see the very same data."""
-        h = hashlib.sha256()
-        for t in (self.x, self.y):
-            h.update(str((tuple(t.shape), str(t.dtype))).encode())
-            h.update(t.contiguous().numpy().tobytes())
-        return h.hexdigest()
+        return _sha256(self.x, self.y)
+
+    def materialise(self) -> Split:
+        return self
+
+
+def _sha256(*tensors: torch.Tensor) -> str:
+    h = hashlib.sha256()
+    for t in tensors:
+        h.update(str((tuple(t.shape), str(t.dtype))).encode())
+        h.update(t.contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+class DatasetSplit:
+    """A map-style Dataset of (x, y) items as a split, optionally through sorted ``index`` (a subset).
+
+    Rows are read range by range: with the dataset's own ``read(start, stop)``/``read_rows(idx)``
+    (the on-disk stores: one read per batch) or item by item. ``fingerprint`` hashes a fixed sample
+    of rows, not every byte: a store of gigabytes is not read whole to check a resume.
+    """
+
+    def __init__(self, dataset: Any, spec: str, index: np.ndarray | None = None):
+        self.dataset, self.spec, self.index = dataset, spec, index
+        try:
+            self._len = len(index) if index is not None else len(dataset)
+        except TypeError:
+            raise UserError(f"data {spec!r}: a map-style Dataset must have a length") from None
+        if self._len == 0:
+            raise UserError(f"data {spec!r}: a split is empty")
+
+    def __len__(self) -> int:
+        return self._len
+
+    def rows(self, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rows [start, stop) (as slices do, ``stop`` past the end reads to the end)."""
+        ds, stop = self.dataset, min(stop, len(self))
+        try:
+            if self.index is None and hasattr(ds, "read"):
+                return ds.read(start, stop)
+            idx = np.arange(start, stop) if self.index is None else self.index[start:stop]
+            if hasattr(ds, "read_rows"):
+                return ds.read_rows(idx)
+            xs, ys = zip(*(ds[int(i)] for i in idx))
+            return torch.stack([torch.as_tensor(x) for x in xs]), torch.stack([torch.as_tensor(y) for y in ys])
+        except UserError:
+            raise
+        except Exception as e:
+            raise UserError(f"data {self.spec!r}: items must be (x, y) tensor pairs "
+                            f"({type(e).__name__}: {e})") from None
+
+    @property
+    def sample_shape(self) -> tuple[int, ...]:
+        return tuple(self.rows(0, 1)[0].shape[1:])
+
+    @property
+    def is_classification(self) -> bool:
+        return not torch.is_floating_point(self.rows(0, 1)[1])
+
+    @property
+    def num_outputs(self) -> int:
+        return self.materialise(labels_only=True).num_outputs
+
+    def nbytes(self) -> int:
+        x, y = self.rows(0, 1)
+        return len(self) * (x.nbytes + y.nbytes)
+
+    def fingerprint(self) -> str:
+        if self.index is None and hasattr(self.dataset, "fingerprint"):
+            return self.dataset.fingerprint()  # a store's own (it knows its files)
+        picks = sorted({0, len(self) - 1, *np.linspace(0, len(self) - 1, 64).astype(int).tolist()})
+        parts = [self.rows(i, i + 1) for i in picks]
+        return _sha256(torch.tensor([len(self)]), *(t for pair in parts for t in pair))
+
+    def subset(self, n: int, name: str) -> DatasetSplit:
+        base = self.index if self.index is not None else np.arange(len(self))
+        return DatasetSplit(self.dataset, self.spec, base[_subset_index(len(self), n, name).numpy()])
+
+    def materialise(self, labels_only: bool = False) -> Split:
+        """The whole split as host tensors (for training, the Hessian command, a class count),
+        read a few thousand rows at a time."""
+        if labels_only and self.index is None and hasattr(self.dataset, "labels"):
+            y = self.dataset.labels()
+            return Split(torch.empty(len(y), 0), y)
+        parts = [self.rows(i, min(i + 4096, len(self))) for i in range(0, len(self), 4096)]
+        return Split(torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]))
+
+
+class BatchStreamSplit:
+    """Batches of (x, y) from ``make(batch_size)``: an iterable Dataset (batched by a DataLoader) or
+    a plug-in's DataLoader factory. Its length is unknown until counted, so it is always streamed;
+    the fingerprint hashes the first batch."""
+
+    def __init__(self, make: Callable[[int], Iterable], spec: str):
+        self.make, self.spec = make, spec
+
+    def batches(self, batch_size: int) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
+        for item in self.make(batch_size):
+            try:
+                x, y = item
+            except (TypeError, ValueError):
+                raise UserError(f"data {self.spec!r}: batches must be (x, y) pairs") from None
+            yield torch.as_tensor(x), torch.as_tensor(y)
+
+    def rows(self, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if start != 0:
+            raise ValueError("a stream of batches can only give its first rows")
+        for x, y in self.batches(stop):
+            return x[:stop], y[:stop]
+        raise UserError(f"data {self.spec!r}: the stream gave no batches")
+
+    @property
+    def sample_shape(self) -> tuple[int, ...]:
+        return tuple(self.rows(0, 1)[0].shape[1:])
+
+    @property
+    def is_classification(self) -> bool:
+        return not torch.is_floating_point(self.rows(0, 1)[1])
+
+    @property
+    def num_outputs(self) -> int:
+        return self.materialise().num_outputs
+
+    def fingerprint(self) -> str:
+        return _sha256(*self.rows(0, 256))
+
+    def materialise(self) -> Split:
+        parts = list(self.batches(1024))
+        return Split(torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]))
+
+
+AnySplit = Split | DatasetSplit | BatchStreamSplit
 
 
 def _digits() -> dict[str, Split]:
@@ -127,41 +272,58 @@ def _synthetic(options: str) -> dict[str, Split]:
     return {"train": Split(x[:n], y[:n]), "test": Split(x[n:], y[n:])}
 
 
-def _plugin(spec: str) -> dict[str, Split]:
+def _plugin(spec: str) -> dict[str, AnySplit]:
     factory = load_plugin(spec, "data")
     try:
         train, test = factory()
     except Exception as e:
         raise UserError(f"data plug-in {spec!r} raised {type(e).__name__}: {e}") from None
-    out = {"train": _dataset_to_split(train, spec)}
+    out = {"train": _as_split(train, spec)}
     if test is not None:
-        out["test"] = _dataset_to_split(test, spec)
+        out["test"] = _as_split(test, spec)
     return out
 
 
-def _dataset_to_split(ds, spec: str) -> Split:
-    try:
-        xs, ys = zip(*(ds[i] for i in range(len(ds))))
-        return Split(torch.stack([torch.as_tensor(x) for x in xs]), torch.stack([torch.as_tensor(y) for y in ys]))
-    except Exception as e:
-        raise UserError(f"data plug-in {spec!r}: items must be (x, y) tensor pairs ({e})") from None
+def _as_split(obj: Any, spec: str) -> AnySplit:
+    """What a plug-in returned, as a split: a Split as is, a map-style Dataset read by rows, an
+    iterable Dataset or a DataLoader factory ``f(batch_size)`` read batch by batch."""
+    from torch.utils.data import DataLoader, IterableDataset
+
+    if isinstance(obj, Split):
+        return obj
+    if isinstance(obj, IterableDataset):
+        return BatchStreamSplit(lambda batch_size: DataLoader(obj, batch_size=batch_size), spec)
+    if hasattr(obj, "__getitem__"):
+        return DatasetSplit(obj, spec)
+    if callable(obj):
+        return BatchStreamSplit(obj, spec)
+    raise UserError(f"data plug-in {spec!r}: expected Datasets or DataLoader factories, got {type(obj).__name__}")
 
 
-def load_data(spec: str, splits: tuple[str, ...] = ("train",), subset: int | None = None) -> dict[str, Split]:
-    """Load the named splits of a data spec as CPU tensors, optionally a fixed seeded subset of each."""
+def _store(spec: str) -> dict[str, AnySplit]:
+    return {name: DatasetSplit(ds, spec) for name, ds in open_store(spec).items()}
+
+
+def load_data(spec: str, splits: tuple[str, ...] = ("train",), subset: int | None = None) -> dict[str, AnySplit]:
+    """Load the named splits of a data spec (the small built-in sets as host tensors, stores and
+    plug-in Datasets as readers), optionally a fixed seeded subset of each."""
     for s in splits:
         if s not in SPLITS:
             raise UserError(f"`split` {s!r}: expected train and/or test")
+    data: dict[str, AnySplit]
     if spec == "digits":
-        data = _digits()
+        data = dict(_digits())
     elif spec.startswith("cifar10:"):
-        data = _cifar10(spec[len("cifar10:") :])
+        data = dict(_cifar10(spec[len("cifar10:") :]))
     elif spec == "synthetic" or spec.startswith("synthetic:"):
-        data = _synthetic(spec.partition(":")[2])
+        data = dict(_synthetic(spec.partition(":")[2]))
+    elif spec.partition(":")[0] in STORE_KINDS:
+        data = _store(spec)
     elif ":" in spec:
         data = _plugin(spec)
     else:
-        raise UserError(f"unknown data {spec!r}: use digits, cifar10:PATH, synthetic[:opts] or pkg.module:factory")
+        raise UserError(f"unknown data {spec!r}: use digits, cifar10:PATH, synthetic[:opts], hdf5:PATH, npy:DIR "
+                        "or pkg.module:factory")
     out = {}
     for s in splits:
         if s not in data:
@@ -170,22 +332,19 @@ def load_data(spec: str, splits: tuple[str, ...] = ("train",), subset: int | Non
     return out
 
 
-def _subset(split: Split, n: int, name: str) -> Split:
+def _subset_index(size: int, n: int, name: str) -> torch.Tensor:
+    """A fixed seeded choice of ``n`` of ``size`` rows, in order."""
     if n < 1:
         raise UserError(f"`subset` {n}: must be at least 1")
-    if n > len(split):
-        raise UserError(f"`subset` {n} is larger than the {name} split ({len(split)} samples)")
-    idx = torch.randperm(len(split), generator=torch.Generator().manual_seed(0))[:n].sort().values
+    if n > size:
+        raise UserError(f"`subset` {n} is larger than the {name} split ({size} samples)")
+    return torch.randperm(size, generator=torch.Generator().manual_seed(0))[:n].sort().values
+
+
+def _subset(split: AnySplit, n: int, name: str) -> AnySplit:
+    if isinstance(split, BatchStreamSplit):
+        raise UserError(f"`subset`: the {name} split is a stream of batches, which has no rows to choose from")
+    if isinstance(split, DatasetSplit):
+        return split.subset(n, name)
+    idx = _subset_index(len(split), n, name)
     return Split(split.x[idx], split.y[idx])
-
-
-def resident_batches(
-    split: Split, batch_size: int, device: torch.device, dtype: torch.dtype, channels_last: bool = False
-) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """The split on ``device`` once, cut into ``batch_size`` samples (the last may be shorter)."""
-    x = split.x.to(device=device, dtype=dtype if torch.is_floating_point(split.x) else split.x.dtype)
-    y = split.y.to(device=device, dtype=dtype if torch.is_floating_point(split.y) else split.y.dtype)
-    batches = [(x[i : i + batch_size], y[i : i + batch_size]) for i in range(0, len(x), batch_size)]
-    if channels_last and x.dim() == 4:
-        batches = [(bx.contiguous(memory_format=torch.channels_last), by) for bx, by in batches]
-    return batches

@@ -1,7 +1,10 @@
-"""Loss and accuracy of a model at θ* + α·d₁ + β·d₂, over device-resident batches.
+"""Loss and accuracy of a model at θ* + α·d₁ + β·d₂, over each split's batches (resident or
+streamed: lsurf.engine.batches).
 
 Weights at every point are written afresh from θ* with foreach ops (no drift, no allocation), and
-each split's statistics stay on the device until one host synchronisation per point.
+each split's statistics stay on the device until one host synchronisation per point. Statistics
+are made of additive sums and a sample count, so the ranks of a group, each holding a share of
+every split, add their sums (``reduce``) and get what one process holding it all would.
 """
 
 from __future__ import annotations
@@ -10,14 +13,15 @@ import contextlib
 import copy
 import time
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lsurf.engine.data import Split, resident_batches
+from lsurf.engine.batches import Feed, Streamed, head, resident_batches
+from lsurf.engine.data import AnySplit
 from lsurf.engine.directions import Directions, target_tensors
 from lsurf.engine.metrics import METRICS, Metric, quantity_names
 from lsurf.engine.models import load_plugin
@@ -25,6 +29,7 @@ from lsurf.engine.snapshot import preserved
 from lsurf.errors import UserError
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+Reduce = Callable[[np.ndarray], np.ndarray]  # sums of this rank's share -> sums of the group's
 _REDUCE_EVERY = 1 << 22  # model outputs held before a loss/argmax reduction (16 MB of float32)
 
 
@@ -56,7 +61,7 @@ def resolve_loss(spec: str) -> LossFn:
 @contextlib.contextmanager
 def evaluator(
     model: nn.Module,
-    data: dict[str, Split],
+    data: dict[str, AnySplit],
     directions: Directions,
     *,
     device: torch.device | str = "cpu",
@@ -69,11 +74,17 @@ def evaluator(
     amp: bool = False,
     hessian_iters: int = 0,
     metrics: Sequence[Metric] = METRICS,
+    streamed: Collection[str] = (),
+    workers: int = 0,
+    shard: tuple[int, int] = (0, 1),
+    reduce: Reduce | None = None,
 ) -> Iterator[Evaluator]:
     """``with evaluator(model, data, directions, ...) as ev:`` — the model moved to ``device`` and
-    ``dtype`` (and NHWC with ``channels_last``) in eval mode, the splits resident there in batches,
-    and, on the way out, the model handed back exactly as it came (weights, buffers, device, dtype,
-    layout, train/eval flags), also after an exception or Ctrl-C."""
+    ``dtype`` (and NHWC with ``channels_last``) in eval mode, the splits resident there in batches
+    (those named in ``streamed`` read afresh at every point by ``workers`` loader processes), and,
+    on the way out, the model handed back exactly as it came (weights, buffers, device, dtype,
+    layout, train/eval flags), also after an exception or Ctrl-C. ``shard`` (r, G): this rank holds
+    the r-th of G parts of every split and ``reduce`` adds the group's sums."""
     dev = torch.device(device)
     with preserved(model):
         model.to(device=dev, dtype=dtype)
@@ -81,19 +92,22 @@ def evaluator(
             model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]  # valid; not in torch stubs
         model.eval()
         names, targets = target_tensors(model, directions.meta.get("dir_type", "weights"))
-        batches = {s: resident_batches(split, batch_size, dev, dtype, channels_last) for s, split in data.items()}
+        batches: dict[str, Feed] = {
+            s: Streamed(split, batch_size, dev, dtype, channels_last, workers, shard) if s in streamed
+            else resident_batches(split, batch_size, dev, dtype, channels_last, shard) for s, split in data.items()}
         loss_fn = resolve_loss(loss) if isinstance(loss, str) else loss
         yield Evaluator(model, names, targets, directions.to(dev, dtype), batches, loss_fn, bn, points_per_pass,
-                        amp, hessian_iters, metrics)
+                        amp, hessian_iters, metrics, reduce)
 
 
-def check_outputs_fit(model: nn.Module, split: Split, loss_fn: LossFn, device, dtype) -> None:
+def check_outputs_fit(model: nn.Module, split: AnySplit, loss_fn: LossFn, device, dtype) -> None:
     """Run one tiny batch so a model/label mismatch is a clear error before any work starts.
 
     The model must already be in eval mode: a forward in train mode would move BatchNorm statistics.
     """
-    x = split.x[:2].to(device=device, dtype=dtype)
-    y = split.y[:2].to(device=device, dtype=dtype if split.y.is_floating_point() else split.y.dtype)
+    x, y = split.rows(0, 2)
+    x = x.to(device=device, dtype=dtype if x.is_floating_point() else x.dtype)
+    y = y.to(device=device, dtype=dtype if y.is_floating_point() else y.dtype)
     try:
         with torch.inference_mode():
             out = model(x)
@@ -123,13 +137,14 @@ class Evaluator:
         names: list[str],
         targets: list[torch.Tensor],
         directions: Directions,
-        batches: dict[str, list[tuple[torch.Tensor, torch.Tensor]]],
+        batches: dict[str, Feed],
         loss_fn: LossFn,
         bn: str = "eval",
         points_per_pass: int = 1,
         amp: bool = False,
         hessian_iters: int = 0,
         metrics: Sequence[Metric] = METRICS,
+        reduce: Reduce | None = None,
     ):
         self.model = model.eval()
         idx = [i for i, t in enumerate(targets) if t.is_floating_point()]
@@ -138,7 +153,8 @@ class Evaluator:
         self.origin = [t.detach().clone() for t in self.params]
         self.d1 = [directions.x[i] for i in idx]
         self.d2 = None if directions.y is None else [directions.y[i] for i in idx]
-        self._use_batches(batches)
+        self.batches = batches
+        self.reduce = reduce
         self.loss_fn = loss_fn
         self.metrics = tuple(metrics)
         if bn not in ("eval", "recalibrate"):
@@ -154,19 +170,12 @@ class Evaluator:
             raise UserError("`hessian_iters` evaluates one point at a time: drop `points_per_pass`")
         self.hessian_iters = hessian_iters  # Lanczos steps for λ_max, λ_min per point (0: none)
 
-    def on_batches(self, batches: dict[str, list[tuple[torch.Tensor, torch.Tensor]]]) -> Evaluator:
-        """The same evaluator (same model, θ*, directions) over other batches: for calibration,
-        which times a few batches without touching this evaluator's own."""
+    def on_batches(self, batches: dict[str, Feed]) -> Evaluator:
+        """The same evaluator (same model, θ*, directions) over other batches, alone (no group
+        reduction): for calibration, which times a few batches without touching this evaluator's own."""
         twin = copy.copy(self)
-        twin._use_batches(batches)
+        twin.batches, twin.reduce = batches, None
         return twin
-
-    def _use_batches(self, batches: dict[str, list[tuple[torch.Tensor, torch.Tensor]]]) -> None:
-        """Evaluate on these batches; each split's labels are joined once, for reductions over many batches."""
-        self.batches = batches
-        self._labels = {s: torch.cat([y for _, y in b]) for s, b in batches.items()}
-        self._bounds = {s: np.cumsum([0] + [len(y) for _, y in b]).tolist() for s, b in batches.items()}
-        self._sizes = [len(y) for y in self._labels.values()]
 
     @torch.no_grad()
     def set_point(self, a: float, b: float) -> None:
@@ -193,9 +202,10 @@ class Evaluator:
         for k in range(0, len(points), self.points_per_pass):
             chunk = points[k : k + self.points_per_pass]
             pending = self._stacked(chunk) if len(chunk) > 1 else self._single(*chunk[0])
-            sums = pending.tolist()  # one host synchronisation per pass: [split][point][Σl, Σl², hits]
+            # One host synchronisation per pass: [split][point][metric sums..., samples]
+            sums = pending.tolist() if self.reduce is None else self.reduce(pending.cpu().numpy()).tolist()
             for p in range(len(chunk)):
-                row = [v for s, n in zip(sums, self._sizes) for v in self._statistics(s[p], n)]
+                row = [v for s in sums for v in self._statistics(s[p][:-1], int(s[p][-1]))]
                 if self.hessian_iters:  # one point per chunk: the weights are still set at it
                     row += self._curvature()
                 out.append(dict(zip(names, row)))
@@ -213,7 +223,7 @@ class Evaluator:
         if self.bn == "recalibrate":
             self._recalibrate_bn()
         forward = _autocast(self.model) if self.amp else self.model
-        return torch.stack([self._pass(split, forward, stacked=False) for split in self.batches])
+        return torch.stack([self._pass(split, forward, 1) for split in self.batches])
 
     def _stacked(self, chunk: list[tuple[float, float]]) -> torch.Tensor:
         ref = self.origin[0]
@@ -231,36 +241,41 @@ class Evaluator:
         batched = torch.vmap(forward, in_dims=(0, None))
         stacked = lambda x: batched(params, x)  # noqa: E731
         forward_k = _autocast(stacked) if self.amp else stacked
-        return torch.stack([self._pass(split, forward_k, stacked=True) for split in self.batches])
+        return torch.stack([self._pass(split, forward_k, len(chunk)) for split in self.batches])
 
     @torch.inference_mode()
-    def _pass(self, split: str, forward, stacked: bool) -> torch.Tensor:
-        """Sums [Σ loss, Σ loss², correct] over all batches of ``split`` for the K weight sets that
-        ``forward`` evaluates: (K, 3), float64, left on the device.
+    def _pass(self, split: str, forward, k: int) -> torch.Tensor:
+        """Sums [metric sums..., samples] over all batches of ``split`` for the ``k`` weight sets that
+        ``forward`` evaluates: (k, Σ widths + 1), float64, left on the device.
 
-        ``forward(x)`` returns (B, ...) outputs, or (K, B, ...) when ``stacked``. They are gathered and
+        ``forward(x)`` returns (B, ...) outputs, or (k, B, ...) when k > 1. They are gathered and
         reduced (loss, argmax) a few million values at a time rather than per batch: for small models
         the per-batch loss calls cost as much as the forward itself (an MLP on digits: 1.8x the bare pass).
         """
-        batches, bounds = self.batches[split], self._bounds[split]
-        sums, outs, first, held = None, [], 0, 0
-        for i, (x, _) in enumerate(batches):
+        width = sum(m.width for m in self.metrics) + 1
+        sums = torch.zeros(k, width, dtype=torch.float64, device=self.origin[0].device)  # a shard may be empty
+        outs: list[torch.Tensor] = []
+        ys: list[torch.Tensor] = []
+        held = 0
+        for x, y in self.batches[split]:
             outs.append(forward(x))
+            ys.append(y)
             held += outs[-1].numel()
-            if held >= _REDUCE_EVERY or i == len(batches) - 1:
-                out = torch.cat(outs, int(stacked)) if len(outs) > 1 else outs[0]
-                part = self._reduce(out if stacked else out[None], self._labels[split][bounds[first] : bounds[i + 1]])
-                sums = part if sums is None else sums + part
-                outs, first, held = [], i + 1, 0
-        assert sums is not None  # every split has a batch (_use_batches's torch.cat rejects an empty one)
-        return sums
+            if held >= _REDUCE_EVERY:
+                sums += self._reduce(outs, ys, k)
+                outs, ys, held = [], [], 0
+        return sums + self._reduce(outs, ys, k) if outs else sums
 
-    def _reduce(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """Every metric's sums over (K, B, ...) outputs against B targets: (K, Σ widths), float64."""
-        k = len(out)
+    def _reduce(self, outs: list[torch.Tensor], ys: list[torch.Tensor], k: int) -> torch.Tensor:
+        """Every metric's sums over (k, B, ...) outputs against B targets, and B: (k, Σ widths + 1)."""
+        stacked = int(k > 1)
+        out = torch.cat(outs, stacked) if len(outs) > 1 else outs[0]
+        out = out if stacked else out[None]
+        y = torch.cat(ys) if len(ys) > 1 else ys[0]
         yk = y if k == 1 else y.repeat(k, *([1] * (y.dim() - 1)))
         loss = self.loss_fn(out.flatten(0, 1), yk).view(k, -1).double()
-        return torch.cat([m.sums(out, y, loss) for m in self.metrics], -1)
+        count = torch.full((k, 1), float(len(y)), dtype=torch.float64, device=loss.device)
+        return torch.cat([*(m.sums(out, y, loss) for m in self.metrics), count], -1)
 
     def _statistics(self, sums: list[float], n: int) -> list[float]:
         """Each metric's statistics of ``n`` samples from its slice of the sums (plain floats: on a
@@ -294,9 +309,10 @@ class Evaluator:
         self.points_per_pass = 1
         if self.bn == "recalibrate" or self.hessian_iters:
             return 1
-        first = next(iter(self.batches.values()))
+        first_feed = next(iter(self.batches.values()))
         all_batches = sum(len(b) for b in self.batches.values())
-        n_batches = min(n_batches, len(first))
+        first = head(first_feed, n_batches)
+        n_batches = len(first)
         # The least calibration that decides anything: the first two candidates, warm-up and repeats,
         # four calls for the estimates below. Each call costs at least its share of a point's batches.
         least = ((1 + repeats) * sum(candidates[:2]) + 4) * n_batches / all_batches

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+from collections.abc import Iterable
 
 import h5py
 import numpy as np
@@ -21,7 +22,7 @@ from torch import nn
 from lsurf._version import __version__
 from lsurf.errors import UserError
 
-Batches = list[tuple[torch.Tensor, torch.Tensor]]
+Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]  # re-iterable: read once per product
 
 
 class Hessian:

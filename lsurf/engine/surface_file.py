@@ -245,7 +245,7 @@ class Surface:
             flag = f"  ({bad} points non-finite: overflow)" if bad else ""
             lines.append(f"{name + ':':<20}{rng}{flag}")
         for key in ("model", "data", "checkpoint", "checkpoint_sha256", "dir_file", "dir_file_sha256", "mpi_ranks",
-                    "created", "finished", "eval_seconds_total", "eval_seconds_per_point"):
+                    "rank_layout", "streamed", "created", "finished", "eval_seconds_total", "eval_seconds_per_point"):
             if key in self.attrs and self.attrs[key] != "":
                 lines.append(f"{key + ':':<20}{self.attrs[key]}")
         for key in ("directions", "plan", "versions"):
@@ -258,6 +258,12 @@ class Surface:
         if "config" in self.attrs:
             lines.append(f"{'config:':<20}{json.dumps(json.loads(self.attrs['config']), sort_keys=True)}")
         return lines
+
+
+def completion(path: str | Path) -> tuple[int, int]:
+    """(points done, points in the grid) of a surface file: what a job script checks after a run."""
+    done = read_surface(path).done
+    return int(done.sum()), int(done.size)
 
 
 def read_surface(path: str | Path) -> Surface:

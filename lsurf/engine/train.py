@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lsurf.engine.data import Split
+from lsurf.engine.data import AnySplit, Split
 from lsurf.engine.evaluate import resolve_loss
 
 
@@ -33,7 +33,7 @@ def save_checkpoint(model: nn.Module, path: Path, epoch: int, acc: float) -> Non
 
 def train(
     model: nn.Module,
-    data: dict[str, Split],
+    data: dict[str, AnySplit],
     out_dir: str | Path,
     *,
     epochs: int = 10,
@@ -47,7 +47,9 @@ def train(
     log=print,
 ) -> list[Path]:
     """Train on ``data['train']`` with SGD on ``device``; the shuffling order is a function of ``seed``.
-    The model is trained in place (that is the point) and left on ``device``; checkpoints hold CPU tensors."""
+    The model is trained in place (that is the point) and left on ``device``; checkpoints hold CPU tensors.
+    Training shuffles every epoch, so the splits are read into host memory whole."""
+    whole = {name: split.materialise() for name, split in data.items()}
     out = Path(out_dir)
     model.to(device)
     out.mkdir(parents=True, exist_ok=True)
@@ -56,7 +58,7 @@ def train(
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, epochs))
     gen = torch.Generator().manual_seed(seed)
-    train_split, test_split = data["train"], data.get("test")
+    train_split, test_split = whole["train"], whole.get("test")
     paths = [out / "model_0.t7"]
     save_checkpoint(model, paths[0], 0, _accuracy(model, test_split))
     for epoch in range(1, epochs + 1):

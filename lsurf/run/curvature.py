@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from lsurf.engine.data import resident_batches
+from lsurf.engine.batches import resident_batches
 from lsurf.engine.evaluate import resolve_loss
 from lsurf.engine.hessian import Hessian, spectrum
 from lsurf.engine.plan import default_batch_size
@@ -24,7 +24,7 @@ def hessian_spectrum(options: Options, device: torch.device, *, top_k: int = 5, 
     model, data = load_inputs(options)
     if data is None:
         raise UserError("`data` is needed for the Hessian")
-    split = data[options.split[0]]
+    split = data[options.split[0]].materialise()
     model.to(device).eval()
     batches = resident_batches(split, options.batch_size or default_batch_size(device), device, options.torch_dtype)
     h = Hessian(model, batches, resolve_loss(options.loss))

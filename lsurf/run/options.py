@@ -20,6 +20,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
+from lsurf.engine.batches import Residency
 from lsurf.engine.directions import DirType, Ignore, Norm
 from lsurf.errors import UserError
 
@@ -43,9 +44,10 @@ class Options:
 
     Groups: what to load (model, checkpoint, data, subset, split), the directions (seed, norm,
     ignore, dir_type, same_dir, dir_file, model2, model3), the grid (x, y), how to evaluate (loss,
-    dtype, device, threads, batch_size, points_per_pass, amp, layout, bn, hessian_iters), how to
-    distribute and write (tile, schedule, writer, out, overwrite, progress). ``None`` means "choose
-    for me" where the run plan decides (batch size, points per pass, threads).
+    dtype, device, threads, batch_size, points_per_pass, amp, layout, bn, hessian_iters), how data
+    reaches the device (resident, memory_budget, workers), how to distribute and write
+    (ranks_per_point, tile, schedule, writer, out, overwrite, progress). ``None`` means "choose for
+    me" where the run plan decides (batch size, points per pass, threads, budget, loader workers).
     """
 
     model: str = "cnn"
@@ -73,6 +75,10 @@ class Options:
     layout: Layout = "auto"
     bn: BatchNorm = "eval"
     hessian_iters: int = 0
+    resident: Residency = "auto"
+    memory_budget: str | None = None
+    workers: int | None = None
+    ranks_per_point: int = 1
     tile: str | None = None
     schedule: Schedule = "dynamic"
     writer: Writer = "auto"
@@ -87,12 +93,16 @@ class Options:
             object.__setattr__(self, "split", tuple(s.strip() for s in self.split.split(",") if s.strip()))
         for f in fields(self):
             _check_field(f.name, _HINTS[f.name], getattr(self, f.name))
-        for name in ("threads", "batch_size", "points_per_pass", "subset"):
+        for name in ("threads", "batch_size", "points_per_pass", "subset", "ranks_per_point"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise UserError(f"`{name}` {value}: must be at least 1")
         if self.hessian_iters < 0:
             raise UserError(f"`hessian_iters` {self.hessian_iters}: must be at least 0")
+        if self.workers is not None and self.workers < 0:
+            raise UserError(f"`workers` {self.workers}: must be at least 0")
+        if self.memory_budget is not None:
+            parse_bytes(self.memory_budget, "memory_budget")
         if not self.split:
             raise UserError("`split` is empty: expected train and/or test")
         self._check_combinations()
@@ -102,6 +112,9 @@ class Options:
         if one_point and (self.points_per_pass or 1) > 1:
             raise UserError(f"`points_per_pass` > 1 cannot be combined with {one_point}: it evaluates one point "
                             "at a time")
+        if one_point and self.ranks_per_point > 1:
+            raise UserError(f"`ranks_per_point` > 1 cannot be combined with {one_point}: it needs the whole "
+                            "split in one process")
         if self.amp == "bf16" and self.dtype == "float64":
             raise UserError("`amp` bf16 with `dtype` float64 would compute in bfloat16 and call it float64: "
                             "choose one")
@@ -116,6 +129,10 @@ class Options:
 
     def replace(self, **changes: Any) -> Options:
         return dataclasses.replace(self, **changes)
+
+    @property
+    def budget_bytes(self) -> int | None:
+        return None if self.memory_budget is None else parse_bytes(self.memory_budget, "memory_budget")
 
     @property
     def torch_dtype(self):
@@ -139,6 +156,22 @@ def field_names(values: Mapping[str, Any], known: set[str], what: str) -> dict[s
             raise UserError(f"{what} {key!r}{hint}")
         out[name] = value
     return out
+
+
+_UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+
+
+def parse_bytes(text: str, name: str) -> int:
+    """``"512M"``, ``"1.5G"``, ``"4096"`` (bytes; K, M, G, T are powers of 1024) as a byte count."""
+    t = str(text).strip().upper().removesuffix("IB").removesuffix("B")
+    unit = t[-1:] if t[-1:] in _UNITS else ""
+    try:
+        value = float(t[: len(t) - len(unit)])
+    except ValueError:
+        raise UserError(f"`{name}` {text!r}: expected a size such as 512M or 4G") from None
+    if not value > 0:
+        raise UserError(f"`{name}` {text!r}: must be positive")
+    return int(value * _UNITS[unit])
 
 
 def read_job_file(path: str) -> dict[str, Any]:

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from lsurf._version import __version__
-from lsurf.engine.data import Split
+from lsurf.engine.data import AnySplit
 from lsurf.engine.directions import Directions, markers
 from lsurf.engine.models import file_sha256
 from lsurf.run.options import Options
@@ -48,7 +48,7 @@ class Provenance:
             return self
         return replace(self, dir_file=str(path), dir_file_sha256=file_sha256(path))
 
-    def identity(self, directions: Directions, data: dict[str, Split], options: Options,
+    def identity(self, directions: Directions, data: dict[str, AnySplit], options: Options,
                  fingerprints: bool = True) -> dict[str, Any]:
         """What an existing file must have been made with to be resumed: the inputs and every
         option that changes values. Fingerprinting the data is costly: ``fingerprints`` False

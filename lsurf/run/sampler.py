@@ -23,7 +23,8 @@ import torch
 from torch import nn
 
 from lsurf.engine import surface_file
-from lsurf.engine.data import Split
+from lsurf.engine.batches import device_budget, keep_resident, size_text
+from lsurf.engine.data import AnySplit, BatchStreamSplit
 from lsurf.engine.directions import Directions, save_directions
 from lsurf.engine.evaluate import Evaluator, check_outputs_fit, evaluator, resolve_loss
 from lsurf.engine.grid import Grid, Tile, parse_tile
@@ -36,7 +37,7 @@ from lsurf.run.provenance import Provenance
 from lsurf.run.runtime import choose_device
 from lsurf.run.sources import directions_for, directions_path, grid_for, load_inputs
 from lsurf.run.transport import TileQueue, TileSink
-from lsurf.run.world import World, abort_on_failure
+from lsurf.run.world import Group, World, abort_on_failure
 
 Log = Callable[[str], None]
 
@@ -54,7 +55,7 @@ def run_surface(options: Options, comm: Any = None, log: Log | None = None) -> s
                        log or (lambda m: None))
 
 
-def _inputs(options: Options) -> tuple[Grid, nn.Module, dict[str, Split], Directions]:
+def _inputs(options: Options) -> tuple[Grid, nn.Module, dict[str, AnySplit], Directions]:
     grid = grid_for(options)
     model, data = load_inputs(options)
     if data is None:
@@ -64,7 +65,7 @@ def _inputs(options: Options) -> tuple[Grid, nn.Module, dict[str, Split], Direct
 
 def sample_surface(
     model: nn.Module,
-    data: dict[str, Split],
+    data: dict[str, AnySplit],
     directions: Directions,
     grid: Grid,
     out: str | Path,
@@ -94,9 +95,19 @@ def sample_surface(
                        provenance or Provenance(config=opts.as_dict()), save_directions_to, log or (lambda m: None))
 
 
-def _sample(w: World, model: nn.Module, data: dict[str, Split], directions: Directions, grid: Grid, path: Path,
+def _sample(w: World, model: nn.Module, data: dict[str, AnySplit], directions: Directions, grid: Grid, path: Path,
             opts: Options, prov: Provenance, save_to: str | Path | None, log: Log) -> surface_file.Surface | None:
     dev = w.agree(lambda: _check_inputs(w, model, data, directions, grid, opts))
+    group = w.groups(opts.ranks_per_point)
+    try:
+        return _sample_in_groups(w, group, dev, model, data, directions, grid, path, opts, prov, save_to, log)
+    finally:
+        group.free()
+
+
+def _sample_in_groups(w: World, group: Group, dev: torch.device, model: nn.Module, data: dict[str, AnySplit],
+                      directions: Directions, grid: Grid, path: Path, opts: Options, prov: Provenance,
+                      save_to: str | Path | None, log: Log) -> surface_file.Surface | None:
     identity = prov.identity(directions, data, opts, fingerprints=w.is_root)
     with contextlib.ExitStack() as stack:
         def prepare() -> tuple[dict | None, Plan | None]:
@@ -111,37 +122,49 @@ def _sample(w: World, model: nn.Module, data: dict[str, Split], directions: Dire
 
         existing, stored = w.bcast(w.agree(prepare))
         batch_size, channels_last = w.bcast(w.agree(lambda: _layout(w, model, data, dev, opts, stored, log)))
+        workers = _workers(opts, dev)
+        streamed = w.bcast(w.agree(lambda: _streamed(w, group, data, dev, opts, batch_size, workers, log)))
         with evaluator(model, data, directions, device=dev, dtype=opts.torch_dtype, batch_size=batch_size,
                        channels_last=channels_last, loss=opts.loss, bn=opts.bn,
                        points_per_pass=opts.points_per_pass or (stored.points_per_pass if stored else 1),
-                       amp=opts.amp == "bf16", hessian_iters=opts.hessian_iters) as ev:
+                       amp=opts.amp == "bf16", hessian_iters=opts.hessian_iters, streamed=streamed,
+                       workers=workers, shard=(group.rank, group.size), reduce=group.add_sums()) as ev:
             plan = stored or Plan(dev.type, batch_size, channels_last, ev.points_per_pass, torch.get_num_threads())
             if stored is None and opts.points_per_pass is None:
                 # Rank 0 calibrates and decides, so every rank takes the same path. The others wait
                 # meanwhile, so calibration is weighed against one rank's share of the points.
                 todo = grid.num_points - (int(existing["done"].sum()) if existing else 0)
-                k = w.bcast(ev.calibrate(points=-(-todo // w.size), log=log) if w.is_root else None)
+                k = w.bcast(ev.calibrate(points=-(-todo // group.count), log=log) if w.is_root else None)
                 ev.points_per_pass = k
                 plan = replace(plan, points_per_pass=k)
             if w.is_root and stored is None:
                 surface_file.set_attrs(path, {"plan": plan.to_json()})
             w.barrier()  # rank 0 has closed the file again before the writers open it
-            log(f"rank {w.rank}/{w.size} (local {w.local_rank}/{w.local_size}) on {dev}, "
-                f"{torch.get_num_threads()} threads")
-            stats = _run(w, ev, grid, path, existing, opts, log)
+            log(f"rank {w.rank}/{w.size} (local {w.local_rank}/{w.local_size}, group {group.index}/{group.count}) "
+                f"on {dev}, {torch.get_num_threads()} threads")
+            stats = _run(w, group, ev, grid, path, existing, opts, log)
         gathered = w.gather(stats)
         if w.is_root:
             assert gathered is not None  # gather returns the list on rank 0
-            surface_file.set_attrs(path, _run_attrs(gathered, plan))
+            surface_file.set_attrs(path, {**_run_attrs(gathered, plan), "rank_layout": _layout_line(w, group),
+                                          "streamed": ",".join(streamed)})
     return surface_file.read_surface(path) if w.is_root else None
 
 
-def _check_inputs(w: World, model: nn.Module, data: dict[str, Split], directions: Directions, grid: Grid,
+def _check_inputs(w: World, model: nn.Module, data: dict[str, AnySplit], directions: Directions, grid: Grid,
                   opts: Options) -> torch.device:
     """This rank's device, after one tiny forward proves model, data and loss fit."""
     if grid.ndim != directions.ndim:
         raise UserError(f"the grid is {grid.ndim}-D but the directions are {directions.ndim}-D")
+    g = opts.ranks_per_point
+    if w.size % g:
+        raise UserError(f"`ranks_per_point` {g} does not divide the {w.size} ranks of this job")
+    for name, split in data.items():
+        if not isinstance(split, BatchStreamSplit) and len(split) < g:
+            raise UserError(f"the {name} split has {len(split)} samples, fewer than `ranks_per_point` {g}")
     dev = choose_device(w, opts.device)
+    _streamed(w, w.groups(1), data, dev, opts, opts.batch_size or default_batch_size(dev), _workers(opts, dev),
+              log=None)  # a budget too small for the stream: refused before any file is touched
     loss_fn = resolve_loss(opts.loss)
     parse_tile(opts.tile)
     with preserved(model):
@@ -150,7 +173,7 @@ def _check_inputs(w: World, model: nn.Module, data: dict[str, Split], directions
     return dev
 
 
-def _layout(w: World, model: nn.Module, data: dict[str, Split], dev: torch.device, opts: Options,
+def _layout(w: World, model: nn.Module, data: dict[str, AnySplit], dev: torch.device, opts: Options,
             stored: Plan | None, log: Log) -> tuple[int, bool] | None:
     """(batch size, channels-last), decided on rank 0: the stored plan's on resume (pinned values
     must agree with it), else the pinned values, the device's default batch size and the faster
@@ -164,9 +187,39 @@ def _layout(w: World, model: nn.Module, data: dict[str, Split], dev: torch.devic
         return None
     batch_size = opts.batch_size or default_batch_size(dev)
     if pinned_layout is None:
-        x = next(iter(data.values())).x[:batch_size].to(dev, opts.torch_dtype)
+        x = next(iter(data.values())).rows(0, batch_size)[0].to(dev, opts.torch_dtype)
         pinned_layout = faster_in_channels_last(model, x, log)
     return batch_size, pinned_layout
+
+
+def _workers(opts: Options, dev: torch.device) -> int:
+    """Loader processes per rank when streaming: a GPU eats batches faster than one process reads."""
+    return opts.workers if opts.workers is not None else (2 if dev.type == "cuda" else 1)
+
+
+def _streamed(w: World, group: Group, data: dict[str, AnySplit], dev: torch.device, opts: Options,
+              batch_size: int, workers: int, log: Log | None) -> list[str] | None:
+    """The splits streamed at every point rather than held on the device, decided on rank 0 for
+    its share of each split (the ranks of a job hold equal shares); ``log`` None: only check."""
+    if not w.is_root:
+        return None
+    budget = opts.budget_bytes or device_budget(dev, w.local_size)
+    shard = (group.rank, group.size)
+    streamed = [name for name, split in data.items()
+                if not keep_resident(split, name, opts.resident, budget, batch_size, workers, opts.torch_dtype, shard)]
+    held = [name for name in data if name not in streamed]
+    if log is None:
+        return streamed
+    log(f"data: {', '.join(held) or 'none'} resident, {', '.join(streamed) or 'none'} streamed "
+        f"(`resident` {opts.resident}, budget {size_text(budget)} per rank"
+        + (f", {workers} loader workers)" if streamed else ")"))
+    return streamed
+
+
+def _layout_line(w: World, group: Group) -> str:
+    if group.size == 1:
+        return f"{w.size} ranks, one per point"
+    return f"{w.size} ranks in {group.count} groups of {group.size}: each rank holds 1/{group.size} of every split"
 
 
 def _save_directions(directions: Directions, path: str | Path | None, prov: Provenance) -> Provenance:
@@ -197,28 +250,34 @@ def use_parallel_hdf5(w: World, writer: str) -> bool:
     return w.size > 1 and has_mpi and writer != "root"
 
 
-def _run(w: World, ev: Evaluator, grid: Grid, path: Path, existing: dict | None, opts: Options, log: Log) -> dict:
+def _run(w: World, group: Group, ev: Evaluator, grid: Grid, path: Path, existing: dict | None, opts: Options,
+         log: Log) -> dict:
+    """Take tiles until the queue is empty. In a group only the leader takes tiles (and tells the
+    others which) and only it writes; every rank of the group evaluates every point on its share."""
     done = grid.as_plane(existing["done"]) if existing else np.zeros(grid.plane_shape, dtype=bool)
-    tiles = [t for t in grid.tiles(parse_tile(opts.tile), w.size, ev.points_per_pass)
+    tiles = [t for t in grid.tiles(parse_tile(opts.tile), group.count, ev.points_per_pass)
              if not done[t.j0:t.j1, t.i0:t.i1].all()]
     todo_points = int((~done).sum())
     parallel_io = use_parallel_hdf5(w, opts.writer)
     if w.is_root:
         log(f"{len(tiles)} tiles, {todo_points} of {grid.num_points} points to do; "
-            f"writer: {'parallel HDF5 (mpio)' if parallel_io else 'rank 0'}")
-    sink = TileSink(w, path, grid, tiles, parallel_io)
-    queue = TileQueue(w, len(tiles), opts.schedule)
+            f"writer: {'parallel HDF5 (mpio)' if parallel_io else 'rank 0'}; {_layout_line(w, group)}")
+    sink = TileSink(w, path, grid, tiles, parallel_io, senders=group.count, puts=group.is_leader)
+    queue = TileQueue(w, len(tiles), opts.schedule, slot=group.index, slots=group.count)
+    if queue.progress_note:
+        log(queue.progress_note)
     bar = _progress_bar(todo_points) if (opts.progress and w.is_root) else None
     points, seconds = 0, 0.0
     wall = time.perf_counter()
     try:
-        while (k := queue.next()) is not None:
+        while (k := group.bcast(queue.next() if group.is_leader else None)) is not None:
             t0 = time.perf_counter()
             values, n = _evaluate_tile(ev, grid, tiles[k], done, existing)
             seconds += time.perf_counter() - t0
-            points += n
-            queue.add_done(n)
-            sink.put(k, values)
+            if group.is_leader:
+                points += n
+                queue.add_done(n)
+                sink.put(k, values)
             if bar is not None:
                 bar.update(queue.points_done() - bar.n)
         write_seconds = sink.finish()
@@ -226,6 +285,7 @@ def _run(w: World, ev: Evaluator, grid: Grid, path: Path, existing: dict | None,
         if bar is not None:
             bar.update(queue.points_done() - bar.n)
     except BaseException:
+        queue.stop_progress()
         sink.abandon()
         raise
     finally:

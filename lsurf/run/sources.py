@@ -8,7 +8,7 @@ from pathlib import Path
 
 from torch import nn
 
-from lsurf.engine.data import Split, load_data
+from lsurf.engine.data import AnySplit, load_data
 from lsurf.engine.directions import (
     Directions,
     load_directions,
@@ -23,13 +23,13 @@ from lsurf.errors import UserError
 from lsurf.run.options import Options
 
 
-def load_inputs(options: Options, seed: int | None = None) -> tuple[nn.Module, dict[str, Split] | None]:
+def load_inputs(options: Options, seed: int | None = None) -> tuple[nn.Module, dict[str, AnySplit] | None]:
     """The model (at its checkpoint, in the run's dtype) and the data splits the options name.
     Without data, zoo models take the input shape they were designed for; ``seed`` makes a fresh
     model's initial weights a function of it."""
     data = load_data(options.data, options.split, options.subset) if options.data else None
     first = next(iter(data.values())) if data else None
-    model = load_model(options.model, tuple(first.x.shape[1:]) if first else None,
+    model = load_model(options.model, first.sample_shape if first else None,
                        first.num_outputs if first else None, options.checkpoint, options.torch_dtype, seed=seed)
     return model, data
 

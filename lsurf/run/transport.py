@@ -6,6 +6,8 @@ loops in one process. Message tags live here, beside the only code that sends an
 
 from __future__ import annotations
 
+import atexit
+import threading
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -20,6 +22,57 @@ if TYPE_CHECKING:
     from mpi4py import MPI
 
 _TAG_TILE, _TAG_END = 11, 12
+_PROGRESS_THREAD = True  # bench/bench_tile_wait.py turns it off to measure what it is for
+
+
+class _Progress:
+    """A daemon thread on the window's owner that enters MPI about once a millisecond.
+
+    Why: where the fabric has no hardware atomics (TCP and many cloud networks across nodes), Open
+    MPI's ``osc/rdma`` serves a ``Lock``/``Fetch_and_op``/``Unlock`` on rank 0's window only when
+    rank 0 itself enters MPI; rank 0 also evaluates grid points, so without this every worker would
+    wait for rank 0's current point before it could take a tile. A call that runs MPI's progress
+    engine is needed; measured here (``mpirun --mca osc ^sm --mca btl self,tcp``), ``Iprobe`` is one:
+    a worker's longest wait for a tile fell from 3.2 s (all of rank 0's computation) to 7 ms
+    (bench/bench_tile_wait.py); ``MPI.Wtime`` or an empty ``Testall`` do not progress it, nor does
+    Open MPI's ``btl_tcp_progress_thread``.
+    It probes a private duplicate of ``COMM_SELF`` (no collective needed, no message ever comes)
+    and sleeps in between: rank 0's matmul rate with it was within noise (0.97-1.02 of without).
+    Calling MPI from a second thread needs ``MPI_THREAD_MULTIPLE``; without it there is no thread,
+    and ``note`` says why.
+    """
+
+    def __init__(self) -> None:
+        from mpi4py import MPI
+
+        self.thread: threading.Thread | None = None
+        if MPI.Query_thread() != MPI.THREAD_MULTIPLE:
+            self.note = ("no progress thread: MPI was initialised without MPI_THREAD_MULTIPLE, so on fabrics "
+                         "without hardware atomics a worker may wait for rank 0's current point to take a tile")
+            return
+        self.note = "progress thread on rank 0"
+        self.comm = MPI.COMM_SELF.Dup()
+        self.stopping = threading.Event()
+        self.thread = threading.Thread(target=self._loop, args=(MPI.ANY_SOURCE, MPI.ANY_TAG),
+                                       name="lsurf-mpi-progress", daemon=True)
+        self.thread.start()
+        # A failed run may never reach TileQueue.close(); Python's atexit handlers run before
+        # mpi4py finalizes MPI, so this one guarantees no call into MPI after MPI_Finalize.
+        atexit.register(self.stop)
+
+    def _loop(self, source: int, tag: int) -> None:
+        while not self.stopping.wait(0.001):
+            self.comm.Iprobe(source, tag)
+
+    def stop(self) -> None:
+        """Stop and join the thread (idempotent); the caller may free the window afterwards."""
+        if self.thread is None:
+            return
+        self.stopping.set()
+        self.thread.join()
+        self.thread = None
+        self.comm.Free()
+        atexit.unregister(self.stop)
 
 
 class TileQueue:
@@ -27,16 +80,23 @@ class TileQueue:
 
     The dynamic queue is an MPI window on rank 0 holding [next tile, points done]; ranks take the
     next tile with an atomic ``Fetch_and_op``, so a faster rank simply takes more tiles. The
-    second slot feeds rank 0's progress bar.
+    second slot feeds rank 0's progress bar. Rank 0 keeps the window served while it computes
+    (see :class:`_Progress`).
     """
 
-    def __init__(self, w: World, n: int, schedule: str = "dynamic"):
+    def __init__(self, w: World, n: int, schedule: str = "dynamic", slot: int | None = None,
+                 slots: int | None = None):
+        """Collective over ``w``. ``slot`` of ``slots`` (default: rank of size) is who takes tiles
+        under the static schedule: with rank groups only each group's leader calls :meth:`next`."""
         if schedule not in ("dynamic", "static"):
             raise UserError(f"`schedule` {schedule!r}: expected dynamic or static")
         self.w, self.n, self.schedule = w, n, schedule
-        self._next_static = w.rank
+        self._stride = w.size if slots is None else slots
+        self._next_static = w.rank if slot is None else slot
         self._done_local = 0
         self.win = None
+        self._progress: _Progress | None = None
+        self.progress_note = ""  # on rank 0 of several: whether a progress thread serves the window, or why not
         if w.comm is not None:
             from mpi4py import MPI
 
@@ -46,6 +106,9 @@ class TileQueue:
             if w.is_root:
                 # mpi4py's buffer has the buffer protocol, but numpy's stubs for Python < 3.12 name concrete types only
                 np.frombuffer(self.win.tomemory(), dtype=np.int64)[:] = 0  # type: ignore[call-overload]
+                if w.size > 1 and _PROGRESS_THREAD:  # every schedule: add_done uses the window too
+                    self._progress = _Progress()
+                    self.progress_note = self._progress.note
             w.barrier()
 
     def _fetch_add(self, slot: int, value: int) -> int:
@@ -64,7 +127,7 @@ class TileQueue:
             if self._next_static >= self.n:
                 return None
             t = self._next_static
-            self._next_static += self.w.size
+            self._next_static += self._stride
             return t
         t = self._fetch_add(0, 1)
         return t if t < self.n else None
@@ -78,7 +141,17 @@ class TileQueue:
         """Points finished by all ranks so far (exact on rank 0's own count when serial)."""
         return self._done_local if self.win is None else self._fetch_add(1, 0)
 
+    def stop_progress(self) -> None:
+        """Stop rank 0's progress thread (idempotent). ``close`` does it; a failed run may call it
+        where the collective ``close`` is out of reach (atexit does it at the latest)."""
+        if self._progress is not None:
+            self._progress.stop()
+            self._progress = None
+
     def close(self) -> None:
+        """Collective: stop the progress thread first (it must not touch MPI past this point), then
+        free the window."""
+        self.stop_progress()
         if self.win is not None:
             self.win.Free()
             self.win = None
@@ -88,8 +161,13 @@ class TileSink:
     """Where finished tiles go: into the file by this rank (parallel HDF5, or a lone process), or,
     where h5py is serial, to rank 0, which writes its own tiles and those the others send."""
 
-    def __init__(self, w: World, path: Path, grid: Grid, tiles: list[Tile], parallel_io: bool):
-        self.w, self.tiles = w, tiles
+    def __init__(self, w: World, path: Path, grid: Grid, tiles: list[Tile], parallel_io: bool,
+                 senders: int | None = None, puts: bool = True):
+        """Collective over ``w`` (parallel HDF5 opens the file on every rank). ``senders``: how many
+        ranks put tiles (default all; with rank groups the leaders, rank 0 among them); ``puts``:
+        whether this rank is one of them."""
+        self.w, self.tiles, self.puts = w, tiles, puts
+        self.senders = w.size if senders is None else senders
         self.relay = w.comm is not None and not parallel_io  # tiles travel to rank 0
         writes_here = parallel_io or w.is_root
         self.out = surface_file.TileWriter(path, grid, w.comm if parallel_io else None) if writes_here else None
@@ -107,9 +185,9 @@ class TileSink:
     def finish(self) -> float:
         """Deliver everything; returns the seconds this rank spent writing."""
         if self.relay and self.w.is_root:
-            while self.finished_ranks < self.w.size - 1:
+            while self.finished_ranks < self.senders - 1:
                 self._receive(block=True)
-        elif self.relay:
+        elif self.relay and self.puts:
             self.sends.append(self.w.comm.isend(None, dest=0, tag=_TAG_END))
             for request in self.sends:
                 request.wait()

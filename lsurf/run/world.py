@@ -80,10 +80,56 @@ class World:
             raise err
         return result
 
+    def groups(self, size: int) -> Group:
+        """This rank's group of ``size`` consecutive ranks, which share every grid point."""
+        if size < 1 or self.size % size:
+            raise UserError(f"`ranks_per_point` {size} does not divide the {self.size} ranks of this job")
+        if size == 1:
+            return Group(None, 0, 1, self.rank, self.size)
+        comm = self.comm.Split(color=self.rank // size, key=self.rank)
+        return Group(comm, self.rank % size, size, self.rank // size, self.size // size)
+
     def abort(self, code: int) -> None:
         if self.comm is not None and self.size > 1:
             self.comm.Abort(code)
         sys.exit(code)
+
+
+@dataclass
+class Group:
+    """The ranks that evaluate the same points, each on its share of the data: ``rank`` of ``size``
+    in group ``index`` of ``count``. Its first rank (the leader) takes tiles and writes them."""
+
+    comm: Any
+    rank: int
+    size: int
+    index: int
+    count: int
+
+    @property
+    def is_leader(self) -> bool:
+        return self.rank == 0
+
+    def bcast(self, obj):
+        return obj if self.comm is None else self.comm.bcast(obj, root=0)
+
+    def add_sums(self) -> Callable[[Any], Any] | None:
+        """The group's sum of every rank's sums (an in-place allreduce), or None for a lone rank."""
+        if self.comm is None:
+            return None
+        import numpy as np
+        from mpi4py import MPI
+
+        def add(sums):
+            out = np.ascontiguousarray(sums, dtype=np.float64)
+            self.comm.Allreduce(MPI.IN_PLACE, out, op=MPI.SUM)
+            return out
+        return add
+
+    def free(self) -> None:
+        if self.comm is not None:
+            self.comm.Free()
+            self.comm = None
 
 
 def affinity() -> frozenset[int]:
