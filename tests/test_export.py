@@ -9,7 +9,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
-from conftest import FIXTURES
+from conftest import FIXTURES, requires_fixtures
 from test_plot import write_surface
 
 from lsurf.engine.surface_file import read_surface
@@ -57,6 +57,7 @@ def test_ll_non_square_rereads_equal_and_follows_the_layout(partial, tmp_path):
     assert back.attrs["dir_file"] == "dirs.h5"
 
 
+@requires_fixtures
 def test_ll_of_the_reference_fixture_round_trips(tmp_path):
     ref = read_surface(FIXTURES / "resnet20" / "surface_11x11.h5")
     out = export_surface(ref, tmp_path / "again.h5", "ll")
