@@ -77,7 +77,22 @@ def _sha256(*tensors: torch.Tensor) -> str:
     return h.hexdigest()
 
 
-class DatasetSplit:
+class _ReadSplit:
+    """What a split read through ``rows`` knows from its first row."""
+
+    def rows(self, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    @property
+    def sample_shape(self) -> tuple[int, ...]:
+        return tuple(self.rows(0, 1)[0].shape[1:])
+
+    @property
+    def is_classification(self) -> bool:
+        return not torch.is_floating_point(self.rows(0, 1)[1])
+
+
+class DatasetSplit(_ReadSplit):
     """A map-style Dataset of (x, y) items as a split, optionally through sorted ``index`` (a subset).
 
     Rows are read range by range: with the dataset's own ``read(start, stop)``/``read_rows(idx)``
@@ -115,14 +130,6 @@ class DatasetSplit:
                             f"({type(e).__name__}: {e})") from None
 
     @property
-    def sample_shape(self) -> tuple[int, ...]:
-        return tuple(self.rows(0, 1)[0].shape[1:])
-
-    @property
-    def is_classification(self) -> bool:
-        return not torch.is_floating_point(self.rows(0, 1)[1])
-
-    @property
     def num_outputs(self) -> int:
         return self.materialise(labels_only=True).num_outputs
 
@@ -151,7 +158,7 @@ class DatasetSplit:
         return Split(torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]))
 
 
-class BatchStreamSplit:
+class BatchStreamSplit(_ReadSplit):
     """Batches of (x, y) from ``make(batch_size)``: an iterable Dataset (batched by a DataLoader) or
     a plug-in's DataLoader factory. Its length is unknown until counted, so it is always streamed;
     the fingerprint hashes the first batch."""
@@ -173,14 +180,6 @@ class BatchStreamSplit:
         for x, y in self.batches(stop):
             return x[:stop], y[:stop]
         raise UserError(f"data {self.spec!r}: the stream gave no batches")
-
-    @property
-    def sample_shape(self) -> tuple[int, ...]:
-        return tuple(self.rows(0, 1)[0].shape[1:])
-
-    @property
-    def is_classification(self) -> bool:
-        return not torch.is_floating_point(self.rows(0, 1)[1])
 
     @property
     def num_outputs(self) -> int:
