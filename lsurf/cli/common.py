@@ -68,8 +68,8 @@ def add_common(p: argparse.ArgumentParser, config: bool = True) -> None:
 
 def add_model(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")
-    g.add_argument("--model", default=SUPPRESS, help="zoo name (mlp, cnn, resnet20, ...) or pkg.module:factory"
-                   + _default("model"))
+    g.add_argument("--model", default=SUPPRESS, help="zoo name (mlp, cnn, resnet20, ...), pkg.module:factory, "
+                   "hf:DIR (a causal LM saved by save_pretrained) or hf-seq-cls:DIR" + _default("model"))
     g.add_argument("--checkpoint", default=SUPPRESS, help="weights to centre on: a state dict or {'state_dict': ...}")
 
 
@@ -77,17 +77,22 @@ def add_data(p: argparse.ArgumentParser, split_help: str = "comma-separated spli
     g = p.add_argument_group("data")
     g.add_argument("--data", default=SUPPRESS,
                    help="digits | cifar10:PATH | synthetic[:shape=3x32x32,n=1000,...] | hdf5:FILE | npy:DIR | "
-                   "pkg.module:factory"
-                   + _default("data"))
+                   "tokens:DIR[:uint32] (train.bin, val.bin) | pkg.module:factory" + _default("data"))
+    g.add_argument("--seq-len", type=int, default=SUPPRESS, help="tokens: window length T in tokens")
     g.add_argument("--subset", type=int, default=SUPPRESS, help="use a fixed seeded subset of N samples per split")
     g.add_argument("--split", default=SUPPRESS, help=split_help + _default("split"))
     g.add_argument("--loss", default=SUPPRESS, help="cross_entropy | mse | pkg.module:fn (per-sample)")
+    g.add_argument("--ignore-index", type=int, default=SUPPRESS,
+                   help="token targets equal to this are padding: not scored (default -100)")
+    g.add_argument("--output", default=SUPPRESS,
+                   help="entry of a dict-like model output to score (default: the tensor, or 'logits')")
 
 
 def add_device(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("device")
     g.add_argument("--device", default=SUPPRESS, help="auto | cpu | cuda | cuda:N (default auto)")
-    g.add_argument("--dtype", default=SUPPRESS, choices=choices(Dtype), help="(default float32)")
+    g.add_argument("--dtype", default=SUPPRESS, choices=choices(Dtype),
+                   help="weights' dtype (default float32; bfloat16 weights are perturbed in float32)")
     g.add_argument("--threads", type=int, default=SUPPRESS,
                    help="torch threads per rank (default: cores per rank on the node)")
     g.add_argument("--batch-size", type=int, default=SUPPRESS,
@@ -113,6 +118,9 @@ def add_directions(p: argparse.ArgumentParser) -> None:
     g.add_argument("--ignore", default=SUPPRESS, choices=IGNORES, help="biasbn: zero biases and BN parameters")
     g.add_argument("--dir-type", default=SUPPRESS, choices=DIR_TYPES, help="(default weights)")
     g.add_argument("--same-dir", action="store_true", default=SUPPRESS, help="y direction = x direction")
+    g.add_argument("--regenerate", action="store_true", default=SUPPRESS,
+                   help="redraw the seeded directions tensor by tensor at every point: weights and θ* only "
+                   "(2P memory, not 4P), for models that barely fit")
     g.add_argument("--dir-file", default=SUPPRESS, help="reuse the directions in this file (ours or Li et al.'s)")
     g.add_argument("--model2", default=SUPPRESS,
                    help="x direction = model2 - checkpoint (alpha=1 is model 2): interpolation")

@@ -24,6 +24,7 @@ import torch
 
 from lsurf.engine.models import load_plugin
 from lsurf.engine.stores import STORE_KINDS, open_store
+from lsurf.engine.tokens import open_tokens
 from lsurf.errors import UserError
 
 CIFAR_MEAN = (125.3 / 255, 123.0 / 255, 113.9 / 255)
@@ -299,13 +300,17 @@ def _as_split(obj: Any, spec: str) -> AnySplit:
     raise UserError(f"data plug-in {spec!r}: expected Datasets or DataLoader factories, got {type(obj).__name__}")
 
 
-def _store(spec: str) -> dict[str, AnySplit]:
-    return {name: DatasetSplit(ds, spec) for name, ds in open_store(spec).items()}
+def _store(spec: str, seq_len: int | None) -> dict[str, AnySplit]:
+    kind = spec.partition(":")[0]
+    opened = open_tokens(spec, seq_len) if kind == "tokens" else open_store(spec)
+    return {name: DatasetSplit(ds, spec) for name, ds in opened.items()}
 
 
-def load_data(spec: str, splits: tuple[str, ...] = ("train",), subset: int | None = None) -> dict[str, AnySplit]:
-    """Load the named splits of a data spec (the small built-in sets as host tensors, stores and
-    plug-in Datasets as readers), optionally a fixed seeded subset of each."""
+def load_data(spec: str, splits: tuple[str, ...] = ("train",), subset: int | None = None,
+              seq_len: int | None = None) -> dict[str, AnySplit]:
+    """Load the named splits of a data spec (the small built-in sets as host tensors, stores, token
+    files cut into ``seq_len`` windows and plug-in Datasets as readers), optionally a fixed seeded
+    subset of each (of windows, for tokens)."""
     for s in splits:
         if s not in SPLITS:
             raise UserError(f"`split` {s!r}: expected train and/or test")
@@ -316,19 +321,29 @@ def load_data(spec: str, splits: tuple[str, ...] = ("train",), subset: int | Non
         data = dict(_cifar10(spec[len("cifar10:") :]))
     elif spec == "synthetic" or spec.startswith("synthetic:"):
         data = dict(_synthetic(spec.partition(":")[2]))
-    elif spec.partition(":")[0] in STORE_KINDS:
-        data = _store(spec)
+    elif spec.partition(":")[0] in (*STORE_KINDS, "tokens"):
+        data = _store(spec, seq_len)
     elif ":" in spec:
         data = _plugin(spec)
     else:
-        raise UserError(f"unknown data {spec!r}: use digits, cifar10:PATH, synthetic[:opts], hdf5:PATH, npy:DIR "
-                        "or pkg.module:factory")
+        raise UserError(f"unknown data {spec!r}: use digits, cifar10:PATH, synthetic[:opts], hdf5:PATH, npy:DIR, "
+                        "tokens:DIR or pkg.module:factory")
     out = {}
     for s in splits:
         if s not in data:
             raise UserError(f"data {spec!r} has no {s} split")
         out[s] = _subset(data[s], subset, s) if subset else data[s]
     return out
+
+
+def max_token(split: AnySplit) -> int | None:
+    """The largest input id of a split of token ids (None: float inputs, or unknown without reading
+    a stream): a model whose vocabulary is smaller would index past its embedding."""
+    if isinstance(split, DatasetSplit) and hasattr(split.dataset, "max_token"):
+        return int(split.dataset.max_token())
+    if isinstance(split, Split) and not split.x.is_floating_point() and len(split.x):
+        return int(split.x.max())
+    return None
 
 
 def _subset_index(size: int, n: int, name: str) -> torch.Tensor:

@@ -8,7 +8,9 @@ for ``dir_type=states``) — plus attributes naming the tensors and recording ho
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, get_args
@@ -31,23 +33,49 @@ IGNORES: tuple[str, ...] = get_args(Ignore)
 def target_tensors(model: nn.Module, dir_type: str) -> tuple[list[str], list[torch.Tensor]]:
     """The tensors a direction moves: parameters (``weights``) or the whole state dict (``states``).
 
-    The returned tensors share storage with the model, so writing into them moves the model.
+    The returned tensors share storage with the model, so writing into them moves the model. A
+    tensor tied to another (a language model's output head = its input embedding) is listed once,
+    under its first name: two directions for one tensor would move it twice.
     """
     if dir_type == "weights":
-        named = list(model.named_parameters())
+        named = list(model.named_parameters())  # already without tied duplicates
         return [n for n, _ in named], [p.data for _, p in named]
     if dir_type == "states":
-        state = model.state_dict()
-        return list(state), list(state.values())
+        seen: set[tuple[int, int, tuple[int, ...]]] = set()
+        names, tensors = [], []
+        for name, t in model.state_dict().items():
+            key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
+            if t.numel() and key in seen:
+                continue
+            seen.add(key)
+            names.append(name)
+            tensors.append(t)
+        return names, tensors
     raise UserError(f"`dir_type` {dir_type!r}: expected one of {', '.join(DIR_TYPES)}")
 
 
-def normalize(d: torch.Tensor, w: torch.Tensor, norm: str, ignore: str) -> None:
-    """Scale ``d`` in place against ``w``: each slice along dim 0 (``filter``), the whole tensor
-    (``layer``), elementwise (``weight``) or not at all (``none``).
+def filter_axes(model: nn.Module, names: list[str]) -> list[int]:
+    """The axis along which each named tensor holds its filters (output units): 0 for Linear rows,
+    Embedding rows, attention in-projections and convolutions; 1 for the transposed ``Conv1D``
+    layers of Hugging Face's GPT-2 family, whose weight is (in, out)."""
+    axes = []
+    for name in names:
+        owner, _, leaf = name.rpartition(".")
+        try:
+            module = model.get_submodule(owner)
+        except AttributeError:
+            module = None
+        transposed = type(module).__name__ == "Conv1D" and hasattr(module, "nf") and leaf == "weight"
+        axes.append(1 if transposed else 0)
+    return axes
 
-    Tensors of at most one dimension (biases, BatchNorm) are zeroed with ``ignore=biasbn`` and
-    otherwise set equal to ``w``, as in Li et al.'s code.
+
+def normalize(d: torch.Tensor, w: torch.Tensor, norm: str, ignore: str, axis: int = 0) -> None:
+    """Scale ``d`` in place against ``w``: each filter, the slices along ``axis`` (``filter``), the
+    whole tensor (``layer``), elementwise (``weight``) or not at all (``none``).
+
+    Tensors of at most one dimension (biases, BatchNorm, LayerNorm and RMSNorm gains) are zeroed
+    with ``ignore=biasbn`` and otherwise set equal to ``w``, as in Li et al.'s code.
     """
     if d.dim() <= 1:
         if ignore == "biasbn":
@@ -55,16 +83,37 @@ def normalize(d: torch.Tensor, w: torch.Tensor, norm: str, ignore: str) -> None:
         else:
             d.copy_(w)
         return
-    if norm == "filter":
-        dn = d.reshape(len(d), -1).norm(dim=1)
-        wn = w.reshape(len(w), -1).norm(dim=1)
-        d.mul_((wn / (dn + 1e-10)).view(-1, *([1] * (d.dim() - 1))))
-    elif norm == "layer":
-        d.mul_(w.norm() / (d.norm() + 1e-10))
-    elif norm == "weight":
+    if norm == "weight":
         d.mul_(w)
-    elif norm != "none":
-        raise UserError(f"`norm` {norm!r}: expected one of {', '.join(NORMS)}")
+        return
+    factor = norm_factor(d, w, norm, axis)
+    if factor is not None:
+        d.mul_(factor)
+
+
+def norm_factor(d: torch.Tensor, w: torch.Tensor, norm: str, axis: int = 0) -> torch.Tensor | None:
+    """What ``filter``/``layer`` normalisation multiplies a tensor of two or more dimensions by
+    (shaped to broadcast), or None (``none``): kept by regenerated directions, which then redo the
+    same multiplication bit for bit without keeping the direction."""
+    if norm == "filter":
+        dn = d.movedim(axis, 0).reshape(d.shape[axis], -1).norm(dim=1)
+        wn = w.movedim(axis, 0).reshape(w.shape[axis], -1).norm(dim=1)
+        shape = [1] * d.dim()
+        shape[axis] = -1
+        return (wn / (dn + 1e-10)).view(shape)
+    if norm == "layer":
+        return w.norm() / (d.norm() + 1e-10)
+    if norm == "none":
+        return None
+    raise UserError(f"`norm` {norm!r}: expected one of {', '.join(NORMS)}")
+
+
+def _hash(tensors: Iterable[torch.Tensor]) -> str:
+    h = hashlib.sha256()
+    for t in tensors:
+        t = t.detach().cpu().contiguous()
+        h.update((t.view(torch.int16) if t.dtype == torch.bfloat16 else t).numpy())  # the bytes, not a copy
+    return h.hexdigest()
 
 
 @dataclass
@@ -82,16 +131,112 @@ class Directions:
 
     def sha256(self) -> str:
         """Hash of the direction values themselves, independent of where they are stored."""
-        h = hashlib.sha256()
-        for t in self.x + (self.y or []):
-            h.update(t.detach().cpu().contiguous().numpy().tobytes())
-        return h.hexdigest()
+        return _hash(self.x + (self.y or []))
 
     def to(self, device: torch.device, dtype: torch.dtype) -> Directions:
         def cast(ts):
             return [t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype) for t in ts]
 
         return Directions(self.names, cast(self.x), None if self.y is None else cast(self.y), dict(self.meta))
+
+
+def tensor_generator(seed: int, which: int, index: int) -> torch.Generator:
+    """A CPU generator for tensor ``index`` of direction ``which`` (0: x, 1: y). Each tensor's draw
+    depends on (seed, which, index) alone, so one tensor can be drawn again without the others."""
+    state = np.random.SeedSequence([seed % 2**64, which, index]).generate_state(1, np.uint64)[0]
+    return torch.Generator().manual_seed(int(state))
+
+
+def _draw_dtype(w: torch.Tensor) -> torch.dtype:
+    """Directions of bfloat16/float16 weights are drawn and kept in float32: the perturbation is
+    computed in float32 and only the perturbed weight is rounded."""
+    return torch.float32 if w.dtype in (torch.bfloat16, torch.float16) else w.dtype
+
+
+# What regenerated directions keep per tensor: the tensor itself (non-floating, or at most one
+# dimension: small) or (dtype, normalisation factor or None) for a tensor drawn again when needed.
+_Kept = torch.Tensor | tuple[torch.dtype, torch.Tensor | None]
+
+
+def _direction(targets: list[torch.Tensor], axes: list[int], seed: int, which: int, norm: str, ignore: str,
+               keep_values: bool) -> tuple[list[torch.Tensor], list[_Kept]]:
+    """Direction ``which`` tensor by tensor: the values (if ``keep_values``) and what redraws it."""
+    values: list[torch.Tensor] = []
+    kept: list[_Kept] = []
+    for i, (w, axis) in enumerate(zip(targets, axes)):
+        w = w.detach().cpu()
+        if not w.is_floating_point():  # e.g. BatchNorm's num_batches_tracked: never moved
+            d = torch.zeros(w.shape, dtype=torch.float32)
+            kept.append(d)
+        else:
+            wf = w.to(_draw_dtype(w))
+            d = torch.randn(w.shape, generator=tensor_generator(seed, which, i), dtype=wf.dtype)
+            if d.dim() <= 1 or norm == "weight":
+                normalize(d, wf, norm, ignore, axis)
+                kept.append(d if d.dim() <= 1 else (d.dtype, None))  # weight: stored only, never redrawn
+            else:
+                factor = norm_factor(d, wf, norm, axis)
+                if factor is not None:
+                    d.mul_(factor)
+                kept.append((d.dtype, factor))
+        if keep_values:
+            values.append(d)
+    return values, kept
+
+
+class SeededDirections:
+    """Seeded random directions that are never held whole: tensor i of direction k is drawn again
+    from (seed, k, i) when it is needed and scaled by its cached normalisation factor, which gives
+    the very bits :func:`random_directions` stores, in the memory of one tensor. A model of P
+    parameters is then evaluated with 2P (weights and θ*) instead of 4P (and d₁, d₂).
+
+    ``x`` and ``y`` are sequences that draw on indexing, so saving and hashing work as for
+    :class:`Directions`; the evaluator draws one tensor at a time with :meth:`tensor`.
+    """
+
+    def __init__(self, names: list[str], shapes: list[torch.Size], kept: list[list[_Kept]], seed: int,
+                 meta: dict):
+        self.names, self.shapes, self.kept, self.seed, self.meta = names, shapes, kept, seed, meta
+        self.x = _Drawn(self, 0)
+        self.y = _Drawn(self, 1) if len(kept) > 1 else None
+
+    @property
+    def ndim(self) -> int:
+        return 1 if self.y is None else 2
+
+    def tensor(self, which: int, i: int) -> torch.Tensor:
+        """Tensor ``i`` of direction ``which``, on the CPU (a y equal to x is drawn as x)."""
+        kept = self.kept[which][i]
+        if isinstance(kept, torch.Tensor):
+            return kept
+        dtype, factor = kept
+        draw_as = 0 if self.meta.get("same_dir") else which
+        d = torch.randn(self.shapes[i], generator=tensor_generator(self.seed, draw_as, i), dtype=dtype)
+        return d.mul_(factor) if factor is not None else d
+
+    def sha256(self) -> str:
+        return _hash(itertools.chain(self.x, self.y or []))  # drawn one at a time
+
+    def to(self, device: torch.device, dtype: torch.dtype) -> SeededDirections:
+        """Itself: its tensors are drawn on the CPU and moved one at a time by whoever uses them."""
+        return self
+
+    def materialise(self) -> Directions:
+        return Directions(self.names, list(self.x), None if self.y is None else list(self.y), dict(self.meta))
+
+
+class _Drawn(Sequence):
+    def __init__(self, owner: SeededDirections, which: int):
+        self.owner, self.which = owner, which
+
+    def __len__(self) -> int:
+        return len(self.owner.names)
+
+    def __getitem__(self, i):  # int indices only
+        return self.owner.tensor(self.which, i)
+
+
+AnyDirections = Directions | SeededDirections
 
 
 def random_directions(
@@ -103,39 +248,37 @@ def random_directions(
     dir_type: str = "weights",
     two: bool = True,
     same_dir: bool = False,
-) -> Directions:
-    """Seeded Gaussian directions normalised against the model's current tensors (the centre θ*).
+    regenerate: bool = False,
+) -> AnyDirections:
+    """Seeded Gaussian directions normalised against the model's current tensors (the centre θ*),
+    filter by filter along each tensor's :func:`filter_axes`.
 
-    A private CPU generator makes the directions a function of ``seed`` alone: every MPI rank, and
-    every rerun, gets the same bytes.
+    Each tensor is drawn from its own generator seeded by (seed, direction, tensor index), so the
+    directions are a function of ``seed`` alone (every MPI rank, every rerun gets the same bytes)
+    and ``regenerate`` can give :class:`SeededDirections` that draw them again tensor by tensor.
     """
     if ignore not in IGNORES:
         raise UserError(f"`ignore` {ignore!r}: expected one of {', '.join(IGNORES)}")
     if norm not in NORMS:
         raise UserError(f"`norm` {norm!r}: expected one of {', '.join(NORMS)}")
+    if regenerate and norm == "weight":
+        raise UserError("`regenerate` cannot redraw `norm` weight directions (they need θ* itself): use filter, "
+                        "layer or none")
     names, targets = target_tensors(model, dir_type)
-    gen = torch.Generator().manual_seed(seed)
-
-    def one() -> list[torch.Tensor]:
-        out = []
-        for w in targets:
-            w = w.detach().cpu()
-            if not w.is_floating_point():  # e.g. BatchNorm's num_batches_tracked: never moved
-                out.append(torch.zeros(w.shape, dtype=torch.float32))
-                continue
-            d = torch.randn(w.shape, generator=gen, dtype=w.dtype)
-            normalize(d, w, norm, ignore)
-            out.append(d)
-        return out
-
-    x = one()
-    y = None if not two else ([t.clone() for t in x] if same_dir else one())
+    axes = filter_axes(model, names)
     meta = {"source": "random", "seed": seed, "norm": norm, "ignore": ignore, "dir_type": dir_type,
             "same_dir": same_dir}
+    x, kept_x = _direction(targets, axes, seed, 0, norm, ignore, keep_values=not regenerate)
+    if regenerate:
+        kept = [kept_x] + ([kept_x if same_dir else _direction(targets, axes, seed, 1, norm, ignore, False)[1]]
+                           if two else [])
+        return SeededDirections(names, [t.shape for t in targets], kept, seed, meta)
+    y = None if not two else ([t.clone() for t in x] if same_dir else
+                              _direction(targets, axes, seed, 1, norm, ignore, True)[0])
     return Directions(names, x, y, meta)
 
 
-def save_directions(dirs: Directions, path: str | Path, provenance: dict | None = None) -> None:
+def save_directions(dirs: AnyDirections, path: str | Path, provenance: dict | None = None) -> None:
     """Write the direction file atomically (a temporary file renamed into place)."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
@@ -163,6 +306,7 @@ def load_directions(path: str | Path, names: list[str], targets: list[torch.Tens
     except OSError as e:
         raise UserError(f"direction file {str(path)!r} is not a readable HDF5 file ({e})") from None
     with f:
+        _check_names(f, path, names)
         if "xdirection" not in f:
             raise UserError(f"direction file {str(path)!r} has no 'xdirection' group")
         if want_y and "ydirection" not in f:
@@ -171,6 +315,18 @@ def load_directions(path: str | Path, names: list[str], targets: list[torch.Tens
         lists = [_read_group(f[g], path, g, names, targets) for g in groups]
         meta = json.loads(f.attrs["meta"]) if "meta" in f.attrs else {"source": "file"}
     return Directions(names, lists[0], lists[1] if want_y else None, meta)
+
+
+def _check_names(f: h5py.File, path: Path, names: list[str]) -> None:
+    """Our files name their tensors: refuse a model whose tensors are named otherwise (Li et al.'s
+    files carry no names and are checked by count and shape alone)."""
+    if "names" not in f.attrs:
+        return
+    theirs = json.loads(f.attrs["names"])
+    for i, (a, b) in enumerate(zip(theirs, names)):
+        if a != b:
+            raise UserError(f"direction file {str(path)!r} is for another model: tensor {i} is {a!r} there, "
+                            f"{b!r} in this model")
 
 
 def _read_group(g: h5py.Group, path: Path, group: str, names: list[str], targets: list[torch.Tensor]):

@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import time
 import warnings
 from collections.abc import Callable, Collection, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -22,10 +24,10 @@ from torch import nn
 
 from lsurf.engine.batches import Feed, Streamed, head, resident_batches
 from lsurf.engine.data import AnySplit
-from lsurf.engine.directions import Directions, target_tensors
-from lsurf.engine.metrics import METRICS, Metric, quantity_names
+from lsurf.engine.directions import AnyDirections, SeededDirections, target_tensors
+from lsurf.engine.metrics import METRICS, Metric, metrics_for, quantity_names
 from lsurf.engine.models import load_plugin
-from lsurf.engine.snapshot import preserved
+from lsurf.engine.snapshot import ModelSnapshot
 from lsurf.errors import UserError
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -33,12 +35,16 @@ Reduce = Callable[[np.ndarray], np.ndarray]  # sums of this rank's share -> sums
 _REDUCE_EVERY = 1 << 22  # model outputs held before a loss/argmax reduction (16 MB of float32)
 
 
-def _cross_entropy(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Per-sample cross-entropy. For (N, C) logits and class labels it is computed as
-    logsumexp − logit of the label: the same value, 3.5x faster than F.cross_entropy on a CPU
+def _cross_entropy(out: torch.Tensor, y: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+    """Per-sample cross-entropy, or per token for (B, T, V) logits against (B, T) token targets
+    (zero where the target is ``ignore_index``). For (N, C) logits and class labels it is computed
+    as logsumexp − logit of the label: the same value, 3.5x faster than F.cross_entropy on a CPU
     (whose log_softmax dominated a small MLP's evaluation)."""
     if out.dim() == 2 and y.dim() == 1 and not y.is_floating_point():
         return torch.logsumexp(out, 1) - out.gather(1, y[:, None]).squeeze(1)
+    if out.dim() == 3 and y.dim() == 2 and not y.is_floating_point():
+        flat = F.cross_entropy(out.flatten(0, 1), y.flatten(), ignore_index=ignore_index, reduction="none")
+        return flat.view(y.shape)
     return F.cross_entropy(out, y, reduction="none")
 
 
@@ -49,8 +55,11 @@ def _mse(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 LOSSES: dict[str, LossFn] = {"cross_entropy": _cross_entropy, "mse": _mse}
 
 
-def resolve_loss(spec: str) -> LossFn:
-    """A built-in loss or ``pkg.module:fn``; every loss returns one value per sample."""
+def resolve_loss(spec: str, ignore_index: int = -100) -> LossFn:
+    """A built-in loss or ``pkg.module:fn``; every loss returns one value per sample (or, for token
+    targets, per token: the built-in cross-entropy, which skips ``ignore_index`` targets)."""
+    if spec == "cross_entropy":
+        return functools.partial(_cross_entropy, ignore_index=ignore_index)
     if spec in LOSSES:
         return LOSSES[spec]
     if ":" in spec:
@@ -58,11 +67,35 @@ def resolve_loss(spec: str) -> LossFn:
     raise UserError(f"`loss` {spec!r}: expected cross_entropy, mse or pkg.module:fn")
 
 
+def pick_output(out: Any, name: str | None = None) -> torch.Tensor:
+    """The tensor to score from what a model returned: the tensor itself, the entry ``name`` of a
+    dict or ``ModelOutput``-like object (default ``logits``), or the first item of a tuple."""
+    if isinstance(out, torch.Tensor):
+        if name is not None:
+            raise UserError(f"`output` {name!r}: the model returns a tensor, not named outputs")
+        return out
+    key = name or "logits"
+    if hasattr(out, "keys") and hasattr(out, "__getitem__"):
+        if key in out.keys():
+            return out[key]
+        raise UserError(f"the model's outputs have no {key!r} entry (it has {', '.join(map(str, out.keys()))}): "
+                        "name one with `output`")
+    if isinstance(out, (tuple, list)) and name is None and out and isinstance(out[0], torch.Tensor):
+        return out[0]
+    raise UserError(f"the model returns a {type(out).__name__}: expected a tensor, or a dict/ModelOutput whose "
+                    "entry `output` names")
+
+
+def is_low_precision(dtype: torch.dtype) -> bool:
+    """bfloat16/float16 weights: perturbed in float32 and rounded once, scored in float32."""
+    return dtype in (torch.bfloat16, torch.float16)
+
+
 @contextlib.contextmanager
 def evaluator(
     model: nn.Module,
     data: dict[str, AnySplit],
-    directions: Directions,
+    directions: AnyDirections,
     *,
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
@@ -73,7 +106,9 @@ def evaluator(
     points_per_pass: int = 1,
     amp: bool = False,
     hessian_iters: int = 0,
-    metrics: Sequence[Metric] = METRICS,
+    metrics: Sequence[Metric] | None = None,
+    output: str | None = None,
+    ignore_index: int = -100,
     streamed: Collection[str] = (),
     workers: int = 0,
     shard: tuple[int, int] = (0, 1),
@@ -84,9 +119,12 @@ def evaluator(
     (those named in ``streamed`` read afresh at every point by ``workers`` loader processes), and,
     on the way out, the model handed back exactly as it came (weights, buffers, device, dtype,
     layout, train/eval flags), also after an exception or Ctrl-C. ``shard`` (r, G): this rank holds
-    the r-th of G parts of every split and ``reduce`` adds the group's sums."""
+    the r-th of G parts of every split and ``reduce`` adds the group's sums. ``metrics`` default to
+    those the targets call for (per-token for token targets, see :func:`metrics_for`); ``output``
+    names the entry of a dict-like model output to score (default ``logits``)."""
     dev = torch.device(device)
-    with preserved(model):
+    snapshot = ModelSnapshot(model)
+    try:
         model.to(device=dev, dtype=dtype)
         if channels_last:  # before taking the target tensors: .to() gives parameters new storage
             model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]  # valid; not in torch stubs
@@ -95,28 +133,43 @@ def evaluator(
         batches: dict[str, Feed] = {
             s: Streamed(split, batch_size, dev, dtype, channels_last, workers, shard) if s in streamed
             else resident_batches(split, batch_size, dev, dtype, channels_last, shard) for s, split in data.items()}
-        loss_fn = resolve_loss(loss) if isinstance(loss, str) else loss
-        yield Evaluator(model, names, targets, directions.to(dev, dtype), batches, loss_fn, bn, points_per_pass,
-                        amp, hessian_iters, metrics, reduce)
+        loss_fn = resolve_loss(loss, ignore_index) if isinstance(loss, str) else loss
+        if metrics is None:
+            metrics = metrics_for(next(iter(data.values())).rows(0, 1)[1], ignore_index)
+        perturb = torch.float32 if is_low_precision(dtype) else dtype
+        yield Evaluator(model, names, targets, directions.to(dev, perturb), batches, loss_fn, bn, points_per_pass,
+                        amp, hessian_iters, metrics, reduce, output, origin=[snapshot.copy_of(t) for t in targets])
+    finally:
+        snapshot.restore()
 
 
-def check_outputs_fit(model: nn.Module, split: AnySplit, loss_fn: LossFn, device, dtype) -> None:
-    """Run one tiny batch so a model/label mismatch is a clear error before any work starts.
+def check_outputs_fit(model: nn.Module, split: AnySplit, loss_fn: LossFn, device, dtype,
+                      output: str | None = None) -> int:
+    """Run one tiny batch so a model/label mismatch is a clear error before any work starts, and
+    return how many output values one sample gives (a plan sizes batches by it: a language model's
+    logits are sequence length × vocabulary per sample).
 
     The model must already be in eval mode: a forward in train mode would move BatchNorm statistics.
     """
     x, y = split.rows(0, 2)
     x = x.to(device=device, dtype=dtype if x.is_floating_point() else x.dtype)
     y = y.to(device=device, dtype=dtype if y.is_floating_point() else y.dtype)
+    with torch.inference_mode():
+        raw = _first_line_of_errors(lambda: model(x))
+        out = pick_output(raw, output)
+        loss = _first_line_of_errors(lambda: loss_fn(out.float() if is_low_precision(out.dtype) else out, y))
+    if loss.shape not in ((len(x),), tuple(y.shape)):
+        raise UserError(f"loss must give one value per sample (or per target token); got shape {tuple(loss.shape)} "
+                        f"for targets of shape {tuple(y.shape)}")
+    return out[0].numel()
+
+
+def _first_line_of_errors(call):
     try:
-        with torch.inference_mode():
-            out = model(x)
-            loss = loss_fn(out, y)
+        return call()
     except Exception as e:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"model outputs do not fit the data: {msg}") from None
-    if loss.shape != (len(x),):
-        raise UserError(f"loss must give one value per sample; got shape {tuple(loss.shape)} for {len(x)} samples")
 
 
 class Evaluator:
@@ -124,7 +177,8 @@ class Evaluator:
 
     Build it with :func:`evaluator`, which prepares the model and hands it back as it came.
     ``targets`` (named ``names``) are the tensors the directions move; they share storage with the
-    model, and θ* is copied once here.
+    model. θ* is copied once here, unless ``origin`` gives copies already made (the snapshot that
+    hands the model back holds one; two would not fit a model that barely fits).
 
     Two paths give the same numbers: per point (weights written in place, one plain forward per
     batch) and stacked (``points_per_pass`` = K > 1: K perturbed weight sets, one ``vmap``-ed
@@ -136,7 +190,7 @@ class Evaluator:
         model: nn.Module,
         names: list[str],
         targets: list[torch.Tensor],
-        directions: Directions,
+        directions: AnyDirections,
         batches: dict[str, Feed],
         loss_fn: LossFn,
         bn: str = "eval",
@@ -145,14 +199,24 @@ class Evaluator:
         hessian_iters: int = 0,
         metrics: Sequence[Metric] = METRICS,
         reduce: Reduce | None = None,
+        output: str | None = None,
+        origin: Sequence[torch.Tensor | None] | None = None,
     ):
         self.model = model.eval()
+        self.output = output
         idx = [i for i, t in enumerate(targets) if t.is_floating_point()]
         self.names = [names[i] for i in idx]
         self.params = [targets[i] for i in idx]
-        self.origin = [t.detach().clone() for t in self.params]
-        self.d1 = [directions.x[i] for i in idx]
-        self.d2 = None if directions.y is None else [directions.y[i] for i in idx]
+        # θ*: a copy the caller already holds of a tensor (``origin``, read only), or a fresh one
+        given = [origin[i] for i in idx] if origin is not None else [None] * len(idx)
+        self.origin = [g if g is not None else t.detach().clone() for g, t in zip(given, self.params)]
+        # Drawn again tensor by tensor at every point (2P memory), or held (4P); low-precision
+        # weights are perturbed in float32 one tensor at a time.
+        self.seeded = directions if isinstance(directions, SeededDirections) else None
+        self.low_precision = is_low_precision(self.origin[0].dtype)
+        self.idx, self.two = idx, directions.y is not None
+        self.d1 = None if self.seeded else [directions.x[i] for i in idx]
+        self.d2 = None if self.seeded or directions.y is None else [directions.y[i] for i in idx]
         self.batches = batches
         self.reduce = reduce
         self.loss_fn = loss_fn
@@ -164,6 +228,9 @@ class Evaluator:
             raise UserError(f"`points_per_pass` {points_per_pass}: must be at least 1")
         if points_per_pass > 1 and bn == "recalibrate":
             raise UserError("`points_per_pass` > 1 cannot be combined with `bn` recalibrate")
+        if points_per_pass > 1 and not self.stackable:
+            raise UserError("`points_per_pass` > 1 needs directions held in full precision: not with `regenerate` "
+                            "or bfloat16 weights")
         self.points_per_pass = points_per_pass
         self.amp = amp  # bfloat16 autocast of the forward; losses are still reduced in float64
         if hessian_iters and points_per_pass > 1:
@@ -177,14 +244,38 @@ class Evaluator:
         twin.batches, twin.reduce = batches, None
         return twin
 
+    @property
+    def stackable(self) -> bool:
+        """Whether K points can share a pass: the stacked path needs every direction held."""
+        return self.seeded is None and not self.low_precision
+
     @torch.no_grad()
     def set_point(self, a: float, b: float) -> None:
-        """Weights ← θ* + a·d₁ + b·d₂, in place."""
-        torch._foreach_copy_(self.params, self.origin)
-        if a != 0.0:
-            torch._foreach_add_(self.params, self.d1, alpha=a)
-        if self.d2 is not None and b != 0.0:
-            torch._foreach_add_(self.params, self.d2, alpha=b)
+        """Weights ← θ* + a·d₁ + b·d₂, in place (all tensors at once when the directions are held
+        and the weights are full precision; else tensor by tensor, the same operations)."""
+        if self.stackable:
+            assert self.d1 is not None  # held directions
+            torch._foreach_copy_(self.params, self.origin)
+            if a != 0.0:
+                torch._foreach_add_(self.params, self.d1, alpha=a)
+            if self.d2 is not None and b != 0.0:
+                torch._foreach_add_(self.params, self.d2, alpha=b)
+            return
+        for j, (p, o) in enumerate(zip(self.params, self.origin)):
+            w = o.float() if self.low_precision else p.copy_(o)
+            if a != 0.0:
+                w.add_(self._direction(0, j, w), alpha=a)
+            if self.two and b != 0.0:
+                w.add_(self._direction(1, j, w), alpha=b)
+            if self.low_precision:
+                p.copy_(w)
+
+    def _direction(self, which: int, j: int, like: torch.Tensor) -> torch.Tensor:
+        if self.seeded is None:
+            held = self.d1 if which == 0 else self.d2
+            assert held is not None
+            return held[j]
+        return self.seeded.tensor(which, self.idx[j]).to(device=like.device, dtype=like.dtype)
 
     @property
     def quantities(self) -> list[str]:
@@ -222,21 +313,25 @@ class Evaluator:
         self.set_point(a, b)
         if self.bn == "recalibrate":
             self._recalibrate_bn()
-        forward = _autocast(self.model) if self.amp else self.model
+        forward = _autocast(self._forward) if self.amp else self._forward
         return torch.stack([self._pass(split, forward, 1) for split in self.batches])
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+        return pick_output(self.model(x), self.output)
 
     def _stacked(self, chunk: list[tuple[float, float]]) -> torch.Tensor:
         ref = self.origin[0]
         a = torch.tensor([p[0] for p in chunk], dtype=ref.dtype, device=ref.device)
         b = torch.tensor([p[1] for p in chunk], dtype=ref.dtype, device=ref.device)
         params = {}
+        assert self.d1 is not None  # the stacked path runs on held directions only
         for i, (name, o) in enumerate(zip(self.names, self.origin)):
             shape = (-1,) + (1,) * o.dim()
             w = o + a.view(shape) * self.d1[i]
             params[name] = w if self.d2 is None else w + b.view(shape) * self.d2[i]
 
         def forward(p: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-            return torch.func.functional_call(self.model, p, (x,))
+            return pick_output(torch.func.functional_call(self.model, p, (x,)), self.output)
 
         batched = torch.vmap(forward, in_dims=(0, None))
         stacked = lambda x: batched(params, x)  # noqa: E731
@@ -271,9 +366,11 @@ class Evaluator:
         stacked = int(k > 1)
         out = torch.cat(outs, stacked) if len(outs) > 1 else outs[0]
         out = out if stacked else out[None]
+        out = out.float() if is_low_precision(out.dtype) else out
         y = torch.cat(ys) if len(ys) > 1 else ys[0]
         yk = y if k == 1 else y.repeat(k, *([1] * (y.dim() - 1)))
-        loss = self.loss_fn(out.flatten(0, 1), yk).view(k, -1).double()
+        per = self.loss_fn(out.flatten(0, 1), yk)
+        loss = per.view(k, len(y), *per.shape[1:]).double()  # per sample (k, B) or per token (k, B, T)
         count = torch.full((k, 1), float(len(y)), dtype=torch.float64, device=loss.device)
         return torch.cat([*(m.sums(out, y, loss) for m in self.metrics), count], -1)
 
@@ -307,7 +404,7 @@ class Evaluator:
         if candidates[0] != 1:
             raise ValueError(f"calibration candidates must start with 1, the per-point baseline: {candidates}")
         self.points_per_pass = 1
-        if self.bn == "recalibrate" or self.hessian_iters:
+        if self.bn == "recalibrate" or self.hessian_iters or not self.stackable:
             return 1
         first_feed = next(iter(self.batches.values()))
         all_batches = sum(len(b) for b in self.batches.values())

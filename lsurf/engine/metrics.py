@@ -22,11 +22,11 @@ class Metric(Protocol):
 
     def sums(self, out: torch.Tensor, y: torch.Tensor, loss: torch.Tensor) -> torch.Tensor:
         """(K, width) float64 sums over a chunk: ``out`` (K, B, ...), targets ``y`` (B, ...), per-sample
-        ``loss`` (K, B)."""
+        ``loss`` (K, B) (or per token (K, B, T) for sequence targets)."""
         ...
 
     def finish(self, sums: Sequence[float], n: int) -> tuple[float, ...]:
-        """The statistics (one per name) of ``n`` samples from their sums."""
+        """The statistics (one per name) of ``n`` samples (sequences) from their sums."""
         ...
 
 
@@ -63,7 +63,82 @@ class Accuracy:
         return 100 * p, 100 * math.sqrt(p * (1 - p) / n)
 
 
+def _ratio_sums(s: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
+    """Σs, Σn, Σs², Σsn, Σn² over sequences (last axis): what a per-sequence standard error of a
+    token-weighted mean Σs/Σn needs, additive over chunks, batches and ranks."""
+    s, n = s.double(), n.double()
+    return torch.stack([s.sum(-1), n.sum(-1), (s * s).sum(-1), (s * n).sum(-1), (n * n).sum(-1)], -1)
+
+
+def _ratio(sums: Sequence[float], sequences: int) -> tuple[float, float]:
+    """The token-weighted mean Σs/Σn and its standard error over ``sequences`` sequences.
+
+    Tokens of one sequence are not independent, so the error is the ratio estimator's, with the
+    sequence as the unit: SE² = Σ(sᵢ − m·nᵢ)² / (N(N−1)·n̄²).
+    """
+    s, n, ss, sn, nn = sums
+    if n <= 0:
+        return float("nan"), float("nan")
+    mean = s / n
+    if sequences < 2:
+        return mean, 0.0
+    spread = max(ss - 2 * mean * sn + mean * mean * nn, 0.0)
+    per_sequence = n / sequences
+    return mean, math.sqrt(spread / (sequences * (sequences - 1))) / per_sequence
+
+
+class TokenLoss:
+    """A language model's loss: the mean over the valid tokens of the split (token-weighted, as LM
+    evaluations report), its per-sequence standard error, and the perplexity exp(loss).
+
+    The loss function gives either per-token values (B, T), zero where the target is
+    ``ignore_index``, or one value per sequence (B,) (a custom loss; then each sequence weighs one).
+    """
+
+    names: tuple[str, ...] = ("loss", "loss_stderr", "ppl")
+    width: int = 5
+
+    def __init__(self, ignore_index: int = -100):
+        self.ignore_index = ignore_index
+
+    def sums(self, out: torch.Tensor, y: torch.Tensor, loss: torch.Tensor) -> torch.Tensor:
+        if loss.dim() == 3:
+            return _ratio_sums(loss.sum(-1), (y != self.ignore_index).sum(-1).expand(len(loss), -1))
+        return _ratio_sums(loss, torch.ones_like(loss))
+
+    def finish(self, sums: Sequence[float], n: int) -> tuple[float, float, float]:
+        mean, se = _ratio(sums, n)
+        return mean, se, math.exp(mean) if mean < 700 else math.inf
+
+
+class TokenAccuracy:
+    """Next-token accuracy in percent over the valid tokens, with its per-sequence standard error."""
+
+    names: tuple[str, ...] = ("acc", "acc_stderr")
+    width: int = 5
+
+    def __init__(self, ignore_index: int = -100):
+        self.ignore_index = ignore_index
+
+    def sums(self, out: torch.Tensor, y: torch.Tensor, loss: torch.Tensor) -> torch.Tensor:
+        valid = y != self.ignore_index
+        right = ((out.max(-1).indices == y) & valid).sum(-1)
+        return _ratio_sums(right, valid.sum(-1).expand(len(right), -1))
+
+    def finish(self, sums: Sequence[float], n: int) -> tuple[float, float]:
+        mean, se = _ratio(sums, n)
+        return 100 * mean, 100 * se
+
+
 METRICS: tuple[Metric, ...] = (MeanLoss(), Accuracy())
+
+
+def metrics_for(y: torch.Tensor, ignore_index: int = -100) -> tuple[Metric, ...]:
+    """The metrics for targets like ``y`` (a batch): per-token ones for integer targets with a time
+    axis (B, T), per-sample loss and accuracy otherwise."""
+    if y.dim() >= 2 and not y.is_floating_point():
+        return TokenLoss(ignore_index), TokenAccuracy(ignore_index)
+    return METRICS
 CURVATURE = ("hessian_max", "hessian_min")  # per point, not per split: λ_max and λ_min of the Hessian
 
 

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lsurf.engine.hf import is_hf, load_hf
 from lsurf.errors import UserError
 
 
@@ -164,6 +165,11 @@ def load_plugin(spec: str, what: str) -> Callable:
     return fn
 
 
+def is_zoo(name: str) -> bool:
+    """A zoo name (sized from the data), not a plug-in or a Hugging Face folder (which size themselves)."""
+    return ":" not in name
+
+
 def build_model(name: str, in_shape: tuple[int, ...], num_outputs: int) -> nn.Module:
     """A zoo model sized for the data, or a plug-in ``pkg.module:factory`` called with no arguments."""
     if ":" in name:
@@ -240,12 +246,20 @@ DEFAULT_SHAPES = {"cnn": ((1, 8, 8), 10), "vgg9": ((3, 32, 32), 10), "resnet": (
 def load_model(name: str, in_shape: tuple[int, ...] | None, num_outputs: int | None,
                checkpoint: str | Path | None = None, dtype: torch.dtype = torch.float32,
                seed: int | None = None) -> nn.Module:
-    """A model by zoo name or plug-in, in ``dtype``, with the checkpoint's weights if one is given.
+    """A model by zoo name, plug-in or ``hf:DIR``, in ``dtype``, with the checkpoint's weights if given.
 
     The dtype is set before loading so a float64 checkpoint keeps its precision in a float64 run.
     ``seed`` draws the initial weights from that seed without touching torch's global generator.
     """
-    if in_shape is None:
+    model = load_hf(name, dtype) if is_hf(name) else _fresh(name, in_shape, num_outputs, dtype, seed)
+    if checkpoint is not None:
+        load_checkpoint(model, checkpoint)
+    return model
+
+
+def _fresh(name: str, in_shape: tuple[int, ...] | None, num_outputs: int | None, dtype: torch.dtype,
+           seed: int | None) -> nn.Module:
+    if in_shape is None and is_zoo(name):
         family = "resnet" if name.startswith("resnet") else name
         if family not in DEFAULT_SHAPES:
             raise UserError(f"model {name!r} needs `data` to know its input shape")
@@ -253,8 +267,5 @@ def load_model(name: str, in_shape: tuple[int, ...] | None, num_outputs: int | N
     with torch.random.fork_rng(devices=[], enabled=seed is not None):
         if seed is not None:
             torch.manual_seed(seed)
-        # num_outputs is None here only if the caller gave in_shape without it: plug-ins ignore it
-        model = build_model(name, in_shape, cast(int, num_outputs)).to(dtype)
-    if checkpoint is not None:
-        load_checkpoint(model, checkpoint)
-    return model
+        # in_shape and num_outputs are None only for plug-ins, which ignore them
+        return build_model(name, cast(tuple, in_shape), cast(int, num_outputs)).to(dtype)

@@ -47,10 +47,18 @@ class Plan:
         return None
 
 
-def default_batch_size(device: torch.device) -> int:
-    """128 on the CPU (small activations stay in cache), 1024 on a GPU (fewer kernel launches).
-    In eval mode the batch size changes only speed (and float32 summation order)."""
-    return 1024 if device.type == "cuda" else 128
+# Model outputs one batch may hold: 64 MB of float32 on a CPU, 1 GB on a GPU. A language model's
+# logits are sequence length × vocabulary per sample, so its batches are a few sequences.
+_OUTPUTS_PER_BATCH = {"cpu": 1 << 24, "cuda": 1 << 28}
+
+
+def default_batch_size(device: torch.device, outputs_per_sample: int = 1) -> int:
+    """128 on the CPU (small activations stay in cache), 1024 on a GPU (fewer kernel launches),
+    fewer when one sample's outputs are large. In eval mode the batch size changes only speed (and
+    float32 summation order)."""
+    usual = 1024 if device.type == "cuda" else 128
+    room = _OUTPUTS_PER_BATCH["cuda" if device.type == "cuda" else "cpu"] // max(outputs_per_sample, 1)
+    return max(1, min(usual, room))
 
 
 def faster_in_channels_last(model: nn.Module, x: torch.Tensor, log=None) -> bool:

@@ -32,12 +32,22 @@ class ModelSnapshot:
 
     def __init__(self, model: nn.Module):
         self.slots: list[_Slot] = []
+        copies: dict[int, torch.Tensor] = {}  # a tensor tied into two modules is copied once
         for module in model.modules():
             for kind in (module._parameters, module._buffers):
                 for name, t in kind.items():
                     if t is not None:
-                        self.slots.append(_Slot(module, name, t, t.data, t.detach().clone()))
+                        values = copies.setdefault(id(t), t.detach().clone())
+                        self.slots.append(_Slot(module, name, t, t.data, values))
         self.modes = [(m, m.training) for m in model.modules()]
+
+    def copy_of(self, t: torch.Tensor) -> torch.Tensor | None:
+        """The copy taken of ``t``'s values, if ``t`` is still the storage a slot held then (not moved
+        to another device, dtype or layout since) — so an evaluator need not copy θ* a second time:
+        for a model that barely fits, one copy of the weights is all the room there is."""
+        if not hasattr(self, "_by_place"):
+            self._by_place = {_place(s.data): s.values for s in self.slots}
+        return self._by_place.get(_place(t))
 
     @torch.no_grad()
     def restore(self) -> None:
@@ -50,6 +60,11 @@ class ModelSnapshot:
             s.data.copy_(s.values)
         for module, training in self.modes:
             module.training = training
+
+
+def _place(t: torch.Tensor) -> tuple:
+    """Where a tensor's values live: two views with equal places are the same values."""
+    return (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
 
 
 @contextlib.contextmanager

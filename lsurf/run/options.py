@@ -24,7 +24,7 @@ from lsurf.engine.batches import Residency
 from lsurf.engine.directions import DirType, Ignore, Norm
 from lsurf.errors import UserError
 
-Dtype = Literal["float32", "float64"]
+Dtype = Literal["float32", "float64", "bfloat16"]
 Layout = Literal["auto", "contiguous", "channels-last"]
 BatchNorm = Literal["eval", "recalibrate"]
 Amp = Literal["none", "bf16"]
@@ -42,9 +42,10 @@ def choices(vocabulary: Any) -> tuple[str, ...]:
 class Options:
     """Everything a surface run needs to know; defaults are the CLI's defaults.
 
-    Groups: what to load (model, checkpoint, data, subset, split), the directions (seed, norm,
-    ignore, dir_type, same_dir, dir_file, model2, model3), the grid (x, y), how to evaluate (loss,
-    dtype, device, threads, batch_size, points_per_pass, amp, layout, bn, hessian_iters), how data
+    Groups: what to load (model, checkpoint, data, subset, split, seq_len), the directions (seed,
+    norm, ignore, dir_type, same_dir, regenerate, dir_file, model2, model3), the grid (x, y), how to
+    evaluate (loss, ignore_index, output, dtype, device, threads, batch_size, points_per_pass, amp,
+    layout, bn, hessian_iters), how data
     reaches the device (resident, memory_budget, workers), how to distribute and write
     (ranks_per_point, tile, schedule, writer, out, overwrite, progress). ``None`` means "choose for
     me" where the run plan decides (batch size, points per pass, threads, budget, loader workers).
@@ -55,17 +56,21 @@ class Options:
     data: str | None = "digits"
     subset: int | None = None
     split: tuple[Split, ...] = ("train",)
+    seq_len: int | None = None
     seed: int = 0
     norm: Norm = "filter"
     ignore: Ignore = "biasbn"
     dir_type: DirType = "weights"
     same_dir: bool = False
+    regenerate: bool = False
     dir_file: str | None = None
     model2: str | None = None
     model3: str | None = None
     x: str = "-1:1:51"
     y: str | None = None
     loss: str = "cross_entropy"
+    ignore_index: int = -100
+    output: str | None = None
     dtype: Dtype = "float32"
     device: str = "auto"
     threads: int | None = None
@@ -93,7 +98,7 @@ class Options:
             object.__setattr__(self, "split", tuple(s.strip() for s in self.split.split(",") if s.strip()))
         for f in fields(self):
             _check_field(f.name, _HINTS[f.name], getattr(self, f.name))
-        for name in ("threads", "batch_size", "points_per_pass", "subset", "ranks_per_point"):
+        for name in ("threads", "batch_size", "points_per_pass", "subset", "ranks_per_point", "seq_len"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise UserError(f"`{name}` {value}: must be at least 1")
@@ -115,6 +120,9 @@ class Options:
         if one_point and self.ranks_per_point > 1:
             raise UserError(f"`ranks_per_point` > 1 cannot be combined with {one_point}: it needs the whole "
                             "split in one process")
+        if self.regenerate and (self.dir_file or self.model2):
+            raise UserError("`regenerate` redraws seeded random directions: it cannot be combined with "
+                            f"`{'dir_file' if self.dir_file else 'model2'}`")
         if self.amp == "bf16" and self.dtype == "float64":
             raise UserError("`amp` bf16 with `dtype` float64 would compute in bfloat16 and call it float64: "
                             "choose one")
@@ -138,7 +146,7 @@ class Options:
     def torch_dtype(self):
         import torch
 
-        return torch.float64 if self.dtype == "float64" else torch.float32
+        return getattr(torch, self.dtype)
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -16,7 +16,7 @@ import torch
 
 from lsurf._version import __version__
 from lsurf.engine.data import AnySplit
-from lsurf.engine.directions import Directions, markers
+from lsurf.engine.directions import AnyDirections, markers
 from lsurf.engine.models import file_sha256
 from lsurf.run.options import Options
 
@@ -48,7 +48,7 @@ class Provenance:
             return self
         return replace(self, dir_file=str(path), dir_file_sha256=file_sha256(path))
 
-    def identity(self, directions: Directions, data: dict[str, AnySplit], options: Options,
+    def identity(self, directions: AnyDirections, data: dict[str, AnySplit], options: Options,
                  fingerprints: bool = True) -> dict[str, Any]:
         """What an existing file must have been made with to be resumed: the inputs and every
         option that changes values. Fingerprinting the data is costly: ``fingerprints`` False
@@ -59,10 +59,11 @@ class Provenance:
             "data_sha256": {s: split.fingerprint() for s, split in data.items()} if fingerprints else None,
             "loss": options.loss, "dtype": options.dtype, "bn": options.bn,
             "dir_type": directions.meta.get("dir_type", "weights"), "amp": options.amp == "bf16",
-            "hessian_iters": options.hessian_iters,
+            "hessian_iters": options.hessian_iters, "seq_len": options.seq_len, "ignore_index": options.ignore_index,
+            "output": options.output,
         }
 
-    def attrs(self, directions: Directions, ranks: int) -> dict[str, Any]:
+    def attrs(self, directions: AnyDirections, ranks: int) -> dict[str, Any]:
         """The file's provenance attributes."""
         versions = {"lsurf": __version__, "torch": torch.__version__, "h5py": h5py.__version__,
                     "numpy": np.__version__, "python": sys.version.split()[0]}

@@ -24,11 +24,12 @@ from torch import nn
 
 from lsurf.engine import surface_file
 from lsurf.engine.batches import device_budget, keep_resident, size_text
-from lsurf.engine.data import AnySplit, BatchStreamSplit
-from lsurf.engine.directions import Directions, save_directions
+from lsurf.engine.data import AnySplit, BatchStreamSplit, max_token
+from lsurf.engine.directions import AnyDirections, save_directions
 from lsurf.engine.evaluate import Evaluator, check_outputs_fit, evaluator, resolve_loss
 from lsurf.engine.grid import Grid, Tile, parse_tile
-from lsurf.engine.metrics import quantity_names
+from lsurf.engine.hf import vocabulary_size
+from lsurf.engine.metrics import metrics_for, quantity_names
 from lsurf.engine.plan import Plan, check_pinned, default_batch_size, faster_in_channels_last
 from lsurf.engine.snapshot import preserved
 from lsurf.errors import UserError
@@ -55,7 +56,7 @@ def run_surface(options: Options, comm: Any = None, log: Log | None = None) -> s
                        log or (lambda m: None))
 
 
-def _inputs(options: Options) -> tuple[Grid, nn.Module, dict[str, AnySplit], Directions]:
+def _inputs(options: Options) -> tuple[Grid, nn.Module, dict[str, AnySplit], AnyDirections]:
     grid = grid_for(options)
     model, data = load_inputs(options)
     if data is None:
@@ -66,7 +67,7 @@ def _inputs(options: Options) -> tuple[Grid, nn.Module, dict[str, AnySplit], Dir
 def sample_surface(
     model: nn.Module,
     data: dict[str, AnySplit],
-    directions: Directions,
+    directions: AnyDirections,
     grid: Grid,
     out: str | Path,
     options: Options | None = None,
@@ -95,20 +96,25 @@ def sample_surface(
                        provenance or Provenance(config=opts.as_dict()), save_directions_to, log or (lambda m: None))
 
 
-def _sample(w: World, model: nn.Module, data: dict[str, AnySplit], directions: Directions, grid: Grid, path: Path,
+def _sample(w: World, model: nn.Module, data: dict[str, AnySplit], directions: AnyDirections, grid: Grid, path: Path,
             opts: Options, prov: Provenance, save_to: str | Path | None, log: Log) -> surface_file.Surface | None:
-    dev = w.agree(lambda: _check_inputs(w, model, data, directions, grid, opts))
+    dev, outputs = w.agree(lambda: _check_inputs(w, model, data, directions, grid, opts))
     group = w.groups(opts.ranks_per_point)
     try:
-        return _sample_in_groups(w, group, dev, model, data, directions, grid, path, opts, prov, save_to, log)
+        return _sample_in_groups(w, group, (dev, outputs), model, data, directions, grid, path, opts, prov, save_to,
+                                 log)
     finally:
         group.free()
 
 
-def _sample_in_groups(w: World, group: Group, dev: torch.device, model: nn.Module, data: dict[str, AnySplit],
-                      directions: Directions, grid: Grid, path: Path, opts: Options, prov: Provenance,
-                      save_to: str | Path | None, log: Log) -> surface_file.Surface | None:
+def _sample_in_groups(w: World, group: Group, probe: tuple[torch.device, int], model: nn.Module,
+                      data: dict[str, AnySplit], directions: AnyDirections, grid: Grid, path: Path, opts: Options,
+                      prov: Provenance, save_to: str | Path | None, log: Log) -> surface_file.Surface | None:
+    """The run once the inputs are checked: ``probe`` is this rank's device and the output values
+    one sample gives (for the default batch size)."""
+    dev, outputs = probe
     identity = prov.identity(directions, data, opts, fingerprints=w.is_root)
+    metrics = metrics_for(next(iter(data.values())).rows(0, 1)[1], opts.ignore_index)
     with contextlib.ExitStack() as stack:
         def prepare() -> tuple[dict | None, Plan | None]:
             if not w.is_root:
@@ -117,17 +123,18 @@ def _sample_in_groups(w: World, group: Group, dev: torch.device, model: nn.Modul
             if surface_file.accept(path, grid, identity, opts.overwrite):
                 return _existing(path)
             attrs = _save_directions(directions, save_to, prov).attrs(directions, w.size)
-            surface_file.create(path, grid, quantity_names(data, opts.hessian_iters > 0), identity, attrs)
+            surface_file.create(path, grid, quantity_names(data, opts.hessian_iters > 0, metrics), identity, attrs)
             return None, None
 
         existing, stored = w.bcast(w.agree(prepare))
-        batch_size, channels_last = w.bcast(w.agree(lambda: _layout(w, model, data, dev, opts, stored, log)))
+        batch_size, channels_last = w.bcast(w.agree(lambda: _layout(w, model, data, probe, opts, stored, log)))
         workers = _workers(opts, dev)
         streamed = w.bcast(w.agree(lambda: _streamed(w, group, data, dev, opts, batch_size, workers, log)))
         with evaluator(model, data, directions, device=dev, dtype=opts.torch_dtype, batch_size=batch_size,
                        channels_last=channels_last, loss=opts.loss, bn=opts.bn,
                        points_per_pass=opts.points_per_pass or (stored.points_per_pass if stored else 1),
-                       amp=opts.amp == "bf16", hessian_iters=opts.hessian_iters, streamed=streamed,
+                       amp=opts.amp == "bf16", hessian_iters=opts.hessian_iters, metrics=metrics, output=opts.output,
+                       ignore_index=opts.ignore_index, streamed=streamed,
                        workers=workers, shard=(group.rank, group.size), reduce=group.add_sums()) as ev:
             plan = stored or Plan(dev.type, batch_size, channels_last, ev.points_per_pass, torch.get_num_threads())
             if stored is None and opts.points_per_pass is None:
@@ -151,9 +158,10 @@ def _sample_in_groups(w: World, group: Group, dev: torch.device, model: nn.Modul
     return surface_file.read_surface(path) if w.is_root else None
 
 
-def _check_inputs(w: World, model: nn.Module, data: dict[str, AnySplit], directions: Directions, grid: Grid,
-                  opts: Options) -> torch.device:
-    """This rank's device, after one tiny forward proves model, data and loss fit."""
+def _check_inputs(w: World, model: nn.Module, data: dict[str, AnySplit], directions: AnyDirections, grid: Grid,
+                  opts: Options) -> tuple[torch.device, int]:
+    """This rank's device, after one tiny forward proves model, data and loss fit, and how many
+    output values one sample gives."""
     if grid.ndim != directions.ndim:
         raise UserError(f"the grid is {grid.ndim}-D but the directions are {directions.ndim}-D")
     g = opts.ranks_per_point
@@ -163,21 +171,37 @@ def _check_inputs(w: World, model: nn.Module, data: dict[str, AnySplit], directi
         if not isinstance(split, BatchStreamSplit) and len(split) < g:
             raise UserError(f"the {name} split has {len(split)} samples, fewer than `ranks_per_point` {g}")
     dev = choose_device(w, opts.device)
-    _streamed(w, w.groups(1), data, dev, opts, opts.batch_size or default_batch_size(dev), _workers(opts, dev),
-              log=None)  # a budget too small for the stream: refused before any file is touched
-    loss_fn = resolve_loss(opts.loss)
+    if w.is_root:
+        check_vocabulary(model, data)
+    loss_fn = resolve_loss(opts.loss, opts.ignore_index)
     parse_tile(opts.tile)
     with preserved(model):
         model.to(device=dev, dtype=opts.torch_dtype).eval()  # eval before any forward: BN statistics stay
-        check_outputs_fit(model, next(iter(data.values())), loss_fn, dev, opts.torch_dtype)
-    return dev
+        outputs = check_outputs_fit(model, next(iter(data.values())), loss_fn, dev, opts.torch_dtype, opts.output)
+    _streamed(w, w.groups(1), data, dev, opts, opts.batch_size or default_batch_size(dev, outputs),
+              _workers(opts, dev), log=None)  # a budget too small for the stream: refused before any file is touched
+    return dev, outputs
 
 
-def _layout(w: World, model: nn.Module, data: dict[str, AnySplit], dev: torch.device, opts: Options,
+def check_vocabulary(model: nn.Module, data: dict[str, AnySplit]) -> None:
+    """Refuse token data with ids the model's input embedding does not have (it would fail, or on a
+    GPU read past the table, at the first batch that holds one)."""
+    vocabulary = vocabulary_size(model)
+    if vocabulary is None:
+        return
+    for name, split in data.items():
+        top = max_token(split)
+        if top is not None and top >= vocabulary:
+            raise UserError(f"the {name} split holds token id {top}, but the model's vocabulary has {vocabulary} "
+                            "tokens: wrong tokenizer or model?")
+
+
+def _layout(w: World, model: nn.Module, data: dict[str, AnySplit], probe: tuple[torch.device, int], opts: Options,
             stored: Plan | None, log: Log) -> tuple[int, bool] | None:
     """(batch size, channels-last), decided on rank 0: the stored plan's on resume (pinned values
     must agree with it), else the pinned values, the device's default batch size and the faster
     layout measured on one batch."""
+    dev, outputs = probe
     pinned_layout = {"auto": None, "channels-last": True, "contiguous": False}[opts.layout]
     if stored is not None:
         check_pinned(stored, {"device": dev.type, "batch_size": opts.batch_size, "channels_last": pinned_layout,
@@ -185,7 +209,7 @@ def _layout(w: World, model: nn.Module, data: dict[str, AnySplit], dev: torch.de
         return stored.batch_size, stored.channels_last
     if not w.is_root:
         return None
-    batch_size = opts.batch_size or default_batch_size(dev)
+    batch_size = opts.batch_size or default_batch_size(dev, outputs)
     if pinned_layout is None:
         x = next(iter(data.values())).rows(0, batch_size)[0].to(dev, opts.torch_dtype)
         pinned_layout = faster_in_channels_last(model, x, log)
@@ -222,7 +246,7 @@ def _layout_line(w: World, group: Group) -> str:
     return f"{w.size} ranks in {group.count} groups of {group.size}: each rank holds 1/{group.size} of every split"
 
 
-def _save_directions(directions: Directions, path: str | Path | None, prov: Provenance) -> Provenance:
+def _save_directions(directions: AnyDirections, path: str | Path | None, prov: Provenance) -> Provenance:
     """Write the directions (only once the output is accepted: nothing else is touched before)."""
     if path is None:
         return prov

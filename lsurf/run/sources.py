@@ -10,6 +10,7 @@ from torch import nn
 
 from lsurf.engine.data import AnySplit, load_data
 from lsurf.engine.directions import (
+    AnyDirections,
     Directions,
     load_directions,
     model_directions,
@@ -18,7 +19,7 @@ from lsurf.engine.directions import (
     target_tensors,
 )
 from lsurf.engine.grid import Grid
-from lsurf.engine.models import file_sha256, load_checkpoint, load_model
+from lsurf.engine.models import file_sha256, is_zoo, load_checkpoint, load_model
 from lsurf.errors import UserError
 from lsurf.run.options import Options
 
@@ -27,14 +28,16 @@ def load_inputs(options: Options, seed: int | None = None) -> tuple[nn.Module, d
     """The model (at its checkpoint, in the run's dtype) and the data splits the options name.
     Without data, zoo models take the input shape they were designed for; ``seed`` makes a fresh
     model's initial weights a function of it."""
-    data = load_data(options.data, options.split, options.subset) if options.data else None
+    data = load_data(options.data, options.split, options.subset, options.seq_len) if options.data else None
     first = next(iter(data.values())) if data else None
+    sized = first is not None and is_zoo(options.model)  # plug-ins and HF models size themselves
     model = load_model(options.model, first.sample_shape if first else None,
-                       first.num_outputs if first else None, options.checkpoint, options.torch_dtype, seed=seed)
+                       first.num_outputs if first and sized else None, options.checkpoint, options.torch_dtype,
+                       seed=seed)
     return model, data
 
 
-def directions_for(options: Options, model: nn.Module, two: bool | None = None) -> Directions:
+def directions_for(options: Options, model: nn.Module, two: bool | None = None) -> AnyDirections:
     """The directions the options ask for, around the model's current weights: towards ``model2``
     (and ``model3``: the plane through three models), from ``dir_file``, or random (seeded,
     normalised). ``two`` (default: whether the grid has a y axis) asks for a second direction."""
@@ -47,7 +50,8 @@ def directions_for(options: Options, model: nn.Module, two: bool | None = None) 
         dirs.meta.setdefault("dir_type", options.dir_type)
         return dirs
     return random_directions(model, seed=options.seed, norm=options.norm, ignore=options.ignore,
-                             dir_type=options.dir_type, two=two, same_dir=options.same_dir)
+                             dir_type=options.dir_type, two=two, same_dir=options.same_dir,
+                             regenerate=options.regenerate)
 
 
 def _towards_models(options: Options, model: nn.Module, two: bool) -> Directions:
@@ -66,7 +70,7 @@ def _towards_models(options: Options, model: nn.Module, two: bool) -> Directions
     return model_directions(model, states, options.dir_type, [str(p) for p in others])
 
 
-def save_direction_file(dirs: Directions, options: Options) -> None:
+def save_direction_file(dirs: AnyDirections, options: Options) -> None:
     """Write ``dirs`` to ``options.out`` with the checkpoint they were made around."""
     if not Path(options.out).resolve().parent.is_dir():
         raise UserError(f"output folder {str(Path(options.out).parent)!r} does not exist")
