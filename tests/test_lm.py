@@ -142,6 +142,17 @@ def test_hf_gpt2_surface_on_two_ranks_equals_one_process(hf_surface, tmp_path):
         np.testing.assert_allclose(a[k], b[k], rtol=1e-6, atol=1e-9, err_msg=k)
 
 
+def test_streamed_token_windows_give_the_resident_numbers(hf_surface, tmp_path):
+    args, one = hf_surface
+    out = tmp_path / "streamed.h5"
+    lsurf(*args, "--resident", "never", "--workers", "1", "--out", out, check=True)
+    with h5py.File(out) as f:
+        assert f.attrs["streamed"] == "train,test"
+    a, b = _values(one), _values(out)
+    for k in a:
+        np.testing.assert_allclose(a[k], b[k], rtol=1e-6, atol=1e-9, err_msg=k)
+
+
 def test_hf_centre_loss_equals_transformers_own_labels_loss(hf_surface, gpt2, corpus):
     _, one = hf_surface
     with h5py.File(one) as f:
@@ -175,7 +186,8 @@ def test_plugin_transformer_lm_with_a_per_sequence_loss(corpus, tmp_path):
 def test_filter_normalisation_of_transformer_tensors():
     torch.manual_seed(0)
     model = nn.TransformerEncoder(nn.TransformerEncoderLayer(16, 2, 32, batch_first=True), 1)
-    lm = nn.ModuleDict({"emb": nn.Embedding(20, 16), "enc": model, "norm": nn.LayerNorm(16), "head": nn.Linear(16, 20)})
+    lm = nn.ModuleDict({"emb": nn.Embedding(20, 16), "enc": model, "norm": nn.LayerNorm(16), "rms": nn.RMSNorm(16),
+                        "head": nn.Linear(16, 20)})
     dirs = random_directions(lm, seed=0)
     names, targets = target_tensors(lm, "weights")
     for name, d, w in zip(names, dirs.x, targets):
@@ -183,7 +195,7 @@ def test_filter_normalisation_of_transformer_tensors():
             assert torch.count_nonzero(d) == 0, name
         else:  # each row (an output unit, a token's embedding, a q/k/v in-projection row) has its weight's norm
             torch.testing.assert_close(d.norm(dim=1), w.norm(dim=1), rtol=1e-5, atol=1e-6, msg=name)
-    assert any("in_proj_weight" in n for n in names) and "emb.weight" in names
+    assert any("in_proj_weight" in n for n in names) and {"emb.weight", "rms.weight", "norm.weight"} <= set(names)
 
 
 def test_gpt2_conv1d_filters_are_columns_and_tied_weights_get_one_direction(gpt2):

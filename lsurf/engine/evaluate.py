@@ -307,7 +307,8 @@ class Evaluator:
         from lsurf.engine.hessian import Hessian
 
         batches = next(iter(self.batches.values()))
-        return Hessian(self.model, batches, self.loss_fn).extreme_eigenvalues(self.hessian_iters)
+        loss = lambda out, y: self.loss_fn(pick_output(out, self.output), y)  # noqa: E731  # dict-like outputs too
+        return Hessian(self.model, batches, loss).extreme_eigenvalues(self.hessian_iters)
 
     def _single(self, a: float, b: float) -> torch.Tensor:
         self.set_point(a, b)
