@@ -112,7 +112,7 @@ def _hash(tensors: Iterable[torch.Tensor]) -> str:
     h = hashlib.sha256()
     for t in tensors:
         t = t.detach().cpu().contiguous()
-        h.update((t.view(torch.int16) if t.dtype == torch.bfloat16 else t).numpy())  # the bytes, not a copy
+        h.update((t.view(torch.int16) if t.dtype == torch.bfloat16 else t).numpy().data)  # its bytes, not a copy
     return h.hexdigest()
 
 

@@ -286,6 +286,16 @@ class Evaluator:
         """``{quantity: value}`` at (a, b), e.g. ``{"train_loss": 0.08, "train_acc": 97.9, ...}``."""
         return self.evaluate_many([(a, b)])[0]
 
+    def evaluate_offset(self, delta: Sequence[torch.Tensor]) -> dict[str, float]:
+        """``{quantity: value}`` at θ* + δ for any offset δ off the plane (one tensor per moved
+        tensor, in the order of the directions' names): for sharpness and other probes. The
+        evaluator's own directions are untouched."""
+        twin = copy.copy(self)
+        dtype = torch.float32 if self.low_precision else self.origin[0].dtype
+        twin.d1 = [delta[i].to(device=o.device, dtype=dtype) for i, o in zip(self.idx, self.origin)]
+        twin.d2, twin.seeded, twin.two, twin.points_per_pass = None, None, False, 1
+        return twin.evaluate(1.0)
+
     def evaluate_many(self, points: list[tuple[float, float]]) -> list[dict[str, float]]:
         """Results for each (a, b), ``points_per_pass`` points per forward pass."""
         out = []
