@@ -34,9 +34,9 @@ def lsurf_command(ranks: int, args: list[str]) -> list[str]:
 
 
 def run(ranks: int, writer: str, grid: str, ckpt: Path, out: Path) -> dict:
-    args = ["surface", "--model", "cnn", "--data", "digits", "--checkpoint", str(ckpt), "--x", f"-1:1:{grid}",
-            "--y", f"-1:1:{grid}", "--threads", "1", "--writer", writer, "--points-per-pass", "1",
-            "--no-progress", "--overwrite", "--out", str(out)]
+    args = ["surface", "--device", "cpu", "--model", "cnn", "--data", "digits", "--checkpoint", str(ckpt),
+            "--x", f"-1:1:{grid}", "--y", f"-1:1:{grid}", "--threads", "1", "--writer", writer,
+            "--points-per-pass", "1", "--no-progress", "--overwrite", "--out", str(out)]
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1"}
     t0 = time.perf_counter()
     subprocess.run(lsurf_command(ranks, args), check=True, capture_output=True, env=env)

@@ -96,7 +96,10 @@ def add_device(p: argparse.ArgumentParser) -> None:
     g.add_argument("--threads", type=int, default=SUPPRESS,
                    help="torch threads per rank (default: cores per rank on the node)")
     g.add_argument("--batch-size", type=int, default=SUPPRESS,
-                   help="samples per forward (default: 128 on CPU, 1024 on GPU)")
+                   help="samples per forward (default: 128 on CPU, 1024 on GPU, fewer for large outputs)")
+    g.add_argument("--tf32", action="store_true", default=SUPPRESS,
+                   help="let GPUs compute float32 matmuls and convolutions in TF32 (faster; values change at "
+                   "the 1e-4 level; recorded). Default: IEEE float32, as on the CPU")
 
 
 def add_data_feed(p: argparse.ArgumentParser) -> None:

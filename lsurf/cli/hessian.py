@@ -33,7 +33,7 @@ def run(args: argparse.Namespace) -> int:
     values = common.merged_values(args, extra=tuple(_EXTRA))
     extra = {k: values.pop(k, default) for k, default in _EXTRA.items()}
     options = common.options_from(values)
-    device = configure_process(World.of(None), options.device, options.threads)
+    device = configure_process(World.of(None), options.device, options.threads, options.tf32)
     out = extra.pop("out")
     results = hessian_spectrum(options, device, **extra)
     print("top eigenvalues: " + ", ".join(f"{v:.6g}" for v in results["eigenvalues"]))

@@ -40,7 +40,7 @@ def run(args: argparse.Namespace) -> int:
     w = World.of(comm)
     install_abort_hook(w)
     options = w.agree(lambda: common.options_from(common.merged_values(args)))
-    w.agree(lambda: configure_process(w, options.device, options.threads))
+    w.agree(lambda: configure_process(w, options.device, options.threads, options.tf32))
     t0 = time.time()
     surface = run_surface(options, comm, log=lambda m: print(f"lsurf: {m}", file=sys.stderr, flush=True))
     if surface is not None:

@@ -29,7 +29,7 @@ def run(args: argparse.Namespace) -> int:
     values = common.merged_values(args, extra=("epochs", "lr", "out_dir"))
     epochs, lr, out_dir = values.pop("epochs"), values.pop("lr"), values.pop("out_dir")
     options = common.options_from(values, split=("train", "test"))
-    device = configure_process(World.of(None), options.device, options.threads)
+    device = configure_process(World.of(None), options.device, options.threads, options.tf32)
     model, data = load_inputs(options, seed=options.seed)
     if data is None:
         raise UserError("`data` is needed to train")

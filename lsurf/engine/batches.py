@@ -26,10 +26,11 @@ PREFETCH = 2  # batches each loader worker reads ahead
 
 def to_device(x: torch.Tensor, y: torch.Tensor, device: torch.device, dtype: torch.dtype,
               channels_last: bool = False) -> Batch:
-    """A batch on ``device``: floating tensors in ``dtype`` (token ids and labels keep theirs)."""
+    """A batch on ``device``: floating tensors in ``dtype``, token ids as they are, integer targets
+    as int64 (what cross-entropy and ``gather`` index with; int32 labels are common on disk)."""
     nb = device.type == "cuda"  # from pinned memory the copy overlaps the previous batch's compute
     x = x.to(device=device, dtype=dtype if x.is_floating_point() else x.dtype, non_blocking=nb)
-    y = y.to(device=device, dtype=dtype if y.is_floating_point() else y.dtype, non_blocking=nb)
+    y = y.to(device=device, dtype=dtype if y.is_floating_point() else torch.int64, non_blocking=nb)
     if channels_last and x.dim() == 4:
         x = x.contiguous(memory_format=torch.channels_last)
     return x, y

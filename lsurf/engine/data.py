@@ -74,7 +74,7 @@ def _sha256(*tensors: torch.Tensor) -> str:
     h = hashlib.sha256()
     for t in tensors:
         h.update(str((tuple(t.shape), str(t.dtype))).encode())
-        h.update(t.contiguous().numpy().tobytes())
+        h.update(t.detach().cpu().contiguous().numpy().tobytes())  # a plug-in may hand CUDA tensors
     return h.hexdigest()
 
 
@@ -344,6 +344,21 @@ def max_token(split: AnySplit) -> int | None:
     if isinstance(split, Split) and not split.x.is_floating_point() and len(split.x):
         return int(split.x.max())
     return None
+
+
+def label_range(split: AnySplit) -> tuple[int, int] | None:
+    """The smallest and largest class label of a split with one integer label per sample, where
+    that is cheap to know (host tensors, a store's label array); None otherwise."""
+    if isinstance(split, Split):
+        y = split.y
+    elif isinstance(split, DatasetSplit) and hasattr(split.dataset, "labels"):
+        y = split.dataset.labels()
+        y = y if split.index is None else y[torch.from_numpy(split.index)]
+    else:
+        return None
+    if y.is_floating_point() or y.dim() != 1 or not len(y):
+        return None
+    return int(y.min()), int(y.max())
 
 
 def _subset_index(size: int, n: int, name: str) -> torch.Tensor:

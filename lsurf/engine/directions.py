@@ -139,6 +139,15 @@ class Directions:
 
         return Directions(self.names, cast(self.x), None if self.y is None else cast(self.y), dict(self.meta))
 
+    def like(self, targets: list[torch.Tensor]) -> Directions:
+        """The same values laid out in memory as ``targets`` (e.g. channels-last weights), so adding
+        them to the weights takes torch's fused path."""
+        def lay(ts):
+            return [t if t.stride() == w.stride() else torch.empty_like(w, dtype=t.dtype).copy_(t)
+                    for t, w in zip(ts, targets)]
+
+        return Directions(self.names, lay(self.x), None if self.y is None else lay(self.y), dict(self.meta))
+
 
 def tensor_generator(seed: int, which: int, index: int) -> torch.Generator:
     """A CPU generator for tensor ``index`` of direction ``which`` (0: x, 1: y). Each tensor's draw

@@ -22,9 +22,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lsurf.engine.batches import Feed, Streamed, head, resident_batches
-from lsurf.engine.data import AnySplit
-from lsurf.engine.directions import AnyDirections, SeededDirections, target_tensors
+from lsurf.engine.batches import Feed, Streamed, head, resident_batches, to_device
+from lsurf.engine.data import AnySplit, label_range
+from lsurf.engine.directions import AnyDirections, Directions, SeededDirections, target_tensors
 from lsurf.engine.metrics import METRICS, Metric, metrics_for, quantity_names
 from lsurf.engine.models import load_plugin
 from lsurf.engine.snapshot import ModelSnapshot
@@ -33,6 +33,7 @@ from lsurf.errors import UserError
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 Reduce = Callable[[np.ndarray], np.ndarray]  # sums of this rank's share -> sums of the group's
 _REDUCE_EVERY = 1 << 22  # model outputs held before a loss/argmax reduction (16 MB of float32)
+_GPU_HEADROOM = 0.7  # share of a GPU's memory a calibrated K may use at its peak
 
 
 def _cross_entropy(out: torch.Tensor, y: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
@@ -137,38 +138,63 @@ def evaluator(
         if metrics is None:
             metrics = metrics_for(next(iter(data.values())).rows(0, 1)[1], ignore_index)
         perturb = torch.float32 if is_low_precision(dtype) else dtype
-        yield Evaluator(model, names, targets, directions.to(dev, perturb), batches, loss_fn, bn, points_per_pass,
+        moved = directions.to(dev, perturb)
+        if channels_last and isinstance(moved, Directions):  # the weights' layout: foreach stays fused
+            moved = moved.like(targets)
+        yield Evaluator(model, names, targets, moved, batches, loss_fn, bn, points_per_pass,
                         amp, hessian_iters, metrics, reduce, output, origin=[snapshot.copy_of(t) for t in targets])
     finally:
         snapshot.restore()
 
 
 def check_outputs_fit(model: nn.Module, split: AnySplit, loss_fn: LossFn, device, dtype,
-                      output: str | None = None) -> int:
+                      output: str | None = None, labels: dict[str, AnySplit] | None = None) -> int:
     """Run one tiny batch so a model/label mismatch is a clear error before any work starts, and
     return how many output values one sample gives (a plan sizes batches by it: a language model's
-    logits are sequence length × vocabulary per sample).
+    logits are sequence length × vocabulary per sample). With ``labels``, the class labels of those
+    splits are checked against the model's outputs too.
 
     The model must already be in eval mode: a forward in train mode would move BatchNorm statistics.
     """
-    x, y = split.rows(0, 2)
-    x = x.to(device=device, dtype=dtype if x.is_floating_point() else x.dtype)
-    y = y.to(device=device, dtype=dtype if y.is_floating_point() else y.dtype)
+    x, y = to_device(*split.rows(0, 2), torch.device(device), dtype)
     with torch.inference_mode():
-        raw = _first_line_of_errors(lambda: model(x))
+        raw = _first_line_of_errors(lambda: model(x), device)
         out = pick_output(raw, output)
-        loss = _first_line_of_errors(lambda: loss_fn(out.float() if is_low_precision(out.dtype) else out, y))
+        if labels is not None and out.dim() == 2:
+            check_labels(labels, out.shape[1])
+        loss = _first_line_of_errors(lambda: loss_fn(out.float() if is_low_precision(out.dtype) else out, y), device)
     if loss.shape not in ((len(x),), tuple(y.shape)):
         raise UserError(f"loss must give one value per sample (or per target token); got shape {tuple(loss.shape)} "
                         f"for targets of shape {tuple(y.shape)}")
     return out[0].numel()
 
 
-def _first_line_of_errors(call):
+def check_labels(data: dict[str, AnySplit], classes: int) -> None:
+    """Refuse class labels outside the model's outputs before any work: on the CPU such a label ends
+    in an index error mid-run, on a GPU in an asynchronous device assert."""
+    for name, split in data.items():
+        span = label_range(split)
+        if span is not None and (span[0] < 0 or span[1] >= classes):
+            raise UserError(f"the {name} split has class labels {span[0]} to {span[1]}, but the model gives {classes} "
+                            f"outputs per sample: labels must lie in 0 to {classes - 1}")
+
+
+def _first_line_of_errors(call, device):
+    """``call()``, finished on the device (a CUDA error surfaces here, not later), with a shape or
+    type mismatch as one line. Failures of the device itself (out of memory, no kernel for this
+    GPU, a cuDNN fault) are not the data's fault: they pass with their own text."""
     try:
-        return call()
+        result = call()
+        if torch.device(device).type == "cuda":
+            torch.cuda.synchronize(device)
+        return result
+    except torch.cuda.OutOfMemoryError:
+        raise
     except Exception as e:
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        text = str(e).strip()
+        if any(word in text for word in ("CUDA", "cuDNN", "cuBLAS", "device-side")):
+            raise
+        msg = text.splitlines()[0] if text else type(e).__name__
         raise UserError(f"model outputs do not fit the data: {msg}") from None
 
 
@@ -415,6 +441,7 @@ class Evaluator:
         if candidates[0] != 1:
             raise ValueError(f"calibration candidates must start with 1, the per-point baseline: {candidates}")
         self.points_per_pass = 1
+        self.calibration_stop = ""  # why the search for K stopped early, if it did (logged)
         if self.bn == "recalibrate" or self.hessian_iters or not self.stackable:
             return 1
         first_feed = next(iter(self.batches.values()))
@@ -434,11 +461,14 @@ class Evaluator:
                     budget = 0.03 * points * whole
                 probe = self.on_batches({"calibration": first[:n_batches]})
                 timings = probe._time_candidates(candidates, repeats, budget, start, unit)
+                self.calibration_stop = probe.calibration_stop
         best = min(timings, key=timings.__getitem__, default=1)
         self.points_per_pass = best if timings and timings[best] < 0.9 * timings[1] else 1
         if log and timings:
             shown = ", ".join(f"K={k}: {1e3 * t:.2f} ms" for k, t in timings.items())
-            log(f"calibration (per point, {n_batches} batches): {shown} -> points per pass {self.points_per_pass}")
+            stop = f"; stopped: {self.calibration_stop}" if self.calibration_stop else ""
+            log(f"calibration (per point, {n_batches} batches): {shown}{stop} -> points per pass "
+                f"{self.points_per_pass}")
         elif log:
             log(f"calibration skipped: {points} points are too few to pay for it -> points per pass 1")
         return self.points_per_pass
@@ -462,6 +492,8 @@ class Evaluator:
         candidate whose warm-up and repeats would take the seconds spent since ``start`` past ``budget``
         (``unit``: a first look at seconds per point, until K=1 is timed)."""
         timings: dict[int, float] = {}
+        device = self.origin[0].device
+        cuda = device.type == "cuda"
         for i, k in enumerate(candidates):
             # Warm-up and repeats at the best per-point time so far; the first candidate alone decides nothing.
             needed = (1 + repeats) * (sum(candidates[:2]) if i == 0 else k) * min(timings.values(), default=unit)
@@ -469,12 +501,20 @@ class Evaluator:
                 break
             pts = [(0.0, 0.0)] * k
             self.points_per_pass = k
+            if cuda:
+                torch.cuda.reset_peak_memory_stats(device)
             try:
                 warm = _seconds(self.evaluate_many, pts) / k  # warm-up (allocations, vmap tracing)
-                if timings and warm > 3 * min(timings.values()) and warm * k > 0.2:
+                # On a GPU the first call at a new K also picks cuDNN plans: its time says nothing yet.
+                if not cuda and timings and warm > 3 * min(timings.values()) and warm * k > 0.2:
                     break  # hopeless and slow to time: do not spend seconds proving it
                 timings[k] = min(_seconds(self.evaluate_many, pts) for _ in range(repeats)) / k
-            except (RuntimeError, MemoryError):  # out of memory, or an op vmap cannot batch
+            except (RuntimeError, MemoryError) as e:  # out of memory, or an op vmap cannot batch
+                self.calibration_stop = f"K={k} failed: {' '.join(str(e).split())[:200]}"
+                break
+            if cuda and torch.cuda.max_memory_allocated(device) > _GPU_HEADROOM * torch.cuda.mem_get_info(device)[1]:
+                del timings[k]  # it ran, but too close to the card's limit to run for hours
+                self.calibration_stop = f"K={k} used more than {_GPU_HEADROOM:.0%} of the GPU's memory"
                 break
             if timings[k] > 1.2 * min(timings.values()):
                 break  # larger K only gets slower where stacking does not pay (e.g. convs on a CPU)
@@ -482,14 +522,17 @@ class Evaluator:
 
     @torch.no_grad()
     def _recalibrate_bn(self) -> None:
-        """Re-estimate BatchNorm running statistics on the training batches at this point."""
+        """Re-estimate BatchNorm running statistics on the training batches at this point: their
+        cumulative average, with momentum 1/(i+1) at batch i — what ``momentum=None`` computes, bit for
+        bit, without reading the batch counter back from the device at every layer and batch."""
         bns = [m for m in self.model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
         momenta = [m.momentum for m in bns]
         for m in bns:
             m.reset_running_stats()
-            m.momentum = None  # cumulative average over the whole pass
         self.model.train()
-        for x, _ in self.batches.get("train") or next(iter(self.batches.values())):
+        for i, (x, _) in enumerate(self.batches.get("train") or next(iter(self.batches.values()))):
+            for m in bns:
+                m.momentum = 1.0 / (i + 1)
             self.model(x)
         self.model.eval()
         for m, mom in zip(bns, momenta):

@@ -70,10 +70,10 @@ class Hessian:
 
     def trace(self, samples: int = 100, seed: int = 0) -> float:
         """Hutchinson's estimate: the mean of vᵀHv over Rademacher vectors v."""
-        gen = torch.Generator(device=self.device).manual_seed(seed)
+        gen = torch.Generator().manual_seed(seed)  # on the CPU: the same vectors on every device
         total = 0.0
         for _ in range(samples):
-            v = torch.randint(0, 2, (self.size,), generator=gen, device=self.device).to(self.dtype) * 2 - 1
+            v = (torch.randint(0, 2, (self.size,), generator=gen).to(self.dtype) * 2 - 1).to(self.device)
             total += float(v @ self.hvp(v))
         return total / samples
 
@@ -111,8 +111,8 @@ class Hessian:
 
     def _lanczos(self, steps: int, tol: float, seed: int):
         """α, β of the tridiagonal T = QᵀHQ and the orthonormal basis Q (fully reorthogonalised)."""
-        gen = torch.Generator(device=self.device).manual_seed(seed)
-        q = torch.randn(self.size, generator=gen, device=self.device, dtype=self.dtype)
+        gen = torch.Generator().manual_seed(seed)  # on the CPU: the same start on every device
+        q = torch.randn(self.size, generator=gen, dtype=self.dtype).to(self.device)
         q /= q.norm()
         basis, alpha, beta = [q], [], []
         for _ in range(steps):

@@ -61,14 +61,15 @@ def default_batch_size(device: torch.device, outputs_per_sample: int = 1) -> int
     return max(1, min(usual, room))
 
 
-def faster_in_channels_last(model: nn.Module, x: torch.Tensor, log=None) -> bool:
-    """Time one batch in both memory layouts; NHWC must win by 10 %. Only 4-D inputs qualify.
-    The model comes back as it was."""
+def faster_in_channels_last(model: nn.Module, x: torch.Tensor, log=None, amp: bool = False) -> bool:
+    """Time one batch in both memory layouts (under bfloat16 autocast with ``amp``, as the run will
+    compute: the faster layout differs between precisions); NHWC must win by 10 %. Only 4-D inputs
+    qualify. The model comes back as it was."""
     if x.dim() != 4:
         return False
 
     def best(inp: torch.Tensor) -> float:
-        with torch.inference_mode():
+        with torch.inference_mode(), torch.autocast(inp.device.type, dtype=torch.bfloat16, enabled=amp):
             model(inp)
             times = []
             for _ in range(3):

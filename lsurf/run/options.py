@@ -45,7 +45,7 @@ class Options:
     Groups: what to load (model, checkpoint, data, subset, split, seq_len), the directions (seed,
     norm, ignore, dir_type, same_dir, regenerate, dir_file, model2, model3), the grid (x, y), how to
     evaluate (loss, ignore_index, output, dtype, device, threads, batch_size, points_per_pass, amp,
-    layout, bn, hessian_iters), how data
+    tf32, layout, bn, hessian_iters), how data
     reaches the device (resident, memory_budget, workers), how to distribute and write
     (ranks_per_point, tile, schedule, writer, out, overwrite, progress). ``None`` means "choose for
     me" where the run plan decides (batch size, points per pass, threads, budget, loader workers).
@@ -77,6 +77,7 @@ class Options:
     batch_size: int | None = None
     points_per_pass: int | None = None
     amp: Amp = "none"
+    tf32: bool = False
     layout: Layout = "auto"
     bn: BatchNorm = "eval"
     hessian_iters: int = 0

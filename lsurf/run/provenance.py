@@ -19,6 +19,16 @@ from lsurf.engine.data import AnySplit
 from lsurf.engine.directions import AnyDirections, markers
 from lsurf.engine.models import file_sha256
 from lsurf.run.options import Options
+from lsurf.run.runtime import float32_precision
+
+
+def device_versions() -> dict[str, str]:
+    """The GPU, CUDA and cuDNN this process computes with (empty without CUDA), and its float32 mode."""
+    if not torch.cuda.is_available():
+        return {}
+    dev = torch.cuda.current_device()
+    return {"gpu": torch.cuda.get_device_name(dev), "cuda": str(torch.version.cuda),
+            "cudnn": str(torch.backends.cudnn.version()), "float32": float32_precision()}
 
 
 @dataclass(frozen=True)
@@ -60,13 +70,13 @@ class Provenance:
             "loss": options.loss, "dtype": options.dtype, "bn": options.bn,
             "dir_type": directions.meta.get("dir_type", "weights"), "amp": options.amp == "bf16",
             "hessian_iters": options.hessian_iters, "seq_len": options.seq_len, "ignore_index": options.ignore_index,
-            "output": options.output,
+            "output": options.output, "tf32": options.tf32,
         }
 
     def attrs(self, directions: AnyDirections, ranks: int) -> dict[str, Any]:
         """The file's provenance attributes."""
         versions = {"lsurf": __version__, "torch": torch.__version__, "h5py": h5py.__version__,
-                    "numpy": np.__version__, "python": sys.version.split()[0]}
+                    "numpy": np.__version__, "python": sys.version.split()[0], **device_versions()}
         out: dict[str, Any] = {
             "config": json.dumps(self.config, default=str), "model": self.model, "data": self.data,
             "checkpoint": self.checkpoint, "checkpoint_sha256": self.checkpoint_sha256, "mpi_ranks": ranks,

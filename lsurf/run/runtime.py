@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import socket
 import sys
 import traceback
 from typing import Any
@@ -73,6 +74,13 @@ def choose_device(w: World, spec: str = "auto") -> torch.device:
     if spec == "cpu":
         return torch.device("cpu")
     if spec.startswith("cuda:"):
+        index = spec[len("cuda:"):]
+        count = torch.cuda.device_count()
+        if not index.isdigit():
+            raise UserError(f"`device` {spec!r}: expected cuda:N with N a GPU index")
+        if int(index) >= count:
+            raise UserError(f"`device` {spec!r}: this process sees {count} CUDA device{'s' * (count != 1)}"
+                            + (f" (cuda:0 to cuda:{count - 1})" if count else ""))
         return torch.device(spec)
     if spec in ("auto", "cuda"):
         if not torch.cuda.is_available():
@@ -84,16 +92,53 @@ def choose_device(w: World, spec: str = "auto") -> torch.device:
     raise UserError(f"`device` {spec!r}: expected auto, cpu, cuda or cuda:N")
 
 
-def configure_process(w: World | None = None, device: str = "auto", threads: int | None = None) -> torch.device:
+def configure_process(w: World | None = None, device: str = "auto", threads: int | None = None,
+                      tf32: bool = False) -> torch.device:
     """Set this process up for evaluation and return its device: torch threads (``threads`` or the
-    CPUs this rank does not share), glibc's malloc policy, and the current CUDA device."""
+    CPUs this rank does not share), glibc's malloc policy, float32 precision on GPUs, and the current
+    CUDA device.
+
+    torch leaves cuDNN's float32 convolutions in TF32 (10-bit mantissa), so a float32 surface on a
+    GPU would differ from the CPU's at the 1e-4 level: IEEE float32 is pinned unless ``tf32``.
+    """
     w = w or World.of(None)
     torch.set_num_threads(threads or threads_per_rank(w))
     keep_freed_memory()
+    set_float32_precision(tf32)
     dev = choose_device(w, device)
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
     return dev
+
+
+def set_float32_precision(tf32: bool) -> None:
+    """IEEE float32 (or TF32 with ``tf32``) for CUDA matmuls and cuDNN convolutions."""
+    mode = "tf32" if tf32 else "ieee"
+    torch.backends.cuda.matmul.fp32_precision = mode
+    torch.backends.cudnn.conv.fp32_precision = mode  # type: ignore[attr-defined]  # in torch, not its stubs
+
+
+def float32_precision() -> str:
+    """What this process computes float32 GPU convolutions in (recorded with every surface)."""
+    return str(torch.backends.cudnn.conv.fp32_precision)  # type: ignore[attr-defined]  # as above
+
+
+def check_device_binding(w: World, dev: torch.device) -> None:
+    """Refuse a job whose ranks use different device types (``auto`` on nodes where only some
+    ranks see a GPU: the surface would mix values computed two ways), or whose ranks on one node
+    share a GPU (a binding mistake, e.g. ``--gpu-bind=single:1`` overriding one GPU per task)."""
+    uuid = str(torch.cuda.get_device_properties(dev).uuid) if dev.type == "cuda" else ""
+    seen = w.allgather((dev.type, socket.gethostname(), uuid))
+    types = sorted({t for t, _, _ in seen})
+    if len(types) > 1:
+        raise UserError(f"ranks of this job run on different device types ({', '.join(types)}): pass `device` "
+                        "cuda or cpu so every rank computes the same way")
+    owners: dict[tuple[str, str], int] = {}
+    for rank, (_, node, gpu) in enumerate(seen):
+        if gpu and (node, gpu) in owners:
+            raise UserError(f"ranks {owners[node, gpu]} and {rank} on {node} share GPU {gpu}: bind one GPU per "
+                            "rank (Slurm: --gpus-per-task=1 without --gpu-bind=single:1)")
+        owners.setdefault((node, gpu), rank)
 
 
 def install_abort_hook(w: World) -> None:

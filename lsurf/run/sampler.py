@@ -35,7 +35,7 @@ from lsurf.engine.snapshot import preserved
 from lsurf.errors import UserError
 from lsurf.run.options import Options
 from lsurf.run.provenance import Provenance
-from lsurf.run.runtime import choose_device
+from lsurf.run.runtime import check_device_binding, choose_device
 from lsurf.run.sources import directions_for, directions_path, grid_for, load_inputs
 from lsurf.run.transport import TileQueue, TileSink
 from lsurf.run.world import Group, World, abort_on_failure
@@ -99,6 +99,7 @@ def sample_surface(
 def _sample(w: World, model: nn.Module, data: dict[str, AnySplit], directions: AnyDirections, grid: Grid, path: Path,
             opts: Options, prov: Provenance, save_to: str | Path | None, log: Log) -> surface_file.Surface | None:
     dev, outputs = w.agree(lambda: _check_inputs(w, model, data, directions, grid, opts))
+    w.agree(lambda: check_device_binding(w, dev))
     group = w.groups(opts.ranks_per_point)
     try:
         return _sample_in_groups(w, group, (dev, outputs), model, data, directions, grid, path, opts, prov, save_to,
@@ -177,7 +178,9 @@ def _check_inputs(w: World, model: nn.Module, data: dict[str, AnySplit], directi
     parse_tile(opts.tile)
     with preserved(model):
         model.to(device=dev, dtype=opts.torch_dtype).eval()  # eval before any forward: BN statistics stay
-        outputs = check_outputs_fit(model, next(iter(data.values())), loss_fn, dev, opts.torch_dtype, opts.output)
+        # class labels checked on rank 0 for the built-in loss (a plug-in may use integer targets otherwise)
+        outputs = check_outputs_fit(model, next(iter(data.values())), loss_fn, dev, opts.torch_dtype, opts.output,
+                                    labels=data if w.is_root and opts.loss == "cross_entropy" else None)
     _streamed(w, w.groups(1), data, dev, opts, opts.batch_size or default_batch_size(dev, outputs),
               _workers(opts, dev), log=None)  # a budget too small for the stream: refused before any file is touched
     return dev, outputs
@@ -212,7 +215,7 @@ def _layout(w: World, model: nn.Module, data: dict[str, AnySplit], probe: tuple[
     batch_size = opts.batch_size or default_batch_size(dev, outputs)
     if pinned_layout is None:
         x = next(iter(data.values())).rows(0, batch_size)[0].to(dev, opts.torch_dtype)
-        pinned_layout = faster_in_channels_last(model, x, log)
+        pinned_layout = faster_in_channels_last(model, x, log, amp=opts.amp == "bf16")
     return batch_size, pinned_layout
 
 
