@@ -60,10 +60,10 @@ def test_int32_labels_give_the_int64_numbers(tmp_path, digits_checkpoint):
         save_store(store, {"train": (data.x.numpy(), data.y.numpy().astype(kind))})
         outs[kind] = tmp_path / f"{kind.__name__}.h5"
         lsurf("surface", "--model", "cnn", "--checkpoint", digits_checkpoint, "--data", store, *CURVE,
-              "--dtype", "float64", "--out", outs[kind], check=True)
+              "--dtype", "float64", "--points-per-pass", "1", "--out", outs[kind], check=True)
     with h5py.File(outs[np.int64]) as a, h5py.File(outs[np.int32]) as b:
         for k in ("train_loss", "train_acc"):
-            np.testing.assert_array_equal(a[k][()], b[k][()])
+            np.testing.assert_allclose(a[k][()], b[k][()], rtol=1e-12)
 
 
 def test_float32_precision_is_pinned_to_ieee_unless_tf32_and_tf32_is_part_of_the_identity(tmp_path,
