@@ -1,4 +1,5 @@
-"""``lsurf info``: provenance and coverage of a surface file."""
+"""``lsurf info``: provenance and coverage of a surface file; for an ensemble of planes, each
+plane's summary and their spread."""
 
 from __future__ import annotations
 
@@ -6,16 +7,25 @@ import argparse
 
 from lsurf.cli import common
 from lsurf.engine.surface_file import read_surface
+from lsurf.post.ensemble import summarise
 
-HELP = "provenance and coverage of a surface file"
+HELP = "provenance and coverage of a surface file (an ensemble: per-plane summaries and their spread)"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     common.add_common(p, config=False)
     p.add_argument("file")
+    p.add_argument("--quantity", default="train_loss", help="the quantity an ensemble is summarised by")
+    p.add_argument("--basin-threshold", type=float,
+                   help="an ensemble's basin radius: where the quantity first exceeds this (default: twice "
+                   "each plane's centre value)")
 
 
 def run(args: argparse.Namespace) -> int:
-    for line in read_surface(args.file).describe():
+    surface = read_surface(args.file)
+    for line in surface.describe():
         print(line)
+    if surface.planes is not None:
+        for line in summarise(surface, args.quantity, args.basin_threshold).describe():
+            print(line)
     return 0

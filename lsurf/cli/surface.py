@@ -25,6 +25,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("grid")
     g.add_argument("--x", default=argparse.SUPPRESS, help="MIN:MAX:NUM of alpha (numpy.linspace; default -1:1:51)")
     g.add_argument("--y", default=argparse.SUPPRESS, help="MIN:MAX:NUM of beta; absent -> a 1-D curve")
+    g.add_argument("--planes", type=int, default=argparse.SUPPRESS,
+                   help="K random planes in one run (seeds SEED to SEED+K-1): an ensemble with a plane axis")
     common.add_device(p)
     common.add_evaluation(p)
     common.add_run(p)

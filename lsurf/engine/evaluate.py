@@ -138,13 +138,18 @@ def evaluator(
         if metrics is None:
             metrics = metrics_for(next(iter(data.values())).rows(0, 1)[1], ignore_index)
         perturb = torch.float32 if is_low_precision(dtype) else dtype
-        moved = directions.to(dev, perturb)
-        if channels_last and isinstance(moved, Directions):  # the weights' layout: foreach stays fused
-            moved = moved.like(targets)
-        yield Evaluator(model, names, targets, moved, batches, loss_fn, bn, points_per_pass,
+        yield Evaluator(model, names, targets, _placed(directions, targets, perturb), batches, loss_fn, bn,
+                        points_per_pass,
                         amp, hessian_iters, metrics, reduce, output, origin=[snapshot.copy_of(t) for t in targets])
     finally:
         snapshot.restore()
+
+
+def _placed(directions: AnyDirections, targets: list[torch.Tensor], dtype: torch.dtype) -> AnyDirections:
+    """``directions`` on the targets' device in ``dtype``, in the targets' memory layout (so
+    foreach stays fused on channels-last weights)."""
+    moved = directions.to(targets[0].device, dtype)
+    return moved.like(targets) if isinstance(moved, Directions) else moved
 
 
 def check_outputs_fit(model: nn.Module, split: AnySplit, loss_fn: LossFn, device, dtype,
@@ -236,13 +241,9 @@ class Evaluator:
         # θ*: a copy the caller already holds of a tensor (``origin``, read only), or a fresh one
         given = [origin[i] for i in idx] if origin is not None else [None] * len(idx)
         self.origin = [g if g is not None else t.detach().clone() for g, t in zip(given, self.params)]
-        # Drawn again tensor by tensor at every point (2P memory), or held (4P); low-precision
-        # weights are perturbed in float32 one tensor at a time.
-        self.seeded = directions if isinstance(directions, SeededDirections) else None
         self.low_precision = is_low_precision(self.origin[0].dtype)
-        self.idx, self.two = idx, directions.y is not None
-        self.d1 = None if self.seeded else [directions.x[i] for i in idx]
-        self.d2 = None if self.seeded or directions.y is None else [directions.y[i] for i in idx]
+        self.idx, self.targets = idx, targets
+        self._hold(directions)
         self.batches = batches
         self.reduce = reduce
         self.loss_fn = loss_fn
@@ -263,12 +264,36 @@ class Evaluator:
             raise UserError("`hessian_iters` evaluates one point at a time: drop `points_per_pass`")
         self.hessian_iters = hessian_iters  # Lanczos steps for λ_max, λ_min per point (0: none)
 
+    def _hold(self, directions: AnyDirections) -> None:
+        """Take ``directions`` (already on the device): drawn again tensor by tensor at every point
+        (2P memory), or held (4P); low-precision weights are perturbed in float32 one tensor at a time."""
+        self.seeded = directions if isinstance(directions, SeededDirections) else None
+        self.two = directions.y is not None
+        self.d1 = None if self.seeded else [directions.x[i] for i in self.idx]
+        self.d2 = None if self.seeded or directions.y is None else [directions.y[i] for i in self.idx]
+
+    def with_directions(self, directions: AnyDirections) -> Evaluator:
+        """The same evaluator (model, θ*, batches, plan) moving the weights along other directions
+        (another plane of an ensemble), placed like the evaluator's own. This one is unchanged."""
+        if directions.ndim != (2 if self.two else 1):
+            raise UserError(f"the directions are {directions.ndim}-D but the evaluator's are {2 if self.two else 1}-D")
+        twin = copy.copy(self)
+        twin._hold(_placed(directions, self.targets, self.perturb_dtype))
+        if self.points_per_pass > 1 and not twin.stackable:
+            raise UserError("`points_per_pass` > 1 needs directions held in full precision: not with `regenerate`")
+        return twin
+
     def on_batches(self, batches: dict[str, Feed]) -> Evaluator:
         """The same evaluator (same model, θ*, directions) over other batches, alone (no group
         reduction): for calibration, which times a few batches without touching this evaluator's own."""
         twin = copy.copy(self)
         twin.batches, twin.reduce = batches, None
         return twin
+
+    @property
+    def perturb_dtype(self) -> torch.dtype:
+        """The dtype of the directions and offsets: float32 for low-precision weights."""
+        return torch.float32 if self.low_precision else self.origin[0].dtype
 
     @property
     def stackable(self) -> bool:
@@ -317,8 +342,7 @@ class Evaluator:
         tensor, in the order of the directions' names): for sharpness and other probes. The
         evaluator's own directions are untouched."""
         twin = copy.copy(self)
-        dtype = torch.float32 if self.low_precision else self.origin[0].dtype
-        twin.d1 = [delta[i].to(device=o.device, dtype=dtype) for i, o in zip(self.idx, self.origin)]
+        twin.d1 = [delta[i].to(device=o.device, dtype=self.perturb_dtype) for i, o in zip(self.idx, self.origin)]
         twin.d2, twin.seeded, twin.two, twin.points_per_pass = None, None, False, 1
         return twin.evaluate(1.0)
 

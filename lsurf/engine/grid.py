@@ -39,13 +39,14 @@ def parse_axis(spec: str, name: str) -> np.ndarray:
 
 @dataclass(frozen=True)
 class Tile:
-    """A rectangle of grid points: rows ``j0:j1`` (beta) by columns ``i0:i1`` (alpha)."""
+    """A rectangle of grid points: rows ``j0:j1`` (beta) by columns ``i0:i1`` (alpha) of plane ``plane``."""
 
     index: int
     j0: int
     j1: int
     i0: int
     i1: int
+    plane: int = 0
 
     @property
     def size(self) -> int:
@@ -58,14 +59,22 @@ class Grid:
 
     Inside lsurf every grid is a plane: a curve is one row, ``plane_shape`` (1, nx), with β = 0.
     Only the file and the plots see its own ``shape`` (nx,) (:meth:`as_plane` converts).
+    ``planes`` K: an ensemble of K planes (each its own directions) over the same coordinates; the
+    file then has a leading plane axis, ``shape`` (K, ny, nx) or (K, nx). Inside, values of any grid
+    are viewed as ``stack_shape`` (K or 1, rows, columns) (:meth:`as_stack`).
     """
 
     x: np.ndarray
     y: np.ndarray | None = None
+    planes: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.planes is not None and self.planes < 1:
+            raise UserError(f"`planes` {self.planes}: must be at least 1")
 
     @classmethod
-    def parse(cls, x: str, y: str | None = None) -> Grid:
-        grid = cls(parse_axis(x, "x"), None if y is None else parse_axis(y, "y"))
+    def parse(cls, x: str, y: str | None = None, planes: int | None = None) -> Grid:
+        grid = cls(parse_axis(x, "x"), None if y is None else parse_axis(y, "y"), planes)
         grid.check_fits_in_memory()
         return grid
 
@@ -75,7 +84,21 @@ class Grid:
 
     @property
     def shape(self) -> tuple[int, ...]:
-        return (len(self.x),) if self.y is None else (len(self.y), len(self.x))
+        own = (len(self.x),) if self.y is None else (len(self.y), len(self.x))
+        return own if self.planes is None else (self.planes, *own)
+
+    @property
+    def num_planes(self) -> int:
+        return self.planes or 1
+
+    @property
+    def stack_shape(self) -> tuple[int, int, int]:
+        """(planes, rows, columns): every grid's values as a stack of planes (one, unless an ensemble)."""
+        return (self.num_planes, *self.plane_shape)
+
+    def as_stack(self, values: np.ndarray) -> np.ndarray:
+        """Values of ``shape`` viewed as ``stack_shape``."""
+        return values.reshape(self.stack_shape)
 
     @property
     def plane_shape(self) -> tuple[int, int]:
@@ -104,20 +127,22 @@ class Grid:
         return float(self.x[i]), (0.0 if self.y is None else float(self.y[j]))
 
     def tiles(self, shape: tuple[int, int] | None = None, ranks: int = 1, min_points: int = 1) -> list[Tile]:
-        """Cut the plane into rectangles; by default about 4 per rank so dynamic scheduling can
-        balance, but at least ``min_points`` each (the points one stacked pass evaluates)."""
+        """Cut each plane into rectangles, plane after plane; by default about 4 per rank so dynamic
+        scheduling can balance, but at least ``min_points`` each (the points one stacked pass
+        evaluates). A tile never spans two planes: their points move the weights along other directions."""
         ny, nx = self.plane_shape
-        th, tw = shape if shape is not None else self._default_tile(ny, nx, ranks, min_points)
+        th, tw = shape if shape is not None else self._default_tile(ny, nx, ranks, min_points, self.num_planes)
         th, tw = max(1, min(th, ny)), max(1, min(tw, nx))
         tiles: list[Tile] = []
-        for j0 in range(0, ny, th):
-            for i0 in range(0, nx, tw):
-                tiles.append(Tile(len(tiles), j0, min(j0 + th, ny), i0, min(i0 + tw, nx)))
+        for k in range(self.num_planes):
+            for j0 in range(0, ny, th):
+                for i0 in range(0, nx, tw):
+                    tiles.append(Tile(len(tiles), j0, min(j0 + th, ny), i0, min(i0 + tw, nx), k))
         return tiles
 
     @staticmethod
-    def _default_tile(ny: int, nx: int, ranks: int, min_points: int = 1) -> tuple[int, int]:
-        target = max(1, min_points, (ny * nx) // (4 * max(1, ranks)))  # points per tile
+    def _default_tile(ny: int, nx: int, ranks: int, min_points: int = 1, planes: int = 1) -> tuple[int, int]:
+        target = max(1, min_points, (planes * ny * nx) // (4 * max(1, ranks)))  # points per tile
         tw = max(1, min(nx, target))
         th = max(1, min(ny, -(-target // tw)))
         return th, tw

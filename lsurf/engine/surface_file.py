@@ -5,6 +5,7 @@ Layout (2-D; a 1-D file drops ``y``): root datasets ``x``/``y`` (HDF5 dimension 
 xarray shows named coordinates), ``xcoordinates``/``ycoordinates`` (the reference's names),
 ``{split}_{loss,acc,loss_stderr,acc_stderr}`` of shape (ny, nx) with value ``[j, i]`` at
 ``(x[i], y[j])``, NaN until computed, and ``done`` (uint8). Attributes hold the provenance.
+An ensemble of K planes adds a leading axis, (K, ny, nx), with its own scale ``plane`` (0..K-1).
 
 Crash safety: the file is created complete (every dataset allocated and filled with NaN) under a
 temporary name, closed and renamed into place. During a run only raw values are written into
@@ -73,7 +74,7 @@ def _identity_mismatch(f: h5py.File, grid: Grid, identity: dict) -> str | None:
     """Why an existing file cannot be resumed by this run, or None if it can."""
     if f.attrs.get("format") != FORMAT:
         return "it was not written by lsurf"
-    old_grid = Grid(f["x"][()], f["y"][()] if "y" in f else None)
+    old_grid = _grid(f)
     if describe_grid(old_grid) != describe_grid(grid) or not np.array_equal(old_grid.x, grid.x) or (
         grid.y is not None and (old_grid.y is None or not np.array_equal(old_grid.y, grid.y))
     ):
@@ -86,11 +87,16 @@ def _identity_mismatch(f: h5py.File, grid: Grid, identity: dict) -> str | None:
 
 
 def describe_grid(grid: Grid) -> str:
-    """``x -1:1:51, y -1:1:51`` — the grid in the syntax of the options."""
+    """``x -1:1:51, y -1:1:51`` (``, 8 planes``) — the grid in the syntax of the options."""
     def axis(name: str, v: np.ndarray) -> str:
         return f"{name} {v[0]:g}:{v[-1]:g}:{len(v)}"
 
-    return axis("x", grid.x) + ("" if grid.y is None else ", " + axis("y", grid.y))
+    return (axis("x", grid.x) + ("" if grid.y is None else ", " + axis("y", grid.y))
+            + ("" if grid.planes is None else f", {grid.planes} planes"))
+
+
+def _grid(f: h5py.File) -> Grid:
+    return Grid(f["x"][()], f["y"][()] if "y" in f else None, len(f["plane"]) if "plane" in f else None)
 
 
 def accept(path: str | Path, grid: Grid, identity: dict, overwrite: bool) -> bool:
@@ -131,6 +137,10 @@ def _create(path: Path, grid: Grid, quantities: list[str], identity: dict, attrs
             y.make_scale("y")
             scales = [y, x]
             f.create_dataset("ycoordinates", data=grid.y).dims[0].attach_scale(y)
+        if grid.planes is not None:
+            plane = f.create_dataset("plane", data=np.arange(grid.planes))
+            plane.make_scale("plane")
+            scales = [plane, *scales]
         # data= (not just shape=) allocates the storage now: later writes never touch metadata.
         for name in quantities:
             _attach(f.create_dataset(name, data=np.full(grid.shape, np.nan)), scales)
@@ -152,12 +162,14 @@ def _quantities(f: h5py.File) -> list[str]:
     """The per-point datasets: listed in the file, or every dataset but coordinates and ``done``."""
     if "quantities" in f.attrs:
         return json.loads(f.attrs["quantities"])
-    return [n for n in f if n not in ("x", "y", "xcoordinates", "ycoordinates", "done")]
+    return [n for n in f if n not in ("x", "y", "xcoordinates", "ycoordinates", "done", "plane")]
 
 
-def tile_slice(grid: Grid, tile: Tile) -> tuple[slice, ...]:
-    """Where a tile of the plane lies in the file's datasets (a curve's are one-dimensional)."""
-    return (slice(tile.j0, tile.j1), slice(tile.i0, tile.i1))[2 - len(grid.shape):]
+def tile_slice(grid: Grid, tile: Tile) -> tuple[slice | int, ...]:
+    """Where a tile lies in the file's datasets (a curve's are one-dimensional; an ensemble's
+    start with the plane)."""
+    rows_cols = (slice(tile.j0, tile.j1), slice(tile.i0, tile.i1))[2 - grid.ndim:]
+    return rows_cols if grid.planes is None else (tile.plane, *rows_cols)
 
 
 class TileWriter:
@@ -180,7 +192,7 @@ class TileWriter:
     def write(self, tile: Tile, values: dict[str, np.ndarray]) -> None:
         t0 = time.perf_counter()
         sl = tile_slice(self.grid, tile)
-        shape = tuple(s.stop - s.start for s in sl)  # the plane's (rows, columns), or a curve's columns
+        shape = tuple(s.stop - s.start for s in sl if isinstance(s, slice))  # (rows, columns), or a curve's columns
         for name, arr in values.items():
             self.datasets[name][sl] = arr.reshape(shape)
         self.f["done"][sl] = 1
@@ -205,7 +217,8 @@ def set_attrs(path: str | Path, attrs: dict) -> None:
 
 @dataclass
 class Surface:
-    """A surface read back: coordinates, quantities as (ny, nx) or (nx,) arrays, ``done`` and attributes."""
+    """A surface read back: coordinates, quantities as (ny, nx) or (nx,) arrays, ``done`` and
+    attributes; an ensemble of ``planes`` K has a leading plane axis on every array."""
 
     path: str
     x: np.ndarray
@@ -214,10 +227,42 @@ class Surface:
     done: np.ndarray
     attrs: dict = field(default_factory=dict)
     reference: bool = False  # written by Li et al.'s code
+    planes: int | None = None
 
     @property
     def ndim(self) -> int:
         return 1 if self.y is None else 2
+
+    @property
+    def grid(self) -> Grid:
+        return Grid(self.x, self.y, self.planes)
+
+    def plane(self, k: int) -> Surface:
+        """Plane ``k`` of an ensemble as a surface of its own (what a single-plane run with its
+        seed would have written)."""
+        if self.planes is None:
+            raise UserError(f"{self.path!r} holds one plane, not an ensemble")
+        if not 0 <= k < self.planes:
+            raise UserError(f"`plane` {k}: {self.path!r} holds planes 0 to {self.planes - 1}")
+        return Surface(self.path, self.x, self.y, {n: v[k] for n, v in self.values.items()}, self.done[k],
+                       self.attrs, self.reference)
+
+    def single_plane(self, use: str) -> Surface:
+        """This surface, refused with a clear message where ``use`` (e.g. ``export``) needs one plane."""
+        if self.planes is not None:
+            raise UserError(f"{self.path!r} holds an ensemble of {self.planes} planes; {use} takes one plane: "
+                            "`lsurf plot` draws the ensemble, Surface.plane(k) picks one")
+        return self
+
+    @property
+    def directions_meta(self) -> dict:
+        """How the directions were made (of the first plane of an ensemble); empty if unrecorded."""
+        try:
+            meta = json.loads(self.attrs.get("directions", "{}"))
+        except (TypeError, ValueError):
+            return {}
+        meta = meta[0] if isinstance(meta, list) and meta else meta
+        return meta if isinstance(meta, dict) else {}
 
     @property
     def config(self) -> dict:
@@ -226,13 +271,14 @@ class Surface:
     def describe(self) -> list[str]:
         """Human-readable provenance and coverage, one line per item (what ``lsurf info`` prints)."""
         shape = f"{len(self.x)}" if self.y is None else f"{len(self.x)} x {len(self.y)}"
+        shape += " points" + ("" if self.planes is None else f" in each of {self.planes} planes")
         ranges = f"x [{self.x.min():g}, {self.x.max():g}]"
         if self.y is not None:
             ranges += f", y [{self.y.min():g}, {self.y.max():g}]"
         done = int(self.done.sum())
         lines = [
             f"{'file:':<20}{self.path}" + ("  (written by Li et al.'s loss-landscape)" if self.reference else ""),
-            f"{'grid:':<20}{shape} points, {ranges}",
+            f"{'grid:':<20}{shape}, {ranges}",
             f"{'coverage:':<20}{done}/{self.done.size} points done ({100 * done / self.done.size:.1f} %)",
         ]
         for name, v in sorted(self.values.items()):
@@ -273,7 +319,8 @@ def read_surface(path: str | Path) -> Surface:
         if attrs.get("format") == FORMAT:
             y = f["y"][()] if "y" in f else None
             values = {n: f[n][()] for n in _quantities(f)}
-            return Surface(str(path), f["x"][()], y, values, f["done"][()].astype(bool), attrs)
+            return Surface(str(path), f["x"][()], y, values, f["done"][()].astype(bool), attrs,
+                           planes=_grid(f).planes)
         if "xcoordinates" not in f:
             raise UserError(f"{str(path)!r} is not a surface file (no xcoordinates)")
         return _read_reference(f, str(path), attrs)

@@ -14,7 +14,6 @@ notebook never switches the notebook's backend nor registers figures with pyplot
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,11 +57,10 @@ def provenance(surface: Surface) -> str:
     a = surface.attrs
     parts = [str(p) for p in (a.get("model"), a.get("data")) if p]
     text = " on ".join(parts)
-    try:
-        seed = json.loads(a["directions"]).get("seed") if "directions" in a else None
-    except (TypeError, ValueError):
-        seed = None
-    if seed is not None:
+    seed = surface.directions_meta.get("seed")
+    if surface.planes is not None:
+        text += (", " if text else "") + f"{surface.planes} planes from seed {seed}"
+    elif seed is not None:
         text += (", " if text else "") + f"seed {seed}"
     return text
 
@@ -95,6 +93,8 @@ def same_grid(a: Surface, b: Surface) -> bool:
 def _check(surfaces: list[Surface], kind: str, diff: str | None, levels: int) -> None:
     if not surfaces:
         raise UserError("`surfaces` is empty: give at least one surface")
+    for s in surfaces:
+        s.single_plane("a comparison")
     dims = {s.ndim for s in surfaces}
     if len(dims) > 1:
         listing = ", ".join(f"{n} ({s.ndim}-D)" for n, s in zip(short_names(surfaces), surfaces))

@@ -41,6 +41,7 @@ def export_surface(surface: Surface, path: str | Path, fmt: Literal["ll", "obj",
     quantity (``ll``: only losses and accuracies, the reference's quantities).
     """
     path = Path(path)
+    surface.single_plane("export")
     if fmt not in FORMATS:
         raise UserError(f"`fmt` {fmt!r}: expected one of {', '.join(FORMATS)}")
     if fmt == "obj" and surface.ndim != 2:

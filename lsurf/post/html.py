@@ -91,6 +91,8 @@ def write_html(surfaces: list[Surface], path: str | Path, quantities: list[str] 
     go, make_subplots = _plotly()
     if not surfaces:
         raise UserError("`surfaces` is empty: give at least one surface")
+    for s in surfaces:
+        s.single_plane("the interactive page")
     if len({s.ndim for s in surfaces}) > 1:
         raise UserError("`surfaces` mixes 1-D and 2-D files: write one page for each")
     path = Path(path)

@@ -52,7 +52,7 @@ def color_range(z: np.ndarray, vmin: float | None, vmax: float | None, log: bool
 
 def figure_title(surface: Surface, name: str) -> str:
     a = surface.attrs
-    norm = json.loads(a["directions"]).get("norm") if "directions" in a else None
+    norm = surface.directions_meta.get("norm")
     parts = [p for p in (a.get("model"), a.get("data")) if p]
     text = " on ".join(parts) if parts else Path(surface.path).name
     if norm:
@@ -191,10 +191,66 @@ def plot_curve(surface: Surface, *, log: bool = False, size=(6.0, 4.0), vmax=Non
     return fig
 
 
+def plot_ensemble(surface: Surface, name: str = "train_loss", *, log: bool = False, levels: int = 12,
+                  size=(6.0, 5.0), vmin=None, vmax=None):
+    """An ensemble's picture. A curve: the median over planes with its 10–90 % band and each
+    plane's curve faint. A plane: contours of the mean surface over a map of the standard
+    deviation across planes (where the pictures disagree)."""
+    from matplotlib.figure import Figure
+
+    if surface.planes is None:
+        raise UserError(f"{surface.path!r} holds one plane: use plot_surface or plot_curve")
+    z = quantity(surface, name)
+    fig = Figure(figsize=size, layout="constrained")
+    ax = fig.add_subplot()
+    k = len(z)
+    if surface.y is None:
+        for curve in z:
+            ax.plot(surface.x, curve, color="tab:blue", alpha=0.25, linewidth=0.8)
+        lo10, med, hi90 = np.nanpercentile(z, [10, 50, 90], axis=0)
+        ax.fill_between(surface.x, lo10, hi90, color="tab:blue", alpha=0.25, label="10–90 % of planes")
+        ax.plot(surface.x, med, color="tab:blue", linewidth=2, label="median")
+        lo, hi = color_range(z, vmin, vmax, log)
+        ax.set_ylim(lo * 0.9 if log else lo - 0.05 * (hi - lo), hi * 1.1 if log else hi + 0.05 * (hi - lo))
+        if log:
+            ax.set_yscale("log")
+        ax.set_xlabel("α")
+        ax.set_ylabel(name)
+        ax.legend(fontsize=8)
+    else:
+        _mean_over_spread(fig, ax, surface, z, name, log, levels, vmin, vmax)
+    ax.set_title(figure_title(surface, name) + f" ({k} planes)", fontsize=10)
+    return fig
+
+
+def _mean_over_spread(fig, ax, surface: Surface, z: np.ndarray, name: str, log: bool, levels: int, vmin, vmax):
+    """Mean contours (labelled) over the across-plane standard deviation as a colour map."""
+    from matplotlib.colors import LogNorm, Normalize
+
+    with np.errstate(invalid="ignore"):
+        mean, sd = np.nanmean(z, axis=0), np.nanstd(z, axis=0, ddof=1)
+    assert surface.y is not None  # a plane
+    X, Y = np.meshgrid(surface.x, surface.y)
+    mesh = ax.pcolormesh(X, Y, np.ma.masked_invalid(sd), cmap="magma", shading="nearest")
+    fig.colorbar(mesh, ax=ax, label=f"{name}: sd across planes")
+    lo, hi = color_range(mean, vmin, vmax, log)
+    geometric = log or (name.endswith("loss") and lo > 0)
+    cs = ax.contour(X, Y, np.ma.masked_invalid(mean), levels=contour_levels(lo, hi, levels, geometric),
+                    colors="white", linewidths=0.9, norm=LogNorm(lo, hi) if geometric else Normalize(lo, hi))
+    ax.clabel(cs, inline=True, fontsize=7, fmt="%.3g")
+    if comparable_axes(surface.x, surface.y):
+        ax.set_aspect("equal")
+    ax.set_xlabel("α")
+    ax.set_ylabel("β")
+
+
 def figures(surface: Surface, quantity_name: str = "train_loss", kinds: tuple[str, ...] = KINDS, *,
             stem: str = "surface", projection: dict | None = None, **style) -> dict:
     """``{file stem: Figure}`` of what ``lsurf plot`` draws: the loss/accuracy curve of a 1-D file,
-    one figure per kind of a 2-D file. ``style``: vmin, vmax, levels, log, size."""
+    one figure per kind of a 2-D file, the spread of an ensemble of planes. ``style``: vmin, vmax,
+    levels, log, size."""
+    if surface.planes is not None:
+        return {f"{stem}_{quantity_name}_ensemble": plot_ensemble(surface, quantity_name, **style)}
     if surface.ndim == 1:
         keep = {k: v for k, v in style.items() if k in ("log", "size", "vmax")}
         return {f"{stem}_curve": plot_curve(surface, **keep)}

@@ -30,6 +30,7 @@ def refine(x: np.ndarray, values: np.ndarray, k: int, axis: int) -> tuple[np.nda
 def write_vtk(surface: Surface, path: str | Path | None = None, quantity: str = "train_loss", *, log: bool = False,
               zmax: float | None = None, interp: int = 1) -> Path:
     """Write the ``.vts`` file (default: beside the surface file, ``NAME.vts``) and return its path."""
+    surface.single_plane("VTK")
     path = Path(surface.path).with_suffix(".vts") if path is None else Path(path)
     if quantity not in surface.values:
         raise UserError(f"{surface.path!r} has no quantity {quantity!r} (it has: {', '.join(sorted(surface.values))})")

@@ -43,7 +43,7 @@ class Options:
     """Everything a surface run needs to know; defaults are the CLI's defaults.
 
     Groups: what to load (model, checkpoint, data, subset, split, seq_len), the directions (seed,
-    norm, ignore, dir_type, same_dir, regenerate, dir_file, model2, model3), the grid (x, y), how to
+    norm, ignore, dir_type, same_dir, regenerate, dir_file, model2, model3), the grid (x, y, planes), how to
     evaluate (loss, ignore_index, output, dtype, device, threads, batch_size, points_per_pass, amp,
     tf32, layout, bn, hessian_iters), how data
     reaches the device (resident, memory_budget, workers), how to distribute and write
@@ -68,6 +68,7 @@ class Options:
     model3: str | None = None
     x: str = "-1:1:51"
     y: str | None = None
+    planes: int = 1
     loss: str = "cross_entropy"
     ignore_index: int = -100
     output: str | None = None
@@ -99,7 +100,7 @@ class Options:
             object.__setattr__(self, "split", tuple(s.strip() for s in self.split.split(",") if s.strip()))
         for f in fields(self):
             _check_field(f.name, _HINTS[f.name], getattr(self, f.name))
-        for name in ("threads", "batch_size", "points_per_pass", "subset", "ranks_per_point", "seq_len"):
+        for name in ("threads", "batch_size", "points_per_pass", "subset", "ranks_per_point", "seq_len", "planes"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise UserError(f"`{name}` {value}: must be at least 1")
@@ -124,6 +125,9 @@ class Options:
         if self.regenerate and (self.dir_file or self.model2):
             raise UserError("`regenerate` redraws seeded random directions: it cannot be combined with "
                             f"`{'dir_file' if self.dir_file else 'model2'}`")
+        if self.planes > 1 and (self.dir_file or self.model2):
+            raise UserError(f"`planes` {self.planes} draws random planes (seeds `seed` to `seed` + {self.planes - 1}): "
+                            f"it cannot be combined with `{'dir_file' if self.dir_file else 'model2'}`")
         if self.amp == "bf16" and self.dtype == "float64":
             raise UserError("`amp` bf16 with `dtype` float64 would compute in bfloat16 and call it float64: "
                             "choose one")

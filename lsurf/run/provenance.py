@@ -58,14 +58,17 @@ class Provenance:
             return self
         return replace(self, dir_file=str(path), dir_file_sha256=file_sha256(path))
 
-    def identity(self, directions: AnyDirections, data: dict[str, AnySplit], options: Options,
+    def identity(self, planes: list[AnyDirections], data: dict[str, AnySplit], options: Options,
                  fingerprints: bool = True) -> dict[str, Any]:
         """What an existing file must have been made with to be resumed: the inputs and every
-        option that changes values. Fingerprinting the data is costly: ``fingerprints`` False
-        (ranks other than the one that checks) leaves it out."""
+        option that changes values. ``planes``: the directions of each plane (one, unless an
+        ensemble). Fingerprinting the data is costly: ``fingerprints`` False (ranks other than the
+        one that checks) leaves it out."""
+        hashes = [d.sha256() for d in planes]
+        directions = planes[0]
         return {
             "model": self.model, "checkpoint_sha256": self.checkpoint_sha256, "splits": list(data),
-            "subset": self.subset, "directions_sha256": directions.sha256(),
+            "subset": self.subset, "directions_sha256": hashes[0] if len(hashes) == 1 else hashes,
             "data_sha256": {s: split.fingerprint() for s, split in data.items()} if fingerprints else None,
             "loss": options.loss, "dtype": options.dtype, "bn": options.bn,
             "dir_type": directions.meta.get("dir_type", "weights"), "amp": options.amp == "bf16",
@@ -73,14 +76,16 @@ class Provenance:
             "output": options.output, "tf32": options.tf32,
         }
 
-    def attrs(self, directions: AnyDirections, ranks: int) -> dict[str, Any]:
-        """The file's provenance attributes."""
+    def attrs(self, planes: list[AnyDirections], ranks: int) -> dict[str, Any]:
+        """The file's provenance attributes; an ensemble's ``directions`` lists each plane's."""
+        metas = [d.meta for d in planes]
         versions = {"lsurf": __version__, "torch": torch.__version__, "h5py": h5py.__version__,
                     "numpy": np.__version__, "python": sys.version.split()[0], **device_versions()}
         out: dict[str, Any] = {
             "config": json.dumps(self.config, default=str), "model": self.model, "data": self.data,
             "checkpoint": self.checkpoint, "checkpoint_sha256": self.checkpoint_sha256, "mpi_ranks": ranks,
-            "markers": json.dumps(markers(directions.meta)), "directions": json.dumps(directions.meta, default=str),
+            "markers": json.dumps(markers(metas[0])),
+            "directions": json.dumps(metas[0] if len(metas) == 1 else metas, default=str),
             "versions": json.dumps(versions), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
         if self.dir_file:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -36,38 +36,42 @@ from lsurf.errors import UserError
 from lsurf.run.options import Options
 from lsurf.run.provenance import Provenance
 from lsurf.run.runtime import check_device_binding, choose_device
-from lsurf.run.sources import directions_for, directions_path, grid_for, load_inputs
+from lsurf.run.sources import directions_for, directions_path, grid_for, load_inputs, plane_directions
 from lsurf.run.transport import TileQueue, TileSink
 from lsurf.run.world import Group, World, abort_on_failure
 
 Log = Callable[[str], None]
+PlaneDirections = AnyDirections | Sequence[AnyDirections]  # one plane's, or each plane's of an ensemble
 
 
 def run_surface(options: Options, comm: Any = None, log: Log | None = None) -> surface_file.Surface | None:
     """What ``lsurf surface`` does, from options: load model and data, make or read the directions,
     sample, and return the surface on rank 0 (None elsewhere). Directions made here are saved
-    beside the output (``NAME.directions.h5``) and named in its provenance."""
+    beside the output (``NAME.directions.h5``) and named in its provenance; an ensemble's are
+    not saved: plane k's are those of seed ``seed`` + k."""
     w = World.of(comm)
     with abort_on_failure(w):
         grid, model, data, dirs = w.agree(lambda: _inputs(options))
         prov = Provenance.of(options)
-        save_to = None if options.dir_file else directions_path(options.out)
+        save_to = None if options.dir_file or options.planes > 1 else directions_path(options.out)
         return _sample(w, model, data, dirs, grid, Path(options.out), options, prov, save_to,
                        log or (lambda m: None))
 
 
-def _inputs(options: Options) -> tuple[Grid, nn.Module, dict[str, AnySplit], AnyDirections]:
+def _inputs(options: Options) -> tuple[Grid, nn.Module, dict[str, AnySplit], PlaneDirections]:
     grid = grid_for(options)
     model, data = load_inputs(options)
     if data is None:
         raise UserError("`data` is needed to sample a surface")
+    if options.planes > 1:
+        return grid, model, data, plane_directions(options, model, grid.ndim == 2)
     return grid, model, data, directions_for(options, model, grid.ndim == 2)
 
 
 def sample_surface(
     model: nn.Module,
     data: dict[str, AnySplit],
-    directions: AnyDirections,
+    directions: PlaneDirections,
     grid: Grid,
     out: str | Path,
     options: Options | None = None,
@@ -82,10 +86,11 @@ def sample_surface(
 
     Call it on every rank of an MPI job with the same ``comm`` (None: a single process). Returns
     the finished surface on rank 0 and None elsewhere; the model comes back exactly as it was,
-    also when the call fails. ``options`` (or keyword ``overrides`` of them, e.g. ``loss="mse"``)
-    say how to evaluate and write; choices left to the run plan (batch size, layout, points per
-    pass) are made on rank 0, recorded in the file and reused when it is resumed. Process-wide
-    settings (threads, malloc) are the caller's: see :func:`lsurf.run.runtime.configure_process`.
+    also when the call fails. A grid of K ``planes`` takes K directions, one per plane.
+    ``options`` (or keyword ``overrides`` of them, e.g. ``loss="mse"``) say how to evaluate and
+    write; choices left to the run plan (batch size, layout, points per pass) are made on rank 0,
+    recorded in the file and reused when it is resumed. Process-wide settings (threads, malloc)
+    are the caller's: see :func:`lsurf.run.runtime.configure_process`.
     ``provenance`` names the inputs (stored; its identity must match to resume);
     ``save_directions_to`` writes the directions there when a new file is started.
     """
@@ -96,25 +101,35 @@ def sample_surface(
                        provenance or Provenance(config=opts.as_dict()), save_directions_to, log or (lambda m: None))
 
 
-def _sample(w: World, model: nn.Module, data: dict[str, AnySplit], directions: AnyDirections, grid: Grid, path: Path,
-            opts: Options, prov: Provenance, save_to: str | Path | None, log: Log) -> surface_file.Surface | None:
-    dev, outputs = w.agree(lambda: _check_inputs(w, model, data, directions, grid, opts))
+def _sample(w: World, model: nn.Module, data: dict[str, AnySplit], directions: PlaneDirections, grid: Grid,
+            path: Path, opts: Options, prov: Provenance, save_to: str | Path | None,
+            log: Log) -> surface_file.Surface | None:
+    planes = w.agree(lambda: _planes(directions, grid))
+    dev, outputs = w.agree(lambda: _check_inputs(w, model, data, planes[0], grid, opts))
     w.agree(lambda: check_device_binding(w, dev))
     group = w.groups(opts.ranks_per_point)
     try:
-        return _sample_in_groups(w, group, (dev, outputs), model, data, directions, grid, path, opts, prov, save_to,
-                                 log)
+        return _sample_in_groups(w, group, (dev, outputs), model, data, planes, grid, path, opts, prov, save_to, log)
     finally:
         group.free()
 
 
+def _planes(directions: PlaneDirections, grid: Grid) -> list[AnyDirections]:
+    """The directions of each plane, as many as the grid has planes."""
+    planes = list(directions) if isinstance(directions, Sequence) else [directions]
+    if len(planes) != grid.num_planes:
+        raise UserError(f"the grid has {grid.num_planes} planes but {len(planes)} sets of directions were given")
+    return planes
+
+
 def _sample_in_groups(w: World, group: Group, probe: tuple[torch.device, int], model: nn.Module,
-                      data: dict[str, AnySplit], directions: AnyDirections, grid: Grid, path: Path, opts: Options,
+                      data: dict[str, AnySplit], planes: list[AnyDirections], grid: Grid, path: Path, opts: Options,
                       prov: Provenance, save_to: str | Path | None, log: Log) -> surface_file.Surface | None:
     """The run once the inputs are checked: ``probe`` is this rank's device and the output values
     one sample gives (for the default batch size)."""
     dev, outputs = probe
-    identity = prov.identity(directions, data, opts, fingerprints=w.is_root)
+    directions = planes[0]
+    identity = prov.identity(planes, data, opts, fingerprints=w.is_root)
     metrics = metrics_for(next(iter(data.values())).rows(0, 1)[1], opts.ignore_index)
     with contextlib.ExitStack() as stack:
         def prepare() -> tuple[dict | None, Plan | None]:
@@ -123,7 +138,7 @@ def _sample_in_groups(w: World, group: Group, probe: tuple[torch.device, int], m
             stack.enter_context(surface_file.exclusive_lock(path))
             if surface_file.accept(path, grid, identity, opts.overwrite):
                 return _existing(path)
-            attrs = _save_directions(directions, save_to, prov).attrs(directions, w.size)
+            attrs = _save_directions(directions, save_to, prov).attrs(planes, w.size)
             surface_file.create(path, grid, quantity_names(data, opts.hessian_iters > 0, metrics), identity, attrs)
             return None, None
 
@@ -150,7 +165,7 @@ def _sample_in_groups(w: World, group: Group, probe: tuple[torch.device, int], m
             w.barrier()  # rank 0 has closed the file again before the writers open it
             log(f"rank {w.rank}/{w.size} (local {w.local_rank}/{w.local_size}, group {group.index}/{group.count}) "
                 f"on {dev}, {torch.get_num_threads()} threads")
-            stats = _run(w, group, ev, grid, path, existing, opts, log)
+            stats = _run(w, group, _PlaneEvaluators(ev, planes), grid, path, existing, opts, log)
         gathered = w.gather(stats)
         if w.is_root:
             assert gathered is not None  # gather returns the list on rank 0
@@ -277,13 +292,28 @@ def use_parallel_hdf5(w: World, writer: str) -> bool:
     return w.size > 1 and has_mpi and writer != "root"
 
 
-def _run(w: World, group: Group, ev: Evaluator, grid: Grid, path: Path, existing: dict | None, opts: Options,
-         log: Log) -> dict:
+class _PlaneEvaluators:
+    """The evaluator of each plane of an ensemble: the run's own for plane 0, a twin moving along
+    plane k's directions otherwise. Tiles come plane after plane, so only the current twin is kept
+    (its directions on the device)."""
+
+    def __init__(self, ev: Evaluator, planes: list[AnyDirections]):
+        self.first, self.planes = ev, planes
+        self.current: tuple[int, Evaluator] = (0, ev)
+
+    def __call__(self, plane: int) -> Evaluator:
+        if self.current[0] != plane:
+            self.current = (plane, self.first if plane == 0 else self.first.with_directions(self.planes[plane]))
+        return self.current[1]
+
+
+def _run(w: World, group: Group, evaluators: _PlaneEvaluators, grid: Grid, path: Path, existing: dict | None,
+         opts: Options, log: Log) -> dict:
     """Take tiles until the queue is empty. In a group only the leader takes tiles (and tells the
     others which) and only it writes; every rank of the group evaluates every point on its share."""
-    done = grid.as_plane(existing["done"]) if existing else np.zeros(grid.plane_shape, dtype=bool)
-    tiles = [t for t in grid.tiles(parse_tile(opts.tile), group.count, ev.points_per_pass)
-             if not done[t.j0:t.j1, t.i0:t.i1].all()]
+    done = grid.as_stack(existing["done"]) if existing else np.zeros(grid.stack_shape, dtype=bool)
+    tiles = [t for t in grid.tiles(parse_tile(opts.tile), group.count, evaluators.first.points_per_pass)
+             if not done[t.plane, t.j0:t.j1, t.i0:t.i1].all()]
     todo_points = int((~done).sum())
     parallel_io = use_parallel_hdf5(w, opts.writer)
     if w.is_root:
@@ -299,7 +329,7 @@ def _run(w: World, group: Group, ev: Evaluator, grid: Grid, path: Path, existing
     try:
         while (k := group.bcast(queue.next() if group.is_leader else None)) is not None:
             t0 = time.perf_counter()
-            values, n = _evaluate_tile(ev, grid, tiles[k], done, existing)
+            values, n = _evaluate_tile(evaluators(tiles[k].plane), grid, tiles[k], done, existing)
             seconds += time.perf_counter() - t0
             if group.is_leader:
                 points += n
@@ -324,13 +354,13 @@ def _run(w: World, group: Group, ev: Evaluator, grid: Grid, path: Path, existing
 
 
 def _evaluate_tile(ev: Evaluator, grid: Grid, t: Tile, done: np.ndarray, existing: dict | None):
-    """Values of every quantity over the tile (rows × columns of the plane); points already done
+    """Values of every quantity over the tile (rows × columns of its plane); points already done
     keep their stored values."""
     vals = {n: np.full((t.j1 - t.j0, t.i1 - t.i0), np.nan) for n in ev.quantities}
     if existing is not None:
         for n in ev.quantities:
-            vals[n][:] = grid.as_plane(existing["values"][n])[t.j0:t.j1, t.i0:t.i1]
-    todo = [(j, i) for j in range(t.j0, t.j1) for i in range(t.i0, t.i1) if not done[j, i]]
+            vals[n][:] = grid.as_stack(existing["values"][n])[t.plane, t.j0:t.j1, t.i0:t.i1]
+    todo = [(j, i) for j in range(t.j0, t.j1) for i in range(t.i0, t.i1) if not done[t.plane, j, i]]
     for (j, i), result in zip(todo, ev.evaluate_many([grid.coords(j, i) for j, i in todo])):
         for n, v in result.items():
             vals[n][j - t.j0, i - t.i0] = v

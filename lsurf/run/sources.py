@@ -54,6 +54,13 @@ def directions_for(options: Options, model: nn.Module, two: bool | None = None) 
                              regenerate=options.regenerate)
 
 
+def plane_directions(options: Options, model: nn.Module, two: bool | None = None) -> list[AnyDirections]:
+    """The directions of each plane of an ensemble of ``planes`` K: plane k's are those a
+    single-plane run with seed ``seed`` + k draws, so any plane can be redone alone."""
+    return [directions_for(options.replace(seed=options.seed + k, planes=1), model, two)
+            for k in range(options.planes)]
+
+
 def _towards_models(options: Options, model: nn.Module, two: bool) -> Directions:
     """Directions towards ``model2`` (and ``model3``), checked to be the same architecture."""
     assert options.model2 is not None  # the caller comes here only with model2 set
@@ -81,7 +88,8 @@ def save_direction_file(dirs: AnyDirections, options: Options) -> None:
 
 
 def grid_for(options: Options) -> Grid:
-    return Grid.parse(options.x, options.y)
+    """The options' grid; ``planes`` K > 1 gives it a plane axis."""
+    return Grid.parse(options.x, options.y, options.planes if options.planes > 1 else None)
 
 
 def directions_path(out: str | Path) -> Path:
