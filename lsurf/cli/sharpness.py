@@ -1,0 +1,86 @@
+"""``lsurf sharpness``: average- or worst-case loss rise within radius ρ of the checkpoint (MPI-aware).
+
+The file (HDF5, written atomically by rank 0) holds ``sharpness``, ``sharpness_stderr`` (sd/√N for
+average; 0 for worst, a maximum: the restarts' spread is in ``values``), ``values`` (the rise
+L(θ* + δ) − L(θ*) per draw or restart) and ``centre_loss``, with the options in ``config``.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+
+from lsurf.cli import common
+from lsurf.engine.directions import DIR_TYPES
+from lsurf.engine.hessian import save_spectrum
+from lsurf.engine.sharpness import KINDS
+from lsurf.errors import UserError
+from lsurf.run.runtime import configure_process, install_abort_hook, launcher_comm
+from lsurf.run.sharpness import sharpness
+from lsurf.run.world import World
+
+HELP = "average- or worst-case sharpness: the loss rise within radius rho of the checkpoint (MPI-aware)"
+_EXTRA = {"radius": None, "kind": "average", "adaptive": False, "samples": 100, "steps": 20, "restarts": 3,
+          "out": None}
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    common.add_common(p)
+    common.add_model(p)
+    common.add_data(p, split_help="the split whose loss is perturbed: train or test")
+    common.add_device(p)
+    g = p.add_argument_group("sharpness")
+    g.add_argument("--radius", type=float, default=argparse.SUPPRESS, help="rho, the radius of the ball (required)")
+    g.add_argument("--kind", choices=KINDS, default=argparse.SUPPRESS,
+                   help="average: mean rise over random points of the sphere; worst: largest rise in the ball, "
+                   "by projected gradient ascent (default average)")
+    g.add_argument("--adaptive", action="store_true", default=argparse.SUPPRESS,
+                   help="scale-invariant: the ball in coordinates u of delta = |theta*| * u (ASAM)")
+    g.add_argument("--samples", type=int, default=argparse.SUPPRESS, help="average: random points (default 100)")
+    g.add_argument("--steps", type=int, default=argparse.SUPPRESS, help="worst: ascent steps per restart (20)")
+    g.add_argument("--restarts", type=int, default=argparse.SUPPRESS, help="worst: random starts, best kept (3)")
+    g.add_argument("--seed", type=int, default=argparse.SUPPRESS, help="seed of the random points (default 0)")
+    g.add_argument("--dir-type", default=argparse.SUPPRESS, choices=DIR_TYPES,
+                   help="tensors perturbed: parameters (weights, the default) or the whole state dict")
+    g.add_argument("--out", default=argparse.SUPPRESS, help="HDF5 file for the results (required)")
+
+
+def run(args: argparse.Namespace) -> int:
+    comm = launcher_comm()
+    w = World.of(comm)
+    install_abort_hook(w)
+    options, extra = w.agree(lambda: _settings(args))
+    w.agree(lambda: configure_process(w, options.device, options.threads, options.tf32))
+    out = extra.pop("out")
+    results = sharpness(options, comm, **extra)
+    if results is not None:
+        save_spectrum(results, out, {**options.as_dict(), **extra, "out": out})
+        print(f"{_summary(results, extra)}; wrote {out}", flush=True)
+    return 0
+
+
+def _settings(args: argparse.Namespace) -> tuple:
+    """The options and this command's own settings (flags over the job file), ``radius`` and ``out``
+    required and the output folder checked before any work."""
+    values = common.merged_values(args, extra=tuple(_EXTRA))
+    extra = {k: values.pop(k, default) for k, default in _EXTRA.items()}
+    options = common.options_from(values)
+    for name in ("radius", "out"):
+        if extra[name] is None:
+            raise UserError(f"`{name}` is required")
+    if not Path(extra["out"]).resolve().parent.is_dir():
+        raise UserError(f"`out` {extra['out']!r}: the folder {str(Path(extra['out']).parent)!r} does not exist")
+    return options, extra
+
+
+def _summary(results: dict[str, np.ndarray], extra: dict) -> str:
+    """One line: the kind and its settings, the value (± its standard error) and the centre loss."""
+    kind = ("adaptive " if extra["adaptive"] else "") + extra["kind"]
+    if extra["kind"] == "average":
+        settings, error = f"{extra['samples']} samples", f" ± {float(results['sharpness_stderr']):.4g}"
+    else:
+        settings, error = f"{extra['restarts']} restarts x {extra['steps']} steps", ""
+    return (f"sharpness ({kind}, rho {extra['radius']:g}, {settings}): {float(results['sharpness']):.6g}{error} "
+            f"(centre loss {float(results['centre_loss']):.6g})")

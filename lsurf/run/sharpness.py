@@ -1,0 +1,91 @@
+"""``lsurf sharpness`` as a library call: average- or worst-case sharpness of the options' model on
+one split, the draws (average) or restarts (worst) dealt to MPI ranks round-robin like grid points.
+
+Draw or restart i goes to rank i % size and depends on (``options.seed``, i) alone, so the values
+are the same on any number of ranks; rank 0 gathers them in order. Every rank holds the whole split.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from lsurf.engine.data import AnySplit
+from lsurf.engine.evaluate import check_outputs_fit, evaluator, resolve_loss
+from lsurf.engine.plan import default_batch_size
+from lsurf.engine.sharpness import Probe, check_settings, summarise, zero_directions
+from lsurf.engine.snapshot import preserved
+from lsurf.errors import UserError
+from lsurf.run.options import Options
+from lsurf.run.runtime import choose_device
+from lsurf.run.sources import load_inputs
+from lsurf.run.world import World, abort_on_failure
+
+
+def sharpness(options: Options, comm: Any = None, *, radius: float, kind: str = "average", adaptive: bool = False,
+              samples: int = 100, steps: int = 20, restarts: int = 3) -> dict[str, np.ndarray] | None:
+    """Sharpness of the mean loss over ``options.split`` (one split) within radius ``radius`` of the
+    checkpoint: ``kind`` average (``samples`` draws on the sphere) or worst (``restarts`` ascents of
+    ``steps`` steps), in |θ*|-scaled coordinates with ``adaptive``.
+
+    Call it on every rank with the same ``comm`` (None: one process). Rank 0 gets ``sharpness``,
+    ``sharpness_stderr`` (sd/√N for average; 0 for worst, whose per-restart values show the spread),
+    ``values`` (L(θ* + δ) − L(θ*) per draw or restart, in index order) and ``centre_loss``; other ranks
+    get None. The model is loaded here and handed back by the evaluator as it came.
+    """
+    w = World.of(comm)
+    with abort_on_failure(w):
+        w.agree(lambda: check_settings(radius, kind, samples, steps, restarts))
+        split, model, data = w.agree(lambda: _inputs(options))
+        count = samples if kind == "average" else restarts
+        centre, mine = _values(w, options, model, data, split, range(w.rank, count, w.size),
+                               radius=float(radius), kind=kind, adaptive=adaptive, steps=steps)
+        gathered = w.gather(mine)
+    if gathered is None:
+        return None
+    values = [v for _, v in sorted(pair for part in gathered for pair in part)]
+    value, stderr = summarise(values, kind)
+    return {"sharpness": np.array(value), "sharpness_stderr": np.array(stderr),
+            "values": np.array(values, dtype=np.float64), "centre_loss": np.array(centre)}
+
+
+def _inputs(options: Options) -> tuple[str, nn.Module, dict[str, AnySplit]]:
+    """The split, the model at its checkpoint and that split's data (refusing more than one split).
+    A model without a checkpoint starts from ``options.seed`` (as ``lsurf train`` does): every rank,
+    and every rerun, must measure the same centre."""
+    if len(options.split) != 1:
+        raise UserError(f"`split` {','.join(options.split)!r}: sharpness is of one split, train or test")
+    model, data = load_inputs(options, seed=options.seed)
+    if data is None:
+        raise UserError("`data` is needed for sharpness")
+    split = options.split[0]
+    return split, model, {split: data[split]}
+
+
+def _values(w: World, options: Options, model: nn.Module, data: dict[str, AnySplit], split: str,
+            indices: range, *, radius: float, kind: str, adaptive: bool, steps: int) -> tuple[float, list]:
+    """(centre loss, [(index, rise)]) for this rank's draws or restarts, the model handed back after."""
+    device, outputs = w.agree(lambda: _check_fit(w, options, model, data))
+    batch_size = options.batch_size or default_batch_size(device, outputs)
+    with evaluator(model, data, zero_directions(model, options.dir_type), device=device, dtype=options.torch_dtype,
+                   batch_size=batch_size, loss=options.loss, output=options.output,
+                   ignore_index=options.ignore_index) as ev:
+        probe = Probe(ev, split, radius, adaptive, options.seed)
+        mine = [(i, probe.worst(i, steps) if kind == "worst" else probe.average(i)) for i in indices]
+        return probe.centre, mine
+
+
+def _check_fit(w: World, options: Options, model: nn.Module, data: dict[str, AnySplit]) -> tuple[torch.device, int]:
+    """This rank's device and the outputs per sample (which size a batch), after one tiny forward
+    proves model, data and loss fit (class labels checked on rank 0 for the built-in loss)."""
+    device = choose_device(w, options.device)
+    loss_fn = resolve_loss(options.loss, options.ignore_index)
+    labels = data if w.is_root and options.loss == "cross_entropy" else None
+    with preserved(model):
+        model.to(device=device, dtype=options.torch_dtype).eval()  # eval first: BatchNorm statistics stay
+        outputs = check_outputs_fit(model, next(iter(data.values())), loss_fn, device, options.torch_dtype,
+                                    options.output, labels)
+    return device, outputs
