@@ -1,31 +1,67 @@
-"""Hessian spectra against closed forms (a quadratic) and dense autograd Hessians (non-convex)."""
+"""Hessian spectra against closed forms (a quadratic) and dense autograd Hessians (non-convex),
+in one process and divided among the ranks of an MPI job."""
 
 from __future__ import annotations
+
+import json
+import subprocess
+import sys
 
 import h5py
 import numpy as np
 import pytest
 import torch
-from conftest import lsurf, mpirun, requires_mpi
+from conftest import REPO, _env, lsurf, mpirun, requires_mpi
 from torch import nn
 
 from lsurf import UserError
+from lsurf.engine.batches import resident_batches
+from lsurf.engine.data import Split
 from lsurf.engine.evaluate import resolve_loss
 from lsurf.engine.hessian import Hessian
+from lsurf.run.curvature import model_spectrum
+from lsurf.run.options import Options
+from lsurf.run.sources import load_inputs
 
 N, D = 90, 6
 F64 = torch.float64
 
 
-def regression(batch: int):
-    """Linear regression under MSE: H w.r.t. (w, b) is exactly 2 AᵀA / n with A = [X, 1]."""
+def regression_data() -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
+    """Inputs, targets and A = [X, 1]: under MSE, H w.r.t. (w, b) is exactly 2 AᵀA / n."""
     g = torch.Generator().manual_seed(0)
     x = torch.randn(N, D, generator=g, dtype=torch.float64) * torch.linspace(0.5, 3, D, dtype=torch.float64)
     y = torch.randn(N, generator=g, dtype=torch.float64)
+    return x, y, np.hstack([x.numpy(), np.ones((N, 1))])
+
+
+def regression(batch: int):
+    """Linear regression under MSE, its batches and its exact Hessian."""
+    x, y, a = regression_data()
     model = nn.Linear(D, 1).double()
     batches = [(x[i : i + batch], y[i : i + batch]) for i in range(0, N, batch)]
-    a = np.hstack([x.numpy(), np.ones((N, 1))])
     return model, batches, 2 * a.T @ a / N
+
+
+def regression_spectrum(comm, out) -> None:
+    """The top two eigenpairs of linear regression at its least-squares solution, on every rank of
+    ``comm`` (None: one process), saved by rank 0 to ``out`` (.npz); also run by an MPI driver."""
+    x, y, a = regression_data()
+    solution = np.linalg.lstsq(a, y.numpy(), rcond=None)[0]
+    model = nn.Linear(D, 1).double()
+    with torch.no_grad():
+        model.weight.copy_(torch.from_numpy(solution[:D]).view(1, D))
+        model.bias.fill_(float(solution[D]))
+    before = [t.clone() for t in model.state_dict().values()]
+    done = model_spectrum(model, Split(x, y), Options(loss="mse", dtype="float64", batch_size=7),
+                          torch.device("cpu"), comm, top_k=2, trace_samples=10, directions=True)
+    assert all(torch.equal(b, t) for b, t in zip(before, model.state_dict().values()))  # left as it was
+    if done is not None:
+        results, dirs = done
+        assert dirs is not None and dirs.y is not None
+        np.savez(out, values=results["eigenvalues"], trace=results["trace"], stderr=results["trace_stderr"],
+                 x=torch.cat([t.reshape(-1) for t in dirs.x]).numpy(),
+                 y=torch.cat([t.reshape(-1) for t in dirs.y]).numpy())
 
 
 def mse(out, y):
@@ -50,10 +86,12 @@ def test_quadratic_spectrum_matches_numpy(batch):
 
 def test_hutchinson_trace_is_unbiased():
     model, batches, H = regression(N)
-    estimate = Hessian(model, batches, mse).trace(samples=400, seed=1)
+    estimate, stderr = Hessian(model, batches, mse).trace_and_error(samples=400, seed=1)
     # Rademacher variance: 2 Σ_{i≠j} H_ij²; four standard errors of the mean
     sd = np.sqrt(2 * (np.sum(H**2) - np.sum(np.diag(H) ** 2)) / 400)
     assert abs(estimate - np.trace(H)) < 4 * sd
+    assert stderr == pytest.approx(sd, rel=0.25)  # the sample's estimate of that standard error
+    assert Hessian(model, batches, mse).trace(samples=400, seed=1) == estimate
 
 
 def test_density_integrates_to_one_and_peaks_at_eigenvalues():
@@ -119,7 +157,8 @@ def test_hessian_command(tmp_path):
     assert "top eigenvalues" in p.stdout
     with h5py.File(tmp_path / "h.h5") as f:
         assert f["eigenvalues"].shape == (2,) and f["eigenvalues"][0] >= f["eigenvalues"][1]
-        assert "density" in f and "trace" in f
+        assert "density" in f and "trace" in f and f["trace_stderr"][()] > 0
+    assert "(standard error)" in p.stdout
 
 
 @requires_mpi
@@ -138,3 +177,68 @@ def test_curvature_maps_of_a_quadratic_under_mpi(tmp_path):
         np.testing.assert_allclose(f["hessian_max"][()], exact[-1], rtol=1e-6)
         np.testing.assert_allclose(f["hessian_min"][()], exact[0], rtol=1e-6)
     lsurf("plot", out, "--quantity", "hessian_ratio", "--kind", "heatmap", "--out-dir", tmp_path, check=True)
+
+
+@requires_mpi
+def test_distributed_regression_matches_numpy_on_one_and_two_ranks(tmp_path):
+    """The split divided between 2 ranks (45 rows each, batches of 7) gives numpy's top pair."""
+    (tmp_path / "driver.py").write_text("import sys\nfrom mpi4py import MPI\nfrom test_hessian import "
+                                        "regression_spectrum\nregression_spectrum(MPI.COMM_WORLD, sys.argv[1])\n")
+    cmd = ["mpirun", "-n", "2", "--oversubscribe", "--allow-run-as-root", sys.executable, str(tmp_path / "driver.py"),
+           str(tmp_path / "two.npz")]
+    env = _env({"PYTHONPATH": f"{REPO / 'tests'}:{_env()['PYTHONPATH']}"})
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
+    assert p.returncode == 0, p.stdout + p.stderr
+    regression_spectrum(None, tmp_path / "one.npz")
+    _, _, a = regression_data()
+    exact, vectors = np.linalg.eigh(2 * a.T @ a / N)
+    one, two = np.load(tmp_path / "one.npz"), np.load(tmp_path / "two.npz")
+    for got in (one, two):
+        np.testing.assert_allclose(got["values"], exact[::-1][:2], rtol=1e-8)
+        np.testing.assert_allclose(np.abs([got["x"] @ vectors[:, -1], got["y"] @ vectors[:, -2]]), 1, rtol=1e-8)
+    for key in ("values", "trace", "stderr"):
+        np.testing.assert_allclose(two[key], one[key], rtol=1e-12)
+
+
+CNN = ("--model", "cnn", "--data", "digits", "--dtype", "float64", "--subset", "200", "--threads", "1",
+       "--iters", "30")
+
+
+@requires_mpi
+def test_cnn_spectrum_is_the_same_on_one_and_two_ranks(tmp_path, digits_checkpoint):
+    args = ("hessian", *CNN, "--checkpoint", digits_checkpoint, "--top-k", "5", "--trace-samples", "4", "--density")
+    lsurf(*args, "--out", tmp_path / "one.h5", check=True)
+    p = mpirun(2, *args, "--out", tmp_path / "two.h5", check=True)
+    assert p.stdout.count("top eigenvalues") == 1 and p.stdout.count("wrote") == 1  # rank 0 alone
+    with h5py.File(tmp_path / "one.h5") as one, h5py.File(tmp_path / "two.h5") as two:
+        assert one["eigenvalues"].shape == (5,) and json.loads(two.attrs["config"])["ranks"] == 2
+        for key in ("eigenvalues", "trace", "trace_stderr", "density_grid"):
+            np.testing.assert_allclose(two[key][()], one[key][()], rtol=1e-6)
+        np.testing.assert_allclose(two["density"][()], one["density"][()], atol=1e-6 * one["density"][()].max())
+
+
+@requires_mpi
+def test_saved_eigenvectors_are_a_direction_file_for_surface(tmp_path, digits_checkpoint):
+    saved = tmp_path / "eig.h5"
+    mpirun(2, "hessian", *CNN, "--checkpoint", digits_checkpoint, "--top-k", "3", "--trace-samples", "0",
+           "--save-directions", saved, check=True)
+    with h5py.File(saved) as f:
+        assert f.attrs["kind"] == "hessian" and json.loads(f.attrs["meta"])["dir_type"] == "weights"
+        values = json.loads(f.attrs["eigenvalues"])
+        vecs = [torch.cat([torch.from_numpy(f[g][str(i)][()]).reshape(-1) for i in range(len(f[g]))])
+                for g in ("xdirection", "ydirection")]
+    model, data = load_inputs(Options(model="cnn", data="digits", subset=200, dtype="float64",
+                                      checkpoint=str(digits_checkpoint)))
+    assert data is not None
+    batches = resident_batches(data["train"], 128, torch.device("cpu"), torch.float64)
+    h = Hessian(model.eval(), batches, resolve_loss("cross_entropy"))
+    assert len(values) == 2 and values[0] >= values[1] > 0 and abs(float(vecs[0] @ vecs[1])) < 1e-8
+    for lam, v in zip(values, vecs):
+        assert float(v.norm()) == pytest.approx(1, abs=1e-10)
+        assert float((h.hvp(v) - lam * v).norm()) / abs(lam) <= 1e-6
+    out = tmp_path / "s.h5"
+    lsurf("surface", *CNN[:-2], "--checkpoint", digits_checkpoint, "--dir-file", saved, "--x", "-1:1:3",
+          "--y", "-1:1:3", "--out", out, "--no-progress", check=True)
+    with h5py.File(out) as f:
+        loss = f["train_loss"][()]
+        assert loss.shape == (3, 3) and np.isfinite(loss).all() and loss[1, 1] < loss.max()

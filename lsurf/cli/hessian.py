@@ -1,17 +1,19 @@
-"""``lsurf hessian``: top Hessian eigenvalues, trace and eigenvalue density at the checkpoint."""
+"""``lsurf hessian``: top Hessian eigenvalues, trace and eigenvalue density at the checkpoint
+(MPI-aware: under mpirun or srun the ranks share the split; rank 0 prints and writes)."""
 
 from __future__ import annotations
 
 import argparse
 
 from lsurf.cli import common
-from lsurf.engine.hessian import save_spectrum
+from lsurf.engine.hessian import save_results
 from lsurf.run.curvature import hessian_spectrum
-from lsurf.run.runtime import configure_process
+from lsurf.run.runtime import configure_process, install_abort_hook, launcher_comm
+from lsurf.run.sources import save_direction_file
 from lsurf.run.world import World
 
 HELP = "top Hessian eigenvalues, trace and eigenvalue density at the checkpoint"
-_EXTRA = {"top_k": 5, "trace_samples": 50, "density": False, "iters": 100, "out": None}
+_EXTRA = {"top_k": 5, "trace_samples": 50, "density": False, "iters": 100, "out": None, "save_directions": None}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -27,22 +29,40 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--iters", type=int, default=argparse.SUPPRESS, help="Lanczos steps (default 100)")
     g.add_argument("--seed", type=int, default=argparse.SUPPRESS, help="seed of the random start vectors (0)")
     g.add_argument("--out", default=argparse.SUPPRESS, help="HDF5 file for the results")
+    g.add_argument("--save-directions", metavar="FILE", default=argparse.SUPPRESS,
+                   help="write the top two eigenvectors (one with --top-k 1) as a direction file for "
+                   "`lsurf surface --dir-file`")
 
 
 def run(args: argparse.Namespace) -> int:
+    comm = launcher_comm()
+    w = World.of(comm)
+    install_abort_hook(w)
     values = common.merged_values(args, extra=tuple(_EXTRA))
     extra = {k: values.pop(k, default) for k, default in _EXTRA.items()}
-    options = common.options_from(values)
-    device = configure_process(World.of(None), options.device, options.threads, options.tf32)
-    out = extra.pop("out")
-    results = hessian_spectrum(options, device, **extra)
+    options = w.agree(lambda: common.options_from(values))
+    device = w.agree(lambda: configure_process(w, options.device, options.threads, options.tf32))
+    out, save_to = extra.pop("out"), extra.pop("save_directions")
+    done = hessian_spectrum(options, device, comm, directions=bool(save_to), **extra)
+    if done is None:  # not rank 0
+        return 0
+    results, dirs = done
+    report(results, extra["trace_samples"])
+    if out:
+        save_results(results, out, {**options.as_dict(), **extra, "out": out, "ranks": w.size})
+        print(f"wrote {out}")
+    if save_to and dirs is not None:
+        save_direction_file(dirs, options.replace(out=save_to))
+        print(f"wrote {save_to} ({dirs.ndim} eigenvector{'s' * (dirs.ndim > 1)})")
+    return 0
+
+
+def report(results: dict, trace_samples: int) -> None:
+    """The spectrum in a few lines for people (the file holds every number)."""
     print("top eigenvalues: " + ", ".join(f"{v:.6g}" for v in results["eigenvalues"]))
     if "trace" in results:
-        print(f"trace (Hutchinson, {extra['trace_samples']} samples): {float(results['trace']):.6g}")
+        print(f"trace (Hutchinson, {trace_samples} samples): {float(results['trace']):.6g} "
+              f"± {float(results['trace_stderr']):.2g} (standard error)")
     if "density" in results:
         grid = results["density_grid"]
         print(f"density: {len(results['density'])} bins over [{grid[0]:.4g}, {grid[-1]:.4g}]")
-    if out:
-        save_spectrum(results, out, {**options.as_dict(), **extra, "out": out})
-        print(f"wrote {out}")
-    return 0

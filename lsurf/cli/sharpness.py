@@ -14,7 +14,7 @@ import numpy as np
 
 from lsurf.cli import common
 from lsurf.engine.directions import DIR_TYPES
-from lsurf.engine.hessian import save_spectrum
+from lsurf.engine.hessian import save_results
 from lsurf.engine.sharpness import KINDS
 from lsurf.errors import UserError
 from lsurf.run.runtime import configure_process, install_abort_hook, launcher_comm
@@ -56,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
     out = extra.pop("out")
     results = sharpness(options, comm, **extra)
     if results is not None:
-        save_spectrum(results, out, {**options.as_dict(), **extra, "out": out})
+        save_results(results, out, {**options.as_dict(), **extra, "out": out})
         print(f"{_summary(results, extra)}; wrote {out}", flush=True)
     return 0
 

@@ -25,6 +25,7 @@ from torch import nn
 from lsurf.engine.batches import Feed, Streamed, head, resident_batches, to_device
 from lsurf.engine.data import AnySplit, label_range
 from lsurf.engine.directions import AnyDirections, Directions, SeededDirections, target_tensors
+from lsurf.engine.hessian import Hessian
 from lsurf.engine.metrics import METRICS, Metric, metrics_for, quantity_names
 from lsurf.engine.models import load_plugin
 from lsurf.engine.snapshot import ModelSnapshot
@@ -363,12 +364,14 @@ class Evaluator:
         return out
 
     def _curvature(self) -> tuple[float, float]:
-        """(λ_max, λ_min) of the first split's mean loss at the current weights."""
-        from lsurf.engine.hessian import Hessian
-
+        """(λ_max, λ_min) of the first split's mean loss at the current weights, with the group's
+        shares added as ``lsurf hessian`` adds them (one operator for both)."""
         batches = next(iter(self.batches.values()))
         loss = lambda out, y: self.loss_fn(pick_output(out, self.output), y)  # noqa: E731  # dict-like outputs too
-        return Hessian(self.model, batches, loss).extreme_eigenvalues(self.hessian_iters)
+        n = sum(len(x) for x, _ in batches)
+        n = int(self.reduce(np.array([n], dtype=np.float64))[0]) if self.reduce is not None else n
+        h = Hessian(self.model, batches, loss, n=n, reduce=self.reduce)
+        return h.extreme_eigenvalues(self.hessian_iters)
 
     def _single(self, a: float, b: float) -> torch.Tensor:
         self.set_point(a, b)
