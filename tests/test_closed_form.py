@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 import textwrap
 
@@ -9,7 +10,7 @@ import h5py
 import numpy as np
 import pytest
 import torch
-from conftest import lsurf
+from conftest import lsurf, mpirun, requires_mpi
 
 import lsurf as api
 
@@ -107,3 +108,38 @@ def test_one_dimensional_curve(regression, tmp_path):
     expected = closed_form(regression, dx, zero, grid.x, [0.0])[0]
     assert surface.values["train_loss"].shape == (9,)
     np.testing.assert_allclose(surface.values["train_loss"], expected, rtol=1e-10)
+
+
+@requires_mpi
+def test_hessian_saddle_plane_at_the_least_squares_solution(regression, tmp_path):
+    """``--directions hessian:max,min`` under two ranks: the stored directions are the extreme
+    eigenvectors of H = 2AᵀA/N (A = [X, 1]) and the surface is the quadratic they span."""
+    a = np.hstack([regression["x"], np.ones((N, 1))])
+    theta = np.linalg.lstsq(a, regression["y"], rcond=None)[0]
+    torch.save({"net.0.weight": torch.tensor(theta[None, :D]), "net.0.bias": torch.tensor(theta[D:])},
+               tmp_path / "lsq.pt")
+    out = tmp_path / "saddle.h5"
+    mpirun(2, "surface", "--model", "linear", "--data", "regdata:make", "--checkpoint", tmp_path / "lsq.pt",
+           "--loss", "mse", "--dtype", "float64", "--directions", "hessian:max,min", "--threads", "1",
+           "--x", "-1:1:5", "--y", "-2:2:5", "--out", out, "--no-progress",
+           env={"PYTHONPATH": f"{tmp_path}:{api.__path__[0]}/.."}, check=True)
+    h = 2 * a.T @ a / N
+    exact, vectors = np.linalg.eigh(h)
+    with h5py.File(tmp_path / "saddle.directions.h5") as f:
+        dx = [f["xdirection"][k][()] for k in ("0", "1")]
+        dy = [f["ydirection"][k][()] for k in ("0", "1")]
+        stored = json.loads(f.attrs["meta"])["eigenvalues"]
+    np.testing.assert_allclose(stored, [exact[-1], exact[0]], rtol=1e-8)
+    for d, lam in ((dx, exact[-1]), (dy, exact[0])):
+        v = np.concatenate([d[0].ravel(), d[1]])
+        assert np.linalg.norm(v) == pytest.approx(1.0, abs=1e-10)
+        assert np.linalg.norm(h @ v - lam * v) <= 1e-6 * abs(lam)
+    with h5py.File(out) as f:
+        assert f.attrs["dir_file"] == str(tmp_path / "saddle.directions.h5")
+        xs, ys, loss = f["x"][()], f["y"][()], f["train_loss"][()]
+    np.testing.assert_allclose(loss, closed_form(regression | {"w0": theta[None, :D], "b0": theta[D:]}, dx, dy, xs, ys),
+                               rtol=1e-10, atol=1e-10)
+    # at the minimum, along eigenvectors: L0 + ½(λ_max α² + λ_min β²)
+    l0 = np.mean((a @ theta - regression["y"]) ** 2)
+    quad = l0 + 0.5 * (exact[-1] * xs[None, :] ** 2 + exact[0] * ys[:, None] ** 2)
+    np.testing.assert_allclose(loss, quad, rtol=1e-6)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import h5py
 import numpy as np
 import pytest
@@ -146,3 +148,40 @@ def test_bn_recalibration_uses_training_statistics(tmp_path):
     with pytest.raises(UserError):
         Evaluator(model, names, targets, dirs, batches, resolve_loss("cross_entropy"), bn="recalibrate",
                   points_per_pass=4)
+
+
+def test_hessian_directions_refuse_other_sources():
+    from lsurf.run.options import Options
+
+    with pytest.raises(UserError, match="a curve needs one, e.g. hessian:max"):
+        Options(directions="hessian:max,min")
+    with pytest.raises(UserError, match="cannot be combined with `dir_file`"):
+        Options(directions="hessian:max", dir_file="d.h5")
+    with pytest.raises(UserError, match="cannot be combined with `planes` > 1"):
+        Options(directions="hessian:max,max2", y="-1:1:3", planes=2)
+
+
+def test_a_hessian_plane_is_reused_on_resume(run_dir, tmp_path):
+    """The second run finds the plane's direction file made the same way and walks it: nothing is
+    recomputed and the file is not rewritten; --overwrite computes it again, to the same vectors."""
+    args = ("surface", "--model", "cnn", "--data", "digits", "--subset", "64", "--checkpoint", run_dir / "model_3.t7",
+            "--directions", "hessian:max,max2", "--x=-0.2:0.2:3", "--y=-0.2:0.2:3", "--dtype", "float64",
+            "--threads", "1", "--no-progress", "--out", tmp_path / "h.h5")
+    lsurf(*args, check=True)
+    dirs = tmp_path / "h.directions.h5"
+    first, stamp = _vectors(dirs), dirs.stat().st_mtime_ns
+    p = lsurf(*args, check=True)
+    assert "0 of 9 points to do" in p.stderr and dirs.stat().st_mtime_ns == stamp
+    lsurf(*args, "--overwrite", check=True)
+    with h5py.File(dirs) as f, h5py.File(tmp_path / "h.h5") as s:
+        assert s.attrs["dir_file"] == str(dirs) and f.attrs["source"] == "hessian"
+        values = np.array(json.loads(f.attrs["eigenvalues"]))
+        assert values[0] >= values[1] > 0
+    assert dirs.stat().st_mtime_ns != stamp
+    for a, b in zip(_vectors(dirs), first):
+        np.testing.assert_array_equal(a, b)
+
+
+def _vectors(path) -> list[np.ndarray]:
+    with h5py.File(path) as f:
+        return [f[g][k][()] for g in ("xdirection", "ydirection") for k in sorted(f[g], key=int)]

@@ -19,6 +19,7 @@ from lsurf.engine.directions import DIR_TYPES, IGNORES, NORMS
 from lsurf.run.options import (
     Amp,
     BatchNorm,
+    DirectionSource,
     Dtype,
     Layout,
     Options,
@@ -116,6 +117,9 @@ def add_data_feed(p: argparse.ArgumentParser) -> None:
 
 def add_directions(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("directions")
+    g.add_argument("--directions", default=SUPPRESS, choices=choices(DirectionSource),
+                   help="random (default), or Hessian eigenvectors at the checkpoint: max,max2 (the two sharpest), "
+                   "max,min (the plane that shows a saddle), max or min for a curve")
     g.add_argument("--seed", type=int, default=SUPPRESS, help="seed of the random directions (default 0)")
     g.add_argument("--norm", default=SUPPRESS, choices=NORMS, help="(default filter)")
     g.add_argument("--ignore", default=SUPPRESS, choices=IGNORES, help="biasbn: zero biases and BN parameters")

@@ -19,7 +19,8 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
+from typing import Literal
 
 import h5py
 import numpy as np
@@ -31,6 +32,8 @@ from lsurf.engine.directions import Directions
 from lsurf.errors import UserError
 
 Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]  # re-iterable: read once per product
+Extreme = Literal["max", "max2", "min"]
+EXTREMES: dict[str, int] = {"max": 0, "max2": 1, "min": -1}  # position in the eigenvalues, largest first
 Reduce = Callable[[np.ndarray], np.ndarray]  # float64 array -> its sum over the processes sharing the split
 
 
@@ -78,6 +81,16 @@ class Hessian:
         values, vectors = self._ritz(iters, tol, seed)
         order = np.argsort(values)[::-1][:k]
         return values[order], [vectors(i) for i in order]
+
+    def eigenpairs(self, which: Sequence[Extreme], iters: int = 100, tol: float = 1e-6, seed: int = 0):
+        """Eigenvalues and eigenvectors named by ``which`` (``max``, ``max2``: the largest two;
+        ``min``: the most negative), from one Lanczos run: extreme Ritz pairs converge first."""
+        values, vectors = self._ritz(iters, tol, seed)
+        order = np.argsort(values)[::-1]
+        picks = [order[EXTREMES[w]] for w in which]
+        if "max2" in which and len(order) < 2:
+            raise UserError("`max2`: the Lanczos run found one eigenvalue only (a one-parameter model?)")
+        return values[picks], [vectors(i) for i in picks]
 
     def extreme_eigenvalues(self, iters: int = 100, tol: float = 1e-6, seed: int = 0) -> tuple[float, float]:
         """(λ_max, λ_min) from one Lanczos run: its extreme Ritz values converge first."""

@@ -5,7 +5,11 @@ the same numbers either way."""
 
 from __future__ import annotations
 
-from typing import Any
+import contextlib
+import json
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -13,14 +17,17 @@ from torch import nn
 
 from lsurf.engine.batches import resident_batches
 from lsurf.engine.data import AnySplit
-from lsurf.engine.directions import Directions
+from lsurf.engine.directions import Directions, load_directions, target_tensors
 from lsurf.engine.evaluate import resolve_loss
-from lsurf.engine.hessian import Hessian, Reduce, check_spectrum, eigen_directions, spectrum
+from lsurf.engine.hessian import Extreme, Hessian, Reduce, check_spectrum, eigen_directions, spectrum
+from lsurf.engine.models import file_sha256
 from lsurf.engine.plan import default_batch_size
 from lsurf.engine.snapshot import preserved
+from lsurf.engine.surface_file import open_h5
 from lsurf.errors import UserError
 from lsurf.run.options import Options
-from lsurf.run.sources import load_inputs
+from lsurf.run.runtime import choose_device
+from lsurf.run.sources import directions_path, load_inputs
 from lsurf.run.world import World, abort_on_failure
 
 Spectrum = tuple[dict[str, np.ndarray], Directions | None]
@@ -57,6 +64,66 @@ def model_spectrum(model: nn.Module, split: AnySplit, options: Options, device: 
     """:func:`hessian_spectrum` of a model the caller holds, over ``split``, on every rank of
     ``comm``; the model comes back exactly as it was (device, dtype, mode, weights), also on failure."""
     w = World.of(comm)
+    with operator_at(w, model, split, options, device, check=(top_k, iters, trace_samples)) as h:
+        keep = min(top_k, 2) if directions else 0
+        results, vectors = spectrum(h, top_k, iters, trace_samples, density, options.seed, keep)
+        dirs = eigen_directions(model, h, results["eigenvalues"], vectors, _meta(options)) if vectors else None
+    return (results, dirs) if w.is_root else None
+
+
+def hessian_directions(model: nn.Module, split: AnySplit, options: Options, device: torch.device, comm: Any,
+                       which: Sequence[Extreme], iters: int = 100) -> Directions:
+    """The eigenvectors ``which`` names (``max``, ``max2``, ``min``) of the Hessian at the model's
+    weights, as directions (unit norm, ``norm`` none), on every rank of ``comm``: a Hessian plane
+    (``max``, ``max2``: the two sharpest directions; ``max``, ``min``: the plane that shows a
+    saddle if there is one). The eigenvalues go into the directions' metadata."""
+    w = World.of(comm)
+    with operator_at(w, model, split, options, device) as h:
+        values, vectors = h.eigenpairs(which, iters, seed=options.seed)
+        return eigen_directions(model, h, values, vectors, {**_meta(options), "which": list(which)})
+
+
+def _meta(options: Options) -> dict:
+    """What the eigenvectors depend on besides the weights, recorded with them (and compared
+    before a saved Hessian plane is reused)."""
+    return {"split": options.split[0], "loss": options.loss, "seed": options.seed, "dtype": options.dtype,
+            "data": options.data, "subset": options.subset, "checkpoint": options.checkpoint or ""}
+
+
+def hessian_plane(options: Options, model: nn.Module, data: dict[str, AnySplit], comm: Any = None) -> Directions:
+    """The directions ``options.directions`` names (e.g. ``hessian:max,min``) at the model's
+    weights, over the first of ``options.split``, on every rank of ``comm``. A direction file
+    beside the output (``NAME.directions.h5``) made the same way from the same checkpoint is
+    reused (a resumed run then walks exactly the stored plane); ``overwrite`` recomputes."""
+    w = World.of(comm)
+    which = cast(list[Extreme], options.directions.removeprefix("hessian:").split(","))
+    path = directions_path(options.out)
+    names, targets = target_tensors(model, "weights")
+    want = {**_meta(options), "which": which, "source": "hessian",
+            "checkpoint_sha256": file_sha256(options.checkpoint) if options.checkpoint else ""}
+    if not options.overwrite and w.agree(lambda: _same_plane(path, want)):
+        return w.agree(lambda: load_directions(path, names, targets, len(which) == 2))
+    device = w.agree(lambda: choose_device(w, options.device))
+    split = data[options.split[0]]
+    return hessian_directions(model, split, options, device, comm, which)
+
+
+def _same_plane(path: Path, want: dict) -> bool:
+    """Whether the direction file at ``path`` holds the Hessian plane ``want`` describes."""
+    if not path.is_file():
+        return False
+    with open_h5(path) as f:
+        meta = json.loads(f.attrs.get("meta", "{}"))
+    return all(meta.get(k) == v for k, v in want.items())
+
+
+@contextlib.contextmanager
+def operator_at(w: World, model: nn.Module, split: AnySplit, options: Options, device: torch.device,
+                check: tuple[int, int, int] = (1, 1, 0)) -> Iterator[Hessian]:
+    """The Hessian of the loss over ``split`` at the model's weights, the split shared by every rank
+    of ``w`` (one allreduce per product), in the options' dtype on ``device``; the model is handed
+    back exactly as it was afterwards, also on failure. ``check``: the spectrum's counts, checked
+    on every rank before any product."""
     with abort_on_failure(w):
         group = w.groups(w.size)  # all ranks share the one split: its reduction is the allreduce
         try:
@@ -67,14 +134,9 @@ def model_spectrum(model: nn.Module, split: AnySplit, options: Options, device: 
                 reduce = group.add_sums()
                 local = np.array([sum(len(x) for x, _ in batches)], dtype=np.float64)
                 n = int((reduce(local) if reduce else local)[0])
-                h = w.agree(lambda: _operator(model, batches, options, n, reduce, (top_k, iters, trace_samples)))
-                keep = min(top_k, 2) if directions else 0
-                results, vectors = spectrum(h, top_k, iters, trace_samples, density, options.seed, keep)
-                meta = {"split": options.split[0], "loss": options.loss, "seed": options.seed}
-                dirs = eigen_directions(model, h, results["eigenvalues"], vectors, meta) if vectors else None
+                yield w.agree(lambda: _operator(model, batches, options, n, reduce, check))
         finally:
             group.free()
-    return (results, dirs) if w.is_root else None
 
 
 def _operator(model: nn.Module, batches: list, options: Options, n: int, reduce: Reduce | None,

@@ -31,6 +31,9 @@ Amp = Literal["none", "bf16"]
 Schedule = Literal["dynamic", "static"]
 Writer = Literal["auto", "mpio", "root"]
 Split = Literal["train", "test"]
+# Where the directions come from, besides a file (`dir_file`) or other models (`model2`): seeded
+# random ones, or eigenvectors of the Hessian at the centre (two for a plane, one for a curve).
+DirectionSource = Literal["random", "hessian:max,max2", "hessian:max,min", "hessian:max", "hessian:min"]
 
 
 def choices(vocabulary: Any) -> tuple[str, ...]:
@@ -43,7 +46,7 @@ class Options:
     """Everything a surface run needs to know; defaults are the CLI's defaults.
 
     Groups: what to load (model, checkpoint, data, subset, split, seq_len), the directions (seed,
-    norm, ignore, dir_type, same_dir, regenerate, dir_file, model2, model3), the grid (x, y, planes), how to
+    norm, ignore, dir_type, same_dir, regenerate, dir_file, model2, model3, directions), the grid (x, y, planes), how to
     evaluate (loss, ignore_index, output, dtype, device, threads, batch_size, points_per_pass, amp,
     tf32, layout, bn, hessian_iters), how data
     reaches the device (resident, memory_budget, workers), how to distribute and write
@@ -66,6 +69,7 @@ class Options:
     dir_file: str | None = None
     model2: str | None = None
     model3: str | None = None
+    directions: DirectionSource = "random"
     x: str = "-1:1:51"
     y: str | None = None
     planes: int = 1
@@ -125,12 +129,24 @@ class Options:
         if self.regenerate and (self.dir_file or self.model2):
             raise UserError("`regenerate` redraws seeded random directions: it cannot be combined with "
                             f"`{'dir_file' if self.dir_file else 'model2'}`")
+        if self.directions != "random":
+            self._check_hessian_directions()
         if self.planes > 1 and (self.dir_file or self.model2):
             raise UserError(f"`planes` {self.planes} draws random planes (seeds `seed` to `seed` + {self.planes - 1}): "
                             f"it cannot be combined with `{'dir_file' if self.dir_file else 'model2'}`")
         if self.amp == "bf16" and self.dtype == "float64":
             raise UserError("`amp` bf16 with `dtype` float64 would compute in bfloat16 and call it float64: "
                             "choose one")
+
+    def _check_hessian_directions(self) -> None:
+        clash = [f"`{n}`" for n in ("dir_file", "model2", "regenerate", "same_dir") if getattr(self, n)]
+        clash += ["`planes` > 1"] * (self.planes > 1) + ["`dir_type` states"] * (self.dir_type == "states")
+        if clash:
+            raise UserError(f"`directions` {self.directions} are Hessian eigenvectors of the weights: they "
+                            f"cannot be combined with {clash[0]}")
+        if (self.y is not None) != ("," in self.directions):
+            raise UserError(f"`directions` {self.directions}: " + ("a plane (`y` given) needs two, e.g. "
+                            "hessian:max,min" if self.y is not None else "a curve needs one, e.g. hessian:max"))
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any], base: Options | None = None) -> Options:

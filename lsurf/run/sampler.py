@@ -33,6 +33,7 @@ from lsurf.engine.metrics import metrics_for, quantity_names
 from lsurf.engine.plan import Plan, check_pinned, default_batch_size, faster_in_channels_last
 from lsurf.engine.snapshot import preserved
 from lsurf.errors import UserError
+from lsurf.run.curvature import hessian_plane
 from lsurf.run.options import Options
 from lsurf.run.provenance import Provenance
 from lsurf.run.runtime import check_device_binding, choose_device
@@ -52,17 +53,22 @@ def run_surface(options: Options, comm: Any = None, log: Log | None = None) -> s
     w = World.of(comm)
     with abort_on_failure(w):
         grid, model, data, dirs = w.agree(lambda: _inputs(options))
+        if dirs is None:  # a Hessian plane: every rank takes part in computing it
+            dirs = hessian_plane(options, model, data, comm)
         prov = Provenance.of(options)
         save_to = None if options.dir_file or options.planes > 1 else directions_path(options.out)
         return _sample(w, model, data, dirs, grid, Path(options.out), options, prov, save_to,
                        log or (lambda m: None))
 
 
-def _inputs(options: Options) -> tuple[Grid, nn.Module, dict[str, AnySplit], PlaneDirections]:
+def _inputs(options: Options) -> tuple[Grid, nn.Module, dict[str, AnySplit], PlaneDirections | None]:
+    """Grid, model, data and the directions (None: a Hessian plane, computed collectively after)."""
     grid = grid_for(options)
     model, data = load_inputs(options)
     if data is None:
         raise UserError("`data` is needed to sample a surface")
+    if options.directions != "random":
+        return grid, model, data, None
     if options.planes > 1:
         return grid, model, data, plane_directions(options, model, grid.ndim == 2)
     return grid, model, data, directions_for(options, model, grid.ndim == 2)

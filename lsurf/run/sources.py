@@ -42,6 +42,9 @@ def directions_for(options: Options, model: nn.Module, two: bool | None = None) 
     (and ``model3``: the plane through three models), from ``dir_file``, or random (seeded,
     normalised). ``two`` (default: whether the grid has a y axis) asks for a second direction."""
     two = (options.y is not None) if two is None else two
+    if options.directions != "random":
+        raise UserError(f"`directions` {options.directions}: Hessian directions are computed from the data, by "
+                        "lsurf.run.curvature.hessian_plane (or `lsurf hessian --save-directions`)")
     if options.model2:
         return _towards_models(options, model, two)
     if options.dir_file:
