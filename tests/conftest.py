@@ -6,10 +6,13 @@ import os
 import shutil
 import subprocess
 import sys
+import textwrap
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 FIXTURES = REPO.parent / "shared" / "fixtures" / "loss-landscape"
@@ -87,3 +90,29 @@ def digits_checkpoint(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("runs")
     lsurf("train", "--model", "cnn", "--data", "digits", "--epochs", "2", "--out-dir", out, check=True)
     return out / "model_2.t7"
+
+
+N, D = 120, 5
+
+
+@pytest.fixture
+def regression(tmp_path, monkeypatch):
+    """A data plug-in module and a float64 checkpoint for ``linear`` (params net.0.weight, net.0.bias)."""
+    rng = np.random.default_rng(7)
+    x = rng.normal(size=(N, D))
+    y = x @ rng.normal(size=D) + 0.3 * rng.normal(size=N)
+    np.save(tmp_path / "x.npy", x)
+    np.save(tmp_path / "y.npy", y)
+    (tmp_path / "regdata.py").write_text(textwrap.dedent(f"""
+        import numpy as np, torch
+        from torch.utils.data import TensorDataset
+        def make():
+            x = torch.from_numpy(np.load({str(tmp_path / 'x.npy')!r}))
+            y = torch.from_numpy(np.load({str(tmp_path / 'y.npy')!r}))
+            return TensorDataset(x, y), None
+    """))
+    w0, b0 = rng.normal(size=(1, D)), rng.normal(size=1)
+    torch.save({"net.0.weight": torch.tensor(w0), "net.0.bias": torch.tensor(b0)}, tmp_path / "lin.pt")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    sys.modules.pop("regdata", None)
+    return {"x": x, "y": y, "w0": w0, "b0": b0, "dir": tmp_path}

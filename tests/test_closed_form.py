@@ -3,41 +3,14 @@
 from __future__ import annotations
 
 import json
-import sys
-import textwrap
 
 import h5py
 import numpy as np
 import pytest
 import torch
-from conftest import lsurf, mpirun, requires_mpi
+from conftest import D, N, lsurf, mpirun, requires_mpi
 
 import lsurf as api
-
-N, D = 120, 5
-
-
-@pytest.fixture
-def regression(tmp_path, monkeypatch):
-    """A data plug-in module and a float64 checkpoint for ``linear`` (params net.0.weight, net.0.bias)."""
-    rng = np.random.default_rng(7)
-    x = rng.normal(size=(N, D))
-    y = x @ rng.normal(size=D) + 0.3 * rng.normal(size=N)
-    np.save(tmp_path / "x.npy", x)
-    np.save(tmp_path / "y.npy", y)
-    (tmp_path / "regdata.py").write_text(textwrap.dedent(f"""
-        import numpy as np, torch
-        from torch.utils.data import TensorDataset
-        def make():
-            x = torch.from_numpy(np.load({str(tmp_path / 'x.npy')!r}))
-            y = torch.from_numpy(np.load({str(tmp_path / 'y.npy')!r}))
-            return TensorDataset(x, y), None
-    """))
-    w0, b0 = rng.normal(size=(1, D)), rng.normal(size=1)
-    torch.save({"net.0.weight": torch.tensor(w0), "net.0.bias": torch.tensor(b0)}, tmp_path / "lin.pt")
-    monkeypatch.syspath_prepend(str(tmp_path))
-    sys.modules.pop("regdata", None)
-    return {"x": x, "y": y, "w0": w0, "b0": b0, "dir": tmp_path}
 
 
 def closed_form(r, dirs_x, dirs_y, xs, ys):

@@ -21,6 +21,7 @@ from lsurf.run.options import (
     BatchNorm,
     DirectionSource,
     Dtype,
+    FidelityCheck,
     Layout,
     Options,
     Schedule,
@@ -147,6 +148,9 @@ def add_evaluation(p: argparse.ArgumentParser) -> None:
     g.add_argument("--hessian", action="store_true", default=SUPPRESS,
                    help="also λ_max, λ_min of the Hessian at every point")
     g.add_argument("--hessian-iters", type=int, default=SUPPRESS, help="Lanczos steps per point for --hessian (30)")
+    g.add_argument("--fidelity", default=SUPPRESS, choices=choices(FidelityCheck),
+                   help="the curvature each plane sees vs the Hessian's extremes at the centre "
+                        "(auto: where it costs < 5 %% of the run)")
 
 
 def add_run(p: argparse.ArgumentParser) -> None:

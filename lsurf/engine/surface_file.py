@@ -26,6 +26,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from lsurf.engine import fidelity
 from lsurf.engine.grid import Grid, Tile
 from lsurf.errors import UserError
 
@@ -268,6 +269,29 @@ class Surface:
     def config(self) -> dict:
         return json.loads(self.attrs.get("config", "{}"))
 
+    @property
+    def fidelity(self) -> fidelity.Fidelity | None:
+        """What the planes see of the Hessian at the centre, if it was measured."""
+        raw = self.attrs.get("fidelity")
+        return fidelity.Fidelity.from_json(raw) if raw else None
+
+    def centre_curvatures(self, split: str) -> list[tuple[float | None, float | None]]:
+        """Each plane's second differences of ``{split}_loss`` at the centre along α and β (None
+        where the grid cannot tell): the surface's own dᵀHd, to set beside the stored quotients."""
+        z = self.values.get(f"{split}_loss")
+        if z is None:
+            return []
+        known = np.where(self.done, z, np.nan)
+        planes = [known] if self.planes is None else list(known)
+        return [fidelity.centre_curvature(self.x, self.y, p) for p in planes]
+
+    def _fidelity_lines(self) -> list[str]:
+        fid = self.fidelity
+        if fid is not None:
+            return fidelity.describe(fid, self.centre_curvatures(fid.split))
+        note = self.attrs.get("fidelity_note")
+        return [f"{'plane fidelity:':<20}{note}"] if note else []
+
     def describe(self) -> list[str]:
         """Human-readable provenance and coverage, one line per item (what ``lsurf info`` prints)."""
         shape = f"{len(self.x)}" if self.y is None else f"{len(self.x)} x {len(self.y)}"
@@ -290,6 +314,7 @@ class Surface:
             rng = f"min {fin.min():.6g}, max {fin.max():.6g}" if fin.size else "no finite values"
             flag = f"  ({bad} points non-finite: overflow)" if bad else ""
             lines.append(f"{name + ':':<20}{rng}{flag}")
+        lines += self._fidelity_lines()
         for key in ("model", "data", "checkpoint", "checkpoint_sha256", "dir_file", "dir_file_sha256", "mpi_ranks",
                     "rank_layout", "streamed", "created", "finished", "eval_seconds_total", "eval_seconds_per_point"):
             if key in self.attrs and self.attrs[key] != "":

@@ -14,6 +14,7 @@ from typing import cast
 
 import numpy as np
 
+from lsurf.engine.fidelity import title_line
 from lsurf.engine.surface_file import Surface
 from lsurf.errors import UserError
 
@@ -57,7 +58,9 @@ def figure_title(surface: Surface, name: str) -> str:
     text = " on ".join(parts) if parts else Path(surface.path).name
     if norm:
         text += f", {norm}-normalised directions"
-    return f"{name}: {text}"
+    fid = surface.fidelity
+    seen = f"\n{title_line(fid)}" if fid is not None and len(fid.quotients) == 1 else ""  # one plane's
+    return f"{name}: {text}{seen}"
 
 
 def _markers(surface: Surface) -> list[dict]:

@@ -16,9 +16,11 @@ import torch
 from torch import nn
 
 from lsurf.engine.batches import resident_batches
-from lsurf.engine.data import AnySplit
-from lsurf.engine.directions import Directions, load_directions, target_tensors
+from lsurf.engine.data import AnySplit, BatchStreamSplit
+from lsurf.engine.directions import AnyDirections, Directions, load_directions, target_tensors
 from lsurf.engine.evaluate import resolve_loss
+from lsurf.engine.fidelity import LANCZOS_STEPS, TRACE_SAMPLES, measure, relative_cost
+from lsurf.engine.grid import Grid
 from lsurf.engine.hessian import Extreme, Hessian, Reduce, check_spectrum, eigen_directions, spectrum
 from lsurf.engine.models import file_sha256
 from lsurf.engine.plan import default_batch_size
@@ -144,3 +146,36 @@ def _operator(model: nn.Module, batches: list, options: Options, n: int, reduce:
     """The Hessian, once its inputs are known good (asked on every rank, before any product)."""
     check_spectrum(*counts)
     return Hessian(model, batches, resolve_loss(options.loss), n=n, reduce=reduce)
+
+
+# A fidelity check is made unasked only where it costs less than this share of the run.
+AUTO_FIDELITY_SHARE = 0.05
+
+
+def fidelity_skipped(options: Options, data: dict[str, AnySplit], grid: Grid, planes: int,
+                     streamed: Sequence[str]) -> str | None:
+    """Why the planes' fidelity is not measured (None: it is): ``fidelity`` off, or, where it is
+    auto, a streamed or low-precision Hessian split or a cost of 5 % of the run or more."""
+    if options.fidelity != "auto":
+        return None if options.fidelity == "on" else "not measured (`fidelity` off)"
+    split = next(iter(data))
+    if split in streamed:
+        return f"not measured: the {split} split is streamed (`fidelity` on measures it anyway)"
+    if options.dtype == "bfloat16" or options.amp != "none":
+        return "not measured at low precision (`fidelity` on measures it anyway)"
+    sizes = [len(s) for s in data.values() if not isinstance(s, BatchStreamSplit)]
+    if len(sizes) < len(data):
+        return "not measured: a split is a stream of unknown length (`fidelity` on measures it anyway)"
+    cost = relative_cost(LANCZOS_STEPS + TRACE_SAMPLES + 2 * planes, sizes[0], grid.num_points, sum(sizes))
+    if cost >= AUTO_FIDELITY_SHARE:
+        return f"not measured: it would cost {100 * cost:.0f} % of the run (`fidelity` on measures it anyway)"
+    return None
+
+
+def plane_fidelity(w: World, model: nn.Module, data: dict[str, AnySplit], planes: Sequence[AnyDirections],
+                   options: Options, device: torch.device) -> str:
+    """The fidelity of ``planes`` at the model's weights over the first split, on every rank of
+    ``w`` (the split shared as for the spectrum), as the JSON of the file's ``fidelity`` attribute."""
+    split = next(iter(data))
+    with operator_at(w, model, data[split], options, device) as h:
+        return measure(h, model, planes, split, options.seed).to_json()

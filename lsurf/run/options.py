@@ -33,6 +33,7 @@ Writer = Literal["auto", "mpio", "root"]
 Split = Literal["train", "test"]
 # Where the directions come from, besides a file (`dir_file`) or other models (`model2`): seeded
 # random ones, or eigenvectors of the Hessian at the centre (two for a plane, one for a curve).
+FidelityCheck = Literal["auto", "on", "off"]  # the curvature a plane sees (auto: where it is cheap)
 DirectionSource = Literal["random", "hessian:max,max2", "hessian:max,min", "hessian:max", "hessian:min"]
 
 
@@ -48,7 +49,7 @@ class Options:
     Groups: what to load (model, checkpoint, data, subset, split, seq_len), the directions (seed,
     norm, ignore, dir_type, same_dir, regenerate, dir_file, model2, model3, directions), the grid (x, y, planes), how to
     evaluate (loss, ignore_index, output, dtype, device, threads, batch_size, points_per_pass, amp,
-    tf32, layout, bn, hessian_iters), how data
+    tf32, layout, bn, hessian_iters, fidelity), how data
     reaches the device (resident, memory_budget, workers), how to distribute and write
     (ranks_per_point, tile, schedule, writer, out, overwrite, progress). ``None`` means "choose for
     me" where the run plan decides (batch size, points per pass, threads, budget, loader workers).
@@ -86,6 +87,7 @@ class Options:
     layout: Layout = "auto"
     bn: BatchNorm = "eval"
     hessian_iters: int = 0
+    fidelity: FidelityCheck = "auto"
     resident: Residency = "auto"
     memory_budget: str | None = None
     workers: int | None = None

@@ -33,7 +33,7 @@ from lsurf.engine.metrics import metrics_for, quantity_names
 from lsurf.engine.plan import Plan, check_pinned, default_batch_size, faster_in_channels_last
 from lsurf.engine.snapshot import preserved
 from lsurf.errors import UserError
-from lsurf.run.curvature import hessian_plane
+from lsurf.run.curvature import fidelity_skipped, hessian_plane, plane_fidelity
 from lsurf.run.options import Options
 from lsurf.run.provenance import Provenance
 from lsurf.run.runtime import check_device_binding, choose_device
@@ -173,10 +173,11 @@ def _sample_in_groups(w: World, group: Group, probe: tuple[torch.device, int], m
                 f"on {dev}, {torch.get_num_threads()} threads")
             stats = _run(w, group, _PlaneEvaluators(ev, planes), grid, path, existing, opts, log)
         gathered = w.gather(stats)
+        fidelity = _fidelity_attrs(w, model, data, planes, grid, opts, dev, streamed, path, log)
         if w.is_root:
             assert gathered is not None  # gather returns the list on rank 0
             surface_file.set_attrs(path, {**_run_attrs(gathered, plan), "rank_layout": _layout_line(w, group),
-                                          "streamed": ",".join(streamed)})
+                                          "streamed": ",".join(streamed), **fidelity})
     return surface_file.read_surface(path) if w.is_root else None
 
 
@@ -296,6 +297,23 @@ def use_parallel_hdf5(w: World, writer: str) -> bool:
     if writer == "mpio" and not has_mpi and w.size > 1:
         raise UserError("`writer` mpio: this h5py is not built with MPI")
     return w.size > 1 and has_mpi and writer != "root"
+
+
+def _fidelity_attrs(w: World, model: nn.Module, data: dict[str, AnySplit], planes: list[AnyDirections], grid: Grid,
+                    opts: Options, dev: torch.device, streamed: list[str], path: Path, log: Log) -> dict[str, str]:
+    """The planes' projection fidelity (``fidelity``) or why it was not measured (``fidelity_note``),
+    measured by every rank once the points are done; a resumed file that has it keeps it."""
+    def measured() -> bool:
+        with surface_file.open_h5(path) as f:
+            return "fidelity" in f.attrs
+    if w.bcast(measured() if w.is_root else None):
+        return {}
+    skipped = fidelity_skipped(opts, data, grid, len(planes), streamed)
+    if skipped is not None:
+        log(f"fidelity: {skipped}")
+        return {"fidelity_note": skipped}
+    log("fidelity: the curvature each plane sees vs the Hessian's extremes at the centre")
+    return {"fidelity": plane_fidelity(w, model, data, planes, opts, dev)}
 
 
 class _PlaneEvaluators:
