@@ -11,7 +11,8 @@ from conftest import D, N, lsurf, mpirun, requires_mpi
 
 import lsurf as api
 from lsurf.engine.data import Split
-from lsurf.engine.fidelity import verdict
+from lsurf.engine.fidelity import Fidelity, title_line, verdict
+from lsurf.engine.surface_file import Surface
 from lsurf.post.plot import figure_title
 from lsurf.run.curvature import fidelity_skipped, hessian_plane
 from lsurf.run.options import Options
@@ -82,3 +83,14 @@ def test_auto_measures_only_where_it_is_cheap():
     assert "off" in fidelity_skipped(fine.replace(fidelity="off"), data, grid_for(fine), 1, [])
     assert "streamed" in fidelity_skipped(fine, data, grid_for(fine), 1, ["train"])
     assert "low precision" in fidelity_skipped(fine.replace(dtype="bfloat16"), data, grid_for(fine), 1, [])
+
+
+def test_an_ensemble_title_shows_the_median_and_each_plane_its_own():
+    fid = Fidelity("train", 2.0, -0.5, 0.1, 0.01, 10, [(0.1, 0.2), (0.4, 0.5), (1.0, 0.02)],
+                   [(1.0, 1.0)] * 3, 20, 10)
+    assert title_line(fid).startswith("median curvature of 3 planes x 0.4 (sharp), y 0.2 (typical);")
+    x = np.linspace(-1, 1, 3)
+    surface = Surface("e.h5", x, x, {"train_loss": np.zeros((3, 3, 3))}, np.ones((3, 3, 3), bool),
+                      {"fidelity": fid.to_json()}, planes=3)
+    assert surface.plane(2).fidelity.quotients == [(1.0, 0.02)]
+    assert "curvature x 1 (sharp), y 0.02 (flat)" in figure_title(surface.plane(2), "train_loss")

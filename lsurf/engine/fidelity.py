@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 import torch
@@ -54,6 +54,10 @@ class Fidelity:
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
+
+    def only(self, plane: int) -> Fidelity:
+        """What plane ``plane`` of an ensemble sees, as the fidelity of a single-plane surface."""
+        return replace(self, quotients=[self.quotients[plane]], norms2=[self.norms2[plane]])
 
     @classmethod
     def from_json(cls, text: str) -> Fidelity:
@@ -167,11 +171,18 @@ def describe(fid: Fidelity, sampled: Sequence[tuple[float | None, float | None]]
     return lines
 
 
-def title_line(fid: Fidelity, plane: int = 0) -> str:
-    """One line under a plot's title: the curvature the plotted plane's axes see, and its verdict."""
+def title_line(fid: Fidelity) -> str:
+    """One line under a plot's title: the curvature the plotted plane's axes see (an ensemble's:
+    the median over its planes), and its verdict."""
+    seen: Sequence[float | None]
+    if len(fid.quotients) == 1:
+        lead, seen = "curvature", fid.quotients[0]
+    else:
+        lead = f"median curvature of {len(fid.quotients)} planes"
+        seen = tuple(None if q[0] is None else float(np.median(q)) for q in zip(*fid.quotients))
     axes = [f"{label} {q:.3g} ({verdict(q, fid.mean_eigenvalue).removesuffix('-biased')})"
-            for label, q in zip("xy", fid.quotients[plane]) if q is not None]
-    return (f"curvature {', '.join(axes)}; λ in [{fid.lambda_min:.3g}, {fid.lambda_max:.3g}], "
+            for label, q in zip("xy", seen) if q is not None]
+    return (f"{lead} {', '.join(axes)}; λ in [{fid.lambda_min:.3g}, {fid.lambda_max:.3g}], "
             f"mean {fid.mean_eigenvalue:.2g}")
 
 

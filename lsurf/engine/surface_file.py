@@ -245,8 +245,10 @@ class Surface:
             raise UserError(f"{self.path!r} holds one plane, not an ensemble")
         if not 0 <= k < self.planes:
             raise UserError(f"`plane` {k}: {self.path!r} holds planes 0 to {self.planes - 1}")
+        fid = self.fidelity
+        attrs = self.attrs if fid is None else {**self.attrs, "fidelity": fid.only(k).to_json()}
         return Surface(self.path, self.x, self.y, {n: v[k] for n, v in self.values.items()}, self.done[k],
-                       self.attrs, self.reference)
+                       attrs, self.reference)
 
     def single_plane(self, use: str) -> Surface:
         """This surface, refused with a clear message where ``use`` (e.g. ``export``) needs one plane."""

@@ -59,7 +59,7 @@ def figure_title(surface: Surface, name: str) -> str:
     if norm:
         text += f", {norm}-normalised directions"
     fid = surface.fidelity
-    seen = f"\n{title_line(fid)}" if fid is not None and len(fid.quotients) == 1 else ""  # one plane's
+    seen = f"\n{title_line(fid)}" if fid is not None else ""
     return f"{name}: {text}{seen}"
 
 
