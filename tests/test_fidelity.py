@@ -13,6 +13,7 @@ import lsurf as api
 from lsurf.engine.data import Split
 from lsurf.engine.fidelity import Fidelity, title_line, verdict
 from lsurf.engine.surface_file import Surface
+from lsurf.errors import UserError
 from lsurf.post.plot import figure_title
 from lsurf.run.curvature import fidelity_skipped, hessian_plane
 from lsurf.run.options import Options
@@ -83,6 +84,10 @@ def test_auto_measures_only_where_it_is_cheap():
     assert "off" in fidelity_skipped(fine.replace(fidelity="off"), data, grid_for(fine), 1, [])
     assert "streamed" in fidelity_skipped(fine, data, grid_for(fine), 1, ["train"])
     assert "low precision" in fidelity_skipped(fine.replace(dtype="bfloat16"), data, grid_for(fine), 1, [])
+    tokens = {"train": Split(torch.zeros(100, 8, dtype=torch.long), torch.zeros(100, 8, dtype=torch.long))}
+    assert "token targets" in fidelity_skipped(fine, tokens, grid_for(fine), 1, [])
+    with pytest.raises(UserError, match="`fidelity` on"):
+        fidelity_skipped(fine.replace(fidelity="on"), tokens, grid_for(fine), 1, [])
 
 
 def test_an_ensemble_title_shows_the_median_and_each_plane_its_own():

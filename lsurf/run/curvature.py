@@ -18,7 +18,7 @@ from torch import nn
 from lsurf.engine.batches import resident_batches
 from lsurf.engine.data import AnySplit, BatchStreamSplit
 from lsurf.engine.directions import AnyDirections, Directions, load_directions, target_tensors
-from lsurf.engine.evaluate import resolve_loss
+from lsurf.engine.evaluate import pick_output, resolve_loss
 from lsurf.engine.fidelity import LANCZOS_STEPS, TRACE_SAMPLES, measure, relative_cost
 from lsurf.engine.grid import Grid
 from lsurf.engine.hessian import Extreme, Hessian, Reduce, check_spectrum, eigen_directions, spectrum
@@ -145,7 +145,8 @@ def _operator(model: nn.Module, batches: list, options: Options, n: int, reduce:
               counts: tuple[int, int, int]) -> Hessian:
     """The Hessian, once its inputs are known good (asked on every rank, before any product)."""
     check_spectrum(*counts)
-    return Hessian(model, batches, resolve_loss(options.loss), n=n, reduce=reduce)
+    loss = resolve_loss(options.loss)
+    return Hessian(model, batches, lambda out, y: loss(pick_output(out, options.output), y), n=n, reduce=reduce)
 
 
 # A fidelity check is made unasked only where it costs less than this share of the run.
@@ -156,9 +157,17 @@ def fidelity_skipped(options: Options, data: dict[str, AnySplit], grid: Grid, pl
                      streamed: Sequence[str]) -> str | None:
     """Why the planes' fidelity is not measured (None: it is): ``fidelity`` off, or, where it is
     auto, a streamed or low-precision Hessian split or a cost of 5 % of the run or more."""
-    if options.fidelity != "auto":
-        return None if options.fidelity == "on" else "not measured (`fidelity` off)"
+    if options.fidelity == "off":
+        return "not measured (`fidelity` off)"
     split = next(iter(data))
+    targets = data[split].rows(0, 1)[1]
+    if targets.dim() > 1 and not targets.is_floating_point():
+        if options.fidelity == "on":
+            raise UserError("`fidelity` on: the Hessian here is of one loss per sample, not of token targets; "
+                            "leave `fidelity` auto or off for sequence data")
+        return "not measured: the Hessian here is of one loss per sample, not of token targets"
+    if options.fidelity == "on":
+        return None
     if split in streamed:
         return f"not measured: the {split} split is streamed (`fidelity` on measures it anyway)"
     if options.dtype == "bfloat16" or options.amp != "none":

@@ -205,6 +205,7 @@ def _check_inputs(w: World, model: nn.Module, data: dict[str, AnySplit], directi
                                     labels=data if w.is_root and opts.loss == "cross_entropy" else None)
     _streamed(w, w.groups(1), data, dev, opts, opts.batch_size or default_batch_size(dev, outputs),
               _workers(opts, dev), log=None)  # a budget too small for the stream: refused before any file is touched
+    fidelity_skipped(opts, data, grid, grid.num_planes, [])  # `fidelity` on where it cannot be: refused now
     return dev, outputs
 
 
