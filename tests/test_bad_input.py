@@ -139,6 +139,7 @@ CASES = [
      ["job_unknown.toml", "'batchsize'", "'batch-size'"]),
     ("toml-broken", lambda d: ["surface", "--config", d / "job_broken.toml"], ["job_broken.toml", "not valid TOML"]),
     ("bad-dtype", lambda d: ["surface", *SMALL, "--dtype", "float16"], ["--dtype", "float16"]),
+    ("fidelity-unknown", lambda d: ["surface", *SMALL, "--fidelity", "always"], ["--fidelity", "always"]),
     ("model2-with-dir-file", lambda d: ["surface", *SMALL, "--checkpoint", d / "good.t7", "--model2", d / "good.t7",
                                         "--dir-file", d / "x_only.h5", "--x", "0:1:2"], ["--dir-file", "--model2"]),
     ("info-missing", lambda d: ["info", d / "nothing.h5"], ["nothing.h5", "does not exist"]),
