@@ -92,6 +92,23 @@ def digits_checkpoint(tmp_path_factory) -> Path:
     return out / "model_2.t7"
 
 
+def write_data_plugin(tmp_path: Path, monkeypatch, name: str, x: np.ndarray, y: np.ndarray) -> None:
+    """A data plug-in module ``name`` (``name:make``) serving (x, y) as a TensorDataset, importable
+    for the test: what a user's own loader module looks like."""
+    np.save(tmp_path / "x.npy", x)
+    np.save(tmp_path / "y.npy", y)
+    (tmp_path / f"{name}.py").write_text(textwrap.dedent(f"""
+        import numpy as np, torch
+        from torch.utils.data import TensorDataset
+        def make():
+            x = torch.from_numpy(np.load({str(tmp_path / 'x.npy')!r}))
+            y = torch.from_numpy(np.load({str(tmp_path / 'y.npy')!r}))
+            return TensorDataset(x, y), None
+    """))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    sys.modules.pop(name, None)
+
+
 N, D = 120, 5
 
 
@@ -101,18 +118,7 @@ def regression(tmp_path, monkeypatch):
     rng = np.random.default_rng(7)
     x = rng.normal(size=(N, D))
     y = x @ rng.normal(size=D) + 0.3 * rng.normal(size=N)
-    np.save(tmp_path / "x.npy", x)
-    np.save(tmp_path / "y.npy", y)
-    (tmp_path / "regdata.py").write_text(textwrap.dedent(f"""
-        import numpy as np, torch
-        from torch.utils.data import TensorDataset
-        def make():
-            x = torch.from_numpy(np.load({str(tmp_path / 'x.npy')!r}))
-            y = torch.from_numpy(np.load({str(tmp_path / 'y.npy')!r}))
-            return TensorDataset(x, y), None
-    """))
+    write_data_plugin(tmp_path, monkeypatch, "regdata", x, y)
     w0, b0 = rng.normal(size=(1, D)), rng.normal(size=1)
     torch.save({"net.0.weight": torch.tensor(w0), "net.0.bias": torch.tensor(b0)}, tmp_path / "lin.pt")
-    monkeypatch.syspath_prepend(str(tmp_path))
-    sys.modules.pop("regdata", None)
     return {"x": x, "y": y, "w0": w0, "b0": b0, "dir": tmp_path}

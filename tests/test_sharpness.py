@@ -3,14 +3,11 @@ end to end: one process against two MPI ranks, bad input, an existing file left 
 
 from __future__ import annotations
 
-import sys
-import textwrap
-
 import h5py
 import numpy as np
 import pytest
 import torch
-from conftest import lsurf, mpirun, requires_mpi
+from conftest import lsurf, mpirun, requires_mpi, write_data_plugin
 
 import lsurf as api
 from lsurf import Options, UserError
@@ -28,22 +25,11 @@ def regression(tmp_path, monkeypatch):
     rng = np.random.default_rng(5)
     x = rng.normal(size=(N, D)) * np.array([3.0, 1.5, 1.0, 0.7]) + 0.5
     y = x @ rng.normal(size=D) + 1.0 + 0.3 * rng.normal(size=N)
-    np.save(tmp_path / "x.npy", x)
-    np.save(tmp_path / "y.npy", y)
-    (tmp_path / "sharpdata.py").write_text(textwrap.dedent(f"""
-        import numpy as np, torch
-        from torch.utils.data import TensorDataset
-        def make():
-            x = torch.from_numpy(np.load({str(tmp_path / 'x.npy')!r}))
-            y = torch.from_numpy(np.load({str(tmp_path / 'y.npy')!r}))
-            return TensorDataset(x, y), None
-    """))
+    write_data_plugin(tmp_path, monkeypatch, "sharpdata", x, y)
     a = np.hstack([x, np.ones((N, 1))])
     theta = np.linalg.lstsq(a, y, rcond=None)[0]
     torch.save({"net.0.weight": torch.tensor(theta[None, :D]), "net.0.bias": torch.tensor(theta[D:])},
                tmp_path / "lstsq.pt")
-    monkeypatch.syspath_prepend(str(tmp_path))
-    sys.modules.pop("sharpdata", None)
     options = Options(model="linear", data="sharpdata:make", checkpoint=str(tmp_path / "lstsq.pt"), loss="mse",
                       dtype="float64", device="cpu", batch_size=64)
     return options, 2 * a.T @ a / N, theta
