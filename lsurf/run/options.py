@@ -31,9 +31,9 @@ Amp = Literal["none", "bf16"]
 Schedule = Literal["dynamic", "static"]
 Writer = Literal["auto", "mpio", "root"]
 Split = Literal["train", "test"]
+FidelityCheck = Literal["auto", "on", "off"]  # the curvature a plane sees (auto: where it is cheap)
 # Where the directions come from, besides a file (`dir_file`) or other models (`model2`): seeded
 # random ones, or eigenvectors of the Hessian at the centre (two for a plane, one for a curve).
-FidelityCheck = Literal["auto", "on", "off"]  # the curvature a plane sees (auto: where it is cheap)
 DirectionSource = Literal["random", "hessian:max,max2", "hessian:max,min", "hessian:max", "hessian:min"]
 
 

@@ -310,10 +310,10 @@ def _fidelity_attrs(w: World, model: nn.Module, data: dict[str, AnySplit], plane
     if w.bcast(measured() if w.is_root else None):
         return {}
     skipped = fidelity_skipped(opts, data, grid, len(planes), streamed)
+    if w.is_root:  # one line for the job, not one per rank
+        log(f"fidelity: {skipped or 'the curvature each plane sees vs the Hessian extremes at the centre'}")
     if skipped is not None:
-        log(f"fidelity: {skipped}")
         return {"fidelity_note": skipped}
-    log("fidelity: the curvature each plane sees vs the Hessian's extremes at the centre")
     return {"fidelity": plane_fidelity(w, model, data, planes, opts, dev)}
 
 
