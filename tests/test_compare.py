@@ -12,10 +12,10 @@ from matplotlib.collections import QuadMesh
 from matplotlib.contour import QuadContourSet
 from test_plot import write_surface
 
+from lsurf.engine.levels import color_range
 from lsurf.engine.surface_file import read_surface
 from lsurf.errors import UserError
 from lsurf.post.compare import plot_comparison
-from lsurf.post.plot import color_range
 
 
 def _bowl(path, seed, x=None, y=None, scale=1.0, done=None):

@@ -13,8 +13,9 @@ import matplotlib.image as mpimg  # noqa: E402
 from matplotlib.collections import QuadMesh  # noqa: E402
 
 from lsurf.engine.grid import Grid, Tile  # noqa: E402
+from lsurf.engine.levels import color_range  # noqa: E402
 from lsurf.engine.surface_file import TileWriter, create, read_surface  # noqa: E402
-from lsurf.post.plot import color_range, plot_curve, plot_surface  # noqa: E402
+from lsurf.post.plot import plot_curve, plot_surface  # noqa: E402
 
 
 def write_surface(path, x, y, loss, acc, done=None, attrs=None):

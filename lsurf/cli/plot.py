@@ -8,6 +8,7 @@ import argparse
 from pathlib import Path
 
 from lsurf.cli import common
+from lsurf.engine.levels import DEFAULT_LEVELS
 from lsurf.engine.surface_file import read_surface
 from lsurf.post.compare import DIFFS, plot_comparison
 from lsurf.post.html import write_html
@@ -24,7 +25,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kind", default=",".join(KINDS), help="comma-separated: " + ", ".join(KINDS))
     p.add_argument("--vmin", type=float)
     p.add_argument("--vmax", type=float, help="upper colour limit (default: robust, see lsurf.post.plot)")
-    p.add_argument("--levels", type=int, default=20, help="contour levels")
+    p.add_argument("--levels", type=int, default=DEFAULT_LEVELS, help="contour levels")
     p.add_argument("--log", action="store_true", help="logarithmic colour scale / height")
     p.add_argument("--format", default="png", choices=["png", "pdf", "svg"])
     p.add_argument("--dpi", type=int, default=150)

@@ -23,9 +23,10 @@ from matplotlib.colors import LogNorm, Normalize
 from matplotlib.figure import Figure
 
 from lsurf.engine.grid import Grid
+from lsurf.engine.levels import DEFAULT_LEVELS, color_range, contour_levels
 from lsurf.engine.surface_file import Surface, describe_grid
 from lsurf.errors import UserError
-from lsurf.post.plot import color_range, comparable_axes, contour_levels, draw_overlay
+from lsurf.post.plot import comparable_axes, draw_overlay
 from lsurf.post.plot import quantity as _quantity
 
 COMPARE_KINDS = ("contour", "filled", "heatmap")
@@ -157,7 +158,7 @@ def _layout(n: int) -> tuple[int, int]:
 
 
 def plot_comparison(surfaces: list[Surface], quantity: str = "train_loss", *, kind: str = "filled",
-                    diff: str | None = None, levels: int = 20, log: bool = False, vmin: float | None = None,
+                    diff: str | None = None, levels: int = DEFAULT_LEVELS, log: bool = False, vmin: float | None = None,
                     vmax: float | None = None, size: tuple[float, float] | None = None) -> Figure:
     """Surfaces side by side on shared levels, colours and axes (2-D), or overlaid curves (1-D).
 

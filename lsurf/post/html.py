@@ -22,10 +22,11 @@ from pathlib import Path
 
 import numpy as np
 
+from lsurf.engine.levels import color_range
 from lsurf.engine.surface_file import Surface
 from lsurf.errors import UserError
 from lsurf.post.compare import describe, provenance, short_names
-from lsurf.post.plot import color_range, comparable_axes, figure_title
+from lsurf.post.plot import comparable_axes, figure_title
 from lsurf.post.plot import quantity as _quantity
 
 DATA_ID = "lsurf-data"

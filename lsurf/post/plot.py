@@ -15,6 +15,7 @@ from typing import cast
 import numpy as np
 
 from lsurf.engine.fidelity import title_line
+from lsurf.engine.levels import DEFAULT_LEVELS, color_range, contour_levels, is_geometric
 from lsurf.engine.surface_file import Surface
 from lsurf.errors import UserError
 
@@ -31,24 +32,6 @@ def quantity(surface: Surface, name: str) -> np.ndarray:
         known = ", ".join(sorted(surface.values))
         raise UserError(f"{surface.path!r} has no quantity {name!r} (it has: {known})")
     return np.where(surface.done, surface.values[name], np.nan)
-
-
-def color_range(z: np.ndarray, vmin: float | None, vmax: float | None, log: bool) -> tuple[float, float]:
-    """The colour limits: given ones win; otherwise the finite range, with a heavy upper tail cut at
-    the 95th percentile (when the maximum is more than 3x that percentile's distance from the minimum)."""
-    finite = z[np.isfinite(z) & ((z > 0) if log else True)]
-    if finite.size == 0:
-        raise UserError("nothing to plot: no finite values computed yet")
-    lo = float(finite.min()) if vmin is None else vmin
-    hi = float(finite.max())
-    p95 = float(np.percentile(finite, 95))
-    if vmax is not None:
-        hi = vmax
-    elif hi - lo > 3 * (p95 - lo) and p95 > lo:
-        hi = p95
-    if hi <= lo:
-        hi = lo + (abs(lo) or 1.0) * 1e-6
-    return lo, hi
 
 
 def figure_title(surface: Surface, name: str) -> str:
@@ -88,7 +71,7 @@ def read_projection(path: str | Path) -> dict:
 
 
 def plot_surface(surface: Surface, name: str = "train_loss", kind: str = "filled", *, vmin=None, vmax=None,
-                 levels: int = 20, log: bool = False, size=(6.0, 5.0), projection: dict | None = None):
+                 levels: int = DEFAULT_LEVELS, log: bool = False, size=(6.0, 5.0), projection: dict | None = None):
     """One figure of a 2-D surface: ``kind`` in contour, filled, heatmap, surface3d."""
     from matplotlib.colors import LogNorm, Normalize
     from matplotlib.figure import Figure
@@ -99,8 +82,7 @@ def plot_surface(surface: Surface, name: str = "train_loss", kind: str = "filled
         raise UserError(f"`kind` {kind!r}: expected one of {', '.join(KINDS)}")
     z = quantity(surface, name)
     lo, hi = color_range(z, vmin, vmax, log)
-    # Losses rise steeply away from a minimum: geometric levels and colours resolve basin and walls alike.
-    geometric = log or (name.endswith("loss") and lo > 0)
+    geometric = is_geometric(name, lo, log)
     norm = LogNorm(lo, hi) if geometric else Normalize(lo, hi)
     y = surface.y
     assert y is not None  # ndim == 2
@@ -134,10 +116,6 @@ def plot_surface(surface: Surface, name: str = "train_loss", kind: str = "filled
     ax.set_ylabel(ylabel)
     ax.set_title(figure_title(surface, name), fontsize=10)
     return fig
-
-
-def contour_levels(lo: float, hi: float, n: int, geometric: bool) -> np.ndarray:
-    return np.geomspace(lo, hi, n) if geometric else np.linspace(lo, hi, n)
 
 
 def comparable_axes(x: np.ndarray, y: np.ndarray) -> bool:
@@ -237,7 +215,7 @@ def _mean_over_spread(fig, ax, surface: Surface, z: np.ndarray, name: str, log: 
     mesh = ax.pcolormesh(X, Y, np.ma.masked_invalid(sd), cmap="magma", shading="nearest")
     fig.colorbar(mesh, ax=ax, label=f"{name}: sd across planes")
     lo, hi = color_range(mean, vmin, vmax, log)
-    geometric = log or (name.endswith("loss") and lo > 0)
+    geometric = is_geometric(name, lo, log)
     cs = ax.contour(X, Y, np.ma.masked_invalid(mean), levels=contour_levels(lo, hi, levels, geometric),
                     colors="white", linewidths=0.9, norm=LogNorm(lo, hi) if geometric else Normalize(lo, hi))
     ax.clabel(cs, inline=True, fontsize=7, fmt="%.3g")
