@@ -153,6 +153,18 @@ CASES = [
     ("export-onto-itself", lambda d: ["export", d / "done.h5", "--format", "ll", "--out", d / "done.h5"],
      ["done.h5", "source file itself"]),
     ("plot-diff-one-file", lambda d: ["plot", d / "done.h5", "--diff", "ratio"], ["--diff", "two"]),
+    ("budget-below-the-coarse-picture", lambda d: ["surface", *SMALL, "--x", "-1:1:33", "--y", "-1:1:33",
+                                                   "--budget", "20", "--out", d / "o.h5"],
+     ["--budget 20", "81 points"]),
+    ("budget-with-planes", lambda d: ["surface", *SMALL, *_grid(["--budget", "50", "--planes", "2"])],
+     ["--budget", "--planes"]),
+    ("refine-tol-negative", lambda d: ["surface", *SMALL, *_grid(["--refine-tol", "-0.1"])], ["--refine-tol -0.1"]),
+    ("tolerance-zero", lambda d: ["surface", *SMALL, *_grid(["--tolerance", "0"])], ["--tolerance 0", "positive"]),
+    ("tolerance-with-points-per-pass", lambda d: ["surface", *SMALL, *_grid(["--tolerance", "0.1",
+                                                                            "--points-per-pass", "4"])],
+     ["--tolerance", "--points-per-pass"]),
+    ("min-samples-one", lambda d: ["surface", *SMALL, *_grid(["--tolerance", "0.1", "--min-samples", "1"])],
+     ["--min-samples 1"]),
 ]
 
 

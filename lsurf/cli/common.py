@@ -153,6 +153,18 @@ def add_evaluation(p: argparse.ArgumentParser) -> None:
                         "(auto: where it costs < 5 %% of the run)")
 
 
+def add_fewer_passes(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("fewer passes (off by default: every point, every sample)")
+    g.add_argument("--budget", type=int, default=SUPPRESS,
+                   help="coarse to fine: compute at most this many points of the grid, where the picture needs "
+                        "them; plots interpolate the rest")
+    g.add_argument("--refine-tol", type=float, default=SUPPRESS,
+                   help="coarse to fine: refine until the expected interpolation error of the losses is below this")
+    g.add_argument("--tolerance", type=float, default=SUPPRESS,
+                   help="stop each point's pass once the standard error of its loss is below this")
+    g.add_argument("--min-samples", type=int, default=SUPPRESS, help="samples before --tolerance may stop (256)")
+
+
 def add_run(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("distribution and output")
     g.add_argument("--ranks-per-point", type=int, default=SUPPRESS,

@@ -32,6 +32,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--size", default="6x5", help="figure size in inches, WxH")
     p.add_argument("--out-dir", help="where to write (default: next to FILE)")
     p.add_argument("--trajectory", help="projection file of lsurf trajectory: draw the path")
+    p.add_argument("--dots", action="store_true", help="a coarse-to-fine surface: mark the computed points")
     p.add_argument("--diff", choices=DIFFS, help="with several files: each minus (or over) the first")
     p.add_argument("--html", action="store_true", help="also an interactive page (FILE.html; needs plotly)")
     p.add_argument("--quantities", help="with --html: comma-separated quantities to offer (default: all)")
@@ -44,6 +45,8 @@ def run(args: argparse.Namespace) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     for s in surfaces:
         print(f"coverage: {int(s.done.sum())}/{s.done.size} points ({s.path})")
+        for line in s.accounting():
+            print(" ".join(line.split()))
     kinds = tuple(k.strip() for k in args.kind.split(",") if k.strip())
     style = {"vmin": args.vmin, "vmax": args.vmax, "levels": args.levels, "log": args.log, "size": size}
     stem = Path(args.files[0]).stem if len(surfaces) == 1 else "compare"
@@ -53,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
                                 diff=args.diff, **style)}
     else:
         projection = read_projection(args.trajectory) if args.trajectory else None
-        made = figures(surfaces[0], args.quantity, kinds, stem=stem, projection=projection, **style)
+        made = figures(surfaces[0], args.quantity, kinds, stem=stem, projection=projection, dots=args.dots, **style)
     if args.html:
         wanted = [q.strip() for q in args.quantities.split(",")] if args.quantities else None
         print(f"wrote {write_html(surfaces, out_dir / f'{stem}.html', wanted)}")

@@ -29,6 +29,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="K random planes in one run (seeds SEED to SEED+K-1): an ensemble with a plane axis")
     common.add_device(p)
     common.add_evaluation(p)
+    common.add_fewer_passes(p)
     common.add_run(p)
     p.add_argument("--verify", action="store_true", default=argparse.SUPPRESS,
                    help="sample nothing: exit 0 if --out holds every point, else 1 with one line (for job "

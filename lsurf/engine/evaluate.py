@@ -26,8 +26,9 @@ from lsurf.engine.batches import Feed, Streamed, head, resident_batches, to_devi
 from lsurf.engine.data import AnySplit, label_range
 from lsurf.engine.directions import AnyDirections, Directions, SeededDirections, target_tensors
 from lsurf.engine.hessian import Hessian
-from lsurf.engine.metrics import METRICS, Metric, metrics_for, quantity_names
+from lsurf.engine.metrics import METRICS, MeanLoss, Metric, metrics_for, quantity_names
 from lsurf.engine.models import load_plugin
+from lsurf.engine.precision import ACCOUNTING, Precision
 from lsurf.engine.snapshot import ModelSnapshot
 from lsurf.errors import UserError
 
@@ -115,6 +116,7 @@ def evaluator(
     workers: int = 0,
     shard: tuple[int, int] = (0, 1),
     reduce: Reduce | None = None,
+    precision: Precision | None = None,
 ) -> Iterator[Evaluator]:
     """``with evaluator(model, data, directions, ...) as ev:`` — the model moved to ``device`` and
     ``dtype`` (and NHWC with ``channels_last``) in eval mode, the splits resident there in batches
@@ -123,8 +125,15 @@ def evaluator(
     layout, train/eval flags), also after an exception or Ctrl-C. ``shard`` (r, G): this rank holds
     the r-th of G parts of every split and ``reduce`` adds the group's sums. ``metrics`` default to
     those the targets call for (per-token for token targets, see :func:`metrics_for`); ``output``
-    names the entry of a dict-like model output to score (default ``logits``)."""
+    names the entry of a dict-like model output to score (default ``logits``). ``precision``: stop
+    each split's pass once its loss is known to a tolerance (lsurf.engine.precision), the splits'
+    samples in its seeded order."""
     dev = torch.device(device)
+    if precision is not None:
+        if streamed or shard[1] > 1:
+            raise UserError("`tolerance` takes each split's samples in one seeded order: it needs the splits "
+                            "resident and whole in each process (not streamed, `ranks_per_point` 1)")
+        data = {s: precision.ordered(split) for s, split in data.items()}
     snapshot = ModelSnapshot(model)
     try:
         model.to(device=dev, dtype=dtype)
@@ -141,7 +150,8 @@ def evaluator(
         perturb = torch.float32 if is_low_precision(dtype) else dtype
         yield Evaluator(model, names, targets, _placed(directions, targets, perturb), batches, loss_fn, bn,
                         points_per_pass,
-                        amp, hessian_iters, metrics, reduce, output, origin=[snapshot.copy_of(t) for t in targets])
+                        amp, hessian_iters, metrics, reduce, output, origin=[snapshot.copy_of(t) for t in targets],
+                        precision=precision)
     finally:
         snapshot.restore()
 
@@ -233,6 +243,7 @@ class Evaluator:
         reduce: Reduce | None = None,
         output: str | None = None,
         origin: Sequence[torch.Tensor | None] | None = None,
+        precision: Precision | None = None,
     ):
         self.model = model.eval()
         self.output = output
@@ -264,6 +275,19 @@ class Evaluator:
         if hessian_iters and points_per_pass > 1:
             raise UserError("`hessian_iters` evaluates one point at a time: drop `points_per_pass`")
         self.hessian_iters = hessian_iters  # Lanczos steps for λ_max, λ_min per point (0: none)
+        self._hold_precision(precision)
+
+    def _hold_precision(self, precision: Precision | None) -> None:
+        """Passes stopped early need one point per pass and the per-sample mean loss first."""
+        self.precision = precision
+        self.sizes: dict[str, int] = {}
+        if precision is None:
+            return
+        if self.points_per_pass > 1:
+            raise UserError("`tolerance` stops each point's pass on its own: drop `points_per_pass`")
+        if not isinstance(self.metrics[0], MeanLoss):
+            raise UserError("`tolerance` needs a per-sample mean loss: not for token targets")
+        self.sizes = {s: sum(len(y) for _, y in feed) for s, feed in self.batches.items()}
 
     def _hold(self, directions: AnyDirections) -> None:
         """Take ``directions`` (already on the device): drawn again tensor by tensor at every point
@@ -332,7 +356,8 @@ class Evaluator:
     @property
     def quantities(self) -> list[str]:
         """Names of the values each point yields, e.g. ``train_loss``, ``test_acc_stderr``."""
-        return quantity_names(self.batches, self.hessian_iters > 0, self.metrics)
+        return quantity_names(self.batches, self.hessian_iters > 0, self.metrics,
+                              ACCOUNTING if self.precision else ())
 
     def evaluate(self, a: float, b: float = 0.0) -> dict[str, float]:
         """``{quantity: value}`` at (a, b), e.g. ``{"train_loss": 0.08, "train_acc": 97.9, ...}``."""
@@ -357,11 +382,19 @@ class Evaluator:
             # One host synchronisation per pass: [split][point][metric sums..., samples]
             sums = pending.tolist() if self.reduce is None else self.reduce(pending.cpu().numpy()).tolist()
             for p in range(len(chunk)):
-                row = [v for s in sums for v in self._statistics(s[p][:-1], int(s[p][-1]))]
+                row = [v for split, s in zip(self.batches, sums) for v in self._split_row(split, s[p])]
                 if self.hessian_iters:  # one point per chunk: the weights are still set at it
                     row += self._curvature()
                 out.append(dict(zip(names, row)))
         return out
+
+    def _split_row(self, split: str, sums: list[float]) -> list[float]:
+        """A split's statistics from its sums [metric sums..., samples], and the accounting of a
+        pass that may have stopped early."""
+        row = self._statistics(sums[:-1], int(sums[-1]))
+        if self.precision is not None:
+            row += self.precision.accounting(sums[0], sums[1], int(sums[-1]), self.sizes[split])
+        return row
 
     def _curvature(self) -> tuple[float, float]:
         """(λ_max, λ_min) of the first split's mean loss at the current weights, with the group's
@@ -416,13 +449,18 @@ class Evaluator:
         outs: list[torch.Tensor] = []
         ys: list[torch.Tensor] = []
         held = 0
+        early = self.precision
         for x, y in self.batches[split]:
             outs.append(forward(x))
             ys.append(y)
             held += outs[-1].numel()
-            if held >= _REDUCE_EVERY:
+            if held >= _REDUCE_EVERY or early is not None:
                 sums += self._reduce(outs, ys, k)
                 outs, ys, held = [], [], 0
+                if early is not None:  # one host synchronisation per batch: the price of stopping early
+                    total, squares, *_, n = sums[0].tolist()
+                    if early.settled(total, squares, int(n), self.sizes[split]):
+                        break
         return sums + self._reduce(outs, ys, k) if outs else sums
 
     def _reduce(self, outs: list[torch.Tensor], ys: list[torch.Tensor], k: int) -> torch.Tensor:
@@ -469,7 +507,7 @@ class Evaluator:
             raise ValueError(f"calibration candidates must start with 1, the per-point baseline: {candidates}")
         self.points_per_pass = 1
         self.calibration_stop = ""  # why the search for K stopped early, if it did (logged)
-        if self.bn == "recalibrate" or self.hessian_iters or not self.stackable:
+        if self.bn == "recalibrate" or self.hessian_iters or self.precision or not self.stackable:
             return 1
         first_feed = next(iter(self.batches.values()))
         all_batches = sum(len(b) for b in self.batches.values())

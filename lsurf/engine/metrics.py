@@ -142,8 +142,10 @@ def metrics_for(y: torch.Tensor, ignore_index: int = -100) -> tuple[Metric, ...]
 CURVATURE = ("hessian_max", "hessian_min")  # per point, not per split: λ_max and λ_min of the Hessian
 
 
-def quantity_names(splits: Iterable[str], hessian: bool = False, metrics: Sequence[Metric] = METRICS) -> list[str]:
+def quantity_names(splits: Iterable[str], hessian: bool = False, metrics: Sequence[Metric] = METRICS,
+                   accounting: Sequence[str] = ()) -> list[str]:
     """Dataset names of the statistics of these splits, e.g. ``train_loss``, ``test_acc_stderr``,
-    and of the curvature maps when asked for."""
-    names = [f"{s}_{name}" for s in splits for m in metrics for name in m.names]
+    each split's ``accounting`` values of a pass stopped early (lsurf.engine.precision), and the
+    curvature maps when asked for."""
+    names = [f"{s}_{name}" for s in splits for name in [n for m in metrics for n in m.names] + list(accounting)]
     return names + (list(CURVATURE) if hessian else [])

@@ -20,7 +20,7 @@ import fcntl
 import json
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import h5py
@@ -28,6 +28,7 @@ import numpy as np
 
 from lsurf.engine import fidelity
 from lsurf.engine.grid import Grid, Tile
+from lsurf.engine.refine import fill
 from lsurf.errors import UserError
 
 FORMAT = "lsurf-surface-1"
@@ -190,13 +191,14 @@ class TileWriter:
         self.datasets = {name: self.f[name] for name in _quantities(self.f)}
         self.seconds = 0.0  # time spent writing, for the run's statistics
 
-    def write(self, tile: Tile, values: dict[str, np.ndarray]) -> None:
+    def write(self, tile: Tile, values: dict[str, np.ndarray], held: np.ndarray | None = None) -> None:
+        """The tile's values, then ``done`` where ``held`` (default: the whole tile)."""
         t0 = time.perf_counter()
         sl = tile_slice(self.grid, tile)
         shape = tuple(s.stop - s.start for s in sl if isinstance(s, slice))  # (rows, columns), or a curve's columns
         for name, arr in values.items():
             self.datasets[name][sl] = arr.reshape(shape)
-        self.f["done"][sl] = 1
+        self.f["done"][sl] = 1 if held is None else held.reshape(shape).astype(np.uint8)
         if not self.parallel:
             self.f.flush()  # the serial driver buffers small writes; H5Fflush is collective under mpio
         self.seconds += time.perf_counter() - t0
@@ -229,6 +231,7 @@ class Surface:
     attrs: dict = field(default_factory=dict)
     reference: bool = False  # written by Li et al.'s code
     planes: int | None = None
+    computed: np.ndarray | None = None  # of an interpolated surface: the points measured (``done``: those with values)
 
     @property
     def ndim(self) -> int:
@@ -256,6 +259,43 @@ class Surface:
             raise UserError(f"{self.path!r} holds an ensemble of {self.planes} planes; {use} takes one plane: "
                             "`lsurf plot` draws the ensemble, Surface.plane(k) picks one")
         return self
+
+    @property
+    def refinement(self) -> dict | None:
+        """The state of a coarse-to-fine run (lsurf.engine.refine), or None for a whole grid."""
+        raw = self.attrs.get("refinement")
+        return json.loads(raw) if raw else None
+
+    def interpolated(self) -> Surface:
+        """A coarse-to-fine surface with the points it left out filled in by the interpolation its
+        refinement trusted; ``computed`` keeps which points were measured. Any other surface comes
+        back as it is (an unfinished whole-grid run is not a picture to fill)."""
+        if self.refinement is None or self.planes is not None or self.computed is not None:
+            return self
+        plane = self.grid.plane_shape
+        known = self.done.reshape(plane)
+        values = {n: fill(v.reshape(plane), known).reshape(v.shape) for n, v in self.values.items()}
+        reached = np.isfinite(fill(np.ones(plane), known)).reshape(self.done.shape)
+        return replace(self, values=values, done=reached, computed=self.done)
+
+    def accounting(self) -> list[str]:
+        """What the file holds besides whole passes: computed vs interpolated points, and the
+        samples passes stopped early used (lines for ``lsurf info``)."""
+        lines = []
+        ref = self.refinement
+        if ref is not None:
+            measured = self.done if self.computed is None else self.computed
+            state = "finished" if ref["finished"] else f"in progress, round {ref['rounds']}"
+            lines.append(f"{'coarse to fine:':<20}{int(measured.sum())} of {measured.size} points computed, the rest "
+                         f"interpolated ({state}; budget {ref['budget']}, refine_tol {ref['refine_tol']})")
+        sizes = json.loads(self.attrs.get("split_sizes", "{}"))
+        for split, size in sizes.items():
+            used = self.values.get(f"{split}_samples")
+            if used is not None and self.done.any():
+                n = used[self.done]
+                lines.append(f"{split + ' samples:':<20}{n.mean():.0f} of {size} per point on average "
+                             f"({100 * n.sum() / (size * n.size):.1f} % of whole passes), min {n.min():.0f}")
+        return lines
 
     @property
     def directions_meta(self) -> dict:
@@ -306,6 +346,7 @@ class Surface:
             f"{'file:':<20}{self.path}" + ("  (written by Li et al.'s loss-landscape)" if self.reference else ""),
             f"{'grid:':<20}{shape}, {ranges}",
             f"{'coverage:':<20}{done}/{self.done.size} points done ({100 * done / self.done.size:.1f} %)",
+            *self.accounting(),
         ]
         for name, v in sorted(self.values.items()):
             if name.endswith("_stderr"):
@@ -334,9 +375,12 @@ class Surface:
 
 
 def completion(path: str | Path) -> tuple[int, int]:
-    """(points done, points in the grid) of a surface file: what a job script checks after a run."""
-    done = read_surface(path).done
-    return int(done.sum()), int(done.size)
+    """(points done, points to do) of a surface file: what a job script checks after a run. A
+    finished coarse-to-fine run has done all it meant to (its other points are interpolated)."""
+    surface = read_surface(path)
+    done = int(surface.done.sum())
+    ref = surface.refinement
+    return done, done if ref is not None and ref["finished"] else int(surface.done.size)
 
 
 def read_surface(path: str | Path) -> Surface:

@@ -43,6 +43,8 @@ def figure_title(surface: Surface, name: str) -> str:
         text += f", {norm}-normalised directions"
     fid = surface.fidelity
     seen = f"\n{title_line(fid)}" if fid is not None else ""
+    if surface.computed is not None:
+        seen += f"\n{int(surface.computed.sum())} of {surface.computed.size} points computed, the rest interpolated"
     return f"{name}: {text}{seen}"
 
 
@@ -71,8 +73,11 @@ def read_projection(path: str | Path) -> dict:
 
 
 def plot_surface(surface: Surface, name: str = "train_loss", kind: str = "filled", *, vmin=None, vmax=None,
-                 levels: int = DEFAULT_LEVELS, log: bool = False, size=(6.0, 5.0), projection: dict | None = None):
-    """One figure of a 2-D surface: ``kind`` in contour, filled, heatmap, surface3d."""
+                 levels: int = DEFAULT_LEVELS, log: bool = False, size=(6.0, 5.0), projection: dict | None = None,
+                 dots: bool = False):
+    """One figure of a 2-D surface: ``kind`` in contour, filled, heatmap, surface3d. A coarse-to-fine
+    surface is drawn filled in (:meth:`Surface.interpolated`), its computed points as dots with ``dots``."""
+    surface = surface.interpolated()
     from matplotlib.colors import LogNorm, Normalize
     from matplotlib.figure import Figure
 
@@ -110,6 +115,8 @@ def plot_surface(surface: Surface, name: str = "train_loss", kind: str = "filled
             mesh = ax.pcolormesh(X, Y, masked, cmap="viridis", norm=norm, shading="nearest")
             fig.colorbar(mesh, ax=ax, label=name)
         draw_overlay(ax, surface, projection)
+        if dots and surface.computed is not None:
+            ax.plot(X[surface.computed], Y[surface.computed], ".", color="black", markersize=1.5)
         if comparable_axes(surface.x, y):
             ax.set_aspect("equal")
     ax.set_xlabel(xlabel)
@@ -140,6 +147,7 @@ def plot_curve(surface: Surface, *, log: bool = False, size=(6.0, 4.0), vmax=Non
     """Loss (left axis) and accuracy (right axis) against α, every split of a 1-D file."""
     from matplotlib.figure import Figure
 
+    surface = surface.interpolated()
     if surface.ndim != 1:
         raise UserError(f"{surface.path!r} is 2-D: use plot_surface")
     fig = Figure(figsize=size, layout="constrained")
@@ -226,7 +234,7 @@ def _mean_over_spread(fig, ax, surface: Surface, z: np.ndarray, name: str, log: 
 
 
 def figures(surface: Surface, quantity_name: str = "train_loss", kinds: tuple[str, ...] = KINDS, *,
-            stem: str = "surface", projection: dict | None = None, **style) -> dict:
+            stem: str = "surface", projection: dict | None = None, dots: bool = False, **style) -> dict:
     """``{file stem: Figure}`` of what ``lsurf plot`` draws: the loss/accuracy curve of a 1-D file,
     one figure per kind of a 2-D file, the spread of an ensemble of planes. ``style``: vmin, vmax,
     levels, log, size."""
@@ -235,8 +243,8 @@ def figures(surface: Surface, quantity_name: str = "train_loss", kinds: tuple[st
     if surface.ndim == 1:
         keep = {k: v for k, v in style.items() if k in ("log", "size", "vmax")}
         return {f"{stem}_curve": plot_curve(surface, **keep)}
-    return {f"{stem}_{quantity_name}_{k}": plot_surface(surface, quantity_name, k, projection=projection, **style)
-            for k in kinds}
+    return {f"{stem}_{quantity_name}_{k}": plot_surface(surface, quantity_name, k, projection=projection, dots=dots,
+                                                        **style) for k in kinds}
 
 
 def parse_size(spec: str) -> tuple[float, float]:

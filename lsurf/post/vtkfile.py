@@ -36,8 +36,11 @@ def write_vtk(surface: Surface, path: str | Path | None = None, quantity: str = 
         raise UserError(f"{surface.path!r} has no quantity {quantity!r} (it has: {', '.join(sorted(surface.values))})")
     if interp < 1:
         raise UserError(f"`interp` {interp}: must be at least 1")
+    surface = surface.interpolated()  # a coarse-to-fine surface filled in; `computed` marks what was measured
     fields = {n: np.where(surface.done, v, np.nan).astype(float) for n, v in surface.values.items()}
     fields["done"] = surface.done.astype(float)
+    if surface.computed is not None:
+        fields["computed"] = surface.computed.astype(float)
     x = surface.x
     y = np.array([0.0]) if surface.y is None else surface.y
     if surface.ndim == 1:

@@ -49,7 +49,8 @@ class Options:
     Groups: what to load (model, checkpoint, data, subset, split, seq_len), the directions (seed,
     norm, ignore, dir_type, same_dir, regenerate, dir_file, model2, model3, directions), the grid (x, y, planes), how to
     evaluate (loss, ignore_index, output, dtype, device, threads, batch_size, points_per_pass, amp,
-    tf32, layout, bn, hessian_iters, fidelity), how data
+    tf32, layout, bn, hessian_iters, fidelity), fewer passes (budget and refine_tol: coarse-to-fine
+    points; tolerance and min_samples: passes stopped once the loss is known well enough), how data
     reaches the device (resident, memory_budget, workers), how to distribute and write
     (ranks_per_point, tile, schedule, writer, out, overwrite, progress). ``None`` means "choose for
     me" where the run plan decides (batch size, points per pass, threads, budget, loader workers).
@@ -88,6 +89,10 @@ class Options:
     bn: BatchNorm = "eval"
     hessian_iters: int = 0
     fidelity: FidelityCheck = "auto"
+    budget: int | None = None
+    refine_tol: float | None = None
+    tolerance: float | None = None
+    min_samples: int = 256
     resident: Residency = "auto"
     memory_budget: str | None = None
     workers: int | None = None
@@ -106,10 +111,17 @@ class Options:
             object.__setattr__(self, "split", tuple(s.strip() for s in self.split.split(",") if s.strip()))
         for f in fields(self):
             _check_field(f.name, _HINTS[f.name], getattr(self, f.name))
-        for name in ("threads", "batch_size", "points_per_pass", "subset", "ranks_per_point", "seq_len", "planes"):
+        for name in ("threads", "batch_size", "points_per_pass", "subset", "ranks_per_point", "seq_len", "planes",
+                     "budget"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise UserError(f"`{name}` {value}: must be at least 1")
+        for name in ("refine_tol", "tolerance"):
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                raise UserError(f"`{name}` {value}: must be positive")
+        if self.min_samples < 2:
+            raise UserError(f"`min_samples` {self.min_samples}: must be at least 2")
         if self.hessian_iters < 0:
             raise UserError(f"`hessian_iters` {self.hessian_iters}: must be at least 0")
         if self.workers is not None and self.workers < 0:
@@ -136,6 +148,11 @@ class Options:
         if self.planes > 1 and (self.dir_file or self.model2):
             raise UserError(f"`planes` {self.planes} draws random planes (seeds `seed` to `seed` + {self.planes - 1}): "
                             f"it cannot be combined with `{'dir_file' if self.dir_file else 'model2'}`")
+        if self.refines and self.planes > 1:
+            raise UserError("`budget`/`refine_tol` refine one plane: not with `planes` > 1")
+        if self.tolerance is not None and ((self.points_per_pass or 1) > 1 or self.ranks_per_point > 1):
+            raise UserError(f"`tolerance` stops each point's pass on its own: it cannot be combined with "
+                            f"`{'points_per_pass' if (self.points_per_pass or 1) > 1 else 'ranks_per_point'}` > 1")
         if self.amp == "bf16" and self.dtype == "float64":
             raise UserError("`amp` bf16 with `dtype` float64 would compute in bfloat16 and call it float64: "
                             "choose one")
@@ -160,6 +177,11 @@ class Options:
 
     def replace(self, **changes: Any) -> Options:
         return dataclasses.replace(self, **changes)
+
+    @property
+    def refines(self) -> bool:
+        """Whether the grid is sampled coarse to fine (lsurf.engine.refine) rather than whole."""
+        return self.budget is not None or self.refine_tol is not None
 
     @property
     def budget_bytes(self) -> int | None:
@@ -240,5 +262,8 @@ def _check_field(name: str, hint: Any, value: Any) -> None:
     elif kind is int:
         if isinstance(value, bool) or not isinstance(value, int):
             raise UserError(f"`{name}` {value!r}: expected a whole number")
+    elif kind is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise UserError(f"`{name}` {value!r}: expected a number")
     elif kind is str and not isinstance(value, str):
         raise UserError(f"`{name}` {value!r}: expected a string")

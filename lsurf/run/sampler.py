@@ -10,6 +10,7 @@ finish (see lsurf.run.transport). :func:`run_surface` is the whole ``lsurf surfa
 from __future__ import annotations
 
 import contextlib
+import json
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -31,6 +32,8 @@ from lsurf.engine.grid import Grid, Tile, parse_tile
 from lsurf.engine.hf import vocabulary_size
 from lsurf.engine.metrics import metrics_for, quantity_names
 from lsurf.engine.plan import Plan, check_pinned, default_batch_size, faster_in_channels_last
+from lsurf.engine.precision import ACCOUNTING, Precision
+from lsurf.engine.refine import STEERING, Refiner
 from lsurf.engine.snapshot import preserved
 from lsurf.errors import UserError
 from lsurf.run.curvature import fidelity_skipped, hessian_plane, plane_fidelity
@@ -145,7 +148,11 @@ def _sample_in_groups(w: World, group: Group, probe: tuple[torch.device, int], m
             if surface_file.accept(path, grid, identity, opts.overwrite):
                 return _existing(path)
             attrs = _save_directions(directions, save_to, prov).attrs(planes, w.size)
-            surface_file.create(path, grid, quantity_names(data, opts.hessian_iters > 0, metrics), identity, attrs)
+            if opts.tolerance:  # what the samples a point used are a share of
+                attrs["split_sizes"] = json.dumps({s: len(split) for s, split in data.items()
+                                                   if not isinstance(split, BatchStreamSplit)})
+            names = quantity_names(data, opts.hessian_iters > 0, metrics, ACCOUNTING if opts.tolerance else ())
+            surface_file.create(path, grid, names, identity, attrs)
             return None, None
 
         existing, stored = w.bcast(w.agree(prepare))
@@ -156,13 +163,14 @@ def _sample_in_groups(w: World, group: Group, probe: tuple[torch.device, int], m
                        channels_last=channels_last, loss=opts.loss, bn=opts.bn,
                        points_per_pass=opts.points_per_pass or (stored.points_per_pass if stored else 1),
                        amp=opts.amp == "bf16", hessian_iters=opts.hessian_iters, metrics=metrics, output=opts.output,
-                       ignore_index=opts.ignore_index, streamed=streamed,
+                       ignore_index=opts.ignore_index, streamed=streamed, precision=_precision(opts),
                        workers=workers, shard=(group.rank, group.size), reduce=group.add_sums()) as ev:
             plan = stored or Plan(dev.type, batch_size, channels_last, ev.points_per_pass, torch.get_num_threads())
             if stored is None and opts.points_per_pass is None:
                 # Rank 0 calibrates and decides, so every rank takes the same path. The others wait
                 # meanwhile, so calibration is weighed against one rank's share of the points.
-                todo = grid.num_points - (int(existing["done"].sum()) if existing else 0)
+                todo = min(grid.num_points - (int(existing["done"].sum()) if existing else 0),
+                           opts.budget or grid.num_points)
                 k = w.bcast(ev.calibrate(points=-(-todo // group.count), log=log) if w.is_root else None)
                 ev.points_per_pass = k
                 plan = replace(plan, points_per_pass=k)
@@ -171,7 +179,7 @@ def _sample_in_groups(w: World, group: Group, probe: tuple[torch.device, int], m
             w.barrier()  # rank 0 has closed the file again before the writers open it
             log(f"rank {w.rank}/{w.size} (local {w.local_rank}/{w.local_size}, group {group.index}/{group.count}) "
                 f"on {dev}, {torch.get_num_threads()} threads")
-            stats = _run(w, group, _PlaneEvaluators(ev, planes), grid, path, existing, opts, log)
+            stats = _run_rounds(w, group, _PlaneEvaluators(ev, planes), grid, path, existing, opts, log)
         gathered = w.gather(stats)
         fidelity = _fidelity_attrs(w, model, data, planes, grid, opts, dev, streamed, path, log)
         if w.is_root:
@@ -206,6 +214,8 @@ def _check_inputs(w: World, model: nn.Module, data: dict[str, AnySplit], directi
     _streamed(w, w.groups(1), data, dev, opts, opts.batch_size or default_batch_size(dev, outputs),
               _workers(opts, dev), log=None)  # a budget too small for the stream: refused before any file is touched
     fidelity_skipped(opts, data, grid, grid.num_planes, [])  # `fidelity` on where it cannot be: refused now
+    if opts.refines:
+        Refiner(grid.plane_shape, opts.budget, opts.refine_tol)  # a budget too small for a picture: refused now
     return dev, outputs
 
 
@@ -332,11 +342,53 @@ class _PlaneEvaluators:
         return self.current[1]
 
 
+def _precision(opts: Options) -> Precision | None:
+    return None if opts.tolerance is None else Precision(opts.tolerance, opts.min_samples, opts.seed)
+
+
+def _run_rounds(w: World, group: Group, evaluators: _PlaneEvaluators, grid: Grid, path: Path,
+                existing: dict | None, opts: Options, log: Log) -> dict:
+    """Every point in one round, or coarse-to-fine rounds (lsurf.engine.refine) chosen on rank 0
+    from what the file holds after each. A resumed run replays the rounds from the start: the
+    refiner reads only the points it chose, so it chooses as an uninterrupted run did."""
+    if not opts.refines:
+        return _run(w, group, evaluators, grid, path, existing, opts, log)
+    refiner = Refiner(grid.plane_shape, opts.budget, opts.refine_tol)
+    steer = [n for n in evaluators.first.quantities if n.endswith(STEERING)]
+    stats: dict = {}
+    while True:
+        step = w.bcast(_next_round(refiner, steer, grid, path, opts, stats) if w.is_root else None)
+        if step is None:
+            return stats
+        wanted, existing = step
+        log(f"round {refiner.rounds}: {int(wanted.sum())} points, {int(refiner.selected.sum())} chosen so far")
+        done = _run(w, group, evaluators, grid, path, existing, opts, log, wanted=wanted.reshape(grid.shape))
+        stats = {k: v + stats.get(k, 0) if k != "rank" else v for k, v in done.items()}
+
+
+def _next_round(refiner: Refiner, steer: list[str], grid: Grid, path: Path, opts: Options,
+                stats: dict) -> tuple[np.ndarray, dict | None] | None:
+    """Rank 0: the next round's points and the file's values now (None: refinement is over), with
+    the refinement's state recorded in the file (plots fill a file that is ``refined``)."""
+    existing, _ = _existing(path)
+    values = existing["values"] if existing else {}
+    nan = np.full(grid.plane_shape, np.nan)
+    wanted = refiner.next_round({n: grid.as_plane(values[n]) if n in values else nan for n in steer})
+    state = {"budget": opts.budget, "refine_tol": opts.refine_tol, "steering": steer,
+             "coarse_stride": refiner.stride, "rounds": refiner.rounds, "chosen": int(refiner.selected.sum()),
+             "finished": wanted is None}
+    surface_file.set_attrs(path, {"refinement": json.dumps(state)})
+    return None if wanted is None else (wanted, existing)
+
+
 def _run(w: World, group: Group, evaluators: _PlaneEvaluators, grid: Grid, path: Path, existing: dict | None,
-         opts: Options, log: Log) -> dict:
+         opts: Options, log: Log, wanted: np.ndarray | None = None) -> dict:
     """Take tiles until the queue is empty. In a group only the leader takes tiles (and tells the
-    others which) and only it writes; every rank of the group evaluates every point on its share."""
+    others which) and only it writes; every rank of the group evaluates every point on its share.
+    ``wanted``: the only points to compute (a coarse-to-fine round), else all not done."""
     done = grid.as_stack(existing["done"]) if existing else np.zeros(grid.stack_shape, dtype=bool)
+    if wanted is not None:
+        done = done | ~grid.as_stack(wanted)  # what is not wanted counts as done here, and is not marked so
     tiles = [t for t in grid.tiles(parse_tile(opts.tile), group.count, evaluators.first.points_per_pass)
              if not done[t.plane, t.j0:t.j1, t.i0:t.i1].all()]
     todo_points = int((~done).sum())
@@ -354,12 +406,13 @@ def _run(w: World, group: Group, evaluators: _PlaneEvaluators, grid: Grid, path:
     try:
         while (k := group.bcast(queue.next() if group.is_leader else None)) is not None:
             t0 = time.perf_counter()
-            values, n = _evaluate_tile(evaluators(tiles[k].plane), grid, tiles[k], done, existing)
+            values, held = _evaluate_tile(evaluators(tiles[k].plane), grid, tiles[k], done, existing)
             seconds += time.perf_counter() - t0
             if group.is_leader:
+                n = int(held.sum()) - _held_before(grid, tiles[k], existing)
                 points += n
                 queue.add_done(n)
-                sink.put(k, values)
+                sink.put(k, values, held)
             if bar is not None:
                 bar.update(queue.points_done() - bar.n)
         write_seconds = sink.finish()
@@ -378,18 +431,28 @@ def _run(w: World, group: Group, evaluators: _PlaneEvaluators, grid: Grid, path:
             "wall_seconds": time.perf_counter() - wall}
 
 
-def _evaluate_tile(ev: Evaluator, grid: Grid, t: Tile, done: np.ndarray, existing: dict | None):
-    """Values of every quantity over the tile (rows × columns of its plane); points already done
-    keep their stored values."""
+def _evaluate_tile(ev: Evaluator, grid: Grid, t: Tile, done: np.ndarray,
+                   existing: dict | None) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """Values of every quantity over the tile (rows × columns of its plane), and which points hold
+    one: points already done keep their stored values, those ``done`` marks but the file does not
+    (left out of a round) stay NaN."""
     vals = {n: np.full((t.j1 - t.j0, t.i1 - t.i0), np.nan) for n in ev.quantities}
     if existing is not None:
         for n in ev.quantities:
             vals[n][:] = grid.as_stack(existing["values"][n])[t.plane, t.j0:t.j1, t.i0:t.i1]
     todo = [(j, i) for j in range(t.j0, t.j1) for i in range(t.i0, t.i1) if not done[t.plane, j, i]]
+    held = np.zeros(vals[ev.quantities[0]].shape, dtype=bool)
+    if existing is not None:
+        held[:] = grid.as_stack(existing["done"])[t.plane, t.j0:t.j1, t.i0:t.i1]
     for (j, i), result in zip(todo, ev.evaluate_many([grid.coords(j, i) for j, i in todo])):
+        held[j - t.j0, i - t.i0] = True
         for n, v in result.items():
             vals[n][j - t.j0, i - t.i0] = v
-    return vals, len(todo)
+    return vals, held
+
+
+def _held_before(grid: Grid, t: Tile, existing: dict | None) -> int:
+    return int(grid.as_stack(existing["done"])[t.plane, t.j0:t.j1, t.i0:t.i1].sum()) if existing else 0
 
 
 def _progress_bar(total: int):

@@ -174,11 +174,12 @@ class TileSink:
         self.sends: list[MPI.Request] = []  # non-blocking, so a worker never waits while rank 0 computes
         self.finished_ranks = 0
 
-    def put(self, k: int, values: dict[str, np.ndarray]) -> None:
+    def put(self, k: int, values: dict[str, np.ndarray], held: np.ndarray) -> None:
+        """Tile ``k``'s values; ``held`` marks the points that have one (the rest stay not done)."""
         if self.out is not None:
-            self.out.write(self.tiles[k], values)
+            self.out.write(self.tiles[k], values, held)
         else:
-            self.sends.append(self.w.comm.isend((k, values), dest=0, tag=_TAG_TILE))
+            self.sends.append(self.w.comm.isend((k, values, held), dest=0, tag=_TAG_TILE))
         if self.relay and self.w.is_root:
             self._receive(block=False)
 
@@ -211,8 +212,8 @@ class TileSink:
             if status.Get_tag() == _TAG_END:
                 self.finished_ranks += 1
             else:
-                k, values = msg
+                k, values, held = msg
                 assert self.out is not None  # only rank 0 receives, and rank 0 always writes
-                self.out.write(self.tiles[k], values)
+                self.out.write(self.tiles[k], values, held)
             if block:
                 return
