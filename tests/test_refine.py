@@ -15,12 +15,23 @@ import torch
 from conftest import N, lsurf, mpirun, requires_mpi
 
 from lsurf.engine.levels import default_levels
+from lsurf.engine.models import load_model
 from lsurf.engine.refine import Refiner, coarse_stride, fill, lattice
 from lsurf.engine.surface_file import completion, read_surface
 from lsurf.post.plot import figures
 
-CNN = ["--model", "cnn", "--data", "digits", "--subset", "300", "--split", "train,test", "--dtype", "float64",
-       "--x", "-1:1:17", "--y", "-1:1:17", "--batch-size", "100", "--points-per-pass", "1", "--no-progress"]
+MLP = ["--model", "mlp", "--data", "digits", "--subset", "300", "--split", "train,test", "--dtype", "float64",
+       "--x", "-1:1:17", "--y", "-1:1:17", "--batch-size", "100", "--points-per-pass", "1", "--fidelity", "off",
+       "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def mlp(tmp_path_factory) -> list:
+    """The MLP options with a checkpoint (fixed weights: every run of a test samples one surface)."""
+    path = tmp_path_factory.mktemp("mlp") / "mlp.t7"
+    torch.manual_seed(0)
+    torch.save(load_model("mlp", (1, 8, 8), 10).state_dict(), path)
+    return [*MLP, "--checkpoint", path]
 
 
 def _contour_shift(a: np.ndarray, b: np.ndarray, levels: np.ndarray) -> float:
@@ -92,12 +103,10 @@ def test_a_budget_is_never_exceeded_and_the_rounds_are_a_pure_function_of_the_va
 
 
 @requires_mpi
-def test_coarse_to_fine_run_is_the_same_under_1_2_and_4_ranks_and_equals_the_full_grid(digits_checkpoint,
-                                                                                        tmp_path):
-    ckpt = ["--checkpoint", digits_checkpoint]
-    lsurf("surface", *CNN, *ckpt, "--out", tmp_path / "full.h5", check=True, timeout=600)
+def test_coarse_to_fine_run_is_the_same_under_1_2_and_4_ranks_and_equals_the_full_grid(mlp, tmp_path):
+    lsurf("surface", *mlp, "--out", tmp_path / "full.h5", check=True, timeout=600)
     for ranks in (1, 2, 4):
-        mpirun(ranks, "surface", *CNN, *ckpt, "--budget", "110", "--out", tmp_path / f"r{ranks}.h5",
+        mpirun(ranks, "surface", *mlp, "--budget", "110", "--out", tmp_path / f"r{ranks}.h5",
                check=True, timeout=600)
     full, runs = read_surface(tmp_path / "full.h5"), [read_surface(tmp_path / f"r{k}.h5") for k in (1, 2, 4)]
     for r in runs:
@@ -111,26 +120,24 @@ def test_coarse_to_fine_run_is_the_same_under_1_2_and_4_ranks_and_equals_the_ful
     assert f"{int(runs[1].done.sum())} of 289 points computed, the rest interpolated (finished" in info
 
 
-def test_an_interrupted_refinement_resumes_into_the_run_it_would_have_been(digits_checkpoint, tmp_path):
-    ckpt = ["--checkpoint", digits_checkpoint]
-    lsurf("surface", *CNN, *ckpt, "--budget", "130", "--out", tmp_path / "straight.h5", check=True, timeout=600)
-    lsurf("surface", *CNN, *ckpt, "--budget", "95", "--out", tmp_path / "resumed.h5", check=True, timeout=600)
+def test_an_interrupted_refinement_resumes_into_the_run_it_would_have_been(mlp, tmp_path):
+    lsurf("surface", *mlp, "--budget", "130", "--out", tmp_path / "straight.h5", check=True, timeout=600)
+    lsurf("surface", *mlp, "--budget", "95", "--out", tmp_path / "resumed.h5", check=True, timeout=600)
     part = read_surface(tmp_path / "resumed.h5")
-    p = lsurf("surface", *CNN, *ckpt, "--budget", "130", "--out", tmp_path / "resumed.h5", check=True, timeout=600)
+    p = lsurf("surface", *mlp, "--budget", "130", "--out", tmp_path / "resumed.h5", check=True, timeout=600)
     assert f"{int(part.done.sum())} of 289 points done" not in p.stderr  # it did resume, not restart
     a, b = read_surface(tmp_path / "straight.h5"), read_surface(tmp_path / "resumed.h5")
     assert part.done.sum() < b.done.sum() and (part.done <= b.done).all()
     assert (a.done == b.done).all()
     np.testing.assert_allclose(a.values["train_loss"][a.done], b.values["train_loss"][b.done], rtol=1e-12)
     # the whole grid on top of it: only the rest is computed
-    lsurf("surface", *CNN, *ckpt, "--out", tmp_path / "resumed.h5", check=True, timeout=600)
+    lsurf("surface", *mlp, "--out", tmp_path / "resumed.h5", check=True, timeout=600)
     assert read_surface(tmp_path / "resumed.h5").done.all()
 
 
-def test_plots_and_vtk_fill_an_adaptive_surface_and_mark_what_was_computed(digits_checkpoint, tmp_path):
+def test_plots_and_vtk_fill_an_adaptive_surface_and_mark_what_was_computed(mlp, tmp_path):
     out = tmp_path / "ad.h5"
-    lsurf("surface", *CNN, "--checkpoint", digits_checkpoint, "--budget", "100", "--out", out, check=True,
-          timeout=600)
+    lsurf("surface", *mlp, "--budget", "100", "--out", out, check=True, timeout=600)
     surface = read_surface(out)
     filled = surface.interpolated()
     assert filled.done.all() and (filled.computed == surface.done).all()
