@@ -207,7 +207,7 @@ class TileWriter:
         self.f.close()
 
 
-def set_attrs(path: str | Path, attrs: dict) -> None:
+def set_attrs(path: str | Path, attrs: dict, drop: tuple[str, ...] = ()) -> None:
     """Add attributes (the run plan, run statistics) while no rank holds the file open for writing.
 
     Without HDF5's lock, for the reason TileWriter gives: a reader watching the job (``lsurf info``,
@@ -216,6 +216,9 @@ def set_attrs(path: str | Path, attrs: dict) -> None:
     with h5py.File(path, "r+", locking=False) as f:
         for k, v in attrs.items():
             f.attrs[k] = v
+        for k in drop:
+            if k in f.attrs:
+                del f.attrs[k]
 
 
 @dataclass

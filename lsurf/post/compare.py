@@ -73,9 +73,10 @@ def panel_title(surface: Surface, name: str) -> str:
 
 
 def values_of(surface: Surface, name: str) -> np.ndarray:
-    """A quantity with points not yet computed as NaN; an unknown name is a `quantity` error."""
+    """A quantity with points not yet computed as NaN (a coarse-to-fine surface filled in, as its
+    own plots are); an unknown name is a `quantity` error."""
     try:
-        return _quantity(surface, name)
+        return _quantity(surface.interpolated(), name)
     except UserError as e:
         raise UserError(f"`quantity`: {e}") from None
 

@@ -73,7 +73,8 @@ def page_data(surfaces: list[Surface], quantities: list[str]) -> dict:
     out = []
     for s, name in zip(surfaces, short_names(surfaces)):
         names = list(s.values) + [q for q in quantities if q not in s.values]
-        values = {n: _quantity(s, n) for n in names}
+        filled = s.interpolated()  # a coarse-to-fine file filled in, as its plots are
+        values = {n: _quantity(filled, n) for n in names}
         ranges: dict[str, list[float] | None] = {}
         for q in quantities:
             try:

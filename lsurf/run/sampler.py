@@ -185,7 +185,8 @@ def _sample_in_groups(w: World, group: Group, probe: tuple[torch.device, int], m
         if w.is_root:
             assert gathered is not None  # gather returns the list on rank 0
             surface_file.set_attrs(path, {**_run_attrs(gathered, plan), "rank_layout": _layout_line(w, group),
-                                          "streamed": ",".join(streamed), **fidelity})
+                                          "streamed": ",".join(streamed), **fidelity},
+                                   drop=() if opts.refines else ("refinement",))  # now a whole grid
     return surface_file.read_surface(path) if w.is_root else None
 
 
