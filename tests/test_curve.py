@@ -1,0 +1,144 @@
+"""Mode connectivity (#16): curves between two trained models, trained and evaluated for real.
+
+Two digits CNNs from different seeds are the ends; the CNN has no BatchNorm, so a job over two MPI
+ranks must take the very steps one process takes."""
+
+from __future__ import annotations
+
+import h5py
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import lsurf, mpirun, requires_mpi
+
+from lsurf import load_data, load_model, read_surface
+from lsurf.engine.curve import Curve, Progress, Training, parameters_of, train_curve, weights
+from lsurf.engine.data import Split
+from lsurf.engine.evaluate import resolve_loss
+
+DIGITS = ["--model", "cnn", "--data", "digits"]
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    """Models A and B: digits CNNs trained for 2 epochs from seeds 0 and 1."""
+    out = tmp_path_factory.mktemp("pair")
+    for seed in (0, 1):
+        lsurf("train", *DIGITS, "--epochs", "2", "--seed", seed, "--out-dir", out / f"s{seed}", check=True)
+    return out / "s0" / "model_2.t7", out / "s1" / "model_2.t7"
+
+
+def _ends(a, b):
+    return ["--checkpoint", a, "--model2", b]
+
+
+def _bends(path) -> dict[str, np.ndarray]:
+    with h5py.File(path) as f:
+        return {f"{k}/{n}": f[k][n][()] for k in f if k.startswith("bend_") for n in f[k]}
+
+
+def test_bezier_and_chain_closed_forms():
+    """θ(0) = θ_A and θ(1) = θ_B exactly; the quadratic Bezier at 1/2 is (θ_A + 2θ_1 + θ_B)/4; a chain
+    passes through its bends at equally spaced t; the bends start on the straight line."""
+    model = load_model("mlp", (1, 8, 8), 10, seed=0)
+    names, a = parameters_of(model)
+    b = [torch.randn_like(x) for x in a]
+    curve = Curve.straight("bezier", names, a, b, 1)
+    for x, y, m in zip(a, b, curve.bends[0]):
+        torch.testing.assert_close(m, (x + y) / 2, rtol=0, atol=1e-6)
+    curve.bends = [[torch.randn_like(x) for x in a]]
+    for got, want in zip(curve.point(0.0), a):
+        assert torch.equal(got, want)
+    for got, want in zip(curve.point(1.0), b):
+        assert torch.equal(got, want)
+    for got, x, m, y in zip(curve.point(0.5), a, curve.bends[0], b):
+        torch.testing.assert_close(got, 0.25 * x + 0.5 * m + 0.25 * y, rtol=1e-6, atol=1e-6)
+    chain = Curve("polychain", names, a, b, [[torch.randn_like(x) for x in a] for _ in range(3)])
+    for k, t in enumerate((0.25, 0.5, 0.75)):
+        for got, m in zip(chain.point(t), chain.bends[k]):
+            torch.testing.assert_close(got, m, rtol=0, atol=1e-6)
+    assert weights("bezier", 3, 0.3) == pytest.approx([0.7**4, 4 * 0.3 * 0.7**3, 6 * 0.09 * 0.49,
+                                                       4 * 0.027 * 0.7, 0.3**4])
+
+
+def test_training_leaves_the_model_as_it_was():
+    """A library call: the caller's model keeps its weights and its eval flag."""
+    model = load_model("mlp", (1, 8, 8), 10, seed=0).eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    names, a = parameters_of(model)
+    b = [x + 0.1 for x in a]
+    split = Split(torch.randn(40, 1, 8, 8), torch.randint(0, 10, (40,)))
+    curve, progress = train_curve(model, Curve.straight("bezier", names, a, b, 1), split,
+                                  Training(epochs=2, batch_size=16), Progress(), loss_fn=resolve_loss("cross_entropy"))
+    assert progress.epochs_done == 2 and len(progress.train_loss) == 2
+    assert not torch.equal(curve.bends[0][0], (a[0] + b[0]) / 2)  # the bend moved
+    assert not model.training
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+def _own_loss(checkpoint) -> float:
+    """Mean train cross-entropy of a checkpoint, computed with plain torch (no lsurf evaluator)."""
+    model = load_model("cnn", (1, 8, 8), 10, checkpoint, dtype=torch.float64).eval()
+    train = load_data("digits", ("train",))["train"].materialise()
+    with torch.no_grad():
+        return F.cross_entropy(model(train.x.double()), train.y).item()
+
+
+def test_the_curve_ends_at_the_models_and_lowers_the_barrier(pair, tmp_path):
+    a, b = pair
+    curve, along = tmp_path / "curve.h5", tmp_path / "along.h5"
+    lsurf("curve", "train", *DIGITS, *_ends(a, b), "--epochs", "3", "--dtype", "float64", "--out", curve, check=True)
+    p = lsurf("curve", "eval", curve, *DIGITS, *_ends(a, b), "--points", "11", "--dtype", "float64",
+              "--out", along, check=True)
+    s = read_surface(along)
+    assert s.done.all() and np.allclose(s.x, np.linspace(0, 1, 11))
+    loss_a, loss_b = _own_loss(a), _own_loss(b)
+    for name in ("train_loss", "line_train_loss"):
+        assert s.values[name][0] == pytest.approx(loss_a, abs=1e-6)
+        assert s.values[name][-1] == pytest.approx(loss_b, abs=1e-6)
+    line, bent = float(s.attrs["barrier_line"]), float(s.attrs["barrier_curve"])
+    assert bent < line
+    assert f"line {line:.4g}, curve {bent:.4g}" in p.stdout
+    for key in ("checkpoint_sha256", "model2_sha256", "curve_sha256"):
+        assert len(s.attrs[key]) == 64
+    with h5py.File(curve) as f:
+        assert f.attrs["curve_type"] == "bezier" and int(f.attrs["bends"]) == 1 and int(f.attrs["epochs_done"]) == 3
+        assert len(f["train_loss"]) == 3 and f["bend_1"]["conv1.weight"].dtype == np.float64
+    plotted = lsurf("plot", along, "--out-dir", tmp_path, check=True)
+    assert (tmp_path / "along_curve.png").is_file(), plotted.stdout
+
+
+@requires_mpi
+def test_two_ranks_train_the_curve_one_process_trains(pair, tmp_path):
+    a, b = pair
+    args = ["curve", "train", *DIGITS, "--subset", "400", *_ends(a, b), "--epochs", "2", "--batch-size", "50"]
+    lsurf(*args, "--out", tmp_path / "one.h5", check=True)
+    mpirun(2, *args, "--out", tmp_path / "two.h5", check=True, env={"OMP_NUM_THREADS": "1"})
+    one, two = _bends(tmp_path / "one.h5"), _bends(tmp_path / "two.h5")
+    assert one.keys() == two.keys() and one
+    for k in one:
+        np.testing.assert_allclose(two[k], one[k], rtol=0, atol=1e-5, err_msg=k)
+
+
+def test_a_curve_resumes_where_it_stopped(pair, tmp_path):
+    """One epoch, then the same command asking for two, is the straight two-epoch run; a finished
+    curve run again is left as it is; one trained otherwise is refused."""
+    a, b = pair
+    args = ["curve", "train", *DIGITS, "--subset", "300", *_ends(a, b), "--curve-type", "polychain", "--bends", "2"]
+    lsurf(*args, "--epochs", "1", "--out", tmp_path / "resumed.h5", check=True)
+    lsurf(*args, "--epochs", "2", "--out", tmp_path / "resumed.h5", check=True)
+    lsurf(*args, "--epochs", "2", "--out", tmp_path / "straight.h5", check=True)
+    resumed, straight = _bends(tmp_path / "resumed.h5"), _bends(tmp_path / "straight.h5")
+    assert resumed.keys() == straight.keys() and len(resumed) == 2 * 6  # 2 bends x 6 tensors
+    for k in straight:
+        np.testing.assert_array_equal(resumed[k], straight[k], err_msg=k)
+    with h5py.File(tmp_path / "resumed.h5") as f, h5py.File(tmp_path / "straight.h5") as g:
+        np.testing.assert_array_equal(f["train_loss"][()], g["train_loss"][()])
+    before = (tmp_path / "straight.h5").read_bytes()
+    again = lsurf(*args, "--epochs", "2", "--out", tmp_path / "straight.h5", check=True)
+    assert "nothing to do" in again.stderr and (tmp_path / "straight.h5").read_bytes() == before
+    other = lsurf(*args, "--epochs", "2", "--lr", "0.2", "--out", tmp_path / "straight.h5")
+    assert other.returncode == 2 and "--overwrite" in other.stderr and "lr" in other.stderr
+    assert (tmp_path / "straight.h5").read_bytes() == before
