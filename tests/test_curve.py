@@ -5,6 +5,8 @@ ranks must take the very steps one process takes."""
 
 from __future__ import annotations
 
+import json
+
 import h5py
 import numpy as np
 import pytest
@@ -142,3 +144,26 @@ def test_a_curve_resumes_where_it_stopped(pair, tmp_path):
     other = lsurf(*args, "--epochs", "2", "--lr", "0.2", "--out", tmp_path / "straight.h5")
     assert other.returncode == 2 and "--overwrite" in other.stderr and "lr" in other.stderr
     assert (tmp_path / "straight.h5").read_bytes() == before
+
+
+def test_the_plane_of_the_curve_is_an_ordinary_surface(pair, tmp_path):
+    """``surface --curve-plane``: (0, 0) is model A, (1, 0) model B, the bend lies at β = 1; ``plot
+    --curve`` draws the curve on it, and refuses a plane the curve does not lie in."""
+    a, b = pair
+    curve, plane = tmp_path / "curve.h5", tmp_path / "plane.h5"
+    lsurf("curve", "train", *DIGITS, "--subset", "300", *_ends(a, b), "--epochs", "1", "--out", curve, check=True)
+    lsurf("surface", *DIGITS, "--checkpoint", a, "--curve-plane", curve, "--x", "0:1:3", "--y", "0:1:2",
+          "--dtype", "float64", "--no-progress", "--out", plane, check=True)
+    s = read_surface(plane)
+    assert s.values["train_loss"][0, 0] == pytest.approx(_own_loss(a), abs=1e-6)
+    assert s.values["train_loss"][0, 2] == pytest.approx(_own_loss(b), abs=1e-6)
+    marks = {m["label"]: (m["x"], m["y"]) for m in json.loads(s.attrs["markers"])}
+    assert marks["model A"] == (0.0, 0.0) and marks["model B"] == (1.0, 0.0)
+    assert marks["bend"][1] == pytest.approx(1.0, abs=1e-6)
+    lsurf("plot", plane, "--curve", curve, "--kind", "contour", "--out-dir", tmp_path, check=True)
+    assert (tmp_path / "plane_train_loss_contour.png").is_file()
+    random = tmp_path / "random.h5"
+    lsurf("surface", *DIGITS, "--subset", "100", "--checkpoint", a, "--x", "0:1:2", "--y", "0:1:2", "--no-progress",
+          "--out", random, check=True)
+    refused = lsurf("plot", random, "--curve", curve, "--out-dir", tmp_path)
+    assert refused.returncode == 2 and "--curve-plane" in refused.stderr

@@ -28,6 +28,7 @@ from torch import nn
 
 from lsurf.engine.data import Split
 from lsurf.engine.evaluate import LossFn, pick_output
+from lsurf.engine.models import file_sha256, read_state_dict
 from lsurf.engine.snapshot import preserved
 from lsurf.engine.surface_file import open_h5
 from lsurf.errors import UserError
@@ -329,3 +330,60 @@ def read_curve(path: str | Path) -> StoredCurve:
         momentum = group("momentum/") if "momentum" in f else None
         progress = Progress(int(attrs["epochs_done"]), momentum, f["train_loss"][()].tolist(), f["lr"][()].tolist())
         return StoredCurve(str(path), str(attrs["curve_type"]), names, group(""), progress, attrs)
+
+
+def _dot(u: list[torch.Tensor], v: list[torch.Tensor]) -> float:
+    return float(sum((x.double() * y.double()).sum() for x, y in zip(u, v)))
+
+
+def plane_point(curve: Curve) -> list[torch.Tensor]:
+    """The point that, with the ends, spans the curve's plane: the bend of a 1-bend curve (the
+    quadratic Bezier lies in that plane), θ(1/2) of a curve with more bends."""
+    return curve.bends[0] if curve.num_bends == 1 else curve.point(0.5)
+
+
+@torch.no_grad()
+def curve_plane(curve: Curve) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Directions of the plane through A, the bend and B, centred on A: d₁ = B − A, and d₂ = bend − A
+    made orthogonal to d₁ (Gram–Schmidt over all parameters at once). Then (1, 0) is model B and
+    the bend lies at β = 1."""
+    d1 = [b - a for a, b in zip(curve.a, curve.b)]
+    v = [p - a for p, a in zip(plane_point(curve), curve.a)]
+    c = _dot(v, d1) / _dot(d1, d1)
+    d2 = [x - c * y for x, y in zip(v, d1)]
+    if _dot(d2, d2) <= 1e-12 * _dot(v, v):
+        raise UserError("the curve is straight (its bend lies on the line from A to B): it spans no plane")
+    return d1, d2
+
+
+@torch.no_grad()
+def coordinates(offsets: list[list[torch.Tensor]], d1: list[torch.Tensor], d2: list[torch.Tensor]) -> np.ndarray:
+    """(α, β) of each offset from A along orthogonal ``d1``, ``d2``: one row per offset."""
+    n1, n2 = _dot(d1, d1), _dot(d2, d2)
+    return np.array([[_dot(off, d1) / n1, _dot(off, d2) / n2] for off in offsets])
+
+
+def project(curve: Curve, d1: list[torch.Tensor], d2: list[torch.Tensor], ts: list[float]) -> np.ndarray:
+    """The curve drawn on a plane around A: (α, β) of θ(t) − A for each t (a 1-bend Bezier lies
+    exactly in its own plane)."""
+    return coordinates([curve.offset(t) for t in ts], d1, d2)
+
+
+def bend_coordinates(curve: Curve, d1: list[torch.Tensor], d2: list[torch.Tensor]) -> tuple[float, float]:
+    """Where :func:`plane_point` lies on the plane (β = 1 on the curve's own plane)."""
+    x, y = coordinates([[p - a for p, a in zip(plane_point(curve), curve.a)]], d1, d2)[0]
+    return float(x), float(y)
+
+
+def recorded_ends(stored: StoredCurve) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Models A and B read from the checkpoints the curve file names, refused if either has
+    changed since the curve was trained (its SHA-256 differs)."""
+    ends = []
+    for key in ("checkpoint", "model2"):
+        path = str(stored.attrs.get(key, ""))
+        if not Path(path).is_file() or file_sha256(path) != stored.attrs.get(f"{key}_sha256"):
+            raise UserError(f"curve {stored.path!r} was trained from {path!r}, which is missing or has changed "
+                            "since (its sha256 differs)")
+        state = read_state_dict(path)
+        ends.append([state[n] for n in stored.names])
+    return ends[0], ends[1]
