@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from lsurf.engine.data import Split
-from lsurf.engine.evaluate import LossFn, pick_output
+from lsurf.engine.evaluate import LossFn, Reduce, pick_output
 from lsurf.engine.models import file_sha256, read_state_dict
 from lsurf.engine.snapshot import preserved
 from lsurf.engine.surface_file import open_h5
@@ -36,7 +36,6 @@ from lsurf.errors import UserError
 CurveType = Literal["bezier", "polychain"]
 CURVE_TYPES: tuple[str, ...] = get_args(CurveType)
 FORMAT = "lsurf-curve-1"
-Reduce = Callable[[np.ndarray], np.ndarray]  # this rank's sums -> the job's sums
 
 
 def check_shape(kind: str, bends: int) -> None:
@@ -123,7 +122,9 @@ def check_same_architecture(own: dict[str, torch.Tensor], other: dict[str, torch
 class Training:
     """How the bends are trained: SGD with momentum, weight decay (on the bends: the ends are fixed),
     a per-epoch cosine schedule from ``lr`` over ``epochs``, ``batch_size`` samples per step and
-    one t per step, both drawn from ``seed``."""
+    one t per step, both drawn from ``seed``. The schedule is over ``epochs``: continuing a finished
+    curve to more epochs runs the remaining ones on the schedule of the new total (the finished ones
+    keep theirs, recorded in the file's ``lr``)."""
 
     epochs: int = 10
     lr: float = 0.05

@@ -85,7 +85,6 @@ def train_curve_job(options: Options, spec: CurveSpec, comm: Any = None, log: Lo
         model, split, (names, a, b) = w.agree(lambda: _train_inputs(options))
         dev = w.agree(lambda: choose_device(w, options.device))
         attrs = _curve_attrs(options, spec) if w.is_root else {}
-        group = w.groups(w.size)  # all ranks: its allreduce adds the gradients
         with contextlib.ExitStack() as stack:
             def prepare() -> bool:
                 if not w.is_root:
@@ -103,6 +102,7 @@ def train_curve_job(options: Options, spec: CurveSpec, comm: Any = None, log: Lo
                     save_curve(options.out, c, p, attrs)
                     log(f"epoch {p.epochs_done}/{spec.training.epochs}: train loss {p.train_loss[-1]:.4f}, "
                         f"lr {p.lr[-1]:.4g}")
+            group = w.groups(w.size)  # all ranks: its allreduce adds the gradients
             try:
                 train_curve(model, curve, split, spec.training, progress, loss_fn=resolve_loss(options.loss,
                             options.ignore_index), output=options.output, shard=(w.rank, w.size),
@@ -167,7 +167,9 @@ def eval_curve_job(options: Options, curve_path: str, points: int, comm: Any = N
     """Loss and accuracy at ``points`` values of t in [0, 1] along the curve (quantities
     ``train_loss``, ...) and along the straight line (``line_train_loss``, ...) into the 1-D surface
     file ``options.out``, with the barriers (highest train loss along the path minus the mean of
-    the ends') as attributes ``barrier_curve`` and ``barrier_line``. Returns the surface on rank 0."""
+    the ends') as attributes ``barrier_curve`` and ``barrier_line``. Returns the surface on rank 0.
+    An existing output made the same way is computed afresh (a curve's few points need no resume);
+    one made otherwise is refused unless ``overwrite``."""
     w = World.of(comm)
     log = log or (lambda m: None)
     with abort_on_failure(w):
