@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import lsurf, mpirun, requires_mpi
+from conftest import REPO, lsurf, mpirun, requires_mpi
 
 from lsurf import load_data, load_model, read_surface
 from lsurf.engine.curve import Curve, Progress, Training, parameters_of, train_curve, weights
@@ -167,3 +167,31 @@ def test_the_plane_of_the_curve_is_an_ordinary_surface(pair, tmp_path):
           "--out", random, check=True)
     refused = lsurf("plot", random, "--curve", curve, "--out-dir", tmp_path)
     assert refused.returncode == 2 and "--curve-plane" in refused.stderr
+
+
+BN_MODEL = """
+import torch
+def make():
+    return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 32), torch.nn.BatchNorm1d(32),
+                               torch.nn.ReLU(), torch.nn.Linear(32, 10))
+"""
+
+
+def test_a_batchnorm_model_is_evaluated_with_recalibrated_statistics(tmp_path):
+    """BatchNorm statistics between two models are neither's: ``eval`` recalibrates them at every t,
+    and its straight line is what ``lsurf surface --model2 --bn recalibrate`` samples."""
+    (tmp_path / "bnnet.py").write_text(BN_MODEL)
+    env = {"PYTHONPATH": f"{tmp_path}:{REPO}"}
+    model = ["--model", "bnnet:make", "--data", "digits", "--subset", "300"]
+    for seed in (0, 1):
+        lsurf("train", *model, "--epochs", "1", "--seed", seed, "--out-dir", tmp_path / f"s{seed}", env=env, check=True)
+    ends = _ends(tmp_path / "s0" / "model_1.t7", tmp_path / "s1" / "model_1.t7")
+    lsurf("curve", "train", *model, *ends, "--epochs", "1", "--out", tmp_path / "c.h5", env=env, check=True)
+    lsurf("curve", "eval", tmp_path / "c.h5", *model, *ends, "--points", "3", "--out", tmp_path / "along.h5",
+          env=env, check=True)
+    lsurf("surface", *model, *ends, "--bn", "recalibrate", "--x", "0:1:3", "--no-progress",
+          "--out", tmp_path / "line.h5", env=env, check=True)
+    along, line = read_surface(tmp_path / "along.h5"), read_surface(tmp_path / "line.h5")
+    assert along.config["bn"] == "recalibrate"
+    np.testing.assert_allclose(along.values["line_train_loss"], line.values["train_loss"], rtol=1e-6)
+    assert np.isfinite(along.values["train_loss"]).all()
