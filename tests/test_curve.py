@@ -5,6 +5,7 @@ ranks must take the very steps one process takes."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 
 import h5py
@@ -33,6 +34,10 @@ def pair(tmp_path_factory):
 
 def _ends(a, b):
     return ["--checkpoint", a, "--model2", b]
+
+
+def _sha(path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def _bends(path) -> dict[str, np.ndarray]:
@@ -108,6 +113,8 @@ def test_the_curve_ends_at_the_models_and_lowers_the_barrier(pair, tmp_path):
     with h5py.File(curve) as f:
         assert f.attrs["curve_type"] == "bezier" and int(f.attrs["bends"]) == 1 and int(f.attrs["epochs_done"]) == 3
         assert len(f["train_loss"]) == 3 and f["bend_1"]["conv1.weight"].dtype == np.float64
+    info = lsurf("info", curve, check=True).stdout
+    assert "bezier, 1 bend" in info and "epochs done:        3" in info and _sha(a) in info and _sha(b) in info
     plotted = lsurf("plot", along, "--out-dir", tmp_path, check=True)
     assert (tmp_path / "along_curve.png").is_file(), plotted.stdout
 

@@ -181,7 +181,8 @@ def train_curve(model: nn.Module, curve: Curve, split: Split, training: Training
     running statistics of the ends say nothing about a point between them. Every rank of a job
     draws the same steps and t, computes the loss summed over its ``shard`` (r, R) of each batch,
     and ``reduce`` adds the gradient sums of all ranks, so R ranks take the step one process
-    would. ``on_epoch(curve, progress)`` sees each finished epoch (to save it). The model comes
+    would (for a model without BatchNorm: with it each rank normalises its share by the share's
+    own statistics). ``on_epoch(curve, progress)`` sees each finished epoch (to save it). The model comes
     back as it was; the returned curve and progress are on the CPU.
     """
     with preserved(model):
@@ -314,6 +315,28 @@ class StoredCurve:
                             + (f" (first {extra[0]!r})" if extra else " (in another order)"))
         bends = [[p.to(x) for p, x in zip(bend, a)] for bend in self.bends]
         return Curve(self.kind, names, a, b, bends)
+
+
+    def describe(self) -> list[str]:
+        """Human-readable shape, progress and provenance, one line per item (what ``lsurf info`` prints)."""
+        p, k = self.progress, len(self.bends)
+        lines = [f"{'file:':<20}{self.path}  (a curve of `lsurf curve train`)",
+                 f"{'curve:':<20}{self.kind}, {k} bend{'s' * (k > 1)}",
+                 f"{'epochs done:':<20}{p.epochs_done}"]
+        if p.train_loss:
+            lines.append(f"{'train loss:':<20}" + ", ".join(f"{v:.4g}" for v in p.train_loss) + " (per epoch)")
+            lines.append(f"{'lr:':<20}" + ", ".join(f"{v:.4g}" for v in p.lr))
+        for key in ("model", "data", "checkpoint", "checkpoint_sha256", "model2", "model2_sha256", "lsurf_version",
+                    "config"):
+            if self.attrs.get(key):
+                lines.append(f"{key + ':':<20}{self.attrs[key]}")
+        return lines
+
+
+def is_curve_file(path: str | Path) -> bool:
+    """Whether ``path`` is a file of :func:`save_curve` (not a surface file)."""
+    with open_h5(path, "r") as f:
+        return f.attrs.get("format") == FORMAT
 
 
 def read_curve(path: str | Path) -> StoredCurve:

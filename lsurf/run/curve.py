@@ -132,7 +132,8 @@ def _curve_attrs(options: Options, spec: CurveSpec) -> dict[str, Any]:
     assert options.checkpoint and options.model2  # checked by ends()
     hashes = {"checkpoint_sha256": file_sha256(options.checkpoint), "model2_sha256": file_sha256(options.model2)}
     identity = {"model": options.model, **hashes, "curve_type": spec.curve_type, "bends": spec.bends,
-                "data": options.data, "subset": options.subset, "dtype": options.dtype, "loss": options.loss,
+                "data": options.data, "subset": options.subset, "seq_len": options.seq_len, "dtype": options.dtype,
+                "loss": options.loss, "ignore_index": options.ignore_index, "output": options.output,
                 **spec.training.identity()}
     config = {**options.as_dict(), "bends": spec.bends, "curve_type": spec.curve_type,
               **{k: getattr(spec.training, k) for k in ("epochs", *spec.training.identity())}}
