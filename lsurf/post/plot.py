@@ -16,6 +16,7 @@ import numpy as np
 
 from lsurf.engine.curve import coordinates, curve_plane, project, read_curve, recorded_ends
 from lsurf.engine.fidelity import title_line
+from lsurf.engine.models import file_sha256
 from lsurf.engine.surface_file import Surface
 from lsurf.errors import UserError
 
@@ -152,9 +153,10 @@ def comparable_axes(x: np.ndarray, y: np.ndarray) -> bool:
 def read_curve_projection(path: str | Path, surface: Surface, points: int = 101) -> dict:
     """A curve of ``lsurf curve train`` drawn on its own plane (``surface`` must have been sampled
     with ``--curve-plane``): (α, β) of ``points`` values of t, and of each bend."""
-    if surface.directions_meta.get("source") != "curve":
-        raise UserError(f"`curve` {str(path)!r} is drawn on the plane of the curve: sample {surface.path!r} with "
-                        "`lsurf surface --curve-plane`")
+    meta = surface.directions_meta
+    if meta.get("source") != "curve" or meta.get("curve_sha256") != file_sha256(path):
+        raise UserError(f"`curve` {str(path)!r} is drawn on the plane of the curve: {surface.path!r} is not that "
+                        "plane; sample it with `lsurf surface --curve-plane`")
     stored = read_curve(path)
     a, b = recorded_ends(stored)
     curve = stored.curve(stored.names, a, b)

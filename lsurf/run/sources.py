@@ -103,6 +103,7 @@ def _curve_plane(options: Options, model: nn.Module, two: bool) -> Directions:
     marks = [{"label": "model A", "x": 0.0, "y": 0.0}, {"label": "model B", "x": 1.0, "y": 0.0},
              {"label": label, "x": float(xb), "y": float(yb)}]
     meta = {"source": "curve", "dir_type": "weights", "curve": options.curve_plane,
+            "curve_sha256": file_sha256(options.curve_plane),
             "models": [stored.attrs.get("checkpoint"), stored.attrs.get("model2")], "markers": marks}
     return Directions(names, d1, d2, meta)
 
