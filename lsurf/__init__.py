@@ -19,6 +19,7 @@ The packages by layer: ``lsurf.engine`` (models, data, directions, evaluator, me
 """
 
 from lsurf._version import __version__
+from lsurf.engine.curve import Curve, read_curve
 from lsurf.engine.data import load_data
 from lsurf.engine.directions import Directions, load_directions, random_directions, save_directions
 from lsurf.engine.evaluate import Evaluator, evaluator
@@ -30,6 +31,7 @@ from lsurf.engine.surface_file import Surface, read_surface
 from lsurf.errors import UserError
 from lsurf.post.plot import plot_curve, plot_surface
 from lsurf.post.vtkfile import write_vtk
+from lsurf.run.curve import CurveSpec, eval_curve_job, train_curve_job
 from lsurf.run.options import Options
 from lsurf.run.provenance import Provenance
 from lsurf.run.runtime import configure_process
@@ -37,8 +39,9 @@ from lsurf.run.sampler import run_surface, sample_surface
 from lsurf.run.sources import directions_for, load_inputs
 
 __all__ = [
-    "__version__", "Directions", "Evaluator", "Grid", "Options", "Plan", "Provenance", "Surface", "UserError",
-    "build_model", "configure_process", "directions_for", "evaluator", "load_checkpoint", "load_data",
-    "load_directions", "load_inputs", "load_model", "plot_curve", "plot_surface", "preserved", "random_directions",
-    "read_surface", "run_surface", "sample_surface", "save_directions", "write_vtk",
+    "__version__", "Curve", "CurveSpec", "Directions", "Evaluator", "Grid", "Options", "Plan", "Provenance", "Surface",
+    "UserError", "build_model", "configure_process", "directions_for", "eval_curve_job", "evaluator",
+    "load_checkpoint", "load_data", "load_directions", "load_inputs", "load_model", "plot_curve", "plot_surface",
+    "preserved", "random_directions", "read_curve", "read_surface", "run_surface", "sample_surface",
+    "save_directions", "train_curve_job", "write_vtk",
 ]

@@ -17,6 +17,7 @@ from conftest import lsurf
 from lsurf import load_model, random_directions, save_directions
 
 SMALL = ["--model", "cnn", "--data", "digits", "--subset", "100", "--no-progress"]
+CURVE = ["--model", "cnn", "--data", "digits", "--subset", "100"]
 
 
 @pytest.fixture(scope="module")
@@ -56,6 +57,9 @@ def ws(tmp_path_factory, digits_checkpoint):
     """))
     lsurf("surface", *SMALL, "--checkpoint", d / "good.t7", "--x", "-1:1:3", "--y", "-1:1:3",
           "--out", d / "done.h5", check=True)
+    torch.save(load_model("cnn", (1, 8, 8), 10, seed=1).state_dict(), d / "other.t7")
+    lsurf("curve", "train", *CURVE, "--checkpoint", d / "good.t7", "--model2", d / "good.t7", "--epochs", "1",
+          "--out", d / "curve.h5", check=True)
     return d
 
 
@@ -165,6 +169,13 @@ CASES = [
      ["--tolerance", "--points-per-pass"]),
     ("min-samples-one", lambda d: ["surface", *SMALL, *_grid(["--tolerance", "0.1", "--min-samples", "1"])],
      ["--min-samples 1"]),
+    ("curve-other-architecture", lambda d: ["curve", "train", *CURVE, "--checkpoint", d / "good.t7", "--model2",
+                                            d / "mlp.t7", "--out", d / "o.h5"], ["--model2", "mlp.t7", "architecture"]),
+    ("curve-no-bends", lambda d: ["curve", "train", *CURVE, "--checkpoint", d / "good.t7", "--model2", d / "other.t7",
+                                  "--bends", "0", "--out", d / "o.h5"], ["--bends 0", "at least 1"]),
+    ("curve-of-other-models", lambda d: ["curve", "eval", d / "curve.h5", *CURVE, "--checkpoint", d / "good.t7",
+                                         "--model2", d / "other.t7", "--out", d / "o.h5"],
+     ["--model2", "other.t7", "curve.h5", "trained from"]),
 ]
 
 

@@ -134,6 +134,9 @@ def add_directions(p: argparse.ArgumentParser) -> None:
                    help="x direction = model2 - checkpoint (alpha=1 is model 2): interpolation")
     g.add_argument("--model3", default=SUPPRESS,
                    help="with --model2: y direction = model3 - checkpoint, the plane of 3 models")
+    g.add_argument("--curve-plane", default=SUPPRESS, metavar="CURVE",
+                   help="the plane of a curve of `lsurf curve train` through its model A (= --checkpoint), "
+                   "its bend and model B: x = B - A, y = bend - A made orthogonal to x")
 
 
 def add_evaluation(p: argparse.ArgumentParser) -> None:

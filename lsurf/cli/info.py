@@ -1,15 +1,16 @@
 """``lsurf info``: provenance and coverage of a surface file; for an ensemble of planes, each
-plane's summary and their spread."""
+plane's summary and their spread; the shape, progress and ends of a curve file."""
 
 from __future__ import annotations
 
 import argparse
 
 from lsurf.cli import common
+from lsurf.engine.curve import is_curve_file, read_curve
 from lsurf.engine.surface_file import read_surface
 from lsurf.post.ensemble import summarise
 
-HELP = "provenance and coverage of a surface file (an ensemble: per-plane summaries and their spread)"
+HELP = "provenance and coverage of a surface file (an ensemble: per-plane summaries and their spread; a curve file)"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -22,6 +23,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if is_curve_file(args.file):
+        print("\n".join(read_curve(args.file).describe()))
+        return 0
     surface = read_surface(args.file)
     for line in surface.describe():
         print(line)

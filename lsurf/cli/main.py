@@ -10,13 +10,14 @@ from __future__ import annotations
 import sys
 
 from lsurf._version import __version__
-from lsurf.cli import common, directions, export, hessian, info, plot, sharpness, surface, train, trajectory, vtk
+from lsurf.cli import common, curve, directions, export, hessian, info, plot, sharpness, surface, train, trajectory, vtk
 from lsurf.errors import UserError
 
 # name -> module with HELP, add_arguments(parser) and run(args) -> exit status
 COMMANDS = {
     "surface": surface, "directions": directions, "train": train, "plot": plot, "vtk": vtk,
     "export": export, "trajectory": trajectory, "hessian": hessian, "info": info, "sharpness": sharpness,
+    "curve": curve,
 }
 FLAGS = {"hessian_iters": "--hessian-iters", "progress": "--no-progress"}
 

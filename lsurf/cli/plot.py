@@ -12,7 +12,7 @@ from lsurf.engine.levels import DEFAULT_LEVELS
 from lsurf.engine.surface_file import read_surface
 from lsurf.post.compare import DIFFS, plot_comparison
 from lsurf.post.html import write_html
-from lsurf.post.plot import KINDS, figures, parse_size, read_projection
+from lsurf.post.plot import KINDS, figures, parse_size, read_curve_projection, read_projection
 
 HELP = "plot a surface file: contours, heat map, 3-D surface, 1-D curves"
 
@@ -33,6 +33,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out-dir", help="where to write (default: next to FILE)")
     p.add_argument("--trajectory", help="projection file of lsurf trajectory: draw the path")
     p.add_argument("--dots", action="store_true", help="a coarse-to-fine surface: mark the computed points")
+    p.add_argument("--curve", help="curve file of lsurf curve train: draw it on its plane (--curve-plane)")
     p.add_argument("--diff", choices=DIFFS, help="with several files: each minus (or over) the first")
     p.add_argument("--html", action="store_true", help="also an interactive page (FILE.html; needs plotly)")
     p.add_argument("--quantities", help="with --html: comma-separated quantities to offer (default: all)")
@@ -56,7 +57,9 @@ def run(args: argparse.Namespace) -> int:
                                 diff=args.diff, **style)}
     else:
         projection = read_projection(args.trajectory) if args.trajectory else None
-        made = figures(surfaces[0], args.quantity, kinds, stem=stem, projection=projection, dots=args.dots, **style)
+        curve = read_curve_projection(args.curve, surfaces[0]) if args.curve else None
+        made = figures(surfaces[0], args.quantity, kinds, stem=stem, projection=projection, curve=curve, dots=args.dots,
+                       **style)
     if args.html:
         wanted = [q.strip() for q in args.quantities.split(",")] if args.quantities else None
         print(f"wrote {write_html(surfaces, out_dir / f'{stem}.html', wanted)}")

@@ -382,6 +382,8 @@ def model_directions(model: nn.Module, others: list[dict[str, torch.Tensor]], di
 def markers(meta: dict) -> list[dict]:
     """Where the models of an interpolation or a plane through models lie, for plots: derived from
     how the directions were made (``source`` models: model 2 at α = 1, model 3 at β = 1)."""
+    if meta.get("source") == "curve":  # the plane of a curve: its ends and bend, placed when it was made
+        return list(meta.get("markers", []))
     if meta.get("source") != "models":
         return []
     marks = [{"label": "model 1", "x": 0.0, "y": 0.0}, {"label": "model 2", "x": 1.0, "y": 0.0}]

@@ -361,8 +361,9 @@ class Surface:
             flag = f"  ({bad} points non-finite: overflow)" if bad else ""
             lines.append(f"{name + ':':<20}{rng}{flag}")
         lines += self._fidelity_lines()
-        for key in ("model", "data", "checkpoint", "checkpoint_sha256", "dir_file", "dir_file_sha256", "mpi_ranks",
-                    "rank_layout", "streamed", "created", "finished", "eval_seconds_total", "eval_seconds_per_point"):
+        for key in ("model", "data", "checkpoint", "checkpoint_sha256", "model2", "curve", "barrier_line",
+                    "barrier_curve", "dir_file", "dir_file_sha256", "mpi_ranks", "rank_layout", "streamed", "created",
+                    "finished", "eval_seconds_total", "eval_seconds_per_point"):
             if key in self.attrs and self.attrs[key] != "":
                 lines.append(f"{key + ':':<20}{self.attrs[key]}")
         for key in ("directions", "plan", "versions"):

@@ -14,8 +14,10 @@ from typing import cast
 
 import numpy as np
 
+from lsurf.engine.curve import coordinates, curve_plane, project, read_curve, recorded_ends
 from lsurf.engine.fidelity import title_line
 from lsurf.engine.levels import DEFAULT_LEVELS, color_range, contour_levels, is_geometric
+from lsurf.engine.models import file_sha256
 from lsurf.engine.surface_file import Surface
 from lsurf.errors import UserError
 
@@ -74,9 +76,11 @@ def read_projection(path: str | Path) -> dict:
 
 def plot_surface(surface: Surface, name: str = "train_loss", kind: str = "filled", *, vmin=None, vmax=None,
                  levels: int = DEFAULT_LEVELS, log: bool = False, size=(6.0, 5.0), projection: dict | None = None,
-                 dots: bool = False):
-    """One figure of a 2-D surface: ``kind`` in contour, filled, heatmap, surface3d. A coarse-to-fine
-    surface is drawn filled in (:meth:`Surface.interpolated`), its computed points as dots with ``dots``."""
+                 curve: dict | None = None, dots: bool = False):
+    """One figure of a 2-D surface: ``kind`` in contour, filled, heatmap, surface3d; ``projection``
+    (a training path) and ``curve`` (see :func:`read_curve_projection`) are drawn over it. A
+    coarse-to-fine surface is drawn filled in (:meth:`Surface.interpolated`), its computed points
+    as dots with ``dots``."""
     surface = surface.interpolated()
     from matplotlib.colors import LogNorm, Normalize
     from matplotlib.figure import Figure
@@ -114,7 +118,7 @@ def plot_surface(surface: Surface, name: str = "train_loss", kind: str = "filled
         else:
             mesh = ax.pcolormesh(X, Y, masked, cmap="viridis", norm=norm, shading="nearest")
             fig.colorbar(mesh, ax=ax, label=name)
-        draw_overlay(ax, surface, projection)
+        draw_overlay(ax, surface, projection, curve)
         if dots and surface.computed is not None:
             ax.plot(X[surface.computed], Y[surface.computed], ".", color="black", markersize=1.5)
         if comparable_axes(surface.x, y):
@@ -131,8 +135,25 @@ def comparable_axes(x: np.ndarray, y: np.ndarray) -> bool:
     return bool(rx > 0 and ry > 0 and 1 / 3 <= rx / ry <= 3)
 
 
-def draw_overlay(ax, surface: Surface, projection: dict | None) -> None:
-    """Model markers (planes through models) and a training path (PCA projection)."""
+def read_curve_projection(path: str | Path, surface: Surface, points: int = 101) -> dict:
+    """A curve of ``lsurf curve train`` drawn on its own plane (``surface`` must have been sampled
+    with ``--curve-plane``): (α, β) of ``points`` values of t, and of each bend."""
+    meta = surface.directions_meta
+    if meta.get("source") != "curve" or meta.get("curve_sha256") != file_sha256(path):
+        raise UserError(f"`curve` {str(path)!r} is drawn on the plane of the curve: {surface.path!r} is not that "
+                        "plane; sample it with `lsurf surface --curve-plane`")
+    stored = read_curve(path)
+    a, b = recorded_ends(stored)
+    curve = stored.curve(stored.names, a, b)
+    d1, d2 = curve_plane(curve)
+    xy = project(curve, d1, d2, np.linspace(0.0, 1.0, points).tolist())
+    bends = coordinates([[p - x for p, x in zip(bend, a)] for bend in curve.bends], d1, d2)
+    return {"x": xy[:, 0], "y": xy[:, 1], "bends": bends}
+
+
+def draw_overlay(ax, surface: Surface, projection: dict | None, curve: dict | None = None) -> None:
+    """Model markers (planes through models, a curve's ends and bend), a training path (PCA
+    projection) and a curve between two models (its projection and its bends)."""
     for m in _markers(surface):
         ax.plot(m["x"], m.get("y", 0.0), "o", color="white", markeredgecolor="black", markersize=7)
         ax.annotate(m["label"], (m["x"], m.get("y", 0.0)), textcoords="offset points", xytext=(6, 6), fontsize=9)
@@ -140,6 +161,10 @@ def draw_overlay(ax, surface: Surface, projection: dict | None) -> None:
         ax.plot(projection["x"], projection["y"], "-o", color="crimson", markersize=3, linewidth=1.5,
                 label="training path")
         ax.plot(projection["x"][-1], projection["y"][-1], "*", color="crimson", markersize=12)
+    if curve is not None:
+        ax.plot(curve["x"], curve["y"], "-", color="crimson", linewidth=1.8, label="curve")
+        ax.plot(curve["bends"][:, 0], curve["bends"][:, 1], "s", color="crimson", markersize=5)
+    if projection is not None or curve is not None:
         ax.legend(loc="upper right", fontsize=8)
 
 
@@ -154,14 +179,19 @@ def plot_curve(surface: Surface, *, log: bool = False, size=(6.0, 4.0), vmax=Non
     ax = fig.subplots()
     twin = ax.twinx()
     styles = {"train": "-", "test": "--"}
-    splits = sorted({n.split("_")[0] for n in surface.values if n.endswith(("_loss", "_acc"))})
-    for split in splits:
-        style = styles.get(split, ":")
-        if f"{split}_loss" in surface.values:
-            ax.plot(surface.x, quantity(surface, f"{split}_loss"), style, color="tab:blue", label=f"{split} loss")
-        if f"{split}_acc" in surface.values:
-            twin.plot(surface.x, quantity(surface, f"{split}_acc"), style, color="tab:red", label=f"{split} accuracy")
-    losses = np.concatenate([quantity(surface, f"{s}_loss").ravel() for s in splits if f"{s}_loss" in surface.values])
+    splits = sorted({n.split("_")[0] for n in surface.values if n.endswith(("_loss", "_acc"))} - {"line"})
+    # `lsurf curve eval` stores the straight line beside the curve as line_{split}_{loss,acc}: drawn in grey
+    for prefix, loss_colour, acc_colour, what in (("", "tab:blue", "tab:red", ""),
+                                                   ("line_", "tab:gray", "silver", " (line)")):
+        for split in splits:
+            style = styles.get(split, ":")
+            if f"{prefix}{split}_loss" in surface.values:
+                ax.plot(surface.x, quantity(surface, f"{prefix}{split}_loss"), style, color=loss_colour,
+                        label=f"{split} loss{what}")
+            if f"{prefix}{split}_acc" in surface.values:
+                twin.plot(surface.x, quantity(surface, f"{prefix}{split}_acc"), style, color=acc_colour,
+                          label=f"{split} accuracy{what}")
+    losses = np.concatenate([quantity(surface, n).ravel() for n in surface.values if n.endswith("_loss")])
     lo, hi = color_range(losses, None, vmax, log)
     pad = 0.05 * (hi - lo)
     ax.set_ylim((lo * 0.9, hi * 1.1) if log else (lo - pad, hi + pad))
@@ -171,7 +201,7 @@ def plot_curve(surface: Surface, *, log: bool = False, size=(6.0, 4.0), vmax=Non
         ax.axvline(m["x"], color="gray", linewidth=0.8)
         ax.annotate(m["label"], (m["x"], 1.0), xycoords=("data", "axes fraction"), xytext=(3, -12),
                     textcoords="offset points", fontsize=8)
-    ax.set_xlabel("α")
+    ax.set_xlabel("t (along the curve and the line)" if "barrier_curve" in surface.attrs else "α")
     ax.set_ylabel("loss", color="tab:blue")
     twin.set_ylabel("accuracy (%)", color="tab:red")
     handles = ax.get_legend_handles_labels()[0] + twin.get_legend_handles_labels()[0]
@@ -234,7 +264,8 @@ def _mean_over_spread(fig, ax, surface: Surface, z: np.ndarray, name: str, log: 
 
 
 def figures(surface: Surface, quantity_name: str = "train_loss", kinds: tuple[str, ...] = KINDS, *,
-            stem: str = "surface", projection: dict | None = None, dots: bool = False, **style) -> dict:
+            stem: str = "surface", projection: dict | None = None, curve: dict | None = None, dots: bool = False,
+            **style) -> dict:
     """``{file stem: Figure}`` of what ``lsurf plot`` draws: the loss/accuracy curve of a 1-D file,
     one figure per kind of a 2-D file, the spread of an ensemble of planes. ``style``: vmin, vmax,
     levels, log, size."""
@@ -243,8 +274,8 @@ def figures(surface: Surface, quantity_name: str = "train_loss", kinds: tuple[st
     if surface.ndim == 1:
         keep = {k: v for k, v in style.items() if k in ("log", "size", "vmax")}
         return {f"{stem}_curve": plot_curve(surface, **keep)}
-    return {f"{stem}_{quantity_name}_{k}": plot_surface(surface, quantity_name, k, projection=projection, dots=dots,
-                                                        **style) for k in kinds}
+    return {f"{stem}_{quantity_name}_{k}": plot_surface(surface, quantity_name, k, projection=projection, curve=curve,
+                                                        dots=dots, **style) for k in kinds}
 
 
 def parse_size(spec: str) -> tuple[float, float]:

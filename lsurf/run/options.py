@@ -47,7 +47,8 @@ class Options:
     """Everything a surface run needs to know; defaults are the CLI's defaults.
 
     Groups: what to load (model, checkpoint, data, subset, split, seq_len), the directions (seed,
-    norm, ignore, dir_type, same_dir, regenerate, dir_file, model2, model3, directions), the grid (x, y, planes), how to
+    norm, ignore, dir_type, same_dir, regenerate, dir_file, model2, model3, curve_plane, directions), the
+    grid (x, y, planes), how to
     evaluate (loss, ignore_index, output, dtype, device, threads, batch_size, points_per_pass, amp,
     tf32, layout, bn, hessian_iters, fidelity), fewer passes (budget and refine_tol: coarse-to-fine
     points; tolerance and min_samples: passes stopped once the loss is known well enough), how data
@@ -71,6 +72,7 @@ class Options:
     dir_file: str | None = None
     model2: str | None = None
     model3: str | None = None
+    curve_plane: str | None = None
     directions: DirectionSource = "random"
     x: str = "-1:1:51"
     y: str | None = None
@@ -145,6 +147,10 @@ class Options:
                             f"`{'dir_file' if self.dir_file else 'model2'}`")
         if self.directions != "random":
             self._check_hessian_directions()
+        clash = [n for n in ("dir_file", "model2", "regenerate") if getattr(self, n)] + ["planes"] * (self.planes > 1)
+        if self.curve_plane and clash:
+            raise UserError(f"`curve_plane` sets both directions (the plane of the curve): it cannot be combined "
+                            f"with `{clash[0]}`")
         if self.planes > 1 and (self.dir_file or self.model2):
             raise UserError(f"`planes` {self.planes} draws random planes (seeds `seed` to `seed` + {self.planes - 1}): "
                             f"it cannot be combined with `{'dir_file' if self.dir_file else 'model2'}`")
@@ -158,7 +164,7 @@ class Options:
                             "choose one")
 
     def _check_hessian_directions(self) -> None:
-        clash = [f"`{n}`" for n in ("dir_file", "model2", "regenerate", "same_dir") if getattr(self, n)]
+        clash = [f"`{n}`" for n in ("dir_file", "model2", "curve_plane", "regenerate", "same_dir") if getattr(self, n)]
         clash += ["`planes` > 1"] * (self.planes > 1) + ["`dir_type` states"] * (self.dir_type == "states")
         if clash:
             raise UserError(f"`directions` {self.directions} are Hessian eigenvectors of the weights: they "

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from torch import nn
 
+from lsurf.engine.curve import bend_coordinates, curve_plane, read_curve, recorded_ends
 from lsurf.engine.data import AnySplit, load_data
 from lsurf.engine.directions import (
     AnyDirections,
@@ -47,6 +48,8 @@ def directions_for(options: Options, model: nn.Module, two: bool | None = None) 
                         "lsurf.run.curvature.hessian_plane (or `lsurf hessian --save-directions`)")
     if options.model2:
         return _towards_models(options, model, two)
+    if options.curve_plane:
+        return _curve_plane(options, model, two)
     if options.dir_file:
         names, targets = target_tensors(model, options.dir_type)
         dirs = load_directions(options.dir_file, names, targets, two)
@@ -78,6 +81,31 @@ def _towards_models(options: Options, model: nn.Module, two: bool) -> Directions
         load_checkpoint(twin, path)
         states.append(twin.state_dict())
     return model_directions(model, states, options.dir_type, [str(p) for p in others])
+
+
+def _curve_plane(options: Options, model: nn.Module, two: bool) -> Directions:
+    """The plane of a curve of ``lsurf curve train``, centred on its model A (which must be the
+    checkpoint loaded): d₁ = B − A, d₂ towards the bend (see lsurf.engine.curve.curve_plane), with
+    A, B and the bend as markers."""
+    assert options.curve_plane is not None  # the caller comes here only with curve_plane set
+    if not two:
+        raise UserError("`curve_plane` is a plane: give `y` too")
+    stored = read_curve(options.curve_plane)
+    if not options.checkpoint or file_sha256(options.checkpoint) != stored.attrs.get("checkpoint_sha256"):
+        raise UserError(f"`checkpoint` {options.checkpoint!r} is not model A of curve {options.curve_plane!r} "
+                        f"(that was {stored.attrs.get('checkpoint')!r}): the plane is centred on it")
+    _, b = recorded_ends(stored)
+    names, targets = target_tensors(model, "weights")
+    curve = stored.curve(names, [t.detach().cpu() for t in targets], [x.to(t) for x, t in zip(b, targets)])
+    d1, d2 = curve_plane(curve)
+    xb, yb = bend_coordinates(curve, d1, d2)
+    label = "bend" if curve.num_bends == 1 else "curve at t=1/2"
+    marks = [{"label": "model A", "x": 0.0, "y": 0.0}, {"label": "model B", "x": 1.0, "y": 0.0},
+             {"label": label, "x": float(xb), "y": float(yb)}]
+    meta = {"source": "curve", "dir_type": "weights", "curve": options.curve_plane,
+            "curve_sha256": file_sha256(options.curve_plane),
+            "models": [stored.attrs.get("checkpoint"), stored.attrs.get("model2")], "markers": marks}
+    return Directions(names, d1, d2, meta)
 
 
 def save_direction_file(dirs: AnyDirections, options: Options) -> None:

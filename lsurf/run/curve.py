@@ -1,0 +1,269 @@
+"""The curve jobs of mode connectivity, from :class:`Options` (``checkpoint`` is model A, ``model2``
+model B) on every rank of an MPI job (``comm`` None: one process).
+
+:func:`train_curve_job` trains the bends data-parallel (every rank takes its share of every batch;
+gradients are added over the ranks) and rewrites the curve file ``options.out`` after every epoch,
+so the same command run again continues from the last finished epoch. :func:`eval_curve_job`
+shares the points t among the ranks, evaluates the curve and the straight line at each, and writes
+a 1-D surface file (axis t) that ``lsurf plot`` and ``lsurf info`` read.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from lsurf._version import __version__
+from lsurf.engine import surface_file
+from lsurf.engine.curve import (
+    Curve,
+    Progress,
+    StoredCurve,
+    Training,
+    check_same_architecture,
+    check_shape,
+    parameters_of,
+    read_curve,
+    save_curve,
+    train_curve,
+)
+from lsurf.engine.data import AnySplit, Split
+from lsurf.engine.directions import Directions, model_directions
+from lsurf.engine.evaluate import evaluator, resolve_loss
+from lsurf.engine.grid import Grid, Tile
+from lsurf.engine.metrics import metrics_for, quantity_names
+from lsurf.engine.models import file_sha256, read_state_dict
+from lsurf.errors import UserError
+from lsurf.run.options import Options
+from lsurf.run.provenance import Provenance
+from lsurf.run.runtime import choose_device
+from lsurf.run.sources import load_inputs
+from lsurf.run.world import World, abort_on_failure
+
+Log = Callable[[str], None]
+Ends = tuple[list[str], list[torch.Tensor], list[torch.Tensor]]  # parameter names, values at A, values at B
+
+
+@dataclass(frozen=True)
+class CurveSpec:
+    """What ``lsurf curve train`` adds to the options: the curve's shape and how it is trained."""
+
+    bends: int = 1
+    curve_type: str = "bezier"
+    training: Training = field(default_factory=Training)
+
+    def __post_init__(self) -> None:
+        check_shape(self.curve_type, self.bends)
+
+
+def ends(model: nn.Module, options: Options) -> Ends:
+    """The parameters' names and values at model A (the model as loaded, at ``checkpoint``) and at
+    model B (``model2``), refused unless both are the same architecture."""
+    if not options.checkpoint or not options.model2:
+        raise UserError("a curve joins two models: give `checkpoint` (model A) and `model2` (model B)")
+    state = read_state_dict(options.model2)
+    check_same_architecture(model.state_dict(), state, options.model2)
+    names, a = parameters_of(model)
+    return names, a, [state[n].to(x) for n, x in zip(names, a)]
+
+
+def train_curve_job(options: Options, spec: CurveSpec, comm: Any = None, log: Log | None = None) -> StoredCurve | None:
+    """Train the curve between ``checkpoint`` and ``model2`` into ``options.out``; returns the file
+    read back on rank 0 (None elsewhere). An existing file made the same way is continued (to
+    ``spec.training.epochs``); one made otherwise is refused unless ``overwrite``."""
+    w = World.of(comm)
+    log = log or (lambda m: None)
+    with abort_on_failure(w):
+        model, split, (names, a, b) = w.agree(lambda: _train_inputs(options))
+        dev = w.agree(lambda: choose_device(w, options.device))
+        attrs = _curve_attrs(options, spec) if w.is_root else {}
+        with contextlib.ExitStack() as stack:
+            def prepare() -> bool:
+                if not w.is_root:
+                    return False
+                stack.enter_context(surface_file.exclusive_lock(options.out))
+                return _resumable(Path(options.out), json.loads(attrs["identity"]), options.overwrite)
+
+            resume = w.bcast(w.agree(prepare))
+            curve, progress = _start(options.out if resume else None, spec, names, a, b)
+            if w.is_root:
+                log(_plan_line(options.out, spec, progress, w.size))
+
+            def saved(c: Curve, p: Progress) -> None:
+                if w.is_root:
+                    save_curve(options.out, c, p, attrs)
+                    log(f"epoch {p.epochs_done}/{spec.training.epochs}: train loss {p.train_loss[-1]:.4f}, "
+                        f"lr {p.lr[-1]:.4g}")
+            group = w.groups(w.size)  # all ranks: its allreduce adds the gradients
+            try:
+                train_curve(model, curve, split, spec.training, progress, loss_fn=resolve_loss(options.loss,
+                            options.ignore_index), output=options.output, shard=(w.rank, w.size),
+                            reduce=group.add_sums(), device=dev, on_epoch=saved)
+            finally:
+                group.free()
+        return read_curve(options.out) if w.is_root else None
+
+
+def _plan_line(out: str, spec: CurveSpec, progress: Progress, ranks: int) -> str:
+    done, epochs = progress.epochs_done, spec.training.epochs
+    if done >= epochs:
+        return f"curve: {out} has {done} epochs already: nothing to do"
+    bends = f"{spec.bends} bend{'s' * (spec.bends > 1)}"
+    return f"curve: {spec.curve_type}, {bends}, epochs {done + 1} to {epochs} on {ranks} rank{'s' * (ranks > 1)}"
+
+
+def _train_inputs(options: Options) -> tuple[nn.Module, Split, Ends]:
+    model, data = load_inputs(options)
+    if data is None or "train" not in data:
+        raise UserError("`data` with a train split is needed to train a curve")
+    return model, data["train"].materialise(), ends(model, options)
+
+
+def _curve_attrs(options: Options, spec: CurveSpec) -> dict[str, Any]:
+    """The curve file's provenance, and the identity a resumed run must match."""
+    assert options.checkpoint and options.model2  # checked by ends()
+    hashes = {"checkpoint_sha256": file_sha256(options.checkpoint), "model2_sha256": file_sha256(options.model2)}
+    identity = {"model": options.model, **hashes, "curve_type": spec.curve_type, "bends": spec.bends,
+                "data": options.data, "subset": options.subset, "seq_len": options.seq_len, "dtype": options.dtype,
+                "loss": options.loss, "ignore_index": options.ignore_index, "output": options.output,
+                **spec.training.identity()}
+    config = {**options.as_dict(), "bends": spec.bends, "curve_type": spec.curve_type,
+              **{k: getattr(spec.training, k) for k in ("epochs", *spec.training.identity())}}
+    return {"identity": json.dumps(identity), "config": json.dumps(config, default=str), "model": options.model,
+            "data": options.data or "", "checkpoint": options.checkpoint, "model2": options.model2, **hashes,
+            "lsurf_version": __version__}
+
+
+def _resumable(path: Path, identity: dict, overwrite: bool) -> bool:
+    """Whether ``path`` holds a curve this run continues; one made otherwise is refused, untouched."""
+    if overwrite or not path.exists():
+        return False
+    old = json.loads(read_curve(path).attrs.get("identity", "{}"))
+    for key, value in identity.items():
+        if old.get(key) != value:
+            raise UserError(f"{str(path)!r} exists but was made with another {key.replace('_', ' ')} "
+                            f"({old.get(key)!r}, now {value!r}): use `overwrite` to start again")
+    return True
+
+
+def _start(path: str | None, spec: CurveSpec, names: list[str], a: list[torch.Tensor],
+           b: list[torch.Tensor]) -> tuple[Curve, Progress]:
+    """The curve and progress to train from: the file's (``path``), or bends on the straight line."""
+    if path is None:
+        return Curve.straight(spec.curve_type, names, a, b, spec.bends), Progress()
+    stored = read_curve(path)
+    return stored.curve(names, a, b), stored.progress
+
+
+def eval_curve_job(options: Options, curve_path: str, points: int, comm: Any = None,
+                   log: Log | None = None) -> surface_file.Surface | None:
+    """Loss and accuracy at ``points`` values of t in [0, 1] along the curve (quantities
+    ``train_loss``, ...) and along the straight line (``line_train_loss``, ...) into the 1-D surface
+    file ``options.out``, with the barriers (highest train loss along the path minus the mean of
+    the ends') as attributes ``barrier_curve`` and ``barrier_line``. Returns the surface on rank 0.
+    An existing output made the same way is computed afresh (a curve's few points need no resume);
+    one made otherwise is refused unless ``overwrite``."""
+    w = World.of(comm)
+    log = log or (lambda m: None)
+    with abort_on_failure(w):
+        model, data, curve, dirs, stored = w.agree(lambda: _eval_inputs(options, curve_path, points))
+        dev = w.agree(lambda: choose_device(w, options.device))
+        opts = options.replace(bn="recalibrate" if _has_batchnorm(model) else options.bn)
+        grid = Grid(np.linspace(0.0, 1.0, points))
+        prov = Provenance.of(opts)
+        identity = {**prov.identity([dirs], data, opts, fingerprints=w.is_root),
+                    "curve_sha256": file_sha256(curve_path)}
+        with contextlib.ExitStack() as stack:
+            def prepare() -> None:
+                if w.is_root:
+                    stack.enter_context(surface_file.exclusive_lock(opts.out))
+                    surface_file.accept(opts.out, grid, identity, opts.overwrite)  # refuses a file made otherwise
+
+            w.agree(prepare)
+            mine = list(range(w.rank, points, w.size))
+            rows = _evaluate(model, data, curve, dirs, [float(grid.x[i]) for i in mine], opts, dev)
+            gathered = w.gather(list(zip(mine, rows)))
+            if w.is_root:
+                assert gathered is not None
+                ordered = [row for _, row in sorted(pair for part in gathered for pair in part)]
+                attrs = {**prov.attrs([dirs], w.size), **_eval_attrs(opts, curve_path, stored, ordered)}
+                _write(opts.out, grid, _quantities(data, opts), identity, attrs, ordered)
+                log(f"barrier (train loss): line {attrs['barrier_line']:.4g}, curve {attrs['barrier_curve']:.4g}")
+        return surface_file.read_surface(opts.out) if w.is_root else None
+
+
+def _eval_inputs(options: Options, curve_path: str, points: int
+                 ) -> tuple[nn.Module, dict[str, AnySplit], Curve, Directions, StoredCurve]:
+    """Model A, the data, the curve read from ``curve_path`` and the line's direction B − A; the
+    curve must have been trained between these very checkpoints."""
+    if points < 2:
+        raise UserError(f"`points` {points}: must be at least 2 (the two ends)")
+    stored = read_curve(curve_path)
+    model, data = load_inputs(options)
+    if data is None:
+        raise UserError("`data` is needed to evaluate a curve")
+    names, a, b = ends(model, options)
+    for key, path in (("checkpoint", options.checkpoint), ("model2", options.model2)):
+        assert path is not None  # ends() checked
+        if file_sha256(path) != stored.attrs.get(f"{key}_sha256"):
+            raise UserError(f"`{key}` {path!r} is not the model curve {curve_path!r} was trained from "
+                            f"(that was {stored.attrs.get(key)!r}; the sha256 differs)")
+    dirs = model_directions(model, [dict(zip(names, b))], "weights", [str(options.model2)])
+    return model, data, stored.curve(names, a, b), dirs, stored
+
+
+def _has_batchnorm(model: nn.Module) -> bool:
+    """BatchNorm statistics at a point between two models are neither model's: such models are
+    evaluated with statistics recalibrated on the train split at every point."""
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+
+
+def _evaluate(model: nn.Module, data: dict[str, AnySplit], curve: Curve, dirs: Directions, ts: list[float],
+              opts: Options, dev: torch.device) -> list[dict[str, float]]:
+    """The curve's values (by their names) and the line's (``line_`` names) at each t of ``ts``."""
+    if not ts:
+        return []
+    with evaluator(model, data, dirs, device=dev, dtype=opts.torch_dtype, batch_size=opts.batch_size or 128,
+                   loss=opts.loss, bn=opts.bn, output=opts.output, ignore_index=opts.ignore_index) as ev:
+        return [{**ev.evaluate_offset(curve.offset(t)), **{f"line_{k}": v for k, v in ev.evaluate(t).items()}}
+                for t in ts]
+
+
+def _quantities(data: dict[str, AnySplit], opts: Options) -> list[str]:
+    names = quantity_names(data, False, metrics_for(next(iter(data.values())).rows(0, 1)[1], opts.ignore_index))
+    return names + [f"line_{n}" for n in names]
+
+
+def barrier(losses: np.ndarray) -> float:
+    """The highest loss along a path minus the mean of its two ends' (Garipov et al.'s barrier)."""
+    return float(np.max(losses) - (losses[0] + losses[-1]) / 2)
+
+
+def _eval_attrs(opts: Options, curve_path: str, stored: StoredCurve, rows: list[dict[str, float]]) -> dict[str, Any]:
+    split = "train" if "train" in opts.split else opts.split[0]
+    curve = np.array([r[f"{split}_loss"] for r in rows])
+    line = np.array([r[f"line_{split}_loss"] for r in rows])
+    assert opts.model2 is not None
+    return {"curve": curve_path, "curve_sha256": file_sha256(curve_path), "curve_type": stored.kind,
+            "bends": len(stored.bends), "model2": opts.model2, "model2_sha256": file_sha256(opts.model2),
+            "barrier_split": split, "barrier_curve": barrier(curve), "barrier_line": barrier(line),
+            "markers": json.dumps([{"label": "model A", "x": 0.0, "y": 0.0}, {"label": "model B", "x": 1.0, "y": 0.0}])}
+
+
+def _write(path: str, grid: Grid, quantities: list[str], identity: dict, attrs: dict,
+           rows: list[dict[str, float]]) -> None:
+    """The 1-D surface file, created whole (atomically, as every surface file) and then filled."""
+    surface_file.create(path, grid, quantities, identity, attrs)
+    writer = surface_file.TileWriter(path, grid)
+    try:
+        writer.write(Tile(0, 0, 1, 0, len(grid.x)), {q: np.array([r[q] for r in rows]) for q in quantities})
+    finally:
+        writer.close()
