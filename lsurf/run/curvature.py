@@ -175,7 +175,8 @@ def fidelity_skipped(options: Options, data: dict[str, AnySplit], grid: Grid, pl
     sizes = [len(s) for s in data.values() if not isinstance(s, BatchStreamSplit)]
     if len(sizes) < len(data):
         return "not measured: a split is a stream of unknown length (`fidelity` on measures it anyway)"
-    cost = relative_cost(LANCZOS_STEPS + TRACE_SAMPLES + 2 * planes, sizes[0], grid.num_points, sum(sizes))
+    points = min(grid.num_points, options.budget or grid.num_points)  # coarse to fine: at most its budget
+    cost = relative_cost(LANCZOS_STEPS + TRACE_SAMPLES + 2 * planes, sizes[0], points, sum(sizes))
     if cost >= AUTO_FIDELITY_SHARE:
         return f"not measured: it would cost {100 * cost:.0f} % of the run (`fidelity` on measures it anyway)"
     return None

@@ -362,7 +362,8 @@ def _run_rounds(w: World, group: Group, evaluators: _PlaneEvaluators, grid: Grid
         if step is None:
             return stats
         wanted, existing = step
-        log(f"round {refiner.rounds}: {int(wanted.sum())} points, {int(refiner.selected.sum())} chosen so far")
+        if w.is_root:
+            log(f"round {refiner.rounds}: {int(wanted.sum())} points, {int(refiner.selected.sum())} chosen so far")
         done = _run(w, group, evaluators, grid, path, existing, opts, log, wanted=wanted.reshape(grid.shape))
         stats = {k: v + stats.get(k, 0) if k != "rank" else v for k, v in done.items()}
 
