@@ -8,6 +8,7 @@ import sys
 
 from lsurf.cli import common
 from lsurf.engine.curve import CURVE_TYPES, Training
+from lsurf.errors import UserError
 from lsurf.run.curve import CurveSpec, eval_curve_job, train_curve_job
 from lsurf.run.runtime import configure_process, install_abort_hook, launcher_comm
 from lsurf.run.world import World
@@ -64,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
         values = w.agree(lambda: common.merged_values(args, extra=_TRAIN))
         extra = {k: values.pop(k) for k in _TRAIN if k in values}
         shape = {k: extra.pop(k) for k in ("bends", "curve_type") if k in extra}
-        options = w.agree(lambda: common.options_from(values, split=("train",)))
+        options = w.agree(lambda: common.options_from(_train_split(values), split=("train",)))
         spec = w.agree(lambda: CurveSpec(**shape, training=Training(
             **extra, batch_size=options.batch_size or Training.batch_size, seed=options.seed)))
         w.agree(lambda: configure_process(w, options.device, options.threads, options.tf32))
@@ -76,7 +77,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
     values = w.agree(lambda: common.merged_values(args, extra=("curve_file", "points")))
     path, points = values.pop("curve_file"), values.pop("points", _POINTS)
-    options = w.agree(lambda: common.options_from(values, split=("train", "test")))
+    options = w.agree(lambda: common.options_from({"split": ("train", "test"), **values}))  # both unless told
     w.agree(lambda: configure_process(w, options.device, options.threads, options.tf32))
     surface = eval_curve_job(options, path, points, comm, log)
     if surface is not None:
@@ -85,6 +86,16 @@ def run(args: argparse.Namespace) -> int:
               + (f", curve/line {curve / line:.3g}" if line > 0 else ""))
         print(f"wrote {options.out} ({points} points)")
     return 0
+
+
+def _train_split(values: dict) -> dict:
+    """The values of ``curve train``, which learns on the train split: another split is refused, not ignored."""
+    split = values.get("split") or ("train",)
+    names = tuple(s.strip() for s in split.split(",")) if isinstance(split, str) else tuple(split)
+    if names != ("train",):
+        raise UserError(f"`split` {split!r}: a curve is trained on the train split (`lsurf curve eval` takes "
+                        "`split`)")
+    return values
 
 
 def _epochs(n: int) -> str:
