@@ -5,13 +5,9 @@
 # on it (docs/curve_plane.png). 2 CPU cores, about two minutes.
 # Usage: bash docs/curve.sh [WORK_DIR] [CURVE_EPOCHS] [LR]
 set -euo pipefail
-cd "$(dirname "$0")/.."
-export PATH="$PWD/.venv/bin:$PATH" OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 PYTHONPATH="$PWD"
-work="${1:-$(mktemp -d)}"
+. "$(dirname "$0")/setup.sh" "${1:-}"  # cd to the repository, PATH, MPI as root, $work, $ranks
 epochs="${2:-10}"
 lr="${3:-0.05}"
-mkdir -p "$work"
-ranks=(mpirun -n 2 --oversubscribe python -m lsurf)
 for seed in 0 1; do
     [ -f "$work/s$seed/model_8.t7" ] || lsurf train --model cnn --data digits --epochs 8 --seed "$seed" \
         --out-dir "$work/s$seed" > /dev/null

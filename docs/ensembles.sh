@@ -3,11 +3,7 @@
 # 1-D planes of each, and their average- and worst-case sharpness. Runs on 2 CPU cores in about a minute.
 # Usage: bash docs/ensembles.sh [WORK_DIR]   (writes docs/ensemble_band.png and prints the table)
 set -euo pipefail
-cd "$(dirname "$0")/.."
-export PATH="$PWD/.venv/bin:$PATH" OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
-work="${1:-$(mktemp -d)}"
-mkdir -p "$work"
-ranks=(mpirun -n 2 --oversubscribe python -m lsurf)
+. "$(dirname "$0")/setup.sh" "${1:-}"  # cd to the repository, PATH, MPI as root, $work, $ranks
 for model in cnn mlp; do
     lsurf train --model "$model" --data digits --epochs 10 --out-dir "$work/$model" > /dev/null
     ckpt="$work/$model/model_10.t7"

@@ -3,11 +3,7 @@
 # same digits CNN, each with the curvature its axes see under the title. 2 CPU cores, a few minutes.
 # Usage: bash docs/fidelity.sh [WORK_DIR]   (writes docs/fidelity_planes.png and prints the info lines)
 set -euo pipefail
-cd "$(dirname "$0")/.."
-export PATH="$PWD/.venv/bin:$PATH" OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
-work="${1:-$(mktemp -d)}"
-mkdir -p "$work"
-ranks=(mpirun -n 2 --oversubscribe python -m lsurf)
+. "$(dirname "$0")/setup.sh" "${1:-}"  # cd to the repository, PATH, MPI as root, $work, $ranks
 lsurf train --model cnn --data digits --epochs 10 --out-dir "$work/cnn" > /dev/null
 ckpt="$work/cnn/model_10.t7"
 for plane in random hessian:max,min; do
