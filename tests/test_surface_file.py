@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import signal
+
 import h5py
 import numpy as np
 import pytest
@@ -85,3 +88,43 @@ def test_partial_file_has_nan_where_not_done(tmp_path):
     assert s.done[0].all() and not s.done[1:].any()
     np.testing.assert_array_equal(s.values["train_loss"][0], np.arange(4.0))
     assert np.isnan(s.values["train_loss"][1:]).all()
+
+
+class _SignalsMidWrite(dict):
+    """Tile values that send this process a real signal once the first quantity is written."""
+
+    def __init__(self, sig, **values):
+        super().__init__(**values)
+        self.sig = sig
+
+    def items(self):
+        for k, item in enumerate(super().items()):
+            if k == 1:
+                os.kill(os.getpid(), self.sig)
+            yield item
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_an_interrupt_mid_tile_lands_after_the_whole_tile(sig, tmp_path):
+    """Ctrl-C or mpirun's SIGTERM during a write: the tile is written whole, done included, and the
+    interrupt then reaches the caller's handler (which is back in place)."""
+    from lsurf.engine.grid import Grid, Tile
+    from lsurf.engine.surface_file import TileWriter, create, read_surface
+
+    grid = Grid(np.linspace(0, 1, 4), np.linspace(0, 1, 3))
+    create(tmp_path / "p.h5", grid, ["train_loss", "train_acc"], {}, {})
+    w = TileWriter(tmp_path / "p.h5", grid)
+    got: list[tuple[int, bool]] = []
+
+    def mine(number, _frame):
+        got.append((number, bool(w.f["done"][0].all())))  # was the tile whole when the signal arrived?
+
+    before = signal.signal(sig, mine)
+    try:
+        w.write(Tile(0, 0, 1, 0, 4), _SignalsMidWrite(sig, train_loss=np.arange(4.0)[None], train_acc=np.ones((1, 4))))
+        assert got == [(sig, True)] and signal.getsignal(sig) is mine  # delivered once, after, to the caller's handler
+    finally:
+        signal.signal(sig, before)
+        w.close()
+    s = read_surface(tmp_path / "p.h5")
+    assert s.done[0].all() and np.isfinite(s.values["train_acc"][0]).all()

@@ -10,7 +10,8 @@ An ensemble of K planes adds a leading axis, (K, ny, nx), with its own scale ``p
 Crash safety: the file is created complete (every dataset allocated and filled with NaN) under a
 temporary name, closed and renamed into place. During a run only raw values are written into
 that fixed storage, so a killed process leaves a valid file whose ``done`` mask says what is
-finished.
+finished: an interrupt (SIGINT, SIGTERM) waits until the tile being written is whole, and only a
+SIGKILL mid-tile can leave values without ``done`` (they are computed again on resume).
 """
 
 from __future__ import annotations
@@ -19,7 +20,10 @@ import contextlib
 import fcntl
 import json
 import os
+import signal
+import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -174,6 +178,34 @@ def tile_slice(grid: Grid, tile: Tile) -> tuple[slice | int, ...]:
     return rows_cols if grid.planes is None else (tile.plane, *rows_cols)
 
 
+_INTERRUPTS = (signal.SIGINT, signal.SIGTERM)
+
+
+@contextlib.contextmanager
+def _interrupts_deferred() -> Iterator[None]:
+    """SIGINT and SIGTERM (Ctrl-C, mpirun forwarding one, Slurm's end of time) are held while a
+    tile is written and delivered after it, to the handlers the caller had: a tile is then either
+    written whole, ``done`` included, or not at all. Handlers, not a signal mask: a process-directed
+    signal that the main thread blocks goes to another thread (MPI's, our progress thread), and
+    Python still raises it in the main thread at once. Only the main thread may set handlers; a
+    write from another thread, or past handlers Python cannot restore (set in C), goes ahead
+    undeferred."""
+    previous = {s: signal.getsignal(s) for s in _INTERRUPTS}
+    if threading.current_thread() is not threading.main_thread() or None in previous.values():
+        yield
+        return
+    caught: list[int] = []
+    for s in _INTERRUPTS:
+        signal.signal(s, lambda number, _frame: caught.append(number))
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        for number in caught:
+            signal.raise_signal(number)
+
+
 class TileWriter:
     """Writes finished tiles (values first, then ``done``) into an open file.
 
@@ -196,11 +228,12 @@ class TileWriter:
         t0 = time.perf_counter()
         sl = tile_slice(self.grid, tile)
         shape = tuple(s.stop - s.start for s in sl if isinstance(s, slice))  # (rows, columns), or a curve's columns
-        for name, arr in values.items():
-            self.datasets[name][sl] = arr.reshape(shape)
-        self.f["done"][sl] = 1 if held is None else held.reshape(shape).astype(np.uint8)
-        if not self.parallel:
-            self.f.flush()  # the serial driver buffers small writes; H5Fflush is collective under mpio
+        with _interrupts_deferred():
+            for name, arr in values.items():
+                self.datasets[name][sl] = arr.reshape(shape)
+            self.f["done"][sl] = 1 if held is None else held.reshape(shape).astype(np.uint8)
+            if not self.parallel:
+                self.f.flush()  # the serial driver buffers small writes; H5Fflush is collective under mpio
         self.seconds += time.perf_counter() - t0
 
     def close(self) -> None:
