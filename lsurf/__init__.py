@@ -31,7 +31,7 @@ from lsurf.engine.surface_file import Surface, read_surface
 from lsurf.errors import UserError
 from lsurf.post.plot import plot_curve, plot_surface
 from lsurf.post.vtkfile import write_vtk
-from lsurf.run.curve import CurveSpec, eval_curve_job, train_curve_job
+from lsurf.run.curve import CurveSpec, eval_curve_job, train_curve_job, with_curve_inputs
 from lsurf.run.options import Options
 from lsurf.run.provenance import Provenance
 from lsurf.run.runtime import configure_process
@@ -43,5 +43,5 @@ __all__ = [
     "UserError", "build_model", "configure_process", "directions_for", "eval_curve_job", "evaluator",
     "load_checkpoint", "load_data", "load_directions", "load_inputs", "load_model", "plot_curve", "plot_surface",
     "preserved", "random_directions", "read_curve", "read_surface", "run_surface", "sample_surface",
-    "save_directions", "train_curve_job", "write_vtk",
+    "save_directions", "train_curve_job", "with_curve_inputs", "write_vtk",
 ]

@@ -163,12 +163,13 @@ def test_a_curve_resumes_where_it_stopped(pair, tmp_path):
 
 
 def test_the_plane_of_the_curve_is_an_ordinary_surface(pair, tmp_path):
-    """``surface --curve-plane``: (0, 0) is model A, (1, 0) model B, the bend lies at β = 1; ``plot
-    --curve`` draws the curve on it, and refuses a plane the curve does not lie in."""
+    """``surface --curve-plane`` (centred on the curve's model A unless told otherwise): (0, 0) is
+    model A, (1, 0) model B, the bend lies at β = 1; ``plot --curve`` draws the curve on it, and
+    refuses a plane the curve does not lie in."""
     a, b = pair
     curve, plane = tmp_path / "curve.h5", tmp_path / "plane.h5"
     lsurf("curve", "train", *DIGITS, "--subset", "300", *_ends(a, b), "--epochs", "1", "--out", curve, check=True)
-    lsurf("surface", *DIGITS, "--checkpoint", a, "--curve-plane", curve, "--x", "0:1:3", "--y", "0:1:2",
+    lsurf("surface", "--curve-plane", curve, "--x", "0:1:3", "--y", "0:1:2",  # model, checkpoint A, data: the curve's
           "--dtype", "float64", "--no-progress", "--out", plane, check=True)
     s = read_surface(plane)
     assert s.values["train_loss"][0, 0] == pytest.approx(_own_loss(a), abs=1e-6)
@@ -185,6 +186,25 @@ def test_the_plane_of_the_curve_is_an_ordinary_surface(pair, tmp_path):
     assert refused.returncode == 2 and "--curve-plane" in refused.stderr
 
 
+def test_recorded_inputs_fill_what_is_not_given_and_a_missing_end_is_named(tmp_path):
+    from lsurf.engine.curve import save_curve
+    from lsurf.errors import UserError
+    from lsurf.run.curve import with_curve_inputs
+
+    (tmp_path / "a.t7").write_bytes(b"")
+    x = [torch.zeros(2)]
+    config = {"model": "mlp", "checkpoint": str(tmp_path / "a.t7"), "model2": "gone/b.t7", "data": "digits",
+              "subset": 300, "dtype": "float64", "seq_len": None}
+    save_curve(tmp_path / "c.h5", Curve.straight("bezier", ["w"], x, x, 1), Progress(),
+               {"config": json.dumps(config)})
+    with pytest.raises(UserError, match="'gone/b.t7', which is not found from here: give `model2`"):
+        with_curve_inputs(str(tmp_path / "c.h5"), {})
+    got = with_curve_inputs(str(tmp_path / "c.h5"), {"model2": "mine.t7", "data": "synthetic"})
+    assert got == {"model": "mlp", "checkpoint": str(tmp_path / "a.t7"), "model2": "mine.t7", "data": "synthetic"}
+    plane = with_curve_inputs(str(tmp_path / "c.h5"), {}, plane=True)  # centred on A: no model2 to look for
+    assert plane == {"model": "mlp", "checkpoint": str(tmp_path / "a.t7"), "data": "digits"}
+
+
 BN_MODEL = """
 import torch
 def make():
@@ -195,7 +215,8 @@ def make():
 
 def test_a_batchnorm_model_is_evaluated_with_recalibrated_statistics(tmp_path):
     """BatchNorm statistics between two models are neither's: ``eval`` recalibrates them at every t,
-    and its straight line is what ``lsurf surface --model2 --bn recalibrate`` samples."""
+    and its straight line is what ``lsurf surface --model2 --bn recalibrate`` samples. ``eval`` takes
+    the model, data and ends from the curve file."""
     (tmp_path / "bnnet.py").write_text(BN_MODEL)
     env = {"PYTHONPATH": f"{tmp_path}:{REPO}"}
     model = ["--model", "bnnet:make", "--data", "digits", "--subset", "300"]
@@ -203,8 +224,8 @@ def test_a_batchnorm_model_is_evaluated_with_recalibrated_statistics(tmp_path):
         lsurf("train", *model, "--epochs", "1", "--seed", seed, "--out-dir", tmp_path / f"s{seed}", env=env, check=True)
     ends = _ends(tmp_path / "s0" / "model_1.t7", tmp_path / "s1" / "model_1.t7")
     lsurf("curve", "train", *model, *ends, "--epochs", "1", "--out", tmp_path / "c.h5", env=env, check=True)
-    lsurf("curve", "eval", tmp_path / "c.h5", *model, *ends, "--points", "3", "--out", tmp_path / "along.h5",
-          env=env, check=True)
+    lsurf("curve", "eval", tmp_path / "c.h5", "--subset", "300", "--points", "3", "--out", tmp_path / "along.h5",
+          env=env, check=True)  # the plug-in model, its data and both ends as `curve train` recorded them
     lsurf("surface", *model, *ends, "--bn", "recalibrate", "--x", "0:1:3", "--no-progress",
           "--out", tmp_path / "line.h5", env=env, check=True)
     along, line = read_surface(tmp_path / "along.h5"), read_surface(tmp_path / "line.h5")

@@ -135,8 +135,9 @@ def add_directions(p: argparse.ArgumentParser) -> None:
     g.add_argument("--model3", default=SUPPRESS,
                    help="with --model2: y direction = model3 - checkpoint, the plane of 3 models")
     g.add_argument("--curve-plane", default=SUPPRESS, metavar="CURVE",
-                   help="the plane of a curve of `lsurf curve train` through its model A (= --checkpoint), "
-                   "its bend and model B: x = B - A, y = bend - A made orthogonal to x")
+                   help="the plane of a curve of `lsurf curve train` through its model A, its bend and model "
+                   "B: x = B - A, y = bend - A made orthogonal to x (model, checkpoint and data: the curve's "
+                   "unless given)")
 
 
 def add_evaluation(p: argparse.ArgumentParser) -> None:

@@ -9,7 +9,7 @@ import sys
 from lsurf.cli import common
 from lsurf.engine.curve import CURVE_TYPES, Training
 from lsurf.errors import UserError
-from lsurf.run.curve import CurveSpec, eval_curve_job, train_curve_job
+from lsurf.run.curve import CurveSpec, eval_curve_job, train_curve_job, with_curve_inputs
 from lsurf.run.runtime import configure_process, install_abort_hook, launcher_comm
 from lsurf.run.world import World
 
@@ -38,7 +38,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", type=int, default=SUPPRESS, help="seed of the batches and of t (default 0)")
     e = sub.add_parser("eval", help="loss and accuracy along a curve and along the straight line",
                        description="Loss and accuracy on train and test at --points values of t along the curve "
-                       "and the straight line, into a 1-D surface file; prints both barriers.")
+                       "and the straight line, into a 1-D surface file; prints both barriers. The models and "
+                       "data are the curve's (as `curve train` recorded them) unless given.")
     e.add_argument("curve_file", metavar="CURVE", help="a file of `lsurf curve train`")
     _add_inputs(e, "the 1-D surface file to write (axis t)")
     e.add_argument("--points", type=int, default=SUPPRESS, help=f"values of t in [0, 1] (default {_POINTS})")
@@ -77,7 +78,8 @@ def run(args: argparse.Namespace) -> int:
         return 0
     values = w.agree(lambda: common.merged_values(args, extra=("curve_file", "points")))
     path, points = values.pop("curve_file"), values.pop("points", _POINTS)
-    options = w.agree(lambda: common.options_from({"split": ("train", "test"), **values}))  # both unless told
+    values = w.agree(lambda: with_curve_inputs(path, values))  # the curve's models and data unless told otherwise
+    options = w.agree(lambda: common.options_from({"split": ("train", "test"), **values}))
     w.agree(lambda: configure_process(w, options.device, options.threads, options.tf32))
     surface = eval_curve_job(options, path, points, comm, log)
     if surface is not None:

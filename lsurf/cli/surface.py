@@ -9,6 +9,7 @@ from pathlib import Path
 
 from lsurf.cli import common
 from lsurf.engine.surface_file import completion
+from lsurf.run.curve import with_curve_inputs
 from lsurf.run.runtime import configure_process, install_abort_hook, launcher_comm
 from lsurf.run.sampler import run_surface
 from lsurf.run.world import World
@@ -42,7 +43,7 @@ def run(args: argparse.Namespace) -> int:
     comm = launcher_comm()
     w = World.of(comm)
     install_abort_hook(w)
-    options = w.agree(lambda: common.options_from(common.merged_values(args)))
+    options = w.agree(lambda: common.options_from(_with_curve_inputs(common.merged_values(args))))
     w.agree(lambda: configure_process(w, options.device, options.threads, options.tf32))
     t0 = time.time()
     surface = run_surface(options, comm, log=lambda m: print(f"lsurf: {m}", file=sys.stderr, flush=True))
@@ -50,6 +51,11 @@ def run(args: argparse.Namespace) -> int:
         print(f"wrote {options.out} ({int(surface.done.sum())}/{surface.done.size} points done) "
               f"in {time.time() - t0:.1f} s")
     return 0
+
+
+def _with_curve_inputs(values: dict) -> dict:
+    """The plane of a curve is sampled around the curve's model A, on its data, unless told otherwise."""
+    return with_curve_inputs(values["curve_plane"], values, plane=True) if values.get("curve_plane") else values
 
 
 def verify(out: str) -> int:

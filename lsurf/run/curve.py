@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -73,6 +73,26 @@ def ends(model: nn.Module, options: Options) -> Ends:
     check_same_architecture(model.state_dict(), state, options.model2)
     names, a = parameters_of(model)
     return names, a, [state[n].to(x) for n, x in zip(names, a)]
+
+
+_INPUTS = ("model", "checkpoint", "model2", "data", "seq_len", "loss", "ignore_index", "output")
+
+
+def with_curve_inputs(curve_path: str, given: Mapping[str, Any], *, plane: bool = False) -> dict[str, Any]:
+    """``given`` option values over those ``lsurf curve train`` recorded for the curve's models and
+    data (model, both checkpoints, data, window length, loss, output), so ``curve eval CURVE``
+    needs no more. ``plane``: for sampling the curve's plane, which is centred on model A and takes
+    no ``model2``. Not the subset, dtype or device: where and on how much to evaluate is the
+    caller's choice. A recorded checkpoint that is not there (a relative path from another folder)
+    is refused naming the option to give; hashes are checked where the checkpoints are read."""
+    config = json.loads(str(read_curve(curve_path).attrs.get("config", "{}")))
+    recorded = {k: config[k] for k in _INPUTS if config.get(k) is not None and k not in given
+                and not (plane and k == "model2")}
+    for key in ("checkpoint", "model2"):
+        if key in recorded and not Path(recorded[key]).is_file():
+            raise UserError(f"curve {curve_path!r} was trained from {recorded[key]!r}, which is not found from "
+                            f"here: give `{key}`")
+    return {**recorded, **given}
 
 
 def train_curve_job(options: Options, spec: CurveSpec, comm: Any = None, log: Log | None = None) -> StoredCurve | None:
