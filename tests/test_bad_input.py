@@ -4,7 +4,10 @@ no traceback, and every file that existed before is byte-identical afterwards.""
 from __future__ import annotations
 
 import hashlib
+import os
 import shutil
+import subprocess
+import sys
 import textwrap
 from pathlib import Path
 
@@ -12,7 +15,7 @@ import h5py
 import numpy as np
 import pytest
 import torch
-from conftest import lsurf
+from conftest import _env, lsurf
 
 from lsurf import load_model, random_directions, save_directions
 
@@ -238,3 +241,16 @@ def test_verify_says_in_one_line_whether_the_surface_is_complete(ws, tmp_path):
     p = lsurf(*args, "--out", tmp_path / "none.h5")
     assert p.returncode == 1 and len(p.stderr.strip().splitlines()) == 1
     assert p.stderr.startswith(f"lsurf: {tmp_path / 'none.h5'} does not exist") and not (tmp_path / "none.h5").exists()
+
+
+def test_a_reader_that_goes_away_ends_output_quietly(ws):
+    """``lsurf info f.h5 | head -1``: the reader closes the pipe; lsurf stops as a shell tool killed
+    by SIGPIPE would (status 141), with no traceback. Here the pipe is closed before lsurf writes."""
+    read, write = os.pipe()
+    os.close(read)
+    try:
+        p = subprocess.run([sys.executable, "-m", "lsurf", "info", str(ws / "done.h5")], stdout=write,
+                           stderr=subprocess.PIPE, text=True, timeout=120, env=_env())
+    finally:
+        os.close(write)
+    assert p.returncode == 141 and p.stderr == "", p.stderr

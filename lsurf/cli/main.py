@@ -7,6 +7,8 @@ aborts the whole job (see lsurf.run.world.abort_on_failure).
 
 from __future__ import annotations
 
+import os
+import signal
 import sys
 
 from lsurf._version import __version__
@@ -46,6 +48,16 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("lsurf: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        return _reader_gone()
+
+
+def _reader_gone() -> int:
+    """The reader of our output went away (``lsurf info f.h5 | head``): stop quietly, as a shell
+    tool killed by SIGPIPE would (status 141), with stdout pointed at /dev/null so that Python's
+    own flush at exit does not raise again."""
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    return 128 + signal.SIGPIPE
 
 
 if __name__ == "__main__":

@@ -392,16 +392,16 @@ class Surface:
             fin = ok[np.isfinite(ok)]
             rng = f"min {fin.min():.6g}, max {fin.max():.6g}" if fin.size else "no finite values"
             flag = f"  ({bad} points non-finite: overflow)" if bad else ""
-            lines.append(f"{name + ':':<20}{rng}{flag}")
+            lines.append(f"{name + ':':<19} {rng}{flag}")  # a space after the longest names too
         lines += self._fidelity_lines()
         for key in ("model", "data", "checkpoint", "checkpoint_sha256", "model2", "curve", "barrier_line",
                     "barrier_curve", "dir_file", "dir_file_sha256", "mpi_ranks", "rank_layout", "streamed", "created",
                     "finished", "eval_seconds_total", "eval_seconds_per_point"):
             if key in self.attrs and self.attrs[key] != "":
-                lines.append(f"{key + ':':<20}{self.attrs[key]}")
+                lines.append(f"{key + ':':<19} {self.attrs[key]}")
         for key in ("directions", "plan", "versions"):
             if key in self.attrs:
-                lines.append(f"{key + ':':<20}{self.attrs[key]}")
+                lines.append(f"{key + ':':<19} {self.attrs[key]}")
         if "rank_points" in self.attrs:
             pts, secs = self.attrs["rank_points"], self.attrs["rank_seconds"]
             per_rank = (f"{r}: {p} pts {t:.1f} s" for r, (p, t) in enumerate(zip(pts, secs)))

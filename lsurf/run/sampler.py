@@ -279,7 +279,7 @@ def _streamed(w: World, group: Group, data: dict[str, AnySplit], dev: torch.devi
 
 def _layout_line(w: World, group: Group) -> str:
     if group.size == 1:
-        return f"{w.size} ranks, one per point"
+        return f"{w.size} rank{'s' * (w.size > 1)}, one per point"
     return f"{w.size} ranks in {group.count} groups of {group.size}: each rank holds 1/{group.size} of every split"
 
 
@@ -363,7 +363,8 @@ def _run_rounds(w: World, group: Group, evaluators: _PlaneEvaluators, grid: Grid
             return stats
         wanted, existing = step
         if w.is_root:
-            log(f"round {refiner.rounds}: {int(wanted.sum())} points, {int(refiner.selected.sum())} chosen so far")
+            cap = "" if refiner.budget is None else f" of the budget's {refiner.budget}"
+            log(f"round {refiner.rounds}: {int(wanted.sum())} points, {int(refiner.selected.sum())}{cap} chosen so far")
         done = _run(w, group, evaluators, grid, path, existing, opts, log, wanted=wanted.reshape(grid.shape))
         stats = {k: v + stats.get(k, 0) if k != "rank" else v for k, v in done.items()}
 
