@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 
 import h5py
 import numpy as np
@@ -147,7 +148,8 @@ def test_a_curve_resumes_where_it_stopped(pair, tmp_path):
     args = ["curve", "train", *DIGITS, "--subset", "300", *_ends(a, b), "--curve-type", "polychain", "--bends", "2"]
     lsurf(*args, "--epochs", "1", "--out", tmp_path / "resumed.h5", check=True)
     lsurf(*args, "--epochs", "2", "--out", tmp_path / "resumed.h5", check=True)
-    lsurf(*args, "--epochs", "2", "--out", tmp_path / "straight.h5", check=True)
+    log = lsurf(*args, "--epochs", "2", "--out", tmp_path / "straight.h5", check=True).stderr
+    assert re.search(r"epoch 1/2: train loss [\d.]+, lr 0.05; \d+ s, about \d+ s left\n", log), log  # with its ETA
     resumed, straight = _bends(tmp_path / "resumed.h5"), _bends(tmp_path / "straight.h5")
     assert resumed.keys() == straight.keys() and len(resumed) == 2 * 6  # 2 bends x 6 tensors
     for k in straight:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -117,11 +118,14 @@ def train_curve_job(options: Options, spec: CurveSpec, comm: Any = None, log: Lo
             if w.is_root:
                 log(_plan_line(options.out, spec, progress, w.size))
 
+            started, first = time.perf_counter(), progress.epochs_done
+
             def saved(c: Curve, p: Progress) -> None:
                 if w.is_root:
                     save_curve(options.out, c, p, attrs)
                     log(f"epoch {p.epochs_done}/{spec.training.epochs}: train loss {p.train_loss[-1]:.4f}, "
-                        f"lr {p.lr[-1]:.4g}")
+                        f"lr {p.lr[-1]:.4g}; " + _eta(time.perf_counter() - started, p.epochs_done - first,
+                                                     spec.training.epochs - p.epochs_done))
             group = w.groups(w.size)  # all ranks: its allreduce adds the gradients
             try:
                 train_curve(model, curve, split, spec.training, progress, loss_fn=resolve_loss(options.loss,
@@ -130,6 +134,18 @@ def train_curve_job(options: Options, spec: CurveSpec, comm: Any = None, log: Lo
             finally:
                 group.free()
         return read_curve(options.out) if w.is_root else None
+
+
+def _eta(elapsed: float, done: int, left: int) -> str:
+    """Time spent on this run's epochs and the time the rest will take at the same pace."""
+    return _duration(elapsed) + ("" if left == 0 else f", about {_duration(elapsed / done * left)} left")
+
+
+def _duration(seconds: float) -> str:
+    s = round(seconds)
+    if s < 60:
+        return f"{s} s"
+    return f"{s // 60} min {s % 60:02d} s" if s < 3600 else f"{s // 3600} h {s % 3600 // 60:02d} min"
 
 
 def _plan_line(out: str, spec: CurveSpec, progress: Progress, ranks: int) -> str:
