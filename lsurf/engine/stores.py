@@ -90,6 +90,15 @@ class _Array:
         raise NotImplementedError
 
 
+def release_pages(mm: mmap.mmap, begin: int, end: int) -> None:
+    """Drop bytes ``begin:end`` of a read-only mapping from our resident set (from the page that
+    holds ``begin``): the page cache keeps them for the next read, and a pass over a file larger
+    than memory does not grow the process."""
+    begin -= begin % mmap.PAGESIZE
+    if _MADV_DONTNEED is not None and end > begin:
+        mm.madvise(_MADV_DONTNEED, begin, end - begin)
+
+
 class _NpyArray(_Array):
     """An ``.npy`` array read through a read-only memory map, its pages released after each read."""
 
@@ -105,11 +114,7 @@ class _NpyArray(_Array):
         return np.ndarray(self.shape, self.dtype, buffer=mm, offset=self.offset)
 
     def _release(self, mm: mmap.mmap, first: int, stop: int) -> None:
-        """Drop rows ``first:stop`` from our resident set; the page cache keeps them for the next read."""
-        begin, end = self.offset + first * self.row_nbytes, self.offset + stop * self.row_nbytes
-        begin -= begin % mmap.PAGESIZE
-        if _MADV_DONTNEED is not None and end > begin:
-            mm.madvise(_MADV_DONTNEED, begin, end - begin)
+        release_pages(mm, self.offset + first * self.row_nbytes, self.offset + stop * self.row_nbytes)
 
     def read(self, start: int, stop: int) -> np.ndarray:
         mm = self.handle()
@@ -185,7 +190,30 @@ def _tensor(a: np.ndarray, dtype: np.dtype) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(a if a.dtype == dtype else a.astype(dtype)))
 
 
-class ArrayDataset(Dataset):
+class RowDataset(Dataset):
+    """A map-style dataset read range by range (``read(start, stop)``): one item is a one-row read.
+    ``unit`` names a row in errors."""
+
+    unit = "row"
+
+    def __len__(self) -> int:
+        raise NotImplementedError
+
+    def read(self, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        i = operator.index(i)
+        n = len(self)
+        if i < 0:
+            i += n
+        if not 0 <= i < n:
+            raise IndexError(f"{self.unit} {i} out of range for {n} {self.unit}s")
+        x, y = self.read(i, i + 1)
+        return x[0], y[0]
+
+
+class ArrayDataset(RowDataset):
     """One split of a store: ``(x, y)`` rows as tensors, read range by range and never whole.
 
     ``read(start, stop)`` is one read per array (what a batch costs); ``read_rows(idx)`` reads a
@@ -236,16 +264,6 @@ class ArrayDataset(Dataset):
     def nbytes(self) -> int:
         """Bytes of the whole split as returned tensors (x and y together)."""
         return len(self) * self.sample_nbytes
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        i = operator.index(i)
-        n = len(self)
-        if i < 0:
-            i += n
-        if not 0 <= i < n:
-            raise IndexError(f"row {i} out of range for {n} rows")
-        x, y = self.read(i, i + 1)
-        return x[0], y[0]
 
     def read(self, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Rows ``start:stop`` (slice semantics), one read per array."""

@@ -27,9 +27,8 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
 
-from lsurf.engine.stores import _one_line, _pieces
+from lsurf.engine.stores import RowDataset, _one_line, _pieces, release_pages
 from lsurf.errors import UserError
 
 TOKEN_DTYPES = ("uint16", "uint32")
@@ -37,16 +36,17 @@ TOKEN_DTYPES = ("uint16", "uint32")
 _BUDGET = 16 << 20  # bytes one piece of a scattered read may touch in the mapping
 _SCAN_BYTES = 4 << 20  # bytes max_token reads (and releases) at a time
 _FINGERPRINT_WINDOWS = 64
-_MADV_DONTNEED = getattr(mmap, "MADV_DONTNEED", None)
 _TEST_NAMES = ("val.bin", "test.bin")  # nanoGPT's name first: it wins when both exist
 
 
-class TokenWindows(Dataset):
+class TokenWindows(RowDataset):
     """One split of a token file as ``(x, y)`` windows of ``seq_len`` int64 token ids each.
 
     ``read(start, stop)`` is one contiguous read of the mapping (what a batch costs);
     ``read_rows(idx)`` gathers a seeded subset of windows piece by piece, bounded in memory.
     """
+
+    unit = "window"
 
     def __init__(self, spec: str, split: str, path: Path, dtype: str, seq_len: int, n_tokens: int):
         self.spec, self.split, self.path = spec, split, path
@@ -94,21 +94,7 @@ class TokenWindows(Dataset):
         return np.ndarray((self.n_tokens,), self.dtype, buffer=mm)
 
     def _release(self, mm: mmap.mmap, first: int, stop: int) -> None:
-        """Drop tokens ``first:stop`` from our resident set; the page cache keeps them for the next read."""
-        begin, end = first * self.dtype.itemsize, stop * self.dtype.itemsize
-        begin -= begin % mmap.PAGESIZE
-        if _MADV_DONTNEED is not None and end > begin:
-            mm.madvise(_MADV_DONTNEED, begin, end - begin)
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        i = operator.index(i)
-        n = len(self)
-        if i < 0:
-            i += n
-        if not 0 <= i < n:
-            raise IndexError(f"window {i} out of range for {n} windows")
-        x, y = self.read(i, i + 1)
-        return x[0], y[0]
+        release_pages(mm, first * self.dtype.itemsize, stop * self.dtype.itemsize)  # tokens first:stop
 
     def read(self, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Windows ``start:stop`` (slice semantics): one contiguous read of ``n * T + 1`` tokens, as
