@@ -86,17 +86,26 @@ def test_exception_on_one_rank_aborts_everything(tmp_path):
 
 
 def test_second_job_on_file_in_use_is_refused(tmp_path, digits_checkpoint):
-    args = ["surface", "--model", "cnn", "--data", "digits", "--x", "-1:1:41", "--y", "-1:1:41",
-            "--checkpoint", digits_checkpoint, "--no-progress", "--out", tmp_path / "busy.h5"]
+    """The first job's grid takes minutes (in small tiles, so its first points are soon written), so
+    it is still running, and holding the file, when the second starts; then it is stopped as
+    mpirun stops a job on SIGTERM."""
+    args = ["surface", "--model", "cnn", "--data", "digits", "--x", "-1:1:401", "--y", "-1:1:401",
+            "--checkpoint", digits_checkpoint, "--tile", "2x401", "--no-progress", "--fidelity", "off",
+            "--out", tmp_path / "busy.h5"]
     job = subprocess.Popen(mpi_command(2, *args), env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        wait_for_done(tmp_path / "busy.h5", 1)
+        wait_for_done(tmp_path / "busy.h5", 1, proc=job)
         p = lsurf(*args)
+        assert job.poll() is None, "the first job ended before the second started"
         assert p.returncode == 2
         assert "in use by another lsurf job" in p.stderr and len(p.stderr.strip().splitlines()) == 1
     finally:
-        job.kill()
-        job.wait()
+        job.terminate()  # mpirun forwards SIGTERM to the ranks
+        try:
+            job.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            job.kill()
+            job.wait()
 
 
 def test_worker_takes_tiles_while_rank_0_computes_over_tcp(tmp_path):
