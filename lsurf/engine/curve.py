@@ -316,7 +316,6 @@ class StoredCurve:
         bends = [[p.to(x) for p, x in zip(bend, a)] for bend in self.bends]
         return Curve(self.kind, names, a, b, bends)
 
-
     def describe(self) -> list[str]:
         """Human-readable shape, progress and provenance, one line per item (what ``lsurf info`` prints)."""
         p, k = self.progress, len(self.bends)
@@ -339,12 +338,23 @@ def is_curve_file(path: str | Path) -> bool:
         return f.attrs.get("format") == FORMAT
 
 
+def _checked_attrs(f: h5py.File, path: str | Path) -> dict:
+    attrs = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in f.attrs.items()}
+    if attrs.get("format") != FORMAT:
+        raise UserError(f"{str(path)!r} is not a curve file (made by `lsurf curve train`)")
+    return attrs
+
+
+def curve_attrs(path: str | Path) -> dict:
+    """A curve file's attributes (provenance, the recorded options) without reading its tensors."""
+    with open_h5(path, "r") as f:
+        return _checked_attrs(f, path)
+
+
 def read_curve(path: str | Path) -> StoredCurve:
     """Read a file of ``save_curve``; anything else is refused in one line."""
     with open_h5(path, "r") as f:
-        attrs = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in f.attrs.items()}
-        if attrs.get("format") != FORMAT:
-            raise UserError(f"{str(path)!r} is not a curve file (made by `lsurf curve train`)")
+        attrs = _checked_attrs(f, path)
         names = json.loads(attrs["names"])
         k = int(attrs["bends"])
 

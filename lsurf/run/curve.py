@@ -31,6 +31,7 @@ from lsurf.engine.curve import (
     Training,
     check_same_architecture,
     check_shape,
+    curve_attrs,
     parameters_of,
     read_curve,
     save_curve,
@@ -86,7 +87,7 @@ def with_curve_inputs(curve_path: str, given: Mapping[str, Any], *, plane: bool 
     no ``model2``. Not the subset, dtype or device: where and on how much to evaluate is the
     caller's choice. A recorded checkpoint that is not there (a relative path from another folder)
     is refused naming the option to give; hashes are checked where the checkpoints are read."""
-    config = json.loads(str(read_curve(curve_path).attrs.get("config", "{}")))
+    config = json.loads(str(curve_attrs(curve_path).get("config", "{}")))  # the bends are not needed here
     recorded = {k: config[k] for k in _INPUTS if config.get(k) is not None and k not in given
                 and not (plane and k == "model2")}
     for key in ("checkpoint", "model2"):
