@@ -113,7 +113,8 @@ def add_data_feed(p: argparse.ArgumentParser) -> None:
                    help="bytes a rank may hold data in, e.g. 4G (default: half the device's free memory; "
                    "on the CPU half the available RAM shared by the node's ranks)")
     g.add_argument("--workers", type=int, default=SUPPRESS,
-                   help="loader processes per rank when streaming (default: 1 on CPU, 2 on GPU)")
+                   help="loader processes per rank when streaming a plug-in Dataset or a compressed HDF5 store "
+                   "(default: 1 on CPU, 2 on GPU); host tensors, stores and token files are read in-process")
 
 
 def add_directions(p: argparse.ArgumentParser) -> None:

@@ -1,6 +1,14 @@
 """How a split reaches the device at every grid point: resident (moved and cut into batches once,
-the hot loop indexes a list) or streamed (a DataLoader reads the next batches while the current
-one is evaluated: workers, pinned memory, prefetch, workers kept across points).
+the hot loop indexes a list) or streamed, read afresh at every pass:
+
+- host tensors and lsurf's own stores and token files are read in the evaluating process, several
+  batches per read (``READ_BYTES``) into pinned memory on a GPU, and cut into batches by slicing: a
+  read costs about a memcpy, while passing a batch from a loader worker cost as much as a small
+  model's forward (the digits CNN streamed that way ran at 2x its resident cost). On a GPU the
+  next read overlaps the queued kernels, as the evaluator synchronises once per pass;
+- plug-in Datasets (whose items may take real work: decoding, augmenting) and filtered (compressed)
+  HDF5 stores are read by a DataLoader's ``workers``, kept across points, one batch per item;
+- streams of batches (iterable Datasets, DataLoader factories) are read as they come.
 
 Both read the same rows in the same batches in the same order, so they give the same numbers; a
 rank of a group (``shard`` = (r, G)) takes the r-th of G contiguous row ranges of every split.
@@ -22,6 +30,7 @@ from lsurf.errors import UserError
 Batch = tuple[torch.Tensor, torch.Tensor]
 Residency = Literal["auto", "always", "never"]
 PREFETCH = 2  # batches each loader worker reads ahead
+READ_BYTES = 4 << 20  # an in-process read takes whole batches up to this size, so its fixed cost is amortised
 
 
 def to_device(x: torch.Tensor, y: torch.Tensor, device: torch.device, dtype: torch.dtype,
@@ -74,22 +83,42 @@ class _BatchView(Dataset):
         return self.split.rows(a, min(a + self.batch_size, self.stop))
 
 
+def in_process(split: AnySplit) -> bool:
+    """Whether a streamed split is read in the evaluating process (see the module's docstring)."""
+    return not isinstance(split, BatchStreamSplit) and split.in_process
+
+
+def read_unit(split: AnySplit, batch_size: int, dtype: torch.dtype) -> int:
+    """Batches per in-process read: as many as fit ``READ_BYTES``, at least one."""
+    return max(1, READ_BYTES // batch_bytes(split, batch_size, dtype))
+
+
 class Streamed:
-    """A split's batches read afresh at every pass, in order, by ``workers`` loader processes that
-    persist across points (0: read in this process). A stream of batches (an iterable Dataset, a
-    DataLoader factory) is read as it comes; rank r of a group keeps every G-th batch of it."""
+    """A split's batches read afresh at every pass, in order: in this process (:func:`in_process`),
+    ``read_unit`` batches per read, or by ``workers`` loader processes that persist across points (0:
+    the loader reads in this process). A stream of batches (an iterable Dataset, a DataLoader factory)
+    is read as it comes; rank r of a group keeps every G-th batch of it."""
 
     def __init__(self, split: AnySplit, batch_size: int, device: torch.device, dtype: torch.dtype,
                  channels_last: bool = False, workers: int = 0, shard: tuple[int, int] = (0, 1)):
         self.split, self.batch_size, self.shard = split, batch_size, shard
+        self.pin = device.type == "cuda"
         self.convert = lambda x, y: to_device(x, y, device, dtype, channels_last)
         self.loader: DataLoader | None = None
-        if not isinstance(split, BatchStreamSplit):
-            view = _BatchView(split, batch_size, *shard_range(len(split), shard))
-            self.loader = DataLoader(view, batch_size=None, num_workers=workers, pin_memory=device.type == "cuda",
+        self.unit = 0  # batches per in-process read (0: not read in process)
+        if isinstance(split, BatchStreamSplit):
+            return
+        self.start, self.stop = shard_range(len(split), shard)
+        if in_process(split):
+            self.unit = read_unit(split, batch_size, dtype)
+        else:
+            view = _BatchView(split, batch_size, self.start, self.stop)
+            self.loader = DataLoader(view, batch_size=None, num_workers=workers, pin_memory=self.pin,
                                      prefetch_factor=PREFETCH if workers else None, persistent_workers=workers > 0)
 
     def __iter__(self) -> Iterator[Batch]:
+        if self.unit:
+            return self._sliced()
         if self.loader is not None:
             return (self.convert(x, y) for x, y in self.loader)
         assert isinstance(self.split, BatchStreamSplit)  # no loader only for a stream of batches
@@ -97,10 +126,20 @@ class Streamed:
         mine = itertools.islice(self.split.batches(self.batch_size), r, None, g)
         return (self.convert(x, y) for x, y in mine)
 
+    def _sliced(self) -> Iterator[Batch]:
+        """This rank's rows read ``unit`` batches at a time and cut as the resident path cuts them:
+        at ``start + k * batch_size``, the same batches in the same order."""
+        assert not isinstance(self.split, BatchStreamSplit)
+        step, b = self.unit * self.batch_size, self.batch_size
+        for a in range(self.start, self.stop, step):
+            x, y = self.split.rows(a, min(a + step, self.stop), pin=self.pin)
+            for i in range(0, len(x), b):
+                yield self.convert(x[i : i + b], y[i : i + b])
+
     def __len__(self) -> int:
         """Batches per pass (a stream of batches: counted once)."""
-        if self.loader is not None:
-            return len(self.loader)
+        if not isinstance(self.split, BatchStreamSplit):
+            return -(-(self.stop - self.start) // self.batch_size)
         if not hasattr(self, "_count"):
             self._count = sum(1 for _ in self)
         return self._count
@@ -141,22 +180,33 @@ def split_bytes(split: AnySplit, dtype: torch.dtype, shard: tuple[int, int] = (0
     return (stop - start) * (x.numel() * item + y.nbytes)
 
 
+def batch_bytes(split: AnySplit, batch_size: int, dtype: torch.dtype) -> int:
+    """Bytes of one batch of the split on the device in ``dtype``."""
+    x, y = split.rows(0, 1)
+    return batch_size * (x.numel() * (dtype.itemsize if x.is_floating_point() else x.element_size()) + y.nbytes)
+
+
+def stream_batches(split: AnySplit, batch_size: int, workers: int, dtype: torch.dtype) -> int:
+    """Batches a stream holds at most at a time: an in-process read unit, or each worker's prefetch,
+    and the two batches being moved and evaluated."""
+    return (read_unit(split, batch_size, dtype) if in_process(split) else workers * PREFETCH) + 2
+
+
 def keep_resident(split: AnySplit, name: str, mode: Residency, budget: int, batch_size: int, workers: int,
                   dtype: torch.dtype, shard: tuple[int, int] = (0, 1)) -> bool:
     """Whether a split is held on the device (True) or streamed: ``always``/``never`` as asked,
-    ``auto`` when this rank's rows fit ``budget`` bytes. Streaming holds about 2·workers·PREFETCH + 2
-    batches at a time: a budget smaller than that is refused rather than overrun."""
+    ``auto`` when this rank's rows fit ``budget`` bytes. A budget smaller than what the stream holds
+    at a time (:func:`stream_batches`) is refused rather than overrun."""
     size = split_bytes(split, dtype, shard)
     if mode == "always":
         return True
-    x, y = split.rows(0, 1)
-    one = batch_size * (x.numel() * (dtype.itemsize if x.is_floating_point() else x.element_size()) + y.nbytes)
-    queue = (workers * PREFETCH + 2) * one
+    one = batch_bytes(split, batch_size, dtype)
+    held = stream_batches(split, batch_size, workers, dtype)
     if mode == "auto" and size is not None and size <= budget:
         return True
-    if queue > budget:
+    if held * one > budget:
         raise UserError(f"`memory_budget` {size_text(budget)} cannot hold the {name} split's stream "
-                        f"({workers * PREFETCH + 2} batches of {size_text(one)}): raise it or lower `batch_size`")
+                        f"({held} batches of {size_text(one)}): raise it or lower `batch_size`")
     return False
 
 

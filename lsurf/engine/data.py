@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from lsurf.engine.models import load_plugin
-from lsurf.engine.stores import STORE_KINDS, open_store
+from lsurf.engine.stores import STORE_KINDS, RowDataset, open_store
 from lsurf.engine.tokens import open_tokens
 from lsurf.errors import UserError
 
@@ -56,8 +56,14 @@ class Split:
     def sample_shape(self) -> tuple[int, ...]:
         return tuple(self.x.shape[1:])
 
-    def rows(self, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.x[start:stop], self.y[start:stop]
+    def rows(self, start: int, stop: int, pin: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rows [start, stop): views, or copies in pinned host memory with ``pin``."""
+        return _pinned((self.x[start:stop], self.y[start:stop]), pin)
+
+    @property
+    def in_process(self) -> bool:
+        """Streamed, its rows are sliced in the evaluating process (no loader workers)."""
+        return True
 
     def nbytes(self) -> int:
         return self.x.nbytes + self.y.nbytes
@@ -68,6 +74,10 @@ class Split:
 
     def materialise(self) -> Split:
         return self
+
+
+def _pinned(pair: tuple[torch.Tensor, torch.Tensor], pin: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    return (pair[0].pin_memory(), pair[1].pin_memory()) if pin else pair
 
 
 def _sha256(*tensors: torch.Tensor) -> str:
@@ -113,17 +123,27 @@ class DatasetSplit(_ReadSplit):
     def __len__(self) -> int:
         return self._len
 
-    def rows(self, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Rows [start, stop) (as slices do, ``stop`` past the end reads to the end)."""
+    @property
+    def in_process(self) -> bool:
+        """Streamed, its rows are read in the evaluating process (lsurf's stores and token files,
+        where a range costs about a memcpy) rather than by loader workers (plug-in Datasets)."""
+        return isinstance(self.dataset, RowDataset) and self.dataset.in_process
+
+    def rows(self, start: int, stop: int, pin: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rows [start, stop) (as slices do, ``stop`` past the end reads to the end), in pinned host
+        memory with ``pin`` (lsurf's stores read straight into it)."""
         ds, stop = self.dataset, min(stop, len(self))
         try:
+            if self.index is None and isinstance(ds, RowDataset):
+                return ds.read(start, stop, pin)
             if self.index is None and hasattr(ds, "read"):
-                return ds.read(start, stop)
+                return _pinned(ds.read(start, stop), pin)
             idx = np.arange(start, stop) if self.index is None else self.index[start:stop]
             if hasattr(ds, "read_rows"):
-                return ds.read_rows(idx)
+                return _pinned(ds.read_rows(idx), pin)
             xs, ys = zip(*(ds[int(i)] for i in idx))
-            return torch.stack([torch.as_tensor(x) for x in xs]), torch.stack([torch.as_tensor(y) for y in ys])
+            x, y = torch.stack([torch.as_tensor(x) for x in xs]), torch.stack([torch.as_tensor(y) for y in ys])
+            return _pinned((x, y), pin)
         except UserError:
             raise
         except Exception as e:

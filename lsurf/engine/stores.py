@@ -5,10 +5,14 @@ HPC users keep training data as one HDF5 file (``/train/x``, ``/train/y``, ``/te
 often larger than a node's memory. A store is therefore never loaded whole: each batch is one read
 per array, and resident memory stays near one batch however large the file is.
 
-- HDF5 rows come from an h5py slice (``ds[start:stop]``), which reads straight into a fresh array.
-- ``.npy`` rows come from a read-only memory map. File-backed pages of a mapping count in the
-  process's resident set and would pile up to the size of the file, so after copying rows out we
-  drop the pages just read with ``madvise(MADV_DONTNEED)`` (they stay in the page cache, not in us).
+- A range of rows is read straight into the array it is returned in (pinned host memory when it
+  is bound for a GPU): ``.npy`` rows by one ``pread`` of the file, HDF5 rows by ``read_direct``.
+  A streamed split is read this way in the evaluating process (:attr:`RowDataset.in_process`): a
+  read costs a memcpy from the page cache, far less than passing the batch from a loader worker.
+- Scattered ``.npy`` rows (a seeded subset) come from a read-only memory map. File-backed pages of
+  a mapping count in the process's resident set and would pile up to the size of the file, so after
+  copying rows out we drop the pages just read with ``madvise(MADV_DONTNEED)`` (they stay in the
+  page cache, not in us).
 
 The Datasets are used by DataLoader workers (fork, or spawn by pickling): each array opens its file
 lazily in the process that reads it (a handle inherited through fork is never used) and pickles
@@ -40,6 +44,7 @@ _MAX_POINTS = 1024  # indices in one h5py point selection: long lists are slow t
 _CHUNK_BYTES = 4 << 20  # largest HDF5 chunk save_store writes
 _FINGERPRINT_ROWS = 64
 _MADV_DONTNEED = getattr(mmap, "MADV_DONTNEED", None)
+_MAPPED_BYTES = 256 << 10  # an unpinned read this large gets its own anonymous mapping (see empty_rows)
 
 
 def _one_line(e: BaseException) -> str:
@@ -62,6 +67,8 @@ class _Array:
     """One on-disk array of rows. The file is opened lazily, once per process: a handle inherited
     through fork shares state with the parent's, so a child opens its own, and pickling drops it."""
 
+    filtered = False  # stored through filters (compression): a read costs more than a copy
+
     def __init__(self, path: Path, shape: tuple[int, ...], dtype: np.dtype):
         self.path, self.shape, self.dtype = path, tuple(int(n) for n in shape), np.dtype(dtype)
         self._handle: Any = None
@@ -82,8 +89,14 @@ class _Array:
     def _open(self) -> Any:
         raise NotImplementedError
 
-    def read(self, start: int, stop: int) -> np.ndarray:
+    def read_into(self, start: int, stop: int, out: np.ndarray) -> None:
+        """Rows ``start:stop`` (in range) into ``out``, C-ordered and of the stored dtype."""
         raise NotImplementedError
+
+    def read(self, start: int, stop: int) -> np.ndarray:
+        out = np.empty((stop - start, *self.shape[1:]), self.dtype)
+        self.read_into(start, stop, out)
+        return out
 
     def take(self, idx: np.ndarray) -> np.ndarray:
         """Rows at sorted unique ``idx``."""
@@ -100,15 +113,16 @@ def release_pages(mm: mmap.mmap, begin: int, end: int) -> None:
 
 
 class _NpyArray(_Array):
-    """An ``.npy`` array read through a read-only memory map, its pages released after each read."""
+    """An ``.npy`` array: ranges read with ``pread`` (no page of the file enters our resident set),
+    scattered rows through a read-only memory map, its pages released after each read."""
 
     def __init__(self, path: Path, shape: tuple[int, ...], dtype: np.dtype, offset: int):
         super().__init__(path, shape, dtype)
         self.offset = offset
 
-    def _open(self) -> mmap.mmap:
-        with open(self.path, "rb") as f:
-            return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    def _open(self) -> tuple[Any, mmap.mmap]:
+        f = open(self.path, "rb", buffering=0)  # noqa: SIM115  # held for the process's reads
+        return f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
 
     def _view(self, mm: mmap.mmap) -> np.ndarray:
         return np.ndarray(self.shape, self.dtype, buffer=mm, offset=self.offset)
@@ -116,16 +130,20 @@ class _NpyArray(_Array):
     def _release(self, mm: mmap.mmap, first: int, stop: int) -> None:
         release_pages(mm, self.offset + first * self.row_nbytes, self.offset + stop * self.row_nbytes)
 
-    def read(self, start: int, stop: int) -> np.ndarray:
-        mm = self.handle()
-        view = self._view(mm)
-        out = view[start:stop].copy()
-        del view  # no buffer export may outlive the read (the map must stay closable)
-        self._release(mm, start, stop)
-        return out
+    def read_into(self, start: int, stop: int, out: np.ndarray) -> None:
+        """One ``pread`` (a few for reads over 2 GiB): the kernel copies from the page cache into ``out``."""
+        if out.size == 0:
+            return  # a view with a zero in its shape cannot be cast to bytes
+        fd, buf = self.handle()[0].fileno(), out.data.cast("B")
+        done, at = 0, self.offset + start * self.row_nbytes
+        while done < len(buf):
+            n = os.preadv(fd, [buf[done:]], at + done)
+            if n == 0:
+                raise UserError(f"{self.path} ended {at + done} bytes in: it was truncated since it was opened")
+            done += n
 
     def take(self, idx: np.ndarray) -> np.ndarray:
-        mm = self.handle()
+        mm = self.handle()[1]
         view = self._view(mm)
         out = np.empty((len(idx), *self.shape[1:]), self.dtype)
         per_piece = max(1, _BUDGET // max(self.row_nbytes, mmap.PAGESIZE))
@@ -150,16 +168,17 @@ def _h5_file(path: Path) -> Any:
 class _H5Array(_Array):
     """A dataset of an HDF5 file; slices go straight from the file (or its chunks) into one array."""
 
-    def __init__(self, path: Path, key: str, shape: tuple[int, ...], dtype: np.dtype):
+    def __init__(self, path: Path, key: str, shape: tuple[int, ...], dtype: np.dtype, filtered: bool = False):
         super().__init__(path, shape, dtype)
-        self.key = key
+        self.key, self.filtered = key, filtered
 
     def _open(self) -> Any:
         f = _h5_file(self.path)
         return f, f[self.key]
 
-    def read(self, start: int, stop: int) -> np.ndarray:
-        return self.handle()[1][start:stop]
+    def read_into(self, start: int, stop: int, out: np.ndarray) -> None:
+        if stop > start:  # h5py refuses an empty selection
+            self.handle()[1].read_direct(out, np.s_[start:stop])
 
     def take(self, idx: np.ndarray) -> np.ndarray:
         """Dense runs are read as their covering slice and picked from; sparse ones as an h5py point
@@ -190,16 +209,44 @@ def _tensor(a: np.ndarray, dtype: np.dtype) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(a if a.dtype == dtype else a.astype(dtype)))
 
 
+def empty_rows(shape: tuple[int, ...], dtype: np.dtype, pin: bool) -> tuple[torch.Tensor, np.ndarray]:
+    """A fresh tensor to read rows into and the numpy array that shares its memory: with ``pin`` in
+    pinned host memory (a copy to a GPU then overlaps its compute; torch's host cache reuses it), else
+    a large one in its own anonymous mapping, unmapped when its last view goes. From the heap (whose
+    freed memory lsurf keeps, runtime.keep_freed_memory) reads interleaved with the small tensors the
+    evaluator holds (labels, outputs) fragment it, and a pass over a store grew us by its size."""
+    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    if nbytes < _MAPPED_BYTES or pin:
+        out = torch.empty(shape, dtype=torch.from_numpy(np.empty(0, dtype)).dtype, pin_memory=pin)
+        return out, out.numpy()
+    a = np.frombuffer(mmap.mmap(-1, nbytes), dtype).reshape(shape)
+    return torch.from_numpy(a), a
+
+
+def _read_rows(a: _Array, start: int, stop: int, dtype: np.dtype, pin: bool) -> torch.Tensor:
+    """Rows ``start:stop`` of ``a`` as a tensor of ``dtype``: read straight into it when stored in
+    that dtype, else read and converted (byte order, integer labels to int64)."""
+    out, target = empty_rows((stop - start, *a.shape[1:]), dtype, pin)
+    if a.dtype == dtype:
+        a.read_into(start, stop, target)
+    else:
+        target[...] = a.read(start, stop)
+    return out
+
+
 class RowDataset(Dataset):
-    """A map-style dataset read range by range (``read(start, stop)``): one item is a one-row read.
-    ``unit`` names a row in errors."""
+    """A map-style dataset read range by range (``read(start, stop, pin)``): one item is a one-row read.
+    ``unit`` names a row in errors. ``in_process``: a range costs about a memcpy, so a streamed split
+    is read in the evaluating process rather than passed from loader workers."""
 
     unit = "row"
+    in_process = True
 
     def __len__(self) -> int:
         raise NotImplementedError
 
-    def read(self, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def read(self, start: int, stop: int, pin: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rows ``start:stop`` (slice semantics), in pinned host memory with ``pin``."""
         raise NotImplementedError
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -224,6 +271,7 @@ class ArrayDataset(RowDataset):
     def __init__(self, kind: str, spec: str, split: str, x: _Array, y: _Array):
         self.kind, self.spec, self.split = kind, spec, split
         self._x, self._y = x, y
+        self.in_process = not (x.filtered or y.filtered)  # decompressing chunks is work for loader workers
         self._x_dtype = _returned_dtype(x.dtype, is_y=False)
         self._y_dtype = _returned_dtype(y.dtype, is_y=True)
 
@@ -265,11 +313,12 @@ class ArrayDataset(RowDataset):
         """Bytes of the whole split as returned tensors (x and y together)."""
         return len(self) * self.sample_nbytes
 
-    def read(self, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Rows ``start:stop`` (slice semantics), one read per array."""
+    def read(self, start: int, stop: int, pin: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rows ``start:stop`` (slice semantics), one read per array into the returned tensors."""
         start, stop, _ = slice(start, stop).indices(len(self))
         stop = max(start, stop)
-        return _tensor(self._x.read(start, stop), self._x_dtype), _tensor(self._y.read(start, stop), self._y_dtype)
+        return (_read_rows(self._x, start, stop, self._x_dtype, pin),
+                _read_rows(self._y, start, stop, self._y_dtype, pin))
 
     def read_rows(self, idx: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         """Rows at ``idx`` (a seeded subset: sorted, increasing; any order and repeats also work),
@@ -390,7 +439,8 @@ def _h5_split(spec: str, path: Path, f: Any, split: str) -> tuple[_Array, _Array
                 ds[0:1]
             except Exception as e:  # h5py raises OSError, TypeError, ... for unreadable data
                 raise UserError(f"data {spec!r}: {path}: cannot read /{split}/{name} ({_one_line(e)})") from None
-        arrays.append(_H5Array(path, ds.name, ds.shape, ds.dtype))
+        filtered = ds.id.get_create_plist().get_nfilters() > 0
+        arrays.append(_H5Array(path, ds.name, ds.shape, ds.dtype, filtered))
     return arrays[0], arrays[1]
 
 

@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from lsurf.engine.stores import RowDataset, _one_line, _pieces, release_pages
+from lsurf.engine.stores import RowDataset, _one_line, _pieces, empty_rows, release_pages
 from lsurf.errors import UserError
 
 TOKEN_DTYPES = ("uint16", "uint32")
@@ -96,9 +96,9 @@ class TokenWindows(RowDataset):
     def _release(self, mm: mmap.mmap, first: int, stop: int) -> None:
         release_pages(mm, first * self.dtype.itemsize, stop * self.dtype.itemsize)  # tokens first:stop
 
-    def read(self, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def read(self, start: int, stop: int, pin: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """Windows ``start:stop`` (slice semantics): one contiguous read of ``n * T + 1`` tokens, as
-        consecutive windows share their boundary token."""
+        consecutive windows share their boundary token; in pinned host memory with ``pin``."""
         start, stop, _ = slice(start, stop).indices(len(self))
         n, t = max(0, stop - start), self.seq_len
         if n == 0:
@@ -109,7 +109,9 @@ class TokenWindows(RowDataset):
         raw = np.array(view[first:end])
         del view  # no buffer export outlives the read
         self._release(mm, first, end)
-        return _int64(raw[:-1].reshape(n, t)), _int64(raw[1:].reshape(n, t))
+        (x, xs), (y, ys) = (empty_rows((n, t), np.dtype(np.int64), pin) for _ in range(2))
+        xs[...], ys[...] = raw[:-1].reshape(n, t), raw[1:].reshape(n, t)
+        return x, y
 
     def read_rows(self, idx: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         """Windows at ``idx`` (a seeded subset: sorted and increasing; any order and repeats also work)."""

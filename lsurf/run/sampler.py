@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from lsurf.engine import surface_file
-from lsurf.engine.batches import device_budget, keep_resident, size_text
+from lsurf.engine.batches import device_budget, in_process, keep_resident, size_text
 from lsurf.engine.data import AnySplit, BatchStreamSplit, max_token
 from lsurf.engine.directions import AnyDirections, save_directions
 from lsurf.engine.evaluate import Evaluator, check_outputs_fit, evaluator, resolve_loss
@@ -273,8 +273,14 @@ def _streamed(w: World, group: Group, data: dict[str, AnySplit], dev: torch.devi
         return streamed
     log(f"data: {', '.join(held) or 'none'} resident, {', '.join(streamed) or 'none'} streamed "
         f"(`resident` {opts.resident}, budget {size_text(budget)} per rank"
-        + (f", {workers} loader workers)" if streamed else ")"))
+        + (f", {_readers(data, streamed, workers)})" if streamed else ")"))
     return streamed
+
+
+def _readers(data: dict[str, AnySplit], streamed: list[str], workers: int) -> str:
+    """Who reads the streamed splits: this process (host tensors, stores, token files) or workers."""
+    loaded = [name for name in streamed if not in_process(data[name])]
+    return f"{', '.join(loaded)} by {workers} loader workers" if loaded else "read in-process"
 
 
 def _layout_line(w: World, group: Group) -> str:
