@@ -44,7 +44,6 @@ _MAX_POINTS = 1024  # indices in one h5py point selection: long lists are slow t
 _CHUNK_BYTES = 4 << 20  # largest HDF5 chunk save_store writes
 _FINGERPRINT_ROWS = 64
 _MADV_DONTNEED = getattr(mmap, "MADV_DONTNEED", None)
-_MAPPED_BYTES = 256 << 10  # an unpinned read this large gets its own anonymous mapping (see empty_rows)
 
 
 def _one_line(e: BaseException) -> str:
@@ -212,14 +211,13 @@ def _tensor(a: np.ndarray, dtype: np.dtype) -> torch.Tensor:
 def empty_rows(shape: tuple[int, ...], dtype: np.dtype, pin: bool) -> tuple[torch.Tensor, np.ndarray]:
     """A fresh tensor to read rows into and the numpy array that shares its memory: with ``pin`` in
     pinned host memory (a copy to a GPU then overlaps its compute; torch's host cache reuses it), else
-    a large one in its own anonymous mapping, unmapped when its last view goes. From the heap (whose
-    freed memory lsurf keeps, runtime.keep_freed_memory) reads interleaved with the small tensors the
-    evaluator holds (labels, outputs) fragment it, and a pass over a store grew us by its size."""
-    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-    if nbytes < _MAPPED_BYTES or pin:
-        out = torch.empty(shape, dtype=torch.from_numpy(np.empty(0, dtype)).dtype, pin_memory=pin)
+    from numpy's plain ``malloc``. Not ``torch.empty``: its aligned blocks could not reuse the holes
+    freed reads left between the small tensors the evaluator holds (labels, outputs), and under
+    lsurf's malloc policy (runtime.keep_freed_memory) a pass over a store grew us by its size."""
+    if pin:
+        out = torch.empty(shape, dtype=torch.from_numpy(np.empty(0, dtype)).dtype, pin_memory=True)
         return out, out.numpy()
-    a = np.frombuffer(mmap.mmap(-1, nbytes), dtype).reshape(shape)
+    a = np.empty(shape, dtype)
     return torch.from_numpy(a), a
 
 
