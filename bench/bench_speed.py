@@ -16,7 +16,8 @@ synthetic 3x32x32 images; CUDA adds ``resnet56`` on 10,000 images), each over th
                    ``forced K``: K=8 whatever calibration says.
 * ``auto``         what ``sample_surface`` does: ``calibrate(points=N)`` (budgeted at 3 % of the
                    run, so a short run is not calibrated), then the run; calibration seconds included.
-* ``NHWC``         per-point in channels_last layout (what lsurf picks at start when it is faster).
+* ``NHWC``         the same in channels_last layout (what lsurf picks at start when it is faster): the
+                   three paired rows (bare NHWC at θ*, at the points, lsurf per-point NHWC) and the whole run.
 * ``naive``        a reference-style loop: per point a new ``DataLoader`` over a CPU ``TensorDataset``
                    (batch 128, no workers), weights rebuilt as new tensors, ``.item()`` per batch. Run
                    twice: in its own process with glibc's default malloc, as the reference runs
@@ -142,20 +143,23 @@ class Setup:
             model = copy.deepcopy(self.model).to(memory_format=torch.channels_last)
             batches = resident_batches(self.split, batch_size(self.dev), self.dev, torch.float32, True)
         names, targets = target_tensors(model, "weights")
-        return Evaluator(model, names, targets, self.dirs, {"train": batches}, resolve_loss("cross_entropy"),
+        dirs = self.dirs.like(targets)  # laid out as the weights, as lsurf.evaluator places them
+        return Evaluator(model, names, targets, dirs, {"train": batches}, resolve_loss("cross_entropy"),
                          points_per_pass=k)
 
 
-def paired(s: Setup, ev: Evaluator, best: dict[str, np.ndarray]) -> list[float]:
+def paired(s: Setup, ev: Evaluator, best: dict[str, np.ndarray], prefix: str = "") -> list[float]:
     """One round over the points: the bare pass at θ*, the bare pass at the point, then lsurf's
-    per-point evaluation of it, back to back, so load hits all three alike; keeps each one's best."""
+    per-point evaluation of it, back to back, so load hits all three alike; keeps each one's best.
+    The bare passes run ``ev``'s model over ``ev``'s batches (its layout); keys start with ``prefix``."""
     losses = []
+    batches = ev.batches["train"]
     for p, (a, b) in enumerate(s.points):
         for key, point in (("bare", (0.0, 0.0)), ("bare_points", (a, b))):
             ev.set_point(*point)
-            best[key][p] = min(best[key][p], timed(s.dev, bare_pass, s.model, s.batches)[0])
+            best[prefix + key][p] = min(best[prefix + key][p], timed(s.dev, bare_pass, ev.model, batches)[0])
         t, res = timed(s.dev, ev.evaluate_many, [(a, b)])
-        best["per_point"][p] = min(best["per_point"][p], t)
+        best[prefix + "per_point"][p] = min(best[prefix + "per_point"][p], t)
         losses.append(res[0]["train_loss"])
     ev.set_point(0.0, 0.0)
     return losses
@@ -233,12 +237,15 @@ def measure(case: Case, dev: torch.device, threads: int, log) -> dict:
         if ev is not None:
             run(ev, s)
     s.points = saved
-    paired_best = {key: np.full(n, np.inf) for key in ("bare", "bare_points", "per_point")}
+    paired_keys = [p + key for p in ("", "nhwc_")[: 2 if nhwc else 1] for key in ("bare", "bare_points", "per_point")]
+    paired_best = {key: np.full(n, np.inf) for key in paired_keys}
     t: dict[str, list[float]] = {"per_point_run": [], "calibration": [], "calibrated_run": [], "auto": [],
                                  "forced": [], "naive_in_process": []} | ({"nhwc": []} if nhwc else {})
     losses, chosen = {}, []
     for r in range(case.rounds):
         losses["per-point"] = paired(s, per_point, paired_best)
+        if nhwc:
+            losses["per-point NHWC"] = paired(s, nhwc, paired_best, "nhwc_")
         _, t_run, _, losses["per-point run"] = run(per_point, s)
         t["per_point_run"].append(t_run / n)
         _, t_run, k, losses["best K"] = run(s.evaluator(1), s, calibrate_for=None)
@@ -271,7 +278,9 @@ ROWS = [("bare forward at θ* (per pass)", "bare"), ("bare forward at the N poin
         ("lsurf per-point (K=1)", "per_point"), ("lsurf per-point, whole run", "per_point_run"),
         ("lsurf best K, run only", "calibrated_run"), ("lsurf forced K", "forced"),
         ("lsurf auto (calibrate for N + run)", "auto"),
-        ("lsurf per-point, NHWC", "nhwc"), ("naive, own process", "naive"),
+        ("lsurf per-point, NHWC, whole run", "nhwc"), ("bare NHWC forward at θ* (per pass)", "nhwc_bare"),
+        ("bare NHWC forward at the N points", "nhwc_bare_points"), ("lsurf per-point NHWC (K=1)", "nhwc_per_point"),
+        ("naive, own process", "naive"),
         ("naive, in-process", "naive_in_process")]
 
 
@@ -306,6 +315,9 @@ def targets(summaries: list[dict], i2: dict | None, device: str) -> list[tuple[s
         if device == "cpu" and name in TARGETS_PP:
             add(f"{name}: per-point / bare at θ*", b["per_point"] / b["bare"], TARGETS_PP[name])
             add(f"{name}: per-point / bare at the same points", b["per_point"] / b["bare_points"], TARGETS_PP[name])
+            if "nhwc_per_point" in b:
+                add(f"{name}: per-point NHWC / bare NHWC at the same points",
+                    b["nhwc_per_point"] / b["nhwc_bare_points"], TARGETS_PP[name])
         if device == "cpu" and name == "resnet20":
             add(f"{name}: naive / per-point run", b["naive"] / b["per_point_run"], 1.3, upper=False)
         if device == "cuda" and name in ("cnn", "resnet20"):
