@@ -81,3 +81,21 @@ def test_a_skipped_cuda_test_fails_the_step(tmp_path):
     assert result["status"] == "FAILED", result
     assert result["numbers"]["skipped"] and all("needs a CUDA device" in s for s in result["numbers"]["skipped"])
     assert "did not run on the GPU" in result["why"]
+
+
+def test_junit_counts_tell_a_skipped_test_from_a_module_not_collected(tmp_path):
+    sys.path.insert(0, str(REPO / "jobs"))
+    try:
+        from gpu_check_steps import junit_counts
+    finally:
+        sys.path.remove(str(REPO / "jobs"))
+    (tmp_path / "r.xml").write_text(
+        '<testsuites><testsuite name="pytest">'
+        '<testcase classname="" name="tests.test_vtk"><skipped message="collection skipped">no vtk</skipped></testcase>'
+        '<testcase classname="tests.test_g" name="test_a"><skipped message="needs a CUDA device"/></testcase>'
+        '<testcase classname="tests.test_g" name="test_b"><failure message="boom"/></testcase>'
+        '<testcase classname="tests.test_g" name="test_c"><error message="fixture"/></testcase>'
+        '<testcase classname="tests.test_g" name="test_d"/></testsuite></testsuites>')
+    assert junit_counts(tmp_path / "r.xml") == {"passed": 1, "failed": ["test_b", "test_c"],
+                                                "skipped": ["test_a: needs a CUDA device"],
+                                                "not_collected": ["tests.test_vtk"]}
