@@ -538,7 +538,8 @@ def _cli_verify(ctx: Ctx, base: list[object], work: Path) -> str:
 
 BINDING = ("from lsurf.run.runtime import configure_process, launcher_comm, check_device_binding\n"
            "from lsurf.run.world import World\n"
-           "w = World.of(launcher_comm()); check_device_binding(w, configure_process(w, 'cuda', threads=1))")
+           "w = World.of(launcher_comm()); dev = configure_process(w, 'cuda', threads=1)\n"
+           "print(f'rank {w.rank} of {w.size} on {dev}', flush=True); check_device_binding(w, dev)")
 
 
 def mpi(ctx: Ctx) -> tuple[bool, str]:
@@ -550,8 +551,7 @@ def mpi(ctx: Ctx) -> tuple[bool, str]:
     if not ctx.cpu:
         env = _env_with(CUDA_VISIBLE_DEVICES=_first_gpu())
         rc, text = run_logged([mpirun, "-n", "2", sys.executable, "-m", "mpi4py", "-c", BINDING], env=env)
-        verdicts["shared GPU"] = ("refused" if rc != 0 and "share GPU" in text
-                                  else f"FAILED: not refused (exit status {rc}): {last_line(text)}")
+        verdicts["shared GPU"] = _binding_verdict(rc, text)
         ctx.record(checks=verdicts)
     ranks = 2 if ctx.cpu else max(torch.cuda.device_count(), 1)
     try:
@@ -562,6 +562,14 @@ def mpi(ctx: Ctx) -> tuple[bool, str]:
     bad = {k: v for k, v in verdicts.items() if v.startswith("FAILED")}
     writer = "mpio" if h5py.get_config().mpi else "rank 0 writes"
     return not bad, "; ".join(f"{k}: {v}" for k, v in (bad or verdicts).items()) + f" ({writer})"
+
+
+def _binding_verdict(rc: int, text: str) -> str:
+    if rc != 0 and "share GPU" in text:
+        return "refused"
+    if " of 1 on " in text:
+        return "FAILED: each rank saw a world of 1 rank: mpirun and mpi4py's MPI library differ"
+    return f"FAILED: not refused (exit status {rc}): {last_line(text)}"
 
 
 def _mpi_surface(ctx: Ctx, mpirun: str, ranks: int) -> str:
