@@ -17,7 +17,8 @@ ResNet-20 fixture (33×33, its own direction file, the first ``--resnet-subset``
 images: all 1,000 would take hours on 2 cores). float32, one torch thread per rank.
 
 Run: ``python bench/bench_adaptive.py [--ranks 2] [--out DIR] [--figure docs/adaptive_pair.png]``;
-the last line is JSON.
+the last line is JSON. ``--smoke``: 17x17 grids (the least a budget of 35 % allows) on 64 and 4 images,
+the CNN trained one epoch, files and figure in a temporary folder (the figures mean nothing).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -135,23 +137,37 @@ def main() -> None:
     ap.add_argument("--out", default="out/bench_adaptive")
     ap.add_argument("--resnet-subset", type=int, default=100)
     ap.add_argument("--figure", help="write the README figure pair here")
+    ap.add_argument("--smoke", action="store_true", help="tiny sizes in a temporary folder: checks the script runs")
     args = ap.parse_args()
+    if args.smoke:
+        with tempfile.TemporaryDirectory() as tmp:
+            args.out, args.resnet_subset, args.figure = tmp, 4, str(Path(tmp) / "pair.png")
+            measure(args, Path(tmp) / "runs" / "model_1.t7", sides=(17, 17), cnn_subset=64)
+    else:
+        measure(args, REPO / "out" / "demo" / "runs" / "model_10.t7", sides=(65, 33))
+
+
+def measure(args: argparse.Namespace, ckpt: Path, sides: tuple[int, int], cnn_subset: int | None = None) -> None:
+    """Both cases on ``sides`` grids (the CNN's, ResNet-20's), the CNN trained for ``ckpt``'s epochs
+    if not there yet: the rows, the figure if asked for, the JSON line."""
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    ckpt = REPO / "out" / "demo" / "runs" / "model_10.t7"
+    subset = ["--subset", str(cnn_subset)] if cnn_subset else []
     if not ckpt.exists():
-        subprocess.run([sys.executable, "-m", "lsurf", "train", "--model", "cnn", "--data", "digits", "--epochs", "10",
-                        "--out-dir", str(ckpt.parent)], cwd=REPO, env=ENV, check=True, capture_output=True)
-    cnn = ["--model", "cnn", "--data", "digits", "--checkpoint", str(ckpt), "--split", "train,test",
+        epochs = ckpt.stem.split("_")[-1]
+        subprocess.run([sys.executable, "-m", "lsurf", "train", "--model", "cnn", "--data", "digits", *subset,
+                        "--epochs", epochs, "--out-dir", str(ckpt.parent)], cwd=REPO, env=ENV, check=True,
+                       capture_output=True)
+    cnn = ["--model", "cnn", "--data", "digits", *subset, "--checkpoint", str(ckpt), "--split", "train,test",
            "--fidelity", "off"]
     resnet = ["--model", "resnet20", "--checkpoint", str(FIXTURES / "resnet20" / "model_300.t7"),
               "--dir-file", str(FIXTURES / "resnet20" / "directions_weights_filter_biasbn.h5"),
               "--data", f"cifar10:{FIXTURES / 'cifar10-fake'}", "--subset", str(args.resnet_subset),
               "--fidelity", "off"]
-    rows = [coarse_to_fine("cnn", cnn, 65, args.ranks, out)]
-    rows.append(tolerance("cnn", cnn, 65, args.ranks, out))
+    rows = [coarse_to_fine("cnn", cnn, sides[0], args.ranks, out)]
+    rows.append(tolerance("cnn", cnn, sides[0], args.ranks, out))
     if FIXTURES.is_dir():
-        rows.append(coarse_to_fine("resnet20", resnet, 33, args.ranks, out))
+        rows.append(coarse_to_fine("resnet20", resnet, sides[1], args.ranks, out))
     for row in rows:
         print("  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()))
     if args.figure:

@@ -11,6 +11,7 @@ How to read it: ``speed-up`` is the 1-rank time over the N-rank time of the comp
 eigenvalues of both runs must agree to 1e-6 (float64). Target (issue 14): speed-up >= 1.7 on 2 ranks.
 
 Run: ``python bench/bench_hessian.py [--iters 30] [--subset N] [--ranks 2]``; the last line is JSON.
+``--smoke``: 3 Lanczos steps on 64 samples, the model trained one epoch (seconds; the figures mean nothing).
 """
 
 from __future__ import annotations
@@ -72,17 +73,22 @@ def main() -> None:
     ap.add_argument("--subset", type=int, default=None, help="samples of the train split (default: all)")
     ap.add_argument("--dtype", default="float64")
     ap.add_argument("--ranks", type=int, default=2)
+    ap.add_argument("--smoke", action="store_true", help="tiny sizes: checks the script runs (seconds)")
     ap.add_argument("--worker", metavar="CKPT", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
         return worker(args)
+    if args.smoke:
+        args.iters, args.subset = 3, 64
+    epochs = "1" if args.smoke else "2"
+    train_subset = ["--subset", str(args.subset)] if args.smoke else []
     load_before = os.getloadavg()
     with tempfile.TemporaryDirectory() as tmp:
         runs = Path(tmp) / "runs"
-        subprocess.run([sys.executable, "-m", "lsurf", "train", "--model", "cnn", "--data", "digits", "--epochs", "2",
-                        "--out-dir", str(runs)], check=True, capture_output=True, env={**os.environ,
-                                                                                      "PYTHONPATH": str(REPO)})
-        rows = [measure(n, runs / "model_2.t7", args) for n in (1, args.ranks)]
+        subprocess.run([sys.executable, "-m", "lsurf", "train", "--model", "cnn", "--data", "digits", *train_subset,
+                        "--epochs", epochs, "--out-dir", str(runs)], check=True, capture_output=True,
+                       env={**os.environ, "PYTHONPATH": str(REPO)})
+        rows = [measure(n, runs / f"model_{epochs}.t7", args) for n in (1, args.ranks)]
     print(f"digits CNN, top-1 eigenpair, {rows[0]['samples']} samples, {args.iters} Lanczos steps, {args.dtype}, "
           f"1 thread per rank; load before {load_before[0]:.2f}")
     print(f"{'ranks':>5} {'compute s':>10} {'command s':>10} {'speed-up':>9} {'eigenvalue':>14}")

@@ -19,6 +19,7 @@ peak adds the transients of the largest tensor (drawn and perturbed in float32) 
 of freed buffers, so the estimate is conservative.
 
 Run: ``python bench/bench_lm_memory.py [--quick]`` (quick: a 6-layer model); the last line is JSON.
+``--smoke``: a 1-layer, 64-wide model on 2 sequences of 16 tokens (seconds; the figures mean nothing).
 """
 
 from __future__ import annotations
@@ -58,12 +59,12 @@ print(json.dumps({"peak": peak, "params": params}))
 """
 
 
-def make_models(folder: Path, layers: int) -> None:
+def make_models(folder: Path, layers: int, width: int = 768, heads: int = 12) -> None:
     """The same random GPT-2 saved in float32 and in bfloat16 (as large checkpoints are shipped)."""
     import torch
     import transformers
 
-    config = transformers.GPT2Config(n_layer=layers, n_embd=768, n_head=12, vocab_size=50257, n_positions=1024)
+    config = transformers.GPT2Config(n_layer=layers, n_embd=width, n_head=heads, vocab_size=50257, n_positions=1024)
     model = transformers.GPT2LMHeadModel(config)
     model.save_pretrained(folder / "float32")
     model.to(torch.bfloat16).save_pretrained(folder / "bfloat16")
@@ -80,11 +81,14 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="a 6-layer model instead of GPT-2's 12")
     ap.add_argument("--seq-len", type=int, default=128)
     ap.add_argument("--sequences", type=int, default=4)
+    ap.add_argument("--smoke", action="store_true", help="tiny sizes: checks the script runs (seconds)")
     a = ap.parse_args()
-    layers = 6 if a.quick else 12
+    layers = 1 if a.smoke else 6 if a.quick else 12
+    if a.smoke:
+        a.seq_len, a.sequences = 16, 2
     with tempfile.TemporaryDirectory() as tmp:
         d = Path(tmp)
-        make_models(d / "gpt2", layers)
+        make_models(d / "gpt2", layers, *((64, 2) if a.smoke else ()))
         (d / "corpus").mkdir()
         np.random.default_rng(0).integers(0, 50257, 200_000).astype(np.uint16).tofile(d / "corpus" / "train.bin")
         common = ["surface", "--data", f"tokens:{d / 'corpus'}", "--seq-len",

@@ -9,7 +9,8 @@ the others send). From each file it reads ``wall_seconds`` (the sampling loop, s
 How to read it: ``speed-up`` is 1-rank wall / N-rank wall of the same writer; ``write %`` is the
 largest rank's write time over the wall time. Targets (issue 3): speed-up >= 1.8 on 2 ranks, write < 1 %.
 
-Run: ``python bench/bench_scaling.py [--quick] [--ranks 2]``; the last line is JSON.
+Run: ``python bench/bench_scaling.py [--quick] [--ranks 2]``; the last line is JSON. ``--smoke``: a 3x3
+grid on 64 samples, the model trained one epoch on them (seconds; the figures mean nothing).
 """
 
 from __future__ import annotations
@@ -33,8 +34,8 @@ def lsurf_command(ranks: int, args: list[str]) -> list[str]:
             sys.executable, "-m", "lsurf", *args]
 
 
-def run(ranks: int, writer: str, grid: str, ckpt: Path, out: Path) -> dict:
-    args = ["surface", "--device", "cpu", "--model", "cnn", "--data", "digits", "--checkpoint", str(ckpt),
+def run(ranks: int, writer: str, grid: str, ckpt: Path, out: Path, data: list[str]) -> dict:
+    args = ["surface", "--device", "cpu", "--model", "cnn", *data, "--checkpoint", str(ckpt),
             "--x", f"-1:1:{grid}", "--y", f"-1:1:{grid}", "--threads", "1", "--writer", writer,
             "--points-per-pass", "1", "--no-progress", "--overwrite", "--out", str(out)]
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1"}
@@ -52,16 +53,19 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--ranks", type=int, default=2)
+    ap.add_argument("--smoke", action="store_true", help="tiny sizes: checks the script runs (seconds)")
     args = ap.parse_args()
-    grid = "21" if args.quick else "41"
+    grid = "3" if args.smoke else "21" if args.quick else "41"
+    data = ["--data", "digits"] + (["--subset", "64"] if args.smoke else [])
+    epochs = "1" if args.smoke else "2"
     load_before = os.getloadavg()
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         env = {**os.environ, "PYTHONPATH": str(REPO)}
-        subprocess.run([sys.executable, "-m", "lsurf", "train", "--model", "cnn", "--data", "digits", "--epochs", "2",
+        subprocess.run([sys.executable, "-m", "lsurf", "train", "--model", "cnn", *data, "--epochs", epochs,
                         "--out-dir", str(tmp / "runs")], check=True, capture_output=True, env=env)
-        ckpt = tmp / "runs" / "model_2.t7"
-        rows = [run(n, w, grid, ckpt, tmp / f"s{n}{w}.h5") for w in ("mpio", "root") for n in (1, args.ranks)]
+        ckpt = tmp / "runs" / f"model_{epochs}.t7"
+        rows = [run(n, w, grid, ckpt, tmp / f"s{n}{w}.h5", data) for w in ("mpio", "root") for n in (1, args.ranks)]
     print(f"digits CNN, {grid}x{grid} grid, 1 thread per rank; load before {load_before[0]:.2f}")
     print(f"{'writer':<6} {'ranks':>5} {'wall s':>8} {'command s':>10} {'speed-up':>9} {'write %':>8}  points per rank")
     base = {r["writer"]: r["wall"] for r in rows if r["ranks"] == 1}

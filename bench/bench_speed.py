@@ -16,7 +16,8 @@ synthetic 3x32x32 images; CUDA adds ``resnet56`` on 10,000 images), each over th
                    ``forced K``: K=8 whatever calibration says.
 * ``auto``         what ``sample_surface`` does: ``calibrate(points=N)`` (budgeted at 3 % of the
                    run, so a short run is not calibrated), then the run; calibration seconds included.
-* ``NHWC``         per-point in channels_last layout (what lsurf picks at start when it is faster).
+* ``NHWC``         the same in channels_last layout (what lsurf picks at start when it is faster): the
+                   three paired rows (bare NHWC at θ*, at the points, lsurf per-point NHWC) and the whole run.
 * ``naive``        a reference-style loop: per point a new ``DataLoader`` over a CPU ``TensorDataset``
                    (batch 128, no workers), weights rebuilt as new tensors, ``.item()`` per batch. Run
                    twice: in its own process with glibc's default malloc, as the reference runs
@@ -30,6 +31,7 @@ CNN; the one before it shows the threads lsurf takes per rank and a ResNet-20 pa
 with the cores free and with one kept busy. Target lines say met or MISSED.
 
 Run: ``python bench/bench_speed.py [--quick] [--device cpu|cuda] [--threads 1]``; the last line is JSON.
+``--smoke``: every measurement once on tiny inputs, in seconds (tests/test_benches.py runs it).
 """
 
 from __future__ import annotations
@@ -54,7 +56,7 @@ from torch.utils.data import DataLoader, TensorDataset
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import lsurf  # noqa: E402
-from lsurf.engine.data import resident_batches  # noqa: E402
+from lsurf.engine.batches import resident_batches  # noqa: E402
 from lsurf.engine.directions import target_tensors  # noqa: E402
 from lsurf.engine.evaluate import Evaluator, resolve_loss  # noqa: E402
 from lsurf.run.runtime import configure_process, threads_per_rank  # noqa: E402
@@ -72,7 +74,12 @@ class Case:
     forced_k: int = 8
 
 
-def cases(device: str, quick: bool) -> list[Case]:
+SMOKE_SYNTH = "synthetic:shape=3x32x32,n=16"
+
+
+def cases(device: str, quick: bool, smoke: bool = False) -> list[Case]:
+    if smoke:  # every method once on tiny inputs (a conv net: the NHWC rows too), for tests/test_benches.py
+        return [Case("resnet20", SMOKE_SYNTH, 2, 1, 2)]
     if quick:
         out = [Case("mlp", "digits", 40, 3), Case("cnn", "digits", 24, 3), Case("resnet20", SYNTH, 3, 1)]
     else:
@@ -136,20 +143,23 @@ class Setup:
             model = copy.deepcopy(self.model).to(memory_format=torch.channels_last)
             batches = resident_batches(self.split, batch_size(self.dev), self.dev, torch.float32, True)
         names, targets = target_tensors(model, "weights")
-        return Evaluator(model, names, targets, self.dirs, {"train": batches}, resolve_loss("cross_entropy"),
+        dirs = self.dirs.like(targets)  # laid out as the weights, as lsurf.evaluator places them
+        return Evaluator(model, names, targets, dirs, {"train": batches}, resolve_loss("cross_entropy"),
                          points_per_pass=k)
 
 
-def paired(s: Setup, ev: Evaluator, best: dict[str, np.ndarray]) -> list[float]:
+def paired(s: Setup, ev: Evaluator, best: dict[str, np.ndarray], prefix: str = "") -> list[float]:
     """One round over the points: the bare pass at θ*, the bare pass at the point, then lsurf's
-    per-point evaluation of it, back to back, so load hits all three alike; keeps each one's best."""
+    per-point evaluation of it, back to back, so load hits all three alike; keeps each one's best.
+    The bare passes run ``ev``'s model over ``ev``'s batches (its layout); keys start with ``prefix``."""
     losses = []
+    batches = ev.batches["train"]
     for p, (a, b) in enumerate(s.points):
         for key, point in (("bare", (0.0, 0.0)), ("bare_points", (a, b))):
             ev.set_point(*point)
-            best[key][p] = min(best[key][p], timed(s.dev, bare_pass, s.model, s.batches)[0])
+            best[prefix + key][p] = min(best[prefix + key][p], timed(s.dev, bare_pass, ev.model, batches)[0])
         t, res = timed(s.dev, ev.evaluate_many, [(a, b)])
-        best["per_point"][p] = min(best["per_point"][p], t)
+        best[prefix + "per_point"][p] = min(best[prefix + "per_point"][p], t)
         losses.append(res[0]["train_loss"])
     ev.set_point(0.0, 0.0)
     return losses
@@ -227,12 +237,15 @@ def measure(case: Case, dev: torch.device, threads: int, log) -> dict:
         if ev is not None:
             run(ev, s)
     s.points = saved
-    paired_best = {key: np.full(n, np.inf) for key in ("bare", "bare_points", "per_point")}
+    paired_keys = [p + key for p in ("", "nhwc_")[: 2 if nhwc else 1] for key in ("bare", "bare_points", "per_point")]
+    paired_best = {key: np.full(n, np.inf) for key in paired_keys}
     t: dict[str, list[float]] = {"per_point_run": [], "calibration": [], "calibrated_run": [], "auto": [],
                                  "forced": [], "naive_in_process": []} | ({"nhwc": []} if nhwc else {})
     losses, chosen = {}, []
     for r in range(case.rounds):
         losses["per-point"] = paired(s, per_point, paired_best)
+        if nhwc:
+            losses["per-point NHWC"] = paired(s, nhwc, paired_best, "nhwc_")
         _, t_run, _, losses["per-point run"] = run(per_point, s)
         t["per_point_run"].append(t_run / n)
         _, t_run, k, losses["best K"] = run(s.evaluator(1), s, calibrate_for=None)
@@ -265,7 +278,9 @@ ROWS = [("bare forward at θ* (per pass)", "bare"), ("bare forward at the N poin
         ("lsurf per-point (K=1)", "per_point"), ("lsurf per-point, whole run", "per_point_run"),
         ("lsurf best K, run only", "calibrated_run"), ("lsurf forced K", "forced"),
         ("lsurf auto (calibrate for N + run)", "auto"),
-        ("lsurf per-point, NHWC", "nhwc"), ("naive, own process", "naive"),
+        ("lsurf per-point, NHWC, whole run", "nhwc"), ("bare NHWC forward at θ* (per pass)", "nhwc_bare"),
+        ("bare NHWC forward at the N points", "nhwc_bare_points"), ("lsurf per-point NHWC (K=1)", "nhwc_per_point"),
+        ("naive, own process", "naive"),
         ("naive, in-process", "naive_in_process")]
 
 
@@ -300,6 +315,9 @@ def targets(summaries: list[dict], i2: dict | None, device: str) -> list[tuple[s
         if device == "cpu" and name in TARGETS_PP:
             add(f"{name}: per-point / bare at θ*", b["per_point"] / b["bare"], TARGETS_PP[name])
             add(f"{name}: per-point / bare at the same points", b["per_point"] / b["bare_points"], TARGETS_PP[name])
+            if "nhwc_per_point" in b:
+                add(f"{name}: per-point NHWC / bare NHWC at the same points",
+                    b["nhwc_per_point"] / b["nhwc_bare_points"], TARGETS_PP[name])
         if device == "cpu" and name == "resnet20":
             add(f"{name}: naive / per-point run", b["naive"] / b["per_point_run"], 1.3, upper=False)
         if device == "cuda" and name in ("cnn", "resnet20"):
@@ -312,10 +330,10 @@ def targets(summaries: list[dict], i2: dict | None, device: str) -> list[tuple[s
     return out
 
 
-def sample_surface_overhead(dev: torch.device, threads: int, quick: bool, log) -> dict:
-    """The digits CNN through ``lsurf.sample_surface`` (layout and K chosen as users get them):
-    the whole call, and the file's own wall and evaluation seconds, over N x the bare pass at θ*."""
-    side = 9 if quick else 21
+def sample_surface_overhead(dev: torch.device, threads: int, side: int, log) -> dict:
+    """The digits CNN through ``lsurf.sample_surface`` (layout and K chosen as users get them) on a
+    ``side`` x ``side`` grid: the whole call, and the file's own wall and evaluation seconds, over N x
+    the bare pass at θ*."""
     data = lsurf.load_data("digits", ("train",))
     torch.manual_seed(0)
     model = lsurf.load_model("cnn", tuple(data["train"].x.shape[1:]), 10).eval().to(dev)
@@ -323,12 +341,13 @@ def sample_surface_overhead(dev: torch.device, threads: int, quick: bool, log) -
     grid = lsurf.Grid.parse(f"-1:1:{side}", f"-1:1:{side}")
     batches = resident_batches(data["train"], batch_size(dev), dev, torch.float32)
     bare_pass(model, batches)
-    bare = [timed(dev, bare_pass, model, batches)[0] for _ in range(7)]
+    repeats = 7 if side > 2 else 1
+    bare = [timed(dev, bare_pass, model, batches)[0] for _ in range(repeats)]
     with tempfile.TemporaryDirectory() as tmp:
         t_call, surface = timed(dev, lambda: lsurf.sample_surface(
             model, data, dirs, grid, Path(tmp) / "s.h5", device=dev.type, threads=threads, progress=False,
             overwrite=True))
-    bare += [timed(dev, bare_pass, model, batches)[0] for _ in range(7)]
+    bare += [timed(dev, bare_pass, model, batches)[0] for _ in range(repeats)]
     n, med, attrs = grid.num_points, statistics.median(bare), surface.attrs
     log(f"  sample_surface: {n} points in {t_call:.2f} s, load {load_avg()}")
     return {"points": n, "bare_median_ms": 1e3 * med, "call_seconds": t_call,
@@ -349,12 +368,13 @@ def print_sample_surface(i2: dict) -> None:
     print(f"  writes {1e3 * i2['write_seconds']:.1f} ms")
 
 
-def thread_choice(dev: torch.device, threads: int) -> dict:
-    """lsurf's threads per rank here, and why: a ResNet-20 pass (1,000 images) with 1 and with all
-    cores' threads, with the cores free and with one busy neighbour (what every rank is under MPI)."""
+def thread_choice(dev: torch.device, threads: int, data: str = SYNTH) -> dict:
+    """lsurf's threads per rank here, and why: a ResNet-20 pass (over ``data``: 1,000 images) with 1
+    and with all cores' threads, with the cores free and with one busy neighbour (what every rank is
+    under MPI)."""
     cpus = len(os.sched_getaffinity(0))
     model = lsurf.load_model("resnet20", (3, 32, 32), 10).eval()
-    batches = resident_batches(lsurf.load_data(SYNTH, ("train",))["train"], 128, dev, torch.float32)
+    batches = resident_batches(lsurf.load_data(data, ("train",))["train"], 128, dev, torch.float32)
     best: dict[str, float] = {}
     for busy in (False, True):
         spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"]) if busy else None
@@ -384,6 +404,8 @@ def print_thread_choice(tc: dict) -> None:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="fewer points and rounds (about two minutes)")
+    ap.add_argument("--smoke", action="store_true", help="every measurement once on tiny inputs (seconds; "
+                    "checks the script runs, its figures mean nothing)")
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1: one rank's layout)")
     ap.add_argument("--only", help="comma-separated model names to run (default: all)")
@@ -401,18 +423,18 @@ def main(argv: list[str] | None = None) -> int:
     load0, t_start = load_avg(), time.perf_counter()
     print(f"device {dev}, {torch.get_num_threads()} threads, torch {torch.__version__}, load {load0}")
     summaries = []
-    for case in cases(args.device, args.quick):
+    for case in cases(args.device, args.quick, args.smoke):
         if not args.only or case.model in args.only.split(","):
             log(f"{case.model} on {case.data}: {case.points} points x {case.rounds} rounds")
             summaries.append(measure(case, dev, args.threads, log))
             print_case(summaries[-1])
     tc = None
     if not args.no_threads and dev.type == "cpu" and len(os.sched_getaffinity(0)) > 1:
-        tc = thread_choice(dev, args.threads)
+        tc = thread_choice(dev, args.threads, SMOKE_SYNTH if args.smoke else SYNTH)
         print_thread_choice(tc)
     i2 = None
-    if not args.no_sample_surface and (not args.only or "cnn" in args.only.split(",")):
-        i2 = sample_surface_overhead(dev, args.threads, args.quick, log)
+    if not args.no_sample_surface and (args.smoke or not args.only or "cnn" in args.only.split(",")):
+        i2 = sample_surface_overhead(dev, args.threads, 2 if args.smoke else 9 if args.quick else 21, log)
         print_sample_surface(i2)
     goals = targets(summaries, i2, args.device)
     print("\ntargets:")
@@ -420,7 +442,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {label:<62}{value:>8.3f} {want:<8} {'met' if ok else 'MISSED'}")
     print(f"load average before {load0}, after {load_avg()}; {time.perf_counter() - t_start:.0f} s")
     print(json.dumps({"bench": "speed", "device": str(dev), "threads": torch.get_num_threads(), "quick": args.quick,
-                      "cases": summaries, "sample_surface": i2, "threads_choice": tc,
+                      "smoke": args.smoke, "cases": summaries, "sample_surface": i2, "threads_choice": tc,
                       "targets": {g[0]: {"value": round(g[1], 4), "target": g[2], "met": g[3]} for g in goals}}))
     return 0
 

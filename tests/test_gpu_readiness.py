@@ -1,8 +1,8 @@
 """GPU readiness: what a review of the CUDA path found, checked on the CPU where the logic is
 device-independent, and on a GPU (tests that skip without one) where it is not.
 
-``bash jobs/gpu_check.sh`` runs the CUDA tests, the speed bench on CUDA and a 2-rank surface on a
-GPU node.
+``bash jobs/gpu_check.sh`` runs the CUDA tests (marked ``gpu``) with the rest of the first check of
+a GPU node.
 """
 
 from __future__ import annotations
@@ -23,7 +23,12 @@ from lsurf.engine.stores import save_store
 from lsurf.run.runtime import configure_process, float32_precision, set_float32_precision
 
 CURVE = ["--x", "-1:1:3", "--no-progress"]
-cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def cuda(test):
+    """Needs a GPU: marked ``gpu`` (what jobs/gpu_check.sh runs, a skip counting as a failure there)
+    and skipped without one."""
+    return pytest.mark.gpu(pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")(test))
 
 
 def _one_line(p, pattern: str) -> None:
