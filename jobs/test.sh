@@ -22,4 +22,4 @@ export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
 "$ROOT/.venv/bin/python" -m ruff check .
 "$ROOT/.venv/bin/lint-imports" --no-cache   # layer contracts: .importlinter
 "$ROOT/.venv/bin/python" -m mypy             # type check of lsurf/ (setup.cfg [mypy])
-exec "$ROOT/.venv/bin/python" -m pytest -q --timeout=900 --durations=25 "$@"
+exec "$ROOT/.venv/bin/python" -m pytest -q --timeout=900 --durations=25 -m "" "$@"

@@ -14,8 +14,43 @@ import numpy as np
 import pytest
 import torch
 
+from lsurf import load_data, load_model
+from lsurf.engine.train import train
+
 REPO = Path(__file__).resolve().parents[1]
 FIXTURES = REPO.parent / "shared" / "fixtures" / "loss-landscape"
+
+
+# The test tiers (pyproject's markers). A bare ``pytest`` runs the unmarked, fast tier; CI runs all.
+TIERS = ("cli", "mpi", "system", "gpu")
+FAST_TIER_LIMIT_S = float(os.environ.get("LSURF_FAST_TIER_LIMIT_S", "5"))
+_running: list[pytest.Item | None] = [None]
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    _running[0] = item
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call):
+    """An unmarked test (fixtures included) that takes longer than the fast tier allows fails: a slow
+    test must declare its tier, so that a bare ``pytest`` stays a two-minute signal."""
+    outcome = yield
+    report = outcome.get_result()
+    tiered = any(item.get_closest_marker(m) for m in TIERS)
+    if report.when != "teardown" and report.passed and report.duration > FAST_TIER_LIMIT_S and not tiered:
+        report.outcome = "failed"
+        report.longrepr = (f"{item.nodeid}: its {report.when} took {report.duration:.1f} s, over the fast tier's "
+                           f"{FAST_TIER_LIMIT_S:g} s (LSURF_FAST_TIER_LIMIT_S): make it faster or mark its tier "
+                           f"({', '.join(TIERS)})")
+
+
+def _require_tier(what: str, *allowed: str) -> None:
+    """A test that starts processes belongs to a slow tier: say so rather than slow the fast one down."""
+    item = _running[0]
+    if item is not None and not any(item.get_closest_marker(m) for m in allowed):
+        pytest.fail(f"{item.nodeid} {what} but is not marked {' or '.join(allowed)}", pytrace=False)
 
 
 def _env(extra: dict | None = None) -> dict:
@@ -30,6 +65,7 @@ def _env(extra: dict | None = None) -> dict:
 
 def lsurf(*args, cwd=None, timeout=300, env=None, check=False) -> subprocess.CompletedProcess:
     """``python -m lsurf ARGS`` in one process; returns the completed process (text output)."""
+    _require_tier("starts the lsurf command", "cli", "mpi", "system")
     cmd = [sys.executable, "-m", "lsurf", *map(str, args)]
     p = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=_env(env))
     if check and p.returncode != 0:
@@ -38,6 +74,7 @@ def lsurf(*args, cwd=None, timeout=300, env=None, check=False) -> subprocess.Com
 
 
 def mpi_command(n: int, *args) -> list[str]:
+    _require_tier("launches mpirun", "mpi", "system")
     return ["mpirun", "-n", str(n), "--oversubscribe", "--allow-run-as-root",
             sys.executable, "-m", "lsurf", *map(str, args)]
 
@@ -84,12 +121,39 @@ requires_mpi = pytest.mark.skipif(shutil.which("mpirun") is None, reason="mpirun
 requires_fixtures = pytest.mark.skipif(not FIXTURES.is_dir(), reason="../shared/fixtures not present")
 
 
+def train_digits(out: Path, epochs: int, seed: int = 0) -> Path:
+    """The digits CNN trained in this process, as ``lsurf train --model cnn --data digits --epochs
+    EPOCHS --seed SEED --out-dir OUT`` trains it (checkpoints ``model_0.t7`` … ``model_EPOCHS.t7``):
+    1.6 s, where the command took 6 s to start. One thread, as a job's rank runs; restored after."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        model = load_model("cnn", (1, 8, 8), 10, seed=seed)
+        train(model, load_data("digits", ("train", "test")), out, epochs=epochs, seed=seed, log=lambda _: None)
+    finally:
+        torch.set_num_threads(threads)
+    return out
+
+
 @pytest.fixture(scope="session")
-def digits_checkpoint(tmp_path_factory) -> Path:
-    """A CNN trained for 2 epochs on digits (deterministic), shared by the whole session."""
-    out = tmp_path_factory.mktemp("runs")
-    lsurf("train", "--model", "cnn", "--data", "digits", "--epochs", "2", "--out-dir", out, check=True)
-    return out / "model_2.t7"
+def digits_run(tmp_path_factory):
+    """``digits_run(seed)``: the run directory of the digits CNN trained for 3 epochs from ``seed``,
+    trained at its first use and shared by the whole session."""
+    root = tmp_path_factory.mktemp("runs")
+    runs: dict[int, Path] = {}
+
+    def run(seed: int = 0) -> Path:
+        if seed not in runs:
+            runs[seed] = train_digits(root / f"s{seed}", 3, seed)
+        return runs[seed]
+
+    return run
+
+
+@pytest.fixture(scope="session")
+def digits_checkpoint(digits_run) -> Path:
+    """The digits CNN after 2 of its 3 epochs (seed 0): trained, not converged."""
+    return digits_run(0) / "model_2.t7"
 
 
 def write_data_plugin(tmp_path: Path, monkeypatch, name: str, x: np.ndarray, y: np.ndarray) -> None:

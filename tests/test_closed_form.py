@@ -24,6 +24,7 @@ def closed_form(r, dirs_x, dirs_y, xs, ys):
     return out
 
 
+@pytest.mark.cli
 def test_quadratic_surface_via_cli(regression, tmp_path):
     out = tmp_path / "quad.h5"
     lsurf("surface", "--model", "linear", "--data", "regdata:make", "--checkpoint", tmp_path / "lin.pt",
@@ -83,6 +84,7 @@ def test_one_dimensional_curve(regression, tmp_path):
     np.testing.assert_allclose(surface.values["train_loss"], expected, rtol=1e-10)
 
 
+@pytest.mark.mpi
 @requires_mpi
 def test_hessian_saddle_plane_at_the_least_squares_solution(regression, tmp_path):
     """``--directions hessian:max,min`` under two ranks: the stored directions are the extreme

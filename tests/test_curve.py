@@ -94,6 +94,7 @@ def _own_loss(checkpoint) -> float:
         return F.cross_entropy(model(train.x.double()), train.y).item()
 
 
+@pytest.mark.cli
 def test_the_curve_ends_at_the_models_and_lowers_the_barrier(pair, tmp_path):
     a, b = pair
     curve, along = tmp_path / "curve.h5", tmp_path / "along.h5"
@@ -120,6 +121,7 @@ def test_the_curve_ends_at_the_models_and_lowers_the_barrier(pair, tmp_path):
     assert (tmp_path / "along_curve.png").is_file(), plotted.stdout
 
 
+@pytest.mark.mpi
 @requires_mpi
 def test_two_ranks_train_and_evaluate_the_curve_one_process_does(pair, tmp_path):
     """Each rank takes its share of every batch and the gradients are added; the points t of an
@@ -141,6 +143,7 @@ def test_two_ranks_train_and_evaluate_the_curve_one_process_does(pair, tmp_path)
         np.testing.assert_allclose(shared.values[name], values, rtol=1e-9, err_msg=name)
 
 
+@pytest.mark.cli
 def test_a_curve_resumes_where_it_stopped(pair, tmp_path):
     """One epoch, then the same command asking for two, is the straight two-epoch run; a finished
     curve run again is left as it is; one trained otherwise is refused."""
@@ -164,6 +167,7 @@ def test_a_curve_resumes_where_it_stopped(pair, tmp_path):
     assert (tmp_path / "straight.h5").read_bytes() == before
 
 
+@pytest.mark.cli
 def test_the_plane_of_the_curve_is_an_ordinary_surface(pair, tmp_path):
     """``surface --curve-plane`` (centred on the curve's model A unless told otherwise): (0, 0) is
     model A, (1, 0) model B, the bend lies at β = 1; ``plot --curve`` draws the curve on it, and
@@ -215,6 +219,7 @@ def make():
 """
 
 
+@pytest.mark.cli
 def test_a_batchnorm_model_is_evaluated_with_recalibrated_statistics(tmp_path):
     """BatchNorm statistics between two models are neither's: ``eval`` recalibrates them at every t,
     and its straight line is what ``lsurf surface --model2 --bn recalibrate`` samples. ``eval`` takes

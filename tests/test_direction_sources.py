@@ -31,6 +31,7 @@ def own_loss(ckpt) -> float:
         return F.cross_entropy(model(split.x), split.y).item()
 
 
+@pytest.mark.cli
 def test_interpolation_endpoints_are_the_models(run_dir, tmp_path):
     out = tmp_path / "line.h5"
     lsurf("surface", "--model", "cnn", "--checkpoint", run_dir / "model_0.t7", "--model2", run_dir / "model_3.t7",
@@ -48,6 +49,7 @@ def test_interpolation_endpoints_are_the_models(run_dir, tmp_path):
     assert loss[3] == pytest.approx(own_loss(run_dir / "model_3.t7"), rel=1e-5)
 
 
+@pytest.mark.mpi
 @requires_mpi
 def test_plane_through_three_models_under_mpi(run_dir, tmp_path):
     out = tmp_path / "plane.h5"
@@ -62,6 +64,7 @@ def test_plane_through_three_models_under_mpi(run_dir, tmp_path):
     assert loss[2, 0] == pytest.approx(own_loss(run_dir / "model_3.t7"), rel=1e-5)
 
 
+@pytest.mark.cli
 def test_other_architecture_is_refused(run_dir, tmp_path):
     torch.save(load_model("mlp", (1, 8, 8), 10).state_dict(), tmp_path / "mlp.pt")
     p = lsurf("surface", "--model", "cnn", "--checkpoint", run_dir / "model_0.t7", "--model2", tmp_path / "mlp.pt",
@@ -69,6 +72,7 @@ def test_other_architecture_is_refused(run_dir, tmp_path):
     assert p.returncode == 2 and "does not fit this model" in p.stderr and "conv1.weight" in p.stderr
 
 
+@pytest.mark.cli
 def test_states_interpolation_moves_bn_statistics(tmp_path):
     torch.manual_seed(1)
     m1 = load_model("resnet20", None, None)
@@ -110,12 +114,14 @@ def test_pca_recovers_a_known_plane():
     assert proj.x[-1] == pytest.approx(0) and proj.y[-1] == pytest.approx(0)  # the centre is θ_final
 
 
+@pytest.mark.cli
 def test_trajectory_needs_three_checkpoints(run_dir, tmp_path):
     p = lsurf("trajectory", run_dir / "model_0.t7", run_dir / "model_1.t7", "--model", "cnn",
               "--dir-out", tmp_path / "d.h5", "--proj-out", tmp_path / "p.h5")
     assert p.returncode == 2 and "at least 3 checkpoints" in p.stderr
 
 
+@pytest.mark.cli
 def test_trajectory_command_then_surface(run_dir, tmp_path):
     lsurf("trajectory", run_dir, "--model", "cnn", "--dir-out", tmp_path / "d.h5", "--proj-out", tmp_path / "p.h5",
           check=True)
@@ -161,6 +167,7 @@ def test_hessian_directions_refuse_other_sources():
         Options(directions="hessian:max,max2", y="-1:1:3", planes=2)
 
 
+@pytest.mark.cli
 def test_a_hessian_plane_is_reused_on_resume(run_dir, tmp_path):
     """The second run finds the plane's direction file made the same way and walks it: nothing is
     recomputed and the file is not rewritten; --overwrite computes it again, to the same vectors."""

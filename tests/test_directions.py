@@ -105,6 +105,7 @@ def test_reference_direction_file_loads(resnet):
             assert not d.any()
 
 
+@pytest.mark.cli
 def test_directions_command(tmp_path):
     p = lsurf("directions", "--model", "resnet20", "--seed", "9", "--out", tmp_path / "d.h5", check=True)
     assert "65 tensors" in p.stdout

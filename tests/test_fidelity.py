@@ -28,6 +28,7 @@ def _least_squares(regression, tmp_path):
     return 2 * a.T @ a / N
 
 
+@pytest.mark.mpi
 @requires_mpi
 def test_stored_quotients_and_extremes_match_the_closed_form_under_two_ranks(regression, tmp_path):
     h = _least_squares(regression, tmp_path)

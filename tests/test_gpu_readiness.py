@@ -37,12 +37,14 @@ def _one_line(p, pattern: str) -> None:
     assert len(lines) == 1 and pattern in lines[0], p.stderr
 
 
+@pytest.mark.cli
 def test_a_cuda_index_beyond_the_visible_devices_is_one_line(tmp_path):
     p = lsurf("surface", "--device", "cuda:99", "--model", "cnn", "--data", "digits", *CURVE,
               "--out", tmp_path / "s.h5")
     _one_line(p, f"sees {torch.cuda.device_count()} CUDA device")
 
 
+@pytest.mark.cli
 def test_labels_beyond_the_model_outputs_are_refused_before_any_work(tmp_path):
     (tmp_path / "tenway.py").write_text(textwrap.dedent("""
         import torch
@@ -57,6 +59,7 @@ def test_labels_beyond_the_model_outputs_are_refused_before_any_work(tmp_path):
     assert not (tmp_path / "s.h5").exists()
 
 
+@pytest.mark.cli
 def test_int32_labels_give_the_int64_numbers(tmp_path, digits_checkpoint):
     data = api.load_data("digits", ("train",), 300)["train"]
     outs = {}
@@ -71,6 +74,7 @@ def test_int32_labels_give_the_int64_numbers(tmp_path, digits_checkpoint):
             np.testing.assert_allclose(a[k][()], b[k][()], rtol=1e-12)
 
 
+@pytest.mark.cli
 def test_float32_precision_is_pinned_to_ieee_unless_tf32_and_tf32_is_part_of_the_identity(tmp_path,
                                                                                            digits_checkpoint):
     before = (torch.backends.cuda.matmul.fp32_precision, float32_precision())

@@ -150,6 +150,7 @@ def test_non_differentiable_model_is_refused():
         Hessian(Rounded().double(), [(x, y)], resolve_loss("cross_entropy")).hvp(torch.randn(8, dtype=F64))
 
 
+@pytest.mark.cli
 def test_hessian_command(tmp_path):
     p = lsurf("hessian", "--model", "linear", "--data", "synthetic:shape=4,n=60,task=regression", "--loss", "mse",
               "--dtype", "float64", "--top-k", "2", "--trace-samples", "20", "--density", "--out", tmp_path / "h.h5",
@@ -161,6 +162,7 @@ def test_hessian_command(tmp_path):
     assert "(standard error)" in p.stdout
 
 
+@pytest.mark.mpi
 @requires_mpi
 def test_curvature_maps_of_a_quadratic_under_mpi(tmp_path):
     """Per-point λ_max and λ_min of linear regression are the same everywhere, on 2 ranks."""
@@ -204,6 +206,7 @@ CNN = ("--model", "cnn", "--data", "digits", "--dtype", "float64", "--subset", "
        "--iters", "30")
 
 
+@pytest.mark.mpi
 @requires_mpi
 def test_cnn_spectrum_is_the_same_on_one_and_two_ranks(tmp_path, digits_checkpoint):
     args = ("hessian", *CNN, "--checkpoint", digits_checkpoint, "--top-k", "5", "--trace-samples", "4", "--density")
@@ -217,6 +220,7 @@ def test_cnn_spectrum_is_the_same_on_one_and_two_ranks(tmp_path, digits_checkpoi
         np.testing.assert_allclose(two["density"][()], one["density"][()], atol=1e-6 * one["density"][()].max())
 
 
+@pytest.mark.mpi
 @requires_mpi
 def test_saved_eigenvectors_are_a_direction_file_for_surface(tmp_path, digits_checkpoint):
     saved = tmp_path / "eig.h5"

@@ -87,6 +87,7 @@ def test_page_data_equal_the_files_and_nothing_is_fetched(pair, tmp_path):
     assert "seed 1" in data["surfaces"][1]["provenance"]
 
 
+@pytest.mark.system
 @needs_plotly
 @needs_chromium
 def test_chromium_shows_the_surface_offline(pair, tmp_path):
@@ -106,6 +107,7 @@ def test_chromium_shows_the_surface_offline(pair, tmp_path):
     assert saturated[:, :600].mean() > 0.03 and saturated[:, 600:].mean() > 0.15
 
 
+@pytest.mark.system
 @needs_plotly
 @needs_chromium
 def test_selectors_switch_file_and_quantity(pair, tmp_path):
@@ -120,6 +122,7 @@ def test_selectors_switch_file_and_quantity(pair, tmp_path):
     assert 'data-lsurf-shown="0:train_loss"' in first
 
 
+@pytest.mark.system
 @needs_plotly
 @needs_chromium
 def test_a_page_that_needs_the_network_does_not_render_here(pair, tmp_path):
@@ -137,6 +140,7 @@ def test_a_page_that_needs_the_network_does_not_render_here(pair, tmp_path):
     assert "<html" in dom and 'data-lsurf-shown="' not in dom and 'class="main-svg"' not in dom
 
 
+@pytest.mark.system
 @needs_plotly
 @needs_chromium
 def test_curves_page(tmp_path):

@@ -170,6 +170,7 @@ def test_a_reader_watching_the_file_does_not_stop_the_run(tmp_path):
     assert resumed.done.all()
 
 
+@pytest.mark.cli
 def test_cli_flags_win_over_the_job_file_and_abbreviations_are_refused(tmp_path):
     (tmp_path / "job.toml").write_text('model = "cnn"\ndata = "digits"\nsubset = 60\nbatch_size = 32\n'
                                        'x = "-1:1:3"\nno-progress = true\n')
@@ -181,6 +182,7 @@ def test_cli_flags_win_over_the_job_file_and_abbreviations_are_refused(tmp_path)
     assert not (tmp_path / "b.h5").exists()
 
 
+@pytest.mark.cli
 def test_hessian_takes_device_and_job_file(tmp_path):
     (tmp_path / "h.toml").write_text('model = "mlp"\ndata = "digits"\nsubset = 80\ntop_k = 2\ntrace_samples = 0\n'
                                      'iters = 20\ndtype = "float64"\n')

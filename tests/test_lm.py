@@ -131,6 +131,7 @@ def hf_surface(gpt2, corpus, tmp_path_factory):
     return args, out
 
 
+@pytest.mark.mpi
 @requires_mpi
 def test_hf_gpt2_surface_on_two_ranks_equals_one_process(hf_surface, tmp_path):
     args, one = hf_surface
@@ -142,6 +143,7 @@ def test_hf_gpt2_surface_on_two_ranks_equals_one_process(hf_surface, tmp_path):
         np.testing.assert_allclose(a[k], b[k], rtol=1e-6, atol=1e-9, err_msg=k)
 
 
+@pytest.mark.cli
 def test_streamed_token_windows_give_the_resident_numbers(hf_surface, tmp_path):
     args, one = hf_surface
     out = tmp_path / "streamed.h5"
@@ -153,6 +155,7 @@ def test_streamed_token_windows_give_the_resident_numbers(hf_surface, tmp_path):
         np.testing.assert_allclose(a[k], b[k], rtol=1e-6, atol=1e-9, err_msg=k)
 
 
+@pytest.mark.cli
 def test_hf_centre_loss_equals_transformers_own_labels_loss(hf_surface, gpt2, corpus):
     _, one = hf_surface
     with h5py.File(one) as f:
@@ -166,6 +169,7 @@ def test_hf_centre_loss_equals_transformers_own_labels_loss(hf_surface, gpt2, co
     assert centre == pytest.approx(own, abs=1e-6)
 
 
+@pytest.mark.cli
 def test_plugin_transformer_lm_with_a_per_sequence_loss(corpus, tmp_path):
     out = tmp_path / "plugin.h5"
     lsurf("surface", "--model", "lm_fixtures:tiny_lm", "--loss", "lm_fixtures:sequence_loss",
@@ -281,6 +285,7 @@ def _bad(tmp_path, corpus, gpt2, case: str) -> list:
     return ["--model", f"hf:{gpt2}", "--data", f"tokens:{tmp_path / 'big'}", "--seq-len", "8"]
 
 
+@pytest.mark.cli
 @pytest.mark.parametrize("case,message", [
     ("no config", r"no config\.json"), ("odd bytes", r"not a whole number of uint16 tokens"),
     ("long window", r"--seq-len 100000 is longer than"), ("vocabulary", r"token id 199, but the model's vocabulary"),
@@ -296,6 +301,7 @@ def test_bad_language_model_input_is_one_line(case, message, tmp_path, corpus, g
 
 # --- the README's language-model example runs ------------------------------------------------------
 
+@pytest.mark.cli
 @requires_mpi
 def test_readme_language_model_example_runs(tmp_path):
     text = (REPO / "README.md").read_text()

@@ -17,6 +17,7 @@ from lsurf.run.options import Options
 RUN = ("--model", "cnn", "--data", "digits", "--subset", "64", "--threads", "1", "--points-per-pass", "1")
 
 
+@pytest.mark.mpi
 @requires_mpi
 def test_three_planes_under_two_ranks_equal_three_single_plane_runs(tmp_path, digits_checkpoint):
     grid = ("--x=-1:1:5", "--y=-0.5:0.5:3")
@@ -36,6 +37,7 @@ def test_three_planes_under_two_ranks_equal_three_single_plane_runs(tmp_path, di
             np.testing.assert_allclose(values[k], one.values[name], rtol=0, atol=1e-6)
 
 
+@pytest.mark.cli
 def test_a_curve_ensemble_resumes_per_point(tmp_path, digits_checkpoint):
     args = (*RUN, "--x=-1:1:7", "--checkpoint", digits_checkpoint, "--planes", "2", "--out", tmp_path / "c.h5")
     lsurf("surface", *args, check=True)
@@ -57,6 +59,7 @@ def test_a_curve_ensemble_resumes_per_point(tmp_path, digits_checkpoint):
     assert (tmp_path / "c.h5").read_bytes() == before
 
 
+@pytest.mark.cli
 def test_planes_refuse_other_direction_sources(tmp_path):
     with pytest.raises(UserError, match="`planes` 2 draws random planes.*`dir_file`"):
         Options(planes=2, dir_file="d.h5")
@@ -92,6 +95,7 @@ def test_basin_radius_and_spread_against_hand_computation():
     assert mean == 2.0 and hi - mean == pytest.approx(4.302652729749464 / np.sqrt(3))  # t(0.975, 2) · sd / √n
 
 
+@pytest.mark.cli
 def test_info_prints_each_plane_and_the_interval(tmp_path, digits_checkpoint):
     lsurf("surface", *RUN, "--x=-1:1:9", "--checkpoint", digits_checkpoint, "--planes", "3",
           "--out", tmp_path / "e.h5", check=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 from conftest import FIXTURES, lsurf, mpirun, requires_fixtures, requires_mpi
 
 from lsurf import load_model, read_surface
@@ -16,6 +17,7 @@ def test_reference_checkpoint_loads_strictly():
     assert sum(1 for _ in model.parameters()) == 65
 
 
+@pytest.mark.mpi
 @requires_mpi
 def test_reproduces_reference_surface(tmp_path):
     """The whole 11x11 surface, on 2 ranks, against the reference's numbers (float32: ~1e-5)."""
@@ -36,6 +38,7 @@ def test_reproduces_reference_surface(tmp_path):
         np.testing.assert_allclose(ours.values["train_loss"], f["train_loss"][()], rtol=1e-5)
 
 
+@pytest.mark.cli
 def test_info_reads_reference_file():
     p = lsurf("info", RESNET / "surface_11x11.h5", check=True)
     assert "Li et al." in p.stdout

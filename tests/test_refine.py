@@ -102,6 +102,7 @@ def test_a_budget_is_never_exceeded_and_the_rounds_are_a_pure_function_of_the_va
     assert (_refine(z, budget=150) <= _refine(z, budget=300)).all()  # a bigger budget only adds points
 
 
+@pytest.mark.mpi
 @requires_mpi
 def test_coarse_to_fine_run_is_the_same_under_1_2_and_4_ranks_and_equals_the_full_grid(mlp, tmp_path):
     lsurf("surface", *mlp, "--out", tmp_path / "full.h5", check=True, timeout=600)
@@ -120,6 +121,7 @@ def test_coarse_to_fine_run_is_the_same_under_1_2_and_4_ranks_and_equals_the_ful
     assert f"{int(runs[1].done.sum())} of 289 points computed, the rest interpolated (finished" in info
 
 
+@pytest.mark.cli
 def test_an_interrupted_refinement_resumes_into_the_run_it_would_have_been(mlp, tmp_path):
     lsurf("surface", *mlp, "--budget", "130", "--out", tmp_path / "straight.h5", check=True, timeout=600)
     lsurf("surface", *mlp, "--budget", "95", "--out", tmp_path / "resumed.h5", check=True, timeout=600)
@@ -135,6 +137,7 @@ def test_an_interrupted_refinement_resumes_into_the_run_it_would_have_been(mlp, 
     assert read_surface(tmp_path / "resumed.h5").done.all()
 
 
+@pytest.mark.cli
 def test_plots_and_vtk_fill_an_adaptive_surface_and_mark_what_was_computed(mlp, tmp_path):
     out = tmp_path / "ad.h5"
     lsurf("surface", *mlp, "--budget", "100", "--out", out, check=True, timeout=600)
@@ -173,6 +176,7 @@ def _stops(losses: np.ndarray, batch: int, tol: float, least: int) -> tuple[int,
     raise AssertionError("unreachable")
 
 
+@pytest.mark.cli
 def test_tolerance_stops_each_pass_where_the_standard_error_says_and_not_before(regression, tmp_path):
     out = tmp_path / "tol.h5"
     tol, least, batch = 2.0, 24, 8

@@ -62,6 +62,7 @@ def reference(digits_npy, f64):
     return _values(out)
 
 
+@pytest.mark.cli
 @pytest.mark.parametrize("data,extra", [
     ("digits", ["--resident", "never", "--workers", "0"]),
     ("digits", ["--resident", "never", "--workers", "2", "--batch-size", "64"]),
@@ -115,6 +116,7 @@ PLUGINS = textwrap.dedent("""
 """)
 
 
+@pytest.mark.cli
 @pytest.mark.parametrize("factory", ["map_style", "iterable", "loader_factory"])
 @pytest.mark.parametrize("resident", ["never", "always"])
 def test_plugin_datasets_iterables_and_loader_factories(factory, resident, tmp_path, f64):
@@ -128,6 +130,7 @@ def test_plugin_datasets_iterables_and_loader_factories(factory, resident, tmp_p
     _same(_values(out), _values(ref))
 
 
+@pytest.mark.mpi
 @requires_mpi
 @pytest.mark.parametrize("g,writer", [(1, "mpio"), (2, "root"), (4, "mpio")])
 def test_rank_groups_equal_one_process(g, writer, reference, tmp_path, f64):
@@ -143,6 +146,7 @@ def test_rank_groups_equal_one_process(g, writer, reference, tmp_path, f64):
     assert (f"in {4 // g} groups of {g}" if g > 1 else "one per point") in info, p.stderr
 
 
+@pytest.mark.mpi
 @requires_mpi
 def test_a_curve_with_fewer_points_than_ranks_uses_them_all(tmp_path, f64):
     """A 3-point curve on 4 ranks: two groups of two, streamed, both writers' file equal to one process."""
@@ -153,6 +157,7 @@ def test_a_curve_with_fewer_points_than_ranks_uses_them_all(tmp_path, f64):
     _same(_values(out), _values(ref))
 
 
+@pytest.mark.mpi
 @requires_mpi
 @pytest.mark.parametrize("case", ["g-does-not-divide", "split-smaller-than-g"])
 def test_bad_group_layouts_are_one_line(case, tmp_path):
@@ -166,6 +171,7 @@ def test_bad_group_layouts_are_one_line(case, tmp_path):
     assert "Traceback" not in p.stderr and not (tmp_path / "s.h5").exists()
 
 
+@pytest.mark.cli
 def test_a_budget_too_small_for_one_batch_is_refused(tmp_path):
     p = lsurf("surface", "--model", "cnn", "--data", "digits", "--no-progress", *CURVE, "--memory-budget", "4K",
               "--out", tmp_path / "s.h5")
@@ -181,6 +187,7 @@ def _peak_rss_kib(args: list) -> tuple[int, str]:
     return int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", p.stderr).group(1)), p.stderr
 
 
+@pytest.mark.system
 def test_streaming_a_split_far_larger_than_the_budget_keeps_memory_bounded(tmp_path):
     """1 GiB of float32 on disk, a 256 MiB budget: the peak stays within the tiny run's plus the budget
     and the prefetch queue (4 batches of 4 MiB)."""

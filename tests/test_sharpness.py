@@ -102,6 +102,7 @@ def test_bad_settings_name_the_parameter(regression, bad, param):
 CNN = ("--model", "cnn", "--data", "digits", "--subset", "120", "--threads", "1")
 
 
+@pytest.mark.mpi
 @requires_mpi
 @pytest.mark.parametrize("kind", ["average", "worst"])
 def test_two_ranks_give_what_one_process_gives(tmp_path, digits_checkpoint, kind):
@@ -124,6 +125,7 @@ def test_two_ranks_give_what_one_process_gives(tmp_path, digits_checkpoint, kind
             assert (f["values"][()] > 0).all()
 
 
+@pytest.mark.cli
 @pytest.mark.parametrize("flags, flag", [(("--radius", "0"), "--radius"), (("--radius", "0.1", "--samples", "0"),
                                                                              "--samples"),
                                          (("--radius", "0.1", "--kind", "worst", "--steps", "0"), "--steps")])
@@ -136,6 +138,7 @@ def test_bad_input_is_one_line_and_leaves_the_file_whole(tmp_path, flags, flag):
     assert out.read_bytes() == b"precious" and not (tmp_path / "keep.h5.tmp").exists()
 
 
+@pytest.mark.cli
 def test_missing_output_folder_and_unknown_kind_are_refused(tmp_path):
     p = lsurf("sharpness", *CNN, "--radius", "0.1", "--out", tmp_path / "nowhere" / "s.h5")
     assert p.returncode != 0 and "Traceback" not in p.stderr and "--out" in p.stderr

@@ -40,6 +40,7 @@ def _submit(cluster, folder, args, wait=True, prepend=""):
                        check=False)
 
 
+@pytest.mark.system
 def test_sbatch_equals_mpirun(cluster, checkpoint, tmp_path):
     args = ["--model", "cnn", "--data", "digits", "--checkpoint", checkpoint, "--x", "-1:1:9", "--y", "-1:1:9",
             "--no-progress"]
@@ -55,6 +56,7 @@ def test_sbatch_equals_mpirun(cluster, checkpoint, tmp_path):
             np.testing.assert_allclose(a[k][()], b[k][()], rtol=1e-12)
 
 
+@pytest.mark.system
 def test_preempted_job_resumes(cluster, checkpoint, tmp_path):
     args = ["--model", "cnn", "--data", "digits", "--checkpoint", checkpoint, "--x", "-1:1:41", "--y", "-1:1:41",
             "--tile", "1x41", "--no-progress"]
@@ -81,6 +83,7 @@ def test_preempted_job_resumes(cluster, checkpoint, tmp_path):
         np.testing.assert_allclose(f["train_loss"][()], g["train_loss"][()], rtol=1e-6)
 
 
+@pytest.mark.system
 def test_srun_without_mpi_is_refused(cluster, checkpoint, tmp_path):
     """srun --mpi=none starts two copies that know nothing of each other: both refuse in one line,
     before touching the output, instead of each sampling the whole grid alone."""
@@ -94,6 +97,7 @@ def test_srun_without_mpi_is_refused(cluster, checkpoint, tmp_path):
     assert "Traceback" not in p.stderr and not out.exists()
 
 
+@pytest.mark.system
 def test_job_fails_when_srun_exits_0_without_a_surface(cluster, checkpoint, tmp_path):
     """Slurm 22.05's srun can exit 0 when the step failed to launch. Stand in for it with an srun that
     does nothing and exits 0: the template's own check of the file fails the job, in clear lines."""

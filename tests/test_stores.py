@@ -334,6 +334,7 @@ def _peak(kind: str, target) -> dict:
     return json.loads(p.stdout)
 
 
+@pytest.mark.system
 def test_reading_a_1gib_store_keeps_memory_near_one_batch(tmp_path):
     if shutil.disk_usage(tmp_path).free < 4 << 30:
         pytest.skip("needs 4 GiB free under the temporary directory")

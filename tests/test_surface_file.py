@@ -21,6 +21,7 @@ def surface(tmp_path, digits_checkpoint):
     return out
 
 
+@pytest.mark.cli
 def test_layout_and_provenance(surface, digits_checkpoint):
     with h5py.File(surface) as f:
         for split in ("train", "test"):
@@ -41,6 +42,7 @@ def test_layout_and_provenance(surface, digits_checkpoint):
         assert centre == pytest.approx(f["train_loss"][()].min(), abs=0.5)
 
 
+@pytest.mark.cli
 def test_xarray_sees_named_coordinates(surface):
     xr = pytest.importorskip("xarray")
     ds = xr.open_dataset(surface, engine="h5netcdf")
@@ -49,12 +51,14 @@ def test_xarray_sees_named_coordinates(surface):
     assert float(ds["train_loss"].sel(x=0.0, y=0.0)) == pytest.approx(float(ds["train_loss"][1, 2]))
 
 
+@pytest.mark.cli
 def test_info_reports(surface):
     p = lsurf("info", surface, check=True)
     assert "15/15 points done" in p.stdout and "5 x 3 points" in p.stdout
     assert "checkpoint_sha256" in p.stdout and "test_loss" in p.stdout
 
 
+@pytest.mark.cli
 def test_rerun_resumes_nothing_and_other_grid_is_refused(surface, digits_checkpoint):
     before = surface.read_bytes()
     p = lsurf("surface", *COMMON, "--checkpoint", digits_checkpoint, "--x", "-1:1:5", "--y", "-0.5:0.5:3",
