@@ -156,6 +156,23 @@ def digits_checkpoint(digits_run) -> Path:
     return digits_run(0) / "model_2.t7"
 
 
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory) -> Path:
+    """A token corpus (train.bin, val.bin) for the language-model tests."""
+    from lm_fixtures import write_tokens
+
+    return write_tokens(tmp_path_factory.mktemp("corpus"))
+
+
+@pytest.fixture(scope="session")
+def gpt2(tmp_path_factory, corpus) -> Path:
+    """A tiny GPT-2 trained on ``corpus`` and saved with ``save_pretrained`` (needs lsurf[hf]), once a session."""
+    pytest.importorskip("transformers")
+    from lm_fixtures import tiny_gpt2
+
+    return tiny_gpt2(tmp_path_factory.mktemp("gpt2"), corpus)
+
+
 def write_data_plugin(tmp_path: Path, monkeypatch, name: str, x: np.ndarray, y: np.ndarray) -> None:
     """A data plug-in module ``name`` (``name:make``) serving (x, y) as a TensorDataset, importable
     for the test: what a user's own loader module looks like."""
@@ -186,3 +203,22 @@ def regression(tmp_path, monkeypatch):
     w0, b0 = rng.normal(size=(1, D)), rng.normal(size=1)
     torch.save({"net.0.weight": torch.tensor(w0), "net.0.bias": torch.tensor(b0)}, tmp_path / "lin.pt")
     return {"x": x, "y": y, "w0": w0, "b0": b0, "dir": tmp_path}
+
+
+class Batches(torch.utils.data.Dataset):
+    """Batch k of a store (anything with ``len`` and ``read(start, stop)``) as one DataLoader item
+    (``batch_size=None``), with the reading process's pid and that of the process which opened the
+    store's file (``owner``: the attribute path of that pid, e.g. ``"_x._pid"``)."""
+
+    def __init__(self, ds, batch: int, owner: str):
+        self.ds, self.batch, self.owner = ds, batch, owner
+
+    def __len__(self) -> int:
+        return -(-len(self.ds) // self.batch)
+
+    def __getitem__(self, k: int):
+        x, y = self.ds.read(k * self.batch, (k + 1) * self.batch)
+        opened_in = self.ds
+        for name in self.owner.split("."):
+            opened_in = getattr(opened_in, name)
+        return x, y, os.getpid(), opened_in

@@ -17,10 +17,9 @@ from lsurf.engine.trajectory import pca_directions
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory):
-    out = tmp_path_factory.mktemp("traj")
-    lsurf("train", "--model", "cnn", "--data", "digits", "--epochs", "3", "--out-dir", out, check=True)
-    return out
+def run_dir(digits_run):
+    """The digits CNN's checkpoints model_0.t7 … model_3.t7, as ``lsurf train --epochs 3`` writes them."""
+    return digits_run(0)
 
 
 def own_loss(ckpt) -> float:

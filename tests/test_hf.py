@@ -12,9 +12,8 @@ import warnings
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from conftest import REPO, _env
-from lm_fixtures import TinyLM, sequence_loss, tiny_gpt2, tiny_lm, write_tokens
+from lm_fixtures import TinyLM, tiny_lm
 from torch import nn
 
 from lsurf.engine.hf import HF_KINDS, is_hf, load_hf, vocabulary_size
@@ -23,16 +22,6 @@ from lsurf.errors import UserError
 
 transformers = pytest.importorskip("transformers")
 F64 = torch.float64
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    return write_tokens(tmp_path_factory.mktemp("corpus"))
-
-
-@pytest.fixture(scope="module")
-def gpt2(tmp_path_factory, corpus):
-    return tiny_gpt2(tmp_path_factory.mktemp("gpt2"), corpus)
 
 
 def _val_windows(corpus, length: int, n: int = 12) -> torch.Tensor:
@@ -174,15 +163,3 @@ def test_loading_is_quiet_and_leaves_logging_as_it_was(gpt2, tmp_path, capfd):
     finally:
         log.set_verbosity(before)
         (log.enable_progress_bar if bars_before else log.disable_progress_bar)()
-
-
-def test_the_fixtures_leave_the_global_rng_alone(corpus, tmp_path):
-    torch.manual_seed(123)
-    state = torch.get_rng_state()
-    tiny_gpt2(tmp_path, corpus, steps=2)
-    tiny_lm()
-    assert torch.equal(torch.get_rng_state(), state)
-    logits, y = torch.randn(3, 5, 7, dtype=F64), torch.randint(0, 7, (3, 5))
-    y[1, 2:] = -100
-    want = [F.cross_entropy(logits[i][y[i] != -100], y[i][y[i] != -100]).item() for i in range(3)]
-    torch.testing.assert_close(sequence_loss(logits, y), torch.tensor(want, dtype=F64))

@@ -125,24 +125,6 @@ def test_selectors_switch_file_and_quantity(pair, tmp_path):
 @pytest.mark.system
 @needs_plotly
 @needs_chromium
-def test_a_page_that_needs_the_network_does_not_render_here(pair, tmp_path):
-    """The control: the same page with plotly.js from a CDN stays empty, so the network really is off."""
-    from lsurf.post.html import write_html
-
-    text = write_html(pair, tmp_path / "page.html").read_text(encoding="utf-8")
-    start = text.index("<script", text.index('id="lsurf-data"') + 20)
-    start = text.index("<script", start + 1)  # after plotly's window.PlotlyConfig script
-    end = text.index("</script>", start) + len("</script>")
-    assert end - start > 1_000_000  # that is plotly.js
-    cdn = tmp_path / "cdn.html"
-    cdn.write_text(text[:start] + '<script src="https://cdn.plot.ly/plotly-3.0.1.min.js"></script>' + text[end:])
-    dom = chromium(cdn.as_uri(), "--dump-dom").stdout
-    assert "<html" in dom and 'data-lsurf-shown="' not in dom and 'class="main-svg"' not in dom
-
-
-@pytest.mark.system
-@needs_plotly
-@needs_chromium
 def test_curves_page(tmp_path):
     from lsurf.post.html import write_html
 

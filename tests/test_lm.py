@@ -18,7 +18,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import REPO, _env, lsurf, mpirun, requires_mpi
-from lm_fixtures import sequence_loss, tiny_gpt2, tiny_lm, write_tokens
+from lm_fixtures import sequence_loss, tiny_lm
 from torch import nn
 
 import lsurf as api
@@ -29,16 +29,6 @@ from lsurf.engine.evaluate import evaluator
 transformers = pytest.importorskip("transformers")
 F64 = torch.float64
 PLANE = ["--x", "-1:1:3", "--y", "-1:1:3"]
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    return write_tokens(tmp_path_factory.mktemp("corpus"))
-
-
-@pytest.fixture(scope="module")
-def gpt2(tmp_path_factory, corpus):
-    return tiny_gpt2(tmp_path_factory.mktemp("gpt2"), corpus)
 
 
 def _env_with_tests() -> dict:

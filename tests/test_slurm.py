@@ -10,7 +10,7 @@ import h5py
 import numpy as np
 import pytest
 import slurm_cluster
-from conftest import REPO, _env, lsurf, mpirun, requires_mpi, wait_for_done
+from conftest import REPO, _env, mpirun, requires_mpi, wait_for_done
 
 pytestmark = [requires_mpi, pytest.mark.skipif(slurm_cluster.missing() is not None,
                                                reason=str(slurm_cluster.missing()))]
@@ -25,13 +25,6 @@ def cluster(tmp_path_factory):
         yield c
 
 
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    out = tmp_path_factory.mktemp("runs")
-    lsurf("train", "--model", "cnn", "--data", "digits", "--epochs", "1", "--out-dir", out, check=True)
-    return out / "model_1.t7"
-
-
 def _submit(cluster, folder, args, wait=True, prepend=""):
     cmd = ["sbatch", "-n", "2", "--chdir", str(folder), "--output", str(folder / "job-%j.log")]
     if prepend:  # one more shell line for the template's LSURF_ENV, for this job only
@@ -41,8 +34,8 @@ def _submit(cluster, folder, args, wait=True, prepend=""):
 
 
 @pytest.mark.system
-def test_sbatch_equals_mpirun(cluster, checkpoint, tmp_path):
-    args = ["--model", "cnn", "--data", "digits", "--checkpoint", checkpoint, "--x", "-1:1:9", "--y", "-1:1:9",
+def test_sbatch_equals_mpirun(cluster, digits_checkpoint, tmp_path):
+    args = ["--model", "cnn", "--data", "digits", "--checkpoint", digits_checkpoint, "--x", "-1:1:9", "--y", "-1:1:9",
             "--no-progress"]
     p = _submit(cluster, tmp_path, [*args, "--out", tmp_path / "slurm.h5"])
     log = "\n".join(f.read_text() for f in tmp_path.glob("job-*.log"))
@@ -57,8 +50,8 @@ def test_sbatch_equals_mpirun(cluster, checkpoint, tmp_path):
 
 
 @pytest.mark.system
-def test_preempted_job_resumes(cluster, checkpoint, tmp_path):
-    args = ["--model", "cnn", "--data", "digits", "--checkpoint", checkpoint, "--x", "-1:1:41", "--y", "-1:1:41",
+def test_preempted_job_resumes(cluster, digits_checkpoint, tmp_path):
+    args = ["--model", "cnn", "--data", "digits", "--checkpoint", digits_checkpoint, "--x", "-1:1:41", "--y", "-1:1:41",
             "--tile", "1x41", "--no-progress"]
     total = 41 * 41
     out = tmp_path / "pre.h5"
@@ -84,12 +77,12 @@ def test_preempted_job_resumes(cluster, checkpoint, tmp_path):
 
 
 @pytest.mark.system
-def test_srun_without_mpi_is_refused(cluster, checkpoint, tmp_path):
+def test_srun_without_mpi_is_refused(cluster, digits_checkpoint, tmp_path):
     """srun --mpi=none starts two copies that know nothing of each other: both refuse in one line,
     before touching the output, instead of each sampling the whole grid alone."""
     out = tmp_path / "none.h5"
     p = cluster.run("srun", "-n", "2", "--mpi=none", "--chdir", str(tmp_path), sys.executable, "-m", "lsurf",
-                    "surface", "--model", "cnn", "--data", "digits", "--checkpoint", str(checkpoint),
+                    "surface", "--model", "cnn", "--data", "digits", "--checkpoint", str(digits_checkpoint),
                     "--x", "-1:1:3", "--out", str(out), check=False, timeout=120)
     errors = [line for line in p.stderr.splitlines() if line.startswith("lsurf:")]
     assert p.returncode != 0 and len(errors) == 2, p.stdout + p.stderr
@@ -98,7 +91,7 @@ def test_srun_without_mpi_is_refused(cluster, checkpoint, tmp_path):
 
 
 @pytest.mark.system
-def test_job_fails_when_srun_exits_0_without_a_surface(cluster, checkpoint, tmp_path):
+def test_job_fails_when_srun_exits_0_without_a_surface(cluster, digits_checkpoint, tmp_path):
     """Slurm 22.05's srun can exit 0 when the step failed to launch. Stand in for it with an srun that
     does nothing and exits 0: the template's own check of the file fails the job, in clear lines."""
     fake = tmp_path / "bin"
@@ -106,7 +99,7 @@ def test_job_fails_when_srun_exits_0_without_a_surface(cluster, checkpoint, tmp_
     (fake / "srun").write_text("#!/bin/sh\nexit 0\n")
     (fake / "srun").chmod(0o755)
     out = tmp_path / "never.h5"
-    p = _submit(cluster, tmp_path, ["--model", "cnn", "--data", "digits", "--checkpoint", checkpoint,
+    p = _submit(cluster, tmp_path, ["--model", "cnn", "--data", "digits", "--checkpoint", digits_checkpoint,
                                     "--x", "-1:1:3", "--out", out], prepend=f"export PATH={fake}:$PATH")
     log = "\n".join(f.read_text() for f in tmp_path.glob("job-*.log"))
     assert p.returncode != 0, p.stdout + p.stderr + log

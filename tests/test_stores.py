@@ -16,11 +16,11 @@ import h5py
 import numpy as np
 import pytest
 import torch
-from conftest import REPO
+from conftest import REPO, Batches
 from torch.utils.data import DataLoader
 
 from lsurf import UserError
-from lsurf.engine.stores import STORE_KINDS, ArrayDataset, open_store, save_store
+from lsurf.engine.stores import STORE_KINDS, open_store, save_store
 
 
 def _spec(kind: str, tmp_path, name: str = "store") -> str:
@@ -113,21 +113,6 @@ def test_hdf5_written_elsewhere_contiguous_and_compressed(tmp_path):
         np.testing.assert_array_equal(yr.numpy(), y[33:471])
 
 
-class _Batches(torch.utils.data.Dataset):
-    """Batch k of a store, read with one ``read``; also says which process read it and which
-    process the store's file handle belongs to."""
-
-    def __init__(self, ds: ArrayDataset, batch: int):
-        self.ds, self.batch = ds, batch
-
-    def __len__(self) -> int:
-        return -(-len(self.ds) // self.batch)
-
-    def __getitem__(self, k: int):
-        x, y = self.ds.read(k * self.batch, (k + 1) * self.batch)
-        return x, y, os.getpid(), self.ds._x._pid
-
-
 @pytest.mark.parametrize("context", ["fork", "spawn"])
 @pytest.mark.parametrize("kind", STORE_KINDS)
 def test_dataloader_workers_read_the_same_bytes(tmp_path, kind, context):
@@ -135,8 +120,8 @@ def test_dataloader_workers_read_the_same_bytes(tmp_path, kind, context):
     spec = _spec(kind, tmp_path)
     save_store(spec, {"train": (x, y)}, chunk_rows=64)
     ds = open_store(spec)["train"]
-    expected = [ds.read(k * 37, (k + 1) * 37) for k in range(len(_Batches(ds, 37)))]  # parent holds a handle
-    loader = DataLoader(_Batches(ds, 37), batch_size=None, num_workers=2, multiprocessing_context=context)
+    expected = [ds.read(k * 37, (k + 1) * 37) for k in range(len(Batches(ds, 37, "_x._pid")))]  # parent holds a handle
+    loader = DataLoader(Batches(ds, 37, "_x._pid"), batch_size=None, num_workers=2, multiprocessing_context=context)
     got = list(loader)
     assert len(got) == len(expected) == 28
     for (gx, gy, pid, handle_pid), (ex, ey) in zip(got, expected):

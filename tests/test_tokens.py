@@ -10,11 +10,12 @@ import pickle
 import numpy as np
 import pytest
 import torch
+from conftest import Batches
 from torch.utils.data import DataLoader
 
 from lsurf import UserError
 from lsurf.engine import tokens as tokens_mod
-from lsurf.engine.tokens import TOKEN_DTYPES, TokenWindows, open_tokens
+from lsurf.engine.tokens import TOKEN_DTYPES, open_tokens
 
 
 def _write(path, values, dtype=np.uint16) -> np.ndarray:
@@ -108,27 +109,12 @@ def test_colons_in_the_path(tmp_path):
     _same(open_tokens(f"tokens:{d}:uint16", 7)["train"].read(0, 7), _expected(tok, 7, range(7)))
 
 
-class _Batches(torch.utils.data.Dataset):
-    """Batch k of a TokenWindows as one item (batch_size=None), with the worker's pid and the pid its
-    mapping was opened in."""
-
-    def __init__(self, ds: TokenWindows, batch: int):
-        self.ds, self.batch = ds, batch
-
-    def __len__(self) -> int:
-        return -(-len(self.ds) // self.batch)
-
-    def __getitem__(self, k: int):
-        x, y = self.ds.read(k * self.batch, (k + 1) * self.batch)
-        return x, y, os.getpid(), self.ds._pid
-
-
 @pytest.mark.parametrize("context", ["fork", "spawn"])
 def test_dataloader_workers_and_pickle(tmp_path, context):
     _write(tmp_path / "train.bin", np.arange(20_001) % 50_257)
     ds = open_tokens(f"tokens:{tmp_path / 'train.bin'}", 50)["train"]
-    expected = [ds.read(k * 37, (k + 1) * 37) for k in range(len(_Batches(ds, 37)))]  # parent holds a map
-    loader = DataLoader(_Batches(ds, 37), batch_size=None, num_workers=2, multiprocessing_context=context)
+    expected = [ds.read(k * 37, (k + 1) * 37) for k in range(len(Batches(ds, 37, "_pid")))]  # parent holds a map
+    loader = DataLoader(Batches(ds, 37, "_pid"), batch_size=None, num_workers=2, multiprocessing_context=context)
     got = list(loader)
     assert len(got) == len(expected) == 11
     for (gx, gy, pid, map_pid), (ex, ey) in zip(got, expected):
