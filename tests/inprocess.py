@@ -60,8 +60,9 @@ class Result:
     stderr: str
 
 
-def cli(*args: Any, cwd: str | os.PathLike | None = None) -> Result:
-    """``lsurf ARGS`` in this process (``python -m lsurf ARGS`` run in ``cwd``), output captured."""
+def cli(*args: Any, cwd: str | os.PathLike | None = None, check: bool = False) -> Result:
+    """``lsurf ARGS`` in this process (``python -m lsurf ARGS`` run in ``cwd``), output captured; with
+    ``check``, a status other than 0 fails the test with what the command printed."""
     argv = [str(a) for a in args]
     out, err = io.StringIO(), io.StringIO()
     with _process_state_restored(), _fd_captured(1) as fd_out, _fd_captured(2) as fd_err:
@@ -76,7 +77,10 @@ def cli(*args: Any, cwd: str | os.PathLike | None = None) -> Result:
                 code = _exit_status(e)
             finally:
                 gc.collect()
-    return Result(argv, code, out.getvalue() + fd_out.getvalue(), err.getvalue() + fd_err.getvalue())
+    result = Result(argv, code, out.getvalue() + fd_out.getvalue(), err.getvalue() + fd_err.getvalue())
+    if check and code != 0:
+        raise AssertionError(f"lsurf {' '.join(argv)} -> {code}\n{result.stdout}\n{result.stderr}")
+    return result
 
 
 def _exit_status(e: SystemExit) -> int:

@@ -63,18 +63,12 @@ def ws(tmp_path_factory, digits_checkpoint):
         def bad_items():
             return [1, 2, 3], None
     """))
-    _ok("surface", *SMALL, "--checkpoint", d / "good.t7", "--x", "-1:1:3", "--y", "-1:1:3", "--out", d / "done.h5")
+    cli("surface", *SMALL, "--checkpoint", d / "good.t7", "--x", "-1:1:3", "--y", "-1:1:3", "--out", d / "done.h5",
+        check=True)
     torch.save(load_model("cnn", (1, 8, 8), 10, seed=1).state_dict(), d / "other.t7")
-    _ok("curve", "train", *CURVE, "--checkpoint", d / "good.t7", "--model2", d / "good.t7", "--epochs", "1",
-        "--out", d / "curve.h5")
+    cli("curve", "train", *CURVE, "--checkpoint", d / "good.t7", "--model2", d / "good.t7", "--epochs", "1",
+        "--out", d / "curve.h5", check=True)
     return d
-
-
-def _ok(*args):
-    """``lsurf ARGS`` in this process, which must succeed; its result."""
-    p = cli(*args)
-    assert p.returncode == 0, f"lsurf {' '.join(p.args)} -> {p.returncode}\n{p.stdout}\n{p.stderr}"
-    return p
 
 
 def _grid(extra=()):
@@ -225,12 +219,12 @@ def test_debug_shows_the_traceback(ws):
 def test_overflow_is_stored_flagged_and_not_an_error(tmp_path):
     """Far out along a direction the loss overflows to inf: that is a result, not a failure."""
     out = tmp_path / "far.h5"
-    _ok("surface", "--model", "linear", "--data", "synthetic:shape=4,n=50,task=regression", "--loss", "mse",
-        "--norm", "none", "--x", "0:1e30:3", "--out", out, "--no-progress")
+    cli("surface", "--model", "linear", "--data", "synthetic:shape=4,n=50,task=regression", "--loss", "mse",
+        "--norm", "none", "--x", "0:1e30:3", "--out", out, "--no-progress", check=True)
     with h5py.File(out) as f:
         loss, done = f["train_loss"][()], f["done"][()]
     assert done.all() and np.isfinite(loss[0]) and not np.isfinite(loss[2])
-    info = _ok("info", out).stdout
+    info = cli("info", out, check=True).stdout
     assert "non-finite" in info
 
 
