@@ -1,5 +1,9 @@
 """A corpus of wrong invocations: each ends with exit 2, one line naming the problem and the value,
-no traceback, and every file that existed before is byte-identical afterwards."""
+no traceback, and every file that existed before is byte-identical afterwards.
+
+The corpus runs the command in this process (tests/inprocess.py: ``main(argv)``, output captured,
+process state restored); what needs a real process (the interpreter's traceback, a closed pipe)
+starts one."""
 
 from __future__ import annotations
 
@@ -16,6 +20,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import _env, lsurf
+from inprocess import cli
 
 from lsurf import load_model, random_directions, save_directions
 
@@ -58,11 +63,11 @@ def ws(tmp_path_factory, digits_checkpoint):
         def bad_items():
             return [1, 2, 3], None
     """))
-    lsurf("surface", *SMALL, "--checkpoint", d / "good.t7", "--x", "-1:1:3", "--y", "-1:1:3",
-          "--out", d / "done.h5", check=True)
+    cli("surface", *SMALL, "--checkpoint", d / "good.t7", "--x", "-1:1:3", "--y", "-1:1:3", "--out", d / "done.h5",
+        check=True)
     torch.save(load_model("cnn", (1, 8, 8), 10, seed=1).state_dict(), d / "other.t7")
-    lsurf("curve", "train", *CURVE, "--checkpoint", d / "good.t7", "--model2", d / "good.t7", "--epochs", "1",
-          "--out", d / "curve.h5", check=True)
+    cli("curve", "train", *CURVE, "--checkpoint", d / "good.t7", "--model2", d / "good.t7", "--epochs", "1",
+        "--out", d / "curve.h5", check=True)
     return d
 
 
@@ -192,7 +197,7 @@ def _snapshot(d: Path) -> dict[str, str]:
 @pytest.mark.parametrize("case,build,needles", CASES, ids=[c[0] for c in CASES])
 def test_bad_input(case, build, needles, ws):
     before = _snapshot(ws)
-    p = lsurf(*build(ws), cwd=ws, env={"PYTHONPATH": f"{ws}:{Path(__file__).resolve().parents[1]}"})
+    p = cli(*build(ws), cwd=ws)
     lines = p.stderr.strip().splitlines()
     assert p.returncode == 2, f"{case}: exit {p.returncode}\n{p.stderr}"
     assert len(lines) == 1, f"{case}: expected one line, got:\n{p.stderr}"
@@ -205,6 +210,7 @@ def test_bad_input(case, build, needles, ws):
     assert not [k for k in after if k not in before and not k.endswith((".lock", "o.directions.h5"))], after
 
 
+@pytest.mark.cli
 def test_debug_shows_the_traceback(ws):
     p = lsurf("surface", "--model", "resnet21", "--x", "0:1:2", "--debug", cwd=ws)
     assert p.returncode != 0 and "Traceback" in p.stderr and "UserError" in p.stderr
@@ -213,12 +219,12 @@ def test_debug_shows_the_traceback(ws):
 def test_overflow_is_stored_flagged_and_not_an_error(tmp_path):
     """Far out along a direction the loss overflows to inf: that is a result, not a failure."""
     out = tmp_path / "far.h5"
-    lsurf("surface", "--model", "linear", "--data", "synthetic:shape=4,n=50,task=regression", "--loss", "mse",
-          "--norm", "none", "--x", "0:1e30:3", "--out", out, "--no-progress", check=True)
+    cli("surface", "--model", "linear", "--data", "synthetic:shape=4,n=50,task=regression", "--loss", "mse",
+        "--norm", "none", "--x", "0:1e30:3", "--out", out, "--no-progress", check=True)
     with h5py.File(out) as f:
         loss, done = f["train_loss"][()], f["done"][()]
     assert done.all() and np.isfinite(loss[0]) and not np.isfinite(loss[2])
-    info = lsurf("info", out, check=True).stdout
+    info = cli("info", out, check=True).stdout
     assert "non-finite" in info
 
 
@@ -228,21 +234,22 @@ def test_verify_says_in_one_line_whether_the_surface_is_complete(ws, tmp_path):
     args = ["surface", "--verify", *SMALL, "--checkpoint", ws / "good.t7", *_grid()]
     (tmp_path / "job.toml").write_text(f'out = "{ws / "done.h5"}"\n')
     for where in (["--out", ws / "done.h5"], ["--config", tmp_path / "job.toml"]):
-        p = lsurf(*args, *where)
+        p = cli(*args, *where)
         assert p.returncode == 0 and p.stdout.strip() == f"{ws / 'done.h5'}: complete (9 points)", p.stderr
     shutil.copy(ws / "done.h5", tmp_path / "part.h5")
     with h5py.File(tmp_path / "part.h5", "r+") as f:
         f["done"][0, :2] = 0
     before = _snapshot(tmp_path)
-    p = lsurf(*args, "--out", tmp_path / "part.h5")
+    p = cli(*args, "--out", tmp_path / "part.h5")
     assert p.returncode == 1 and p.stderr.strip().splitlines() == [
         f"lsurf: {tmp_path / 'part.h5'} is incomplete: 7 of 9 points done; resubmit the same command to finish it"]
     assert _snapshot(tmp_path) == before  # read only
-    p = lsurf(*args, "--out", tmp_path / "none.h5")
+    p = cli(*args, "--out", tmp_path / "none.h5")
     assert p.returncode == 1 and len(p.stderr.strip().splitlines()) == 1
     assert p.stderr.startswith(f"lsurf: {tmp_path / 'none.h5'} does not exist") and not (tmp_path / "none.h5").exists()
 
 
+@pytest.mark.cli
 def test_a_reader_that_goes_away_ends_output_quietly(ws):
     """``lsurf info f.h5 | head -1``: the reader closes the pipe; lsurf stops as a shell tool killed
     by SIGPIPE would (status 141), with no traceback. Here the pipe is closed before lsurf writes."""

@@ -8,6 +8,7 @@ import json
 import matplotlib
 import numpy as np
 import pytest
+from inprocess import cli
 from matplotlib.collections import QuadMesh
 from matplotlib.contour import QuadContourSet
 from test_plot import write_surface
@@ -162,16 +163,14 @@ def test_library_figure_leaves_pyplot_and_backend_alone(two, tmp_path):
 def test_cli_compares_files_and_writes_the_page(two, tmp_path):
     """``lsurf plot A B`` draws one comparison figure; ``--diff`` and ``--html`` through the real CLI;
     a difference of files on other grids ends in one line and exit 2."""
-    from conftest import lsurf
-
     a, b = two[0].path, two[1].path
-    p = lsurf("plot", a, b, "--kind", "contour", "--out-dir", tmp_path / "figs", check=True)
+    p = cli("plot", a, b, "--kind", "contour", "--out-dir", tmp_path / "figs", check=True)
     assert (tmp_path / "figs" / "compare_train_loss.png").stat().st_size > 10_000, p.stdout
-    p = lsurf("plot", a, b, "--diff", "difference", "--out-dir", tmp_path / "figs", check=True)
+    p = cli("plot", a, b, "--diff", "difference", "--out-dir", tmp_path / "figs", check=True)
     assert (tmp_path / "figs" / "compare_train_loss_difference.png").is_file()
     other = _bowl(tmp_path / "other.h5", 2, x=np.linspace(-2, 2, 9)).path
-    p = lsurf("plot", a, other, "--diff", "ratio", "--out-dir", tmp_path / "figs")
+    p = cli("plot", a, other, "--diff", "ratio", "--out-dir", tmp_path / "figs")
     assert p.returncode == 2 and "--diff" in p.stderr and len(p.stderr.strip().splitlines()) == 1
     pytest.importorskip("plotly")
-    lsurf("plot", a, "--html", "--kind", "filled", "--out-dir", tmp_path / "page", check=True)
+    cli("plot", a, "--html", "--kind", "filled", "--out-dir", tmp_path / "page", check=True)
     assert (tmp_path / "page" / "seed0.html").stat().st_size > 1_000_000  # plotly's JavaScript inlined

@@ -10,6 +10,7 @@ import h5py
 import numpy as np
 import pytest
 from conftest import FIXTURES, requires_fixtures
+from inprocess import cli
 from test_plot import write_surface
 
 from lsurf.engine.surface_file import read_surface
@@ -168,13 +169,11 @@ def test_failed_write_keeps_the_existing_file_and_leaves_no_tmp(partial, tmp_pat
 
 
 def test_cli_export_writes_beside_the_source_and_rereads(partial, tmp_path):
-    from conftest import lsurf
-
     src = partial.path
-    p = lsurf("export", src, "--format", "ll", check=True)
+    p = cli("export", src, "--format", "ll", check=True)
     out = Path(src).with_name(Path(src).stem + "_ll.h5")
     assert str(out) in p.stdout
     back, orig = read_surface(out), read_surface(src)
     np.testing.assert_array_equal(back.values["train_loss"], np.where(orig.done, orig.values["train_loss"], np.nan))
-    p = lsurf("export", src, "--format", "obj", "--out", tmp_path / "nowhere" / "m.obj")
+    p = cli("export", src, "--format", "obj", "--out", tmp_path / "nowhere" / "m.obj")
     assert p.returncode == 2 and "does not exist" in p.stderr

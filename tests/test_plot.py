@@ -6,7 +6,7 @@ import h5py
 import matplotlib
 import numpy as np
 import pytest
-from conftest import lsurf
+from inprocess import cli
 
 matplotlib.use("Agg")
 import matplotlib.image as mpimg  # noqa: E402
@@ -46,8 +46,7 @@ def bowl(tmp_path):
 
 @pytest.mark.parametrize("kind", ["contour", "filled", "heatmap", "surface3d"])
 def test_each_kind_writes_a_picture_of_the_requested_size(kind, bowl, tmp_path):
-    p = lsurf("plot", bowl, "--kind", kind, "--size", "4x3", "--dpi", "50", "--out-dir", tmp_path / "out",
-              check=True)
+    p = cli("plot", bowl, "--kind", kind, "--size", "4x3", "--dpi", "50", "--out-dir", tmp_path / "out", check=True)
     assert "coverage: 63/63 points" in p.stdout
     img = mpimg.imread(tmp_path / "out" / f"bowl_train_loss_{kind}.png")
     assert img.shape[:2] == (150, 200)
@@ -67,7 +66,7 @@ def test_partial_file_is_masked(tmp_path):
     done = np.zeros((4, 6), bool)
     done[:2] = True
     path = write_surface(tmp_path / "part.h5", x, y, 1 + X, 50 + Y, done=done)
-    p = lsurf("plot", path, "--kind", "heatmap", "--out-dir", tmp_path, check=True)
+    p = cli("plot", path, "--kind", "heatmap", "--out-dir", tmp_path, check=True)
     assert "coverage: 12/24 points" in p.stdout
     mesh = next(c for c in plot_surface(read_surface(path), kind="heatmap").axes[0].collections
                 if isinstance(c, QuadMesh))
@@ -94,7 +93,7 @@ def test_reference_layout_non_square_keeps_orientation(tmp_path):
     values = np.asarray(mesh.get_array()).reshape(centre_x.shape)
     np.testing.assert_allclose(values, 2.0 + centre_x)  # a function of the plot's x alone
     assert (np.diff(values, axis=1) > 0).all() and (np.diff(values, axis=0) == 0).all()
-    lsurf("plot", tmp_path / "ref.h5", "--kind", "filled", "--out-dir", tmp_path, check=True)
+    cli("plot", tmp_path / "ref.h5", "--kind", "filled", "--out-dir", tmp_path, check=True)
 
 
 def test_robust_color_range_ignores_an_exploding_corner():
@@ -116,7 +115,7 @@ def test_one_dimensional_curve_on_twin_axes(tmp_path):
     train = next(ln for ln in loss_ax.lines if ln.get_label() == "train loss")
     np.testing.assert_allclose(train.get_ydata(), 1 + (x - 1) ** 2)
     assert sorted(ln.get_xdata()[0] for ln in loss_ax.lines if ln.get_label().startswith("_")) == [0.0, 1.0]
-    p = lsurf("plot", path, "--out-dir", tmp_path, check=True)
+    p = cli("plot", path, "--out-dir", tmp_path, check=True)
     assert "line_curve.png" in p.stdout
 
 
@@ -137,7 +136,7 @@ def test_trajectory_and_markers_are_drawn(bowl, tmp_path):
 
 
 def test_bad_plot_input(bowl, tmp_path):
-    p = lsurf("plot", bowl, "--quantity", "val_loss")
+    p = cli("plot", bowl, "--quantity", "val_loss")
     assert p.returncode == 2 and "'val_loss'" in p.stderr and len(p.stderr.strip().splitlines()) == 1
-    p = lsurf("plot", tmp_path / "missing.h5")
+    p = cli("plot", tmp_path / "missing.h5")
     assert p.returncode == 2 and "does not exist" in p.stderr

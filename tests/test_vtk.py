@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import lsurf
+from inprocess import cli
 from test_plot import write_surface
 
 vtk = pytest.importorskip("vtk")
@@ -40,7 +40,7 @@ def surface(tmp_path):
 
 def test_points_bounds_and_values(surface, tmp_path):
     path, loss, done = surface
-    lsurf("vtk", path, "--out", tmp_path / "s.vts", check=True)
+    cli("vtk", path, "--out", tmp_path / "s.vts", check=True)
     g, pts, data = read(tmp_path / "s.vts")
     assert g.GetNumberOfPoints() == 15 and dims(g) == (5, 3, 1)
     bounds = g.GetBounds()
@@ -54,7 +54,7 @@ def test_points_bounds_and_values(surface, tmp_path):
 
 def test_log_clip_and_interpolation(surface, tmp_path):
     path, loss, done = surface
-    lsurf("vtk", path, "--log", "--zmax", "0.5", "--interp", "3", "--out", tmp_path / "f.vts", check=True)
+    cli("vtk", path, "--log", "--zmax", "0.5", "--interp", "3", "--out", tmp_path / "f.vts", check=True)
     g, pts, data = read(tmp_path / "f.vts")
     assert dims(g) == (13, 7, 1)
     assert pts[:, 2].max() <= 0.5
@@ -66,7 +66,7 @@ def test_log_clip_and_interpolation(surface, tmp_path):
 def test_one_dimensional_file(tmp_path):
     x = np.linspace(0, 1, 4)
     path = write_surface(tmp_path / "c.h5", x, None, 2 + x, 50 + x)
-    lsurf("vtk", path, check=True)
+    cli("vtk", path, check=True)
     g, pts, data = read(tmp_path / "c.vts")
     assert dims(g) == (4, 1, 1)
     np.testing.assert_allclose(pts[:, 2], 2 + x)
