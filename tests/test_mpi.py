@@ -11,9 +11,10 @@ import time
 import h5py
 import numpy as np
 import pytest
-from conftest import _env, lsurf, mpi_command, mpirun, requires_mpi, wait_for_done
+from conftest import _env, lsurf, mpi_command, mpirun, requires_mpi
+from hold_plugin import PINNED, SPEC, flags, hold_env, plugin_env, release, stop, wait_held
 
-pytestmark = requires_mpi
+pytestmark = [requires_mpi, pytest.mark.mpi]
 GRID = ["--x", "-1:1:9", "--y", "-1:1:7"]
 COMMON = ["--model", "cnn", "--data", "digits", "--subset", "300", "--no-progress"]
 
@@ -85,27 +86,35 @@ def test_exception_on_one_rank_aborts_everything(tmp_path):
         assert np.isfinite(f["train_loss"][()][done]).all()
 
 
+@pytest.mark.cli
 def test_second_job_on_file_in_use_is_refused(tmp_path, digits_checkpoint):
-    """The first job's grid takes minutes (in small tiles, so its first points are soon written), so
-    it is still running, and holding the file, when the second starts; then it is stopped as
-    mpirun stops a job on SIGTERM."""
-    args = ["surface", "--model", "cnn", "--data", "digits", "--x", "-1:1:401", "--y", "-1:1:401",
-            "--checkpoint", digits_checkpoint, "--tile", "2x401", "--no-progress", "--fidelity", "off",
-            "--out", tmp_path / "busy.h5"]
-    job = subprocess.Popen(mpi_command(2, *args), env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    """The first job holds its ranks once each has written a tile (tests/hold_plugin.py), so it is
+    running, and holding the file, for as long as the second job takes; released, it finishes its
+    grid whole: the refused job changed nothing."""
+    out = tmp_path / "busy.h5"
+    args = ["surface", "--model", SPEC, "--checkpoint", digits_checkpoint, "--data", "digits", "--subset", "64",
+            "--batch-size", "64", *flags(PINNED), "--x", "-1:1:5", "--y", "-1:1:5", "--tile", "1x5",
+            "--no-progress", "--out", out]
+    job = subprocess.Popen(mpi_command(2, *args), env=_env(hold_env(tmp_path, 5)), stdout=subprocess.DEVNULL,
+                           stderr=subprocess.PIPE, text=True)
     try:
-        wait_for_done(tmp_path / "busy.h5", 1, proc=job)
-        p = lsurf(*args)
+        wait_held(tmp_path, 2, job)
+        written = arrays(out)
+        assert written["done"].sum() >= 5  # rank 0's first tile at least
+        p = lsurf(*args, env=plugin_env())
         assert job.poll() is None, "the first job ended before the second started"
         assert p.returncode == 2
         assert "in use by another lsurf job" in p.stderr and len(p.stderr.strip().splitlines()) == 1
+        after = arrays(out)
+        for k, v in written.items():
+            np.testing.assert_array_equal(after[k], v)
+        release(tmp_path)
+        _, err = job.communicate(timeout=120)
     finally:
-        job.terminate()  # mpirun forwards SIGTERM to the ranks
-        try:
-            job.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            job.kill()
-            job.wait()
+        stop(job)
+    assert job.returncode == 0, err
+    with h5py.File(out) as f:
+        assert f["done"][()].all() and f.attrs["rank_points"].sum() == 25
 
 
 def test_worker_takes_tiles_while_rank_0_computes_over_tcp(tmp_path):
