@@ -86,6 +86,29 @@ def test_float32_precision_is_pinned_to_ieee_unless_tf32_and_tf32_is_part_of_the
     _one_line(lsurf(*args), "another tf32")
 
 
+@pytest.fixture
+def tf32_flags():
+    """torch's TF32 switches as they were (the legacy getters are readable in torch's own state)."""
+    before = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
+
+
+@pytest.mark.parametrize("tf32", [False, True])
+def test_both_tf32_apis_stay_readable_and_agree_after_configure_process(tf32, tf32_flags):
+    """Plug-ins, Hugging Face and compiled code read the legacy getters: torch raises from them
+    when only the new ``fp32_precision`` flags were set."""
+    configure_process(device="cpu", threads=torch.get_num_threads(), tf32=tf32)
+    mode = "tf32" if tf32 else "ieee"
+    assert torch.backends.cudnn.allow_tf32 is tf32
+    assert torch.backends.cuda.matmul.allow_tf32 is tf32
+    assert torch.get_float32_matmul_precision() == ("high" if tf32 else "highest")
+    if hasattr(torch.backends.cuda.matmul, "fp32_precision"):  # torch >= 2.9
+        assert torch.backends.cuda.matmul.fp32_precision == mode
+        assert torch.backends.cudnn.conv.fp32_precision == torch.backends.cudnn.rnn.fp32_precision == mode
+    assert float32_precision() == mode
+
+
 def test_recalibration_with_numeric_momentum_equals_the_cumulative_average():
     data = api.load_data("synthetic:shape=3x8x8,n=300", ("train",))
     model = api.load_model("resnet20", (3, 8, 8), 10, seed=0)

@@ -112,15 +112,42 @@ def configure_process(w: World | None = None, device: str = "auto", threads: int
 
 
 def set_float32_precision(tf32: bool) -> None:
-    """IEEE float32 (or TF32 with ``tf32``) for CUDA matmuls and cuDNN convolutions."""
+    """IEEE float32 (or TF32 with ``tf32``) for CUDA matmuls and cuDNN convolutions, set through
+    both of torch's APIs so that both stay readable and agree: torch raises from its legacy getters
+    (``torch.backends.cudnn.allow_tf32``, ``torch.backends.cuda.matmul.allow_tf32``,
+    ``torch.get_float32_matmul_precision()``) once the new ``fp32_precision`` flags alone were set,
+    and plug-ins, Hugging Face or compiled code read them. The legacy setters come first (they
+    reset the new flags of cuDNN to ``none``), then the new flags where this torch has them."""
     mode = "tf32" if tf32 else "ieee"
-    torch.backends.cuda.matmul.fp32_precision = mode
-    torch.backends.cudnn.conv.fp32_precision = mode  # type: ignore[attr-defined]  # in torch, not its stubs
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+    torch.backends.cudnn.allow_tf32 = tf32
+    for flags in (torch.backends.cuda.matmul, getattr(torch.backends.cudnn, "conv", None),
+                  getattr(torch.backends.cudnn, "rnn", None)):
+        if flags is not None and hasattr(flags, "fp32_precision"):
+            flags.fp32_precision = mode
 
 
-def float32_precision() -> str:
-    """What this process computes float32 GPU convolutions in (recorded with every surface)."""
-    return str(torch.backends.cudnn.conv.fp32_precision)  # type: ignore[attr-defined]  # as above
+def float32_precision(device_type: str = "cuda") -> str:
+    """What float32 matmuls and convolutions compute in on ``device_type`` (cuBLAS and cuDNN on
+    ``cuda``, oneDNN on the CPU): ``ieee``, ``tf32``, ``bf16``, or ``matmul X, conv Y`` where they
+    differ. Recorded with every surface (a resume must match it), so it is what runs: ``none``
+    resolved as torch resolves it (the op's flag, then its backend's, then the generic one; IEEE
+    when none is set)."""
+    backend = "cuda" if device_type == "cuda" else "mkldnn"
+    ops = {op: _resolved_precision(backend, op) for op in ("matmul", "conv")}
+    return ops["matmul"] if ops["matmul"] == ops["conv"] else f"matmul {ops['matmul']}, conv {ops['conv']}"
+
+
+def _resolved_precision(backend: str, op: str) -> str:
+    get = getattr(torch._C, "_get_fp32_precision_getter", None)  # torch >= 2.9: the flags behind fp32_precision
+    if get is None:  # older torch: only the legacy TF32 switches, and no reduced precision on the CPU
+        legacy = torch.backends.cuda.matmul.allow_tf32 if op == "matmul" else torch.backends.cudnn.allow_tf32
+        return "tf32" if backend == "cuda" and legacy else "ieee"
+    for flag in ((backend, op), (backend, "all"), ("generic", "all")):
+        value = str(get(*flag))
+        if value != "none":
+            return value
+    return "ieee"
 
 
 def check_device_binding(w: World, dev: torch.device) -> None:
