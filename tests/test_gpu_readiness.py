@@ -8,13 +8,15 @@ GPU node.
 from __future__ import annotations
 
 import copy
+import importlib
+import inspect
 import textwrap
 
 import h5py
 import numpy as np
 import pytest
 import torch
-from conftest import _env, lsurf
+from conftest import _env, lsurf, mpirun, requires_mpi
 from torch import nn
 
 import lsurf as api
@@ -107,6 +109,34 @@ def test_both_tf32_apis_stay_readable_and_agree_after_configure_process(tf32, tf
         assert torch.backends.cuda.matmul.fp32_precision == mode
         assert torch.backends.cudnn.conv.fp32_precision == torch.backends.cudnn.rnn.fp32_precision == mode
     assert float32_precision() == mode
+
+
+JOBS = ["surface", "curve", "hessian", "sharpness"]
+
+
+@pytest.mark.parametrize("command", JOBS)
+def test_every_mpi_job_configures_through_the_device_binding_check(command):
+    """Running it cannot show the check on a CPU (every rank's device is the CPU, never shared);
+    what can be shown is that each job's entry point configures through configure_job, which
+    makes it, and never around it."""
+    source = inspect.getsource(importlib.import_module(f"lsurf.cli.{command}"))
+    assert "configure_job(" in source and "configure_process(" not in source
+
+
+@cuda
+@requires_mpi
+@pytest.mark.gpu
+@pytest.mark.mpi
+@pytest.mark.parametrize("command", JOBS)
+def test_two_ranks_on_one_gpu_are_refused_by_every_job(command, tmp_path, digits_checkpoint):
+    inputs = ["--model", "cnn", "--checkpoint", digits_checkpoint, "--data", "digits", "--subset", "100",
+              "--device", "cuda"]
+    args = {"surface": ["surface", *inputs, *CURVE, "--out", tmp_path / "s.h5"],
+            "curve": ["curve", "train", *inputs, "--model2", digits_checkpoint, "--out", tmp_path / "c.h5"],
+            "hessian": ["hessian", *inputs, "--top-k", "1", "--trace-samples", "0"],
+            "sharpness": ["sharpness", *inputs, "--radius", "0.1", "--out", tmp_path / "h.h5"]}[command]
+    p = mpirun(2, *args, env={"CUDA_VISIBLE_DEVICES": "0"})
+    assert p.returncode == 2 and "share GPU" in p.stderr, p.stderr
 
 
 def test_recalibration_with_numeric_momentum_equals_the_cumulative_average():

@@ -111,6 +111,16 @@ def configure_process(w: World | None = None, device: str = "auto", threads: int
     return dev
 
 
+def configure_job(w: World, device: str = "auto", threads: int | None = None, tf32: bool = False) -> torch.device:
+    """:func:`configure_process` on every rank of a job, then :func:`check_device_binding`: what
+    every job's entry point calls, so none skips the one-GPU-per-rank check. Two agreed steps
+    (bad input is a clean exit 2 everywhere): a rank that failed to configure never reaches the
+    binding check's collective while the others wait in it."""
+    dev = w.agree(lambda: configure_process(w, device, threads, tf32))
+    w.agree(lambda: check_device_binding(w, dev))
+    return dev
+
+
 def set_float32_precision(tf32: bool) -> None:
     """IEEE float32 (or TF32 with ``tf32``) for CUDA matmuls and cuDNN convolutions, set through
     both of torch's APIs so that both stay readable and agree: torch raises from its legacy getters
