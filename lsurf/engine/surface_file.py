@@ -394,7 +394,7 @@ class Surface:
             flag = f"  ({bad} points non-finite: overflow)" if bad else ""
             lines.append(f"{name + ':':<19} {rng}{flag}")  # a space after the longest names too
         lines += self._fidelity_lines()
-        for key in ("model", "data", "checkpoint", "checkpoint_sha256", "model2", "curve", "barrier_line",
+        for key in ("model", "data", "checkpoint", "checkpoint_sha256", "model_seed", "model2", "curve", "barrier_line",
                     "barrier_curve", "dir_file", "dir_file_sha256", "mpi_ranks", "rank_layout", "streamed", "created",
                     "finished", "eval_seconds_total", "eval_seconds_per_point"):
             if key in self.attrs and self.attrs[key] != "":

@@ -41,6 +41,7 @@ class Provenance:
     checkpoint: str = ""
     checkpoint_sha256: str = ""
     subset: int | None = None
+    model_seed: int | None = None  # the seed a model without checkpoint was drawn from
     dir_file: str = ""
     dir_file_sha256: str = ""
     config: dict[str, Any] = field(default_factory=dict)
@@ -50,7 +51,8 @@ class Provenance:
         """Provenance of a run described by ``options``: the checkpoint and direction file hashed."""
         return cls(model=options.model, data=options.data or "", checkpoint=options.checkpoint or "",
                    checkpoint_sha256=file_sha256(options.checkpoint) if options.checkpoint else "",
-                   subset=options.subset, config=options.as_dict()).with_dir_file(options.dir_file)
+                   subset=options.subset, model_seed=None if options.checkpoint else options.seed,
+                   config=options.as_dict()).with_dir_file(options.dir_file)
 
     def with_dir_file(self, path: str | Path | None) -> Provenance:
         """The same, with the direction file the run reads (or has just written)."""
@@ -67,7 +69,8 @@ class Provenance:
         hashes = [d.sha256() for d in planes]
         directions = planes[0]
         return {
-            "model": self.model, "checkpoint_sha256": self.checkpoint_sha256, "splits": list(data),
+            "model": self.model, "checkpoint_sha256": self.checkpoint_sha256, "model_seed": self.model_seed,
+            "splits": list(data),
             "subset": self.subset, "directions_sha256": hashes[0] if len(hashes) == 1 else hashes,
             "data_sha256": {s: split.fingerprint() for s, split in data.items()} if fingerprints else None,
             "loss": options.loss, "dtype": options.dtype, "bn": options.bn,
@@ -91,6 +94,8 @@ class Provenance:
             "directions": json.dumps(metas[0] if len(metas) == 1 else metas, default=str),
             "versions": json.dumps(versions), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
+        if self.model_seed is not None:
+            out["model_seed"] = self.model_seed
         if self.dir_file:
             out.update(dir_file=self.dir_file, dir_file_sha256=self.dir_file_sha256)
         return out

@@ -31,6 +31,7 @@ from lsurf.engine.evaluate import Evaluator, check_outputs_fit, evaluator, resol
 from lsurf.engine.grid import Grid, Tile, parse_tile
 from lsurf.engine.hf import vocabulary_size
 from lsurf.engine.metrics import metrics_for, quantity_names
+from lsurf.engine.models import weights_fingerprint
 from lsurf.engine.plan import Plan, check_pinned, default_batch_size, faster_in_channels_last
 from lsurf.engine.precision import ACCOUNTING, Precision
 from lsurf.engine.refine import STEERING, Refiner
@@ -139,6 +140,7 @@ def _sample_in_groups(w: World, group: Group, probe: tuple[torch.device, int], m
     dev, outputs = probe
     directions = planes[0]
     identity = prov.identity(planes, data, opts, fingerprints=w.is_root)
+    w.agree(lambda: check_same_inputs(w, model, identity["directions_sha256"]))
     metrics = metrics_for(next(iter(data.values())).rows(0, 1)[1], opts.ignore_index)
     with contextlib.ExitStack() as stack:
         def prepare() -> tuple[dict | None, Plan | None]:
@@ -218,6 +220,20 @@ def _check_inputs(w: World, model: nn.Module, data: dict[str, AnySplit], directi
     if opts.refines:
         Refiner(grid.plane_shape, opts.budget, opts.refine_tol)  # a budget too small for a picture: refused now
     return dev, outputs
+
+
+def check_same_inputs(w: World, model: nn.Module, directions_sha256: str | list[str]) -> None:
+    """Refuse a job whose ranks hold different models or directions (a plug-in that draws its
+    weights unseeded, a checkpoint rewritten while the job started): each rank's tiles would be
+    points of another surface, all in one file. Compared by a cheap fingerprint of the weights and
+    the directions' hashes the file's identity holds anyway."""
+    seen = w.allgather((weights_fingerprint(model), directions_sha256))
+    for what, k in (("model weights", 0), ("directions", 1)):
+        other = next((r for r, s in enumerate(seen) if s[k] != seen[0][k]), None)
+        if other is not None:
+            raise UserError(f"rank {other}'s {what} differ from rank 0's: every rank must load the same model and "
+                            "directions (lsurf draws a model without `checkpoint` from `seed`; a plug-in that "
+                            "draws its own weights must seed them)")
 
 
 def check_vocabulary(model: nn.Module, data: dict[str, AnySplit]) -> None:
