@@ -5,11 +5,13 @@ count, glibc's malloc policy, the current CUDA device. Library calls never chang
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import socket
 import sys
 import traceback
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -158,6 +160,17 @@ def _resolved_precision(backend: str, op: str) -> str:
         if value != "none":
             return value
     return "ieee"
+
+
+@contextlib.contextmanager
+def bound_device(dev: torch.device) -> Iterator[None]:
+    """``dev`` as the calling thread's current CUDA device for a library call, restored after:
+    what allocates on "the current device" (plug-ins' ``.cuda()``, argument-less CUDA queries)
+    then lands on the run's GPU. The binding is per host thread (cudaSetDevice), so unlike the
+    precision flags (process-wide: a library call reads and records them, see
+    :func:`float32_precision`) setting it for the call disturbs no other thread."""
+    with torch.cuda.device(dev) if dev.type == "cuda" else contextlib.nullcontext():
+        yield
 
 
 def check_device_binding(w: World, dev: torch.device) -> None:
