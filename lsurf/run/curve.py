@@ -45,7 +45,7 @@ from lsurf.engine.metrics import metrics_for, quantity_names
 from lsurf.engine.models import file_sha256, read_state_dict
 from lsurf.errors import UserError
 from lsurf.run.options import Options
-from lsurf.run.provenance import Provenance
+from lsurf.run.provenance import RECORDED_SINCE, Provenance
 from lsurf.run.runtime import choose_device
 from lsurf.run.sources import load_inputs
 from lsurf.run.world import World, abort_on_failure
@@ -216,13 +216,14 @@ def eval_curve_job(options: Options, curve_path: str, points: int, comm: Any = N
         opts = options.replace(bn="recalibrate" if _has_batchnorm(model) else options.bn)
         grid = Grid(np.linspace(0.0, 1.0, points))
         prov = Provenance.of(opts)
-        identity = {**prov.identity([dirs], data, opts, fingerprints=w.is_root),
+        identity = {**prov.identity([dirs], data, opts, fingerprints=w.is_root, device=dev),
                     "curve_sha256": file_sha256(curve_path)}
         with contextlib.ExitStack() as stack:
             def prepare() -> None:
                 if w.is_root:
                     stack.enter_context(surface_file.exclusive_lock(opts.out))
-                    surface_file.accept(opts.out, grid, identity, opts.overwrite)  # refuses a file made otherwise
+                    # refuses a file made otherwise
+                    surface_file.accept(opts.out, grid, identity, opts.overwrite, RECORDED_SINCE)
 
             w.agree(prepare)
             mine = list(range(w.rank, points, w.size))

@@ -31,6 +31,7 @@ from lsurf.engine.evaluate import Evaluator, check_outputs_fit, evaluator, resol
 from lsurf.engine.grid import Grid, Tile, parse_tile
 from lsurf.engine.hf import vocabulary_size
 from lsurf.engine.metrics import metrics_for, quantity_names
+from lsurf.engine.models import weights_fingerprint
 from lsurf.engine.plan import Plan, check_pinned, default_batch_size, faster_in_channels_last
 from lsurf.engine.precision import ACCOUNTING, Precision
 from lsurf.engine.refine import STEERING, Refiner
@@ -38,8 +39,8 @@ from lsurf.engine.snapshot import preserved
 from lsurf.errors import UserError
 from lsurf.run.curvature import fidelity_skipped, hessian_plane, plane_fidelity
 from lsurf.run.options import Options
-from lsurf.run.provenance import Provenance
-from lsurf.run.runtime import check_device_binding, choose_device
+from lsurf.run.provenance import RECORDED_SINCE, Provenance
+from lsurf.run.runtime import bound_device, check_device_binding, choose_device
 from lsurf.run.sources import directions_for, directions_path, grid_for, load_inputs, plane_directions
 from lsurf.run.transport import TileQueue, TileSink
 from lsurf.run.world import Group, World, abort_on_failure
@@ -98,8 +99,11 @@ def sample_surface(
     also when the call fails. A grid of K ``planes`` takes K directions, one per plane.
     ``options`` (or keyword ``overrides`` of them, e.g. ``loss="mse"``) say how to evaluate and
     write; choices left to the run plan (batch size, layout, points per pass) are made on rank 0,
-    recorded in the file and reused when it is resumed. Process-wide settings (threads, malloc)
-    are the caller's: see :func:`lsurf.run.runtime.configure_process`.
+    recorded in the file and reused when it is resumed. Process-wide settings (threads, malloc,
+    float32 precision) are the caller's: see :func:`lsurf.run.runtime.configure_process`, which
+    pins IEEE float32 unless ``tf32``. The call never changes them: it records the float32
+    precision in force (and a GPU's model, CUDA and cuDNN versions), and a resume must match them.
+    The run's GPU is the calling thread's current device for the call (restored after).
     ``provenance`` names the inputs (stored; its identity must match to resume);
     ``save_directions_to`` writes the directions there when a new file is started.
     """
@@ -114,13 +118,16 @@ def _sample(w: World, model: nn.Module, data: dict[str, AnySplit], directions: P
             path: Path, opts: Options, prov: Provenance, save_to: str | Path | None,
             log: Log) -> surface_file.Surface | None:
     planes = w.agree(lambda: _planes(directions, grid))
-    dev, outputs = w.agree(lambda: _check_inputs(w, model, data, planes[0], grid, opts))
-    w.agree(lambda: check_device_binding(w, dev))
-    group = w.groups(opts.ranks_per_point)
-    try:
-        return _sample_in_groups(w, group, (dev, outputs), model, data, planes, grid, path, opts, prov, save_to, log)
-    finally:
-        group.free()
+    dev = w.agree(lambda: choose_device(w, opts.device))
+    with bound_device(dev):
+        outputs = w.agree(lambda: _check_inputs(w, model, data, planes[0], grid, opts, dev))
+        w.agree(lambda: check_device_binding(w, dev))
+        group = w.groups(opts.ranks_per_point)
+        try:
+            return _sample_in_groups(w, group, (dev, outputs), model, data, planes, grid, path, opts, prov, save_to,
+                                     log)
+        finally:
+            group.free()
 
 
 def _planes(directions: PlaneDirections, grid: Grid) -> list[AnyDirections]:
@@ -138,14 +145,15 @@ def _sample_in_groups(w: World, group: Group, probe: tuple[torch.device, int], m
     one sample gives (for the default batch size)."""
     dev, outputs = probe
     directions = planes[0]
-    identity = prov.identity(planes, data, opts, fingerprints=w.is_root)
+    identity = prov.identity(planes, data, opts, fingerprints=w.is_root, device=dev)
+    w.agree(lambda: check_same_inputs(w, model, identity["directions_sha256"]))
     metrics = metrics_for(next(iter(data.values())).rows(0, 1)[1], opts.ignore_index)
     with contextlib.ExitStack() as stack:
         def prepare() -> tuple[dict | None, Plan | None]:
             if not w.is_root:
                 return None, None
             stack.enter_context(surface_file.exclusive_lock(path))
-            if surface_file.accept(path, grid, identity, opts.overwrite):
+            if surface_file.accept(path, grid, identity, opts.overwrite, RECORDED_SINCE):
                 return _existing(path)
             attrs = _save_directions(directions, save_to, prov).attrs(planes, w.size)
             if opts.tolerance:  # what the samples a point used are a share of
@@ -191,9 +199,9 @@ def _sample_in_groups(w: World, group: Group, probe: tuple[torch.device, int], m
 
 
 def _check_inputs(w: World, model: nn.Module, data: dict[str, AnySplit], directions: AnyDirections, grid: Grid,
-                  opts: Options) -> tuple[torch.device, int]:
-    """This rank's device, after one tiny forward proves model, data and loss fit, and how many
-    output values one sample gives."""
+                  opts: Options, dev: torch.device) -> int:
+    """How many output values one sample gives, after one tiny forward on this rank's device
+    proves model, data and loss fit."""
     if grid.ndim != directions.ndim:
         raise UserError(f"the grid is {grid.ndim}-D but the directions are {directions.ndim}-D")
     g = opts.ranks_per_point
@@ -202,7 +210,6 @@ def _check_inputs(w: World, model: nn.Module, data: dict[str, AnySplit], directi
     for name, split in data.items():
         if not isinstance(split, BatchStreamSplit) and len(split) < g:
             raise UserError(f"the {name} split has {len(split)} samples, fewer than `ranks_per_point` {g}")
-    dev = choose_device(w, opts.device)
     if w.is_root:
         check_vocabulary(model, data)
     loss_fn = resolve_loss(opts.loss, opts.ignore_index)
@@ -217,7 +224,21 @@ def _check_inputs(w: World, model: nn.Module, data: dict[str, AnySplit], directi
     fidelity_skipped(opts, data, grid, grid.num_planes, [])  # `fidelity` on where it cannot be: refused now
     if opts.refines:
         Refiner(grid.plane_shape, opts.budget, opts.refine_tol)  # a budget too small for a picture: refused now
-    return dev, outputs
+    return outputs
+
+
+def check_same_inputs(w: World, model: nn.Module, directions_sha256: str | list[str]) -> None:
+    """Refuse a job whose ranks hold different models or directions (a plug-in that draws its
+    weights unseeded, a checkpoint rewritten while the job started): each rank's tiles would be
+    points of another surface, all in one file. Compared by a cheap fingerprint of the weights and
+    the directions' hashes the file's identity holds anyway."""
+    seen = w.allgather((weights_fingerprint(model), directions_sha256))
+    for what, k in (("model weights", 0), ("directions", 1)):
+        other = next((r for r, s in enumerate(seen) if s[k] != seen[0][k]), None)
+        if other is not None:
+            raise UserError(f"rank {other}'s {what} differ from rank 0's: every rank must load the same model and "
+                            "directions (lsurf draws a model without `checkpoint` from `seed`; a plug-in that "
+                            "draws its own weights must seed them)")
 
 
 def check_vocabulary(model: nn.Module, data: dict[str, AnySplit]) -> None:

@@ -27,14 +27,16 @@ from lsurf.run.options import Options
 
 def load_inputs(options: Options, seed: int | None = None) -> tuple[nn.Module, dict[str, AnySplit] | None]:
     """The model (at its checkpoint, in the run's dtype) and the data splits the options name.
-    Without data, zoo models take the input shape they were designed for; ``seed`` makes a fresh
-    model's initial weights a function of it."""
+    Without data, zoo models take the input shape they were designed for. A model's initial
+    weights (all it has without a checkpoint) are drawn from ``seed`` (default: the options'
+    ``seed``), never from torch's global generator: every rank of a job, and every rerun or
+    resume, must evaluate the same model."""
     data = load_data(options.data, options.split, options.subset, options.seq_len) if options.data else None
     first = next(iter(data.values())) if data else None
     sized = first is not None and is_zoo(options.model)  # plug-ins and HF models size themselves
     model = load_model(options.model, first.sample_shape if first else None,
                        first.num_outputs if first and sized else None, options.checkpoint, options.torch_dtype,
-                       seed=seed)
+                       seed=options.seed if seed is None else seed)
     return model, data
 
 
