@@ -1,0 +1,31 @@
+"""GPU memory and host traffic of the CUDA path (issue #30), checked on the CPU where the logic is
+device-independent: what is held when, how data is laid out and moved, which K and batch sizes a
+run chooses. What only a GPU shows (bytes on the card, syncs) is in tests/test_gpu_readiness.py."""
+
+from __future__ import annotations
+
+import gc
+
+import lsurf as api
+import lsurf.run.sampler as sampler
+from lsurf.engine.evaluate import Evaluator
+from lsurf.engine.grid import Grid
+
+
+def test_fidelity_runs_after_the_evaluator_and_its_device_copies_are_gone(tmp_path, monkeypatch):
+    measure = sampler.plane_fidelity
+    alive: list[int] = []
+
+    def spying(*args, **kwargs):
+        gc.collect()
+        alive.append(sum(isinstance(o, Evaluator) for o in gc.get_objects()))
+        return measure(*args, **kwargs)
+
+    monkeypatch.setattr(sampler, "plane_fidelity", spying)
+    data = api.load_data("digits", ("train",), 100)
+    model = api.load_model("mlp", (1, 8, 8), 10, seed=0)
+    dirs = api.random_directions(model, seed=0, two=False)
+    surface = api.sample_surface(model, data, dirs, Grid.parse("-1:1:3"), tmp_path / "s.h5", fidelity="on",
+                                 progress=False)
+    assert surface.fidelity is not None
+    assert alive == [0]
