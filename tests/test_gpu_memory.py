@@ -6,8 +6,11 @@ from __future__ import annotations
 
 import gc
 
+import torch
+
 import lsurf as api
 import lsurf.run.sampler as sampler
+from lsurf.engine.batches import resident_batches
 from lsurf.engine.evaluate import Evaluator
 from lsurf.engine.grid import Grid
 
@@ -29,3 +32,12 @@ def test_fidelity_runs_after_the_evaluator_and_its_device_copies_are_gone(tmp_pa
                                  progress=False)
     assert surface.fidelity is not None
     assert alive == [0]
+
+
+def test_resident_channels_last_data_is_one_nhwc_copy_whose_batches_are_views():
+    split = api.load_data("synthetic:shape=3x8x8,n=300", ("train",))["train"]
+    batches = resident_batches(split, 64, torch.device("cpu"), torch.float64, channels_last=True)
+    assert len({x.untyped_storage().data_ptr() for x, _ in batches}) == 1  # one allocation, not one per batch
+    assert all(x.is_contiguous(memory_format=torch.channels_last) for x, _ in batches)
+    assert torch.equal(torch.cat([x for x, _ in batches]), split.x.double())
+    assert torch.equal(torch.cat([y for _, y in batches]), split.y)
