@@ -6,13 +6,17 @@ from __future__ import annotations
 
 import gc
 
+import pytest
 import torch
 
 import lsurf as api
 import lsurf.run.sampler as sampler
 from lsurf.engine.batches import resident_batches
-from lsurf.engine.evaluate import Evaluator
+from lsurf.engine.evaluate import Evaluator, _coefficients, evaluator
 from lsurf.engine.grid import Grid
+from lsurf.run.runtime import configure_process
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
 def test_fidelity_runs_after_the_evaluator_and_its_device_copies_are_gone(tmp_path, monkeypatch):
@@ -41,3 +45,25 @@ def test_resident_channels_last_data_is_one_nhwc_copy_whose_batches_are_views():
     assert all(x.is_contiguous(memory_format=torch.channels_last) for x, _ in batches)
     assert torch.equal(torch.cat([x for x, _ in batches]), split.x.double())
     assert torch.equal(torch.cat([y for _, y in batches]), split.y)
+
+
+@pytest.mark.gpu
+@cuda
+def test_a_stacked_cuda_pass_sets_its_coefficients_without_a_host_sync():
+    data = api.load_data("digits", ("train",), 256)
+    model = api.load_model("cnn", (1, 8, 8), 10, seed=0)
+    configure_process(device="cuda", threads=1)
+    with evaluator(model, data, api.random_directions(model, seed=1), device="cuda", points_per_pass=3) as ev:
+        points = [(0.1, 0.2), (0.3, -0.1), (-0.2, 0.0)]
+        ev.evaluate_many(points)  # warm-up (vmap, cuDNN plans)
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            pending = ev._stacked(points)  # sums left on the device
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        assert pending.is_cuda and pending.shape[1] == 3
+
+
+def test_stacked_coefficients_are_the_points_in_the_weights_dtype():
+    a, b = _coefficients([(0.1, -0.2), (0.3, 0.4)], torch.float32, torch.device("cpu"))
+    assert torch.equal(a, torch.tensor([0.1, 0.3])) and torch.equal(b, torch.tensor([-0.2, 0.4]))
