@@ -67,3 +67,21 @@ def test_a_stacked_cuda_pass_sets_its_coefficients_without_a_host_sync():
 def test_stacked_coefficients_are_the_points_in_the_weights_dtype():
     a, b = _coefficients([(0.1, -0.2), (0.3, 0.4)], torch.float32, torch.device("cpu"))
     assert torch.equal(a, torch.tensor([0.1, 0.3])) and torch.equal(b, torch.tensor([-0.2, 0.4]))
+
+
+@pytest.mark.parametrize("k", [2, 4, 8, 16, 64])
+def test_default_tiles_hold_whole_stacked_passes_except_at_the_right_and_bottom_edges(k):
+    for x, y, ranks in [("0:1:51", "0:1:51", 4), ("0:1:51", "0:1:51", 1), ("0:1:200", None, 3), ("0:1:7", "0:1:9", 2),
+                        ("0:1:33", "0:1:20", 8), ("0:1:101", "0:1:101", 16)]:
+        grid = Grid.parse(x, y)
+        ny, nx = grid.plane_shape
+        tiles = grid.tiles(None, ranks, k)
+        assert all(t.size % k == 0 for t in tiles if t.i1 < nx and t.j1 < ny), (x, y, ranks)
+
+
+def test_tiles_of_whole_passes_take_about_the_least_passes():
+    """51 x 51 at 4 ranks: 650 points a tile was 4 rows (204 points: 12 passes of 16 and one of 12)."""
+    grid = Grid.parse("0:1:51", "0:1:51")
+    passes = sum(-(-t.size // 16) for t in grid.tiles(None, 4, 16))
+    assert passes <= -(-grid.num_points // 16) + 1  # 164 (169 before), at least 163
+    assert [(t.j1 - t.j0, t.i1 - t.i0) for t in grid.tiles(None, 4, 1)][:1] == [(4, 51)]  # K=1 as it was
