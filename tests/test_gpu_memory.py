@@ -8,12 +8,18 @@ import gc
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import lsurf as api
 import lsurf.run.sampler as sampler
 from lsurf.engine.batches import resident_batches
-from lsurf.engine.evaluate import Evaluator, _coefficients, evaluator
+from lsurf.engine.curve import Curve, Progress, Training, parameters_of, train_curve
+from lsurf.engine.data import Split
+from lsurf.engine.evaluate import Evaluator, _coefficients, evaluator, resolve_loss
 from lsurf.engine.grid import Grid
+from lsurf.engine.plan import default_batch_size
+from lsurf.run.curve import curve_batch_size
+from lsurf.run.options import Options
 from lsurf.run.runtime import configure_process
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -85,3 +91,38 @@ def test_tiles_of_whole_passes_take_about_the_least_passes():
     passes = sum(-(-t.size // 16) for t in grid.tiles(None, 4, 16))
     assert passes <= -(-grid.num_points // 16) + 1  # 164 (169 before), at least 163
     assert [(t.j1 - t.j0, t.i1 - t.i0) for t in grid.tiles(None, 4, 1)][:1] == [(4, 51)]  # K=1 as it was
+
+
+def test_one_process_trains_a_curve_without_float64_copies_of_its_gradients():
+    model = api.load_model("mlp", (1, 8, 8), 10, seed=0).eval()
+    names, a = parameters_of(model)
+    split = Split(torch.randn(40, 1, 8, 8), torch.randint(0, 10, (40,)))
+    made: list[tuple[str, int]] = []
+
+    class Spy(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if isinstance(out, torch.Tensor) and out.dtype == torch.float64 and out.numel() > 1:
+                made.append((str(func), out.numel()))
+            return out
+
+    with Spy():
+        train_curve(model, Curve.straight("bezier", names, a, [x + 0.1 for x in a], 1), split,
+                    Training(epochs=1, batch_size=16), Progress(), loss_fn=resolve_loss("cross_entropy"))
+    # the epoch's draws of t are float64; the per-step gradient buffer is made only to add the ranks' sums
+    assert [f for f, _ in made if "rand" not in f] == []
+
+
+def test_curve_evaluation_takes_the_surfaces_default_batch_size():
+    class Wide(torch.nn.Module):  # 2^20 outputs per sample: a surface takes batches of 16 on the CPU
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(64, 1 << 20)
+
+        def forward(self, x):
+            return self.lin(x.flatten(1))
+
+    data = {"train": Split(torch.randn(8, 1, 8, 8), torch.randn(8, 1 << 20))}
+    opts = Options(loss="mse")
+    assert curve_batch_size(Wide(), data, opts, torch.device("cpu")) == default_batch_size(torch.device("cpu"), 1 << 20)
+    assert default_batch_size(torch.device("cpu"), 1 << 20) == 16
