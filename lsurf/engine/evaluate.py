@@ -433,9 +433,7 @@ class Evaluator:
         return pick_output(self.model(x), self.output)
 
     def _stacked(self, chunk: list[tuple[float, float]]) -> torch.Tensor:
-        ref = self.origin[0]
-        a = torch.tensor([p[0] for p in chunk], dtype=ref.dtype, device=ref.device)
-        b = torch.tensor([p[1] for p in chunk], dtype=ref.dtype, device=ref.device)
+        a, b = _coefficients(chunk, self.origin[0].dtype, self.origin[0].device)
         params = {}
         assert self.d1 is not None  # the stacked path runs on held directions only
         for i, (name, o) in enumerate(zip(self.names, self.origin)):
@@ -657,6 +655,17 @@ class Evaluator:
         self.model.eval()
         for m, mom in zip(bns, momenta):
             m.momentum = mom
+
+
+def _coefficients(chunk: list[tuple[float, float]], dtype: torch.dtype,
+                  device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The chunk's α and β as two tensors on ``device``: built on the host and sent in one copy,
+    on a GPU from pinned memory without waiting (``torch.tensor(list, device=cuda)`` copies from
+    pageable memory and waits for it: two host synchronisations per stacked pass)."""
+    host = torch.tensor([[p[0] for p in chunk], [p[1] for p in chunk]], dtype=dtype)
+    if device.type == "cuda":  # the caching host allocator keeps the pinned block until the copy is done
+        host = host.pin_memory().to(device, non_blocking=True)
+    return host[0], host[1]
 
 
 def _seconds(fn, *args) -> float:

@@ -39,10 +39,12 @@ from lsurf.engine.curve import (
 )
 from lsurf.engine.data import AnySplit, Split
 from lsurf.engine.directions import Directions, model_directions
-from lsurf.engine.evaluate import evaluator, resolve_loss
+from lsurf.engine.evaluate import check_outputs_fit, evaluator, resolve_loss
 from lsurf.engine.grid import Grid, Tile
 from lsurf.engine.metrics import metrics_for, quantity_names
 from lsurf.engine.models import file_sha256, read_state_dict
+from lsurf.engine.plan import default_batch_size
+from lsurf.engine.snapshot import preserved
 from lsurf.errors import UserError
 from lsurf.run.options import Options
 from lsurf.run.provenance import RECORDED_SINCE, Provenance
@@ -269,10 +271,21 @@ def _evaluate(model: nn.Module, data: dict[str, AnySplit], curve: Curve, dirs: D
     """The curve's values (by their names) and the line's (``line_`` names) at each t of ``ts``."""
     if not ts:
         return []
-    with evaluator(model, data, dirs, device=dev, dtype=opts.torch_dtype, batch_size=opts.batch_size or 128,
+    batch_size = opts.batch_size or curve_batch_size(model, data, opts, dev)
+    with evaluator(model, data, dirs, device=dev, dtype=opts.torch_dtype, batch_size=batch_size,
                    loss=opts.loss, bn=opts.bn, output=opts.output, ignore_index=opts.ignore_index) as ev:
         return [{**ev.evaluate_offset(curve.offset(t)), **{f"line_{k}": v for k, v in ev.evaluate(t).items()}}
                 for t in ts]
+
+
+def curve_batch_size(model: nn.Module, data: dict[str, AnySplit], opts: Options, dev: torch.device) -> int:
+    """The batch size a surface would take on ``dev`` (1024 on a GPU, 128 on the CPU, fewer when
+    one sample's outputs are large), measured by one tiny forward as a surface measures it."""
+    with preserved(model):
+        model.to(device=dev, dtype=opts.torch_dtype).eval()
+        outputs = check_outputs_fit(model, next(iter(data.values())), resolve_loss(opts.loss, opts.ignore_index), dev,
+                                    opts.torch_dtype, opts.output)
+    return default_batch_size(dev, outputs)
 
 
 def _quantities(data: dict[str, AnySplit], opts: Options) -> list[str]:

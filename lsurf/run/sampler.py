@@ -30,7 +30,7 @@ from lsurf.engine.directions import AnyDirections, save_directions
 from lsurf.engine.evaluate import Evaluator, check_outputs_fit, evaluator, resolve_loss
 from lsurf.engine.grid import Grid, Tile, parse_tile
 from lsurf.engine.hf import vocabulary_size
-from lsurf.engine.metrics import metrics_for, quantity_names
+from lsurf.engine.metrics import Metric, metrics_for, quantity_names
 from lsurf.engine.models import weights_fingerprint
 from lsurf.engine.plan import Plan, check_pinned, default_batch_size, faster_in_channels_last
 from lsurf.engine.precision import ACCOUNTING, Precision
@@ -167,28 +167,11 @@ def _sample_in_groups(w: World, group: Group, probe: tuple[torch.device, int], m
         batch_size, channels_last = w.bcast(w.agree(lambda: _layout(w, model, data, probe, opts, stored, log)))
         workers = _workers(opts, dev)
         streamed = w.bcast(w.agree(lambda: _streamed(w, group, data, dev, opts, batch_size, workers, log)))
-        with evaluator(model, data, directions, device=dev, dtype=opts.torch_dtype, batch_size=batch_size,
-                       channels_last=channels_last, loss=opts.loss, bn=opts.bn,
-                       points_per_pass=opts.points_per_pass or (stored.points_per_pass if stored else 1),
-                       amp=opts.amp == "bf16", hessian_iters=opts.hessian_iters, metrics=metrics, output=opts.output,
-                       ignore_index=opts.ignore_index, streamed=streamed, precision=_precision(opts),
-                       workers=workers, shard=(group.rank, group.size), reduce=group.add_sums()) as ev:
-            plan = stored or Plan(dev.type, batch_size, channels_last, ev.points_per_pass, torch.get_num_threads())
-            if stored is None and opts.points_per_pass is None:
-                # Rank 0 calibrates and decides, so every rank takes the same path. The others wait
-                # meanwhile, so calibration is weighed against one rank's share of the points.
-                todo = min(grid.num_points - (int(existing["done"].sum()) if existing else 0),
-                           opts.budget or grid.num_points)
-                k = w.bcast(ev.calibrate(points=-(-todo // group.count), log=log) if w.is_root else None)
-                ev.points_per_pass = k
-                plan = replace(plan, points_per_pass=k)
-            if w.is_root and stored is None:
-                surface_file.set_attrs(path, {"plan": plan.to_json()})
-            w.barrier()  # rank 0 has closed the file again before the writers open it
-            log(f"rank {w.rank}/{w.size} (local {w.local_rank}/{w.local_size}, group {group.index}/{group.count}) "
-                f"on {dev}, {torch.get_num_threads()} threads")
-            stats = _run_rounds(w, group, _PlaneEvaluators(ev, planes), grid, path, existing, opts, log)
+        stats, plan = _evaluate_grid(w, group, dev, model, data, planes, grid, path, opts, existing, stored,
+                                     (batch_size, channels_last, workers, streamed), metrics, log)
         gathered = w.gather(stats)
+        # after the evaluator is gone: its device copies (splits, θ*, directions) are freed, so the
+        # Hessian's products have the room the points had
         fidelity = _fidelity_attrs(w, model, data, planes, grid, opts, dev, streamed, path, log)
         if w.is_root:
             assert gathered is not None  # gather returns the list on rank 0
@@ -196,6 +179,37 @@ def _sample_in_groups(w: World, group: Group, probe: tuple[torch.device, int], m
                                           "streamed": ",".join(streamed), **fidelity},
                                    drop=() if opts.refines else ("refinement",))  # now a whole grid
     return surface_file.read_surface(path) if w.is_root else None
+
+
+def _evaluate_grid(w: World, group: Group, dev: torch.device, model: nn.Module, data: dict[str, AnySplit],
+                   planes: list[AnyDirections], grid: Grid, path: Path, opts: Options, existing: dict | None,
+                   stored: Plan | None, layout: tuple[int, bool, int, list[str]], metrics: Sequence[Metric],
+                   log: Log) -> tuple[dict, Plan]:
+    """Every point of the grid this rank takes part in, and the run plan. The evaluator lives only
+    in here: once this returns, nothing holds its copies on the device any more. ``layout``: batch
+    size, channels-last, loader workers and the streamed splits."""
+    batch_size, channels_last, workers, streamed = layout
+    with evaluator(model, data, planes[0], device=dev, dtype=opts.torch_dtype, batch_size=batch_size,
+                   channels_last=channels_last, loss=opts.loss, bn=opts.bn,
+                   points_per_pass=opts.points_per_pass or (stored.points_per_pass if stored else 1),
+                   amp=opts.amp == "bf16", hessian_iters=opts.hessian_iters, metrics=metrics, output=opts.output,
+                   ignore_index=opts.ignore_index, streamed=streamed, precision=_precision(opts),
+                   workers=workers, shard=(group.rank, group.size), reduce=group.add_sums()) as ev:
+        plan = stored or Plan(dev.type, batch_size, channels_last, ev.points_per_pass, torch.get_num_threads())
+        if stored is None and opts.points_per_pass is None:
+            # Rank 0 calibrates and decides, so every rank takes the same path. The others wait
+            # meanwhile, so calibration is weighed against one rank's share of the points.
+            todo = min(grid.num_points - (int(existing["done"].sum()) if existing else 0),
+                       opts.budget or grid.num_points)
+            k = w.bcast(ev.calibrate(points=-(-todo // group.count), log=log) if w.is_root else None)
+            ev.points_per_pass = k
+            plan = replace(plan, points_per_pass=k)
+        if w.is_root and stored is None:
+            surface_file.set_attrs(path, {"plan": plan.to_json()})
+        w.barrier()  # rank 0 has closed the file again before the writers open it
+        log(f"rank {w.rank}/{w.size} (local {w.local_rank}/{w.local_size}, group {group.index}/{group.count}) "
+            f"on {dev}, {torch.get_num_threads()} threads")
+        return _run_rounds(w, group, _PlaneEvaluators(ev, planes), grid, path, existing, opts, log), plan
 
 
 def _check_inputs(w: World, model: nn.Module, data: dict[str, AnySplit], directions: AnyDirections, grid: Grid,
