@@ -14,7 +14,7 @@ import copy
 import functools
 import time
 import warnings
-from collections.abc import Callable, Collection, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -152,12 +152,12 @@ def evaluator(
         yield Evaluator(model, names, targets, _placed(directions, targets, perturb), batches, loss_fn, bn,
                         points_per_pass,
                         amp, hessian_iters, metrics, reduce, output, origin=[snapshot.copy_of(t) for t in targets],
-                        precision=precision, row_offsets=_shard_starts(data, shard))
+                        precision=precision, row_offsets=shard_starts(data, shard))
     finally:
         snapshot.restore()
 
 
-def _shard_starts(data: dict[str, AnySplit], shard: tuple[int, int]) -> dict[str, int]:
+def shard_starts(data: dict[str, AnySplit], shard: tuple[int, int]) -> dict[str, int]:
     """The row of each split where this rank's share starts (a stream's rows are not numbered)."""
     return {s: shard_range(len(split), shard)[0] for s, split in data.items()
             if not isinstance(split, BatchStreamSplit)}
@@ -267,9 +267,7 @@ class Evaluator:
         self.batches = batches
         self.reduce = reduce
         self.loss_fn = loss_fn
-        bound = loss_fn.keywords if isinstance(loss_fn, functools.partial) and loss_fn.func is _cross_entropy else None
-        self.class_targets = bound is not None or loss_fn is _cross_entropy  # its targets index the outputs
-        self.ignore_index = (bound or {}).get("ignore_index", -100)
+        self.ignore_index = class_targets(loss_fn)  # None: the loss's targets are no class indices to check
         self.classes = 0  # outputs per sample, once a pass has seen them
         self.row_offsets = dict(row_offsets or {})  # the split's row of this rank's first (a shard's start)
         self.metrics = tuple(metrics)
@@ -452,12 +450,8 @@ class Evaluator:
     def _check_labels(self, flags: np.ndarray) -> None:
         """Stop at class labels outside the model's outputs: each split's [count, row, value] of
         the pass just read back (rows counted from the rank's first, in the order of the pass)."""
-        for split, (count, row, value) in zip(self.batches, flags.tolist()):
-            if count:
-                first = int(row) + self.row_offsets.get(split, 0)
-                raise UserError(f"the {split} split holds label {int(value)} at row {first}, outside the model's "
-                                f"{self.classes} outputs ({int(count)} such label{'s' * (count > 1)} in the pass): "
-                                f"labels must lie in 0 to {self.classes - 1}")
+        for split, found in zip(self.batches, flags.tolist()):
+            check_label_flags(split, found, self.classes, self.row_offsets.get(split, 0))
 
     @torch.inference_mode()
     def _pass(self, split: str, forward, k: int) -> torch.Tensor:
@@ -509,25 +503,13 @@ class Evaluator:
         return torch.cat([*(m.sums(out, y, loss) for m in self.metrics), count], -1)
 
     def _safe_labels(self, out: torch.Tensor, y: torch.Tensor, flags: torch.Tensor, row: int) -> torch.Tensor:
-        """Class labels (or token ids other than ``ignore_index``) outside the (k, B, ..., C)
-        outputs, counted into ``flags`` [count, first row, its value] on the device and replaced by
-        0 before the loss indexes with them: the check waits for the pass's one host sync, and on a
-        GPU an index out of range would be a device assert that ends the process's CUDA context.
-        Only for the built-in cross-entropy, whose targets are class indices."""
-        if not self.class_targets or y.is_floating_point() or out.dim() != y.dim() + 2 or not y.numel():
+        """``y`` with class labels outside the (k, B, ..., C) outputs counted into ``flags`` and
+        replaced by 0 (:func:`flag_labels`): the check waits for the pass's one host sync. Only
+        for the built-in cross-entropy, whose targets are class indices."""
+        if self.ignore_index is None or y.is_floating_point() or out.dim() != y.dim() + 2 or not y.numel():
             return y
         self.classes = out.shape[-1]
-        bad = (y < 0) | (y >= self.classes)
-        if y.dim() > 1:
-            bad &= y != self.ignore_index
-        flat = bad.reshape(-1)
-        first = flat.to(torch.uint8).argmax()
-        value = y.reshape(-1).gather(0, first[None])[0].long()  # gather: indexing by a tensor would sync
-        found = torch.stack([flat.sum(), row + first // (flat.numel() // len(y)), value])
-        first_found = (flags[0] == 0) & (found[0] > 0)
-        flags[1:] = torch.where(first_found, found[1:], flags[1:])
-        flags[0] += found[0]
-        return torch.where(bad, torch.zeros_like(y), y)
+        return flag_labels(y, self.classes, self.ignore_index, flags, row)
 
     def _statistics(self, sums: list[float], n: int) -> list[float]:
         """Each metric's statistics of ``n`` samples from its slice of the sums (plain floats: on a
@@ -655,6 +637,66 @@ class Evaluator:
         self.model.eval()
         for m, mom in zip(bns, momenta):
             m.momentum = mom
+
+
+def class_targets(loss_fn: LossFn) -> int | None:
+    """The ``ignore_index`` of the built-in cross-entropy, whose targets index the outputs; None
+    for any other loss (its targets are no class indices to check)."""
+    if isinstance(loss_fn, functools.partial) and loss_fn.func is _cross_entropy:
+        return int(loss_fn.keywords.get("ignore_index", -100))
+    return -100 if loss_fn is _cross_entropy else None
+
+
+def flag_labels(y: torch.Tensor, classes: int, ignore_index: int, flags: torch.Tensor, row: int) -> torch.Tensor:
+    """``y`` (rows ``row``... of a pass) with class labels (or token ids other than
+    ``ignore_index``) outside ``classes`` outputs replaced by 0, counted into ``flags`` [count,
+    first row, its value] on ``y``'s device without a host sync: the caller reads the flags with
+    the sums it reads anyway (:func:`check_label_flags`). On a GPU an index out of range would be
+    a device assert that ends the process's CUDA context."""
+    bad = (y < 0) | (y >= classes)
+    if y.dim() > 1:
+        bad &= y != ignore_index
+    flat = bad.reshape(-1)
+    first = flat.to(torch.uint8).argmax()
+    value = y.reshape(-1).gather(0, first[None])[0].long()  # gather: indexing by a tensor would sync
+    found = torch.stack([flat.sum(), row + first // (flat.numel() // len(y)), value])
+    first_found = (flags[0] == 0) & (found[0] > 0)
+    flags[1:] = torch.where(first_found, found[1:], flags[1:])
+    flags[0] += found[0]
+    return torch.where(bad, torch.zeros_like(y), y)
+
+
+def check_label_flags(split: str, flags: Sequence[float], classes: int, first_row: int = 0) -> None:
+    """Stop at the labels :func:`flag_labels` counted: one line naming the split, the row (rows
+    counted from ``first_row``, this rank's first) and the value."""
+    count, row, value = flags
+    if count:
+        raise UserError(f"the {split} split holds label {int(value)} at row {int(row) + first_row}, outside the "
+                        f"model's {classes} outputs ({int(count)} such label{'s' * (count > 1)} in the pass): "
+                        f"labels must lie in 0 to {classes - 1}")
+
+
+def check_class_labels(model: nn.Module, sample: torch.Tensor, labels: Iterable[torch.Tensor], loss_fn: LossFn,
+                       split: str, first_row: int = 0, output: str | None = None) -> None:
+    """Stop at class labels outside the model's outputs among ``labels`` (rows ``first_row``... of
+    ``split``, in order) before work whose loss indexes the outputs with every one of them (a
+    Hessian's products, a curve's training): the count each evaluator pass makes, made once here
+    and read back in one sync, with the same one-line error. ``sample``: inputs on the model's
+    device, whose first row tells how many outputs there are; the model must be in eval mode."""
+    ignore = class_targets(loss_fn)
+    ys = [y for y in labels if y.numel()]
+    if ignore is None or not ys or ys[0].is_floating_point():
+        return
+    with torch.inference_mode():
+        out = pick_output(model(sample[:1]), output)
+    if out.dim() != ys[0].dim() + 1:
+        return
+    flags = torch.zeros(_FLAGS, dtype=torch.int64, device=ys[0].device)
+    row = 0
+    for y in ys:
+        flag_labels(y, out.shape[-1], ignore, flags, row)
+        row += len(y)
+    check_label_flags(split, flags.tolist(), out.shape[-1], first_row)
 
 
 def _coefficients(chunk: list[tuple[float, float]], dtype: torch.dtype,

@@ -24,6 +24,7 @@ from torch import nn
 
 from lsurf._version import __version__
 from lsurf.engine import surface_file
+from lsurf.engine.batches import to_device
 from lsurf.engine.curve import (
     Curve,
     Progress,
@@ -39,7 +40,7 @@ from lsurf.engine.curve import (
 )
 from lsurf.engine.data import AnySplit, Split
 from lsurf.engine.directions import Directions, model_directions
-from lsurf.engine.evaluate import check_outputs_fit, evaluator, resolve_loss
+from lsurf.engine.evaluate import check_class_labels, check_outputs_fit, evaluator, resolve_loss
 from lsurf.engine.grid import Grid, Tile
 from lsurf.engine.metrics import metrics_for, quantity_names
 from lsurf.engine.models import file_sha256, read_state_dict
@@ -108,6 +109,7 @@ def train_curve_job(options: Options, spec: CurveSpec, comm: Any = None, log: Lo
     with abort_on_failure(w):
         model, split, (names, a, b) = w.agree(lambda: _train_inputs(options))
         dev = w.agree(lambda: choose_device(w, options.device))
+        w.agree(lambda: _check_train_labels(model, split, options, dev))
         attrs = _curve_attrs(options, spec) if w.is_root else {}
         with contextlib.ExitStack() as stack:
             def prepare() -> bool:
@@ -164,6 +166,16 @@ def _train_inputs(options: Options) -> tuple[nn.Module, Split, Ends]:
     if data is None or "train" not in data:
         raise UserError("`data` with a train split is needed to train a curve")
     return model, data["train"].materialise(), ends(model, options)
+
+
+def _check_train_labels(model: nn.Module, split: Split, options: Options, dev: torch.device) -> None:
+    """The train split's class labels against the model's outputs, before any step (each step's
+    loss indexes the outputs with its labels), counted on the host where the split is."""
+    with preserved(model):
+        model.to(device=dev, dtype=options.torch_dtype).eval()
+        x, _ = to_device(split.x[:1], split.y[:1], dev, options.torch_dtype)
+        check_class_labels(model, x, [split.y], resolve_loss(options.loss, options.ignore_index), "train",
+                           output=options.output)
 
 
 def _curve_attrs(options: Options, spec: CurveSpec) -> dict[str, Any]:
