@@ -29,7 +29,7 @@ from lsurf.engine.surface_file import open_h5
 from lsurf.errors import UserError
 from lsurf.run.options import Options
 from lsurf.run.runtime import choose_device
-from lsurf.run.sources import directions_path, load_inputs
+from lsurf.run.sources import check_same_inputs, directions_path, load_inputs
 from lsurf.run.world import World, abort_on_failure
 
 Spectrum = tuple[dict[str, np.ndarray], Directions | None]
@@ -132,6 +132,7 @@ def operator_at(w: World, model: nn.Module, split: tuple[str, AnySplit], options
         try:
             with preserved(model):
                 model.to(device=device, dtype=options.torch_dtype).eval()
+                w.agree(lambda: check_same_inputs(w, model))  # each rank's share of a product is of this model
                 batches = resident_batches(split[1], options.batch_size or default_batch_size(device), device,
                                            options.torch_dtype, shard=shard)
                 reduce = group.add_sums()

@@ -50,7 +50,7 @@ from lsurf.errors import UserError
 from lsurf.run.options import Options
 from lsurf.run.provenance import RECORDED_SINCE, Provenance
 from lsurf.run.runtime import choose_device
-from lsurf.run.sources import load_inputs
+from lsurf.run.sources import check_same_inputs, load_inputs
 from lsurf.run.world import World, abort_on_failure
 
 Log = Callable[[str], None]
@@ -108,6 +108,7 @@ def train_curve_job(options: Options, spec: CurveSpec, comm: Any = None, log: Lo
     log = log or (lambda m: None)
     with abort_on_failure(w):
         model, split, (names, a, b) = w.agree(lambda: _train_inputs(options))
+        w.agree(lambda: check_same_inputs(w, model))  # every rank's gradient share is of model A
         dev = w.agree(lambda: choose_device(w, options.device))
         w.agree(lambda: _check_train_labels(model, split, options, dev))
         attrs = _curve_attrs(options, spec) if w.is_root else {}
@@ -232,6 +233,7 @@ def eval_curve_job(options: Options, curve_path: str, points: int, comm: Any = N
         prov = Provenance.of(opts)
         identity = {**prov.identity([dirs], data, opts, fingerprints=w.is_root, device=dev),
                     "curve_sha256": file_sha256(curve_path)}
+        w.agree(lambda: check_same_inputs(w, model, identity["directions_sha256"]))
         with contextlib.ExitStack() as stack:
             def prepare() -> None:
                 if w.is_root:

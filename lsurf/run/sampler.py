@@ -31,7 +31,6 @@ from lsurf.engine.evaluate import Evaluator, check_outputs_fit, evaluator, resol
 from lsurf.engine.grid import Grid, Tile, parse_tile
 from lsurf.engine.hf import vocabulary_size
 from lsurf.engine.metrics import Metric, metrics_for, quantity_names
-from lsurf.engine.models import weights_fingerprint
 from lsurf.engine.plan import Plan, check_pinned, default_batch_size, faster_in_channels_last
 from lsurf.engine.precision import ACCOUNTING, Precision
 from lsurf.engine.refine import STEERING, Refiner
@@ -41,7 +40,14 @@ from lsurf.run.curvature import fidelity_skipped, hessian_plane, plane_fidelity
 from lsurf.run.options import Options
 from lsurf.run.provenance import RECORDED_SINCE, Provenance
 from lsurf.run.runtime import bound_device, check_device_binding, choose_device
-from lsurf.run.sources import directions_for, directions_path, grid_for, load_inputs, plane_directions
+from lsurf.run.sources import (
+    check_same_inputs,
+    directions_for,
+    directions_path,
+    grid_for,
+    load_inputs,
+    plane_directions,
+)
 from lsurf.run.transport import TileQueue, TileSink
 from lsurf.run.world import Group, World, abort_on_failure
 
@@ -239,20 +245,6 @@ def _check_inputs(w: World, model: nn.Module, data: dict[str, AnySplit], directi
     if opts.refines:
         Refiner(grid.plane_shape, opts.budget, opts.refine_tol)  # a budget too small for a picture: refused now
     return outputs
-
-
-def check_same_inputs(w: World, model: nn.Module, directions_sha256: str | list[str]) -> None:
-    """Refuse a job whose ranks hold different models or directions (a plug-in that draws its
-    weights unseeded, a checkpoint rewritten while the job started): each rank's tiles would be
-    points of another surface, all in one file. Compared by a cheap fingerprint of the weights and
-    the directions' hashes the file's identity holds anyway."""
-    seen = w.allgather((weights_fingerprint(model), directions_sha256))
-    for what, k in (("model weights", 0), ("directions", 1)):
-        other = next((r for r, s in enumerate(seen) if s[k] != seen[0][k]), None)
-        if other is not None:
-            raise UserError(f"rank {other}'s {what} differ from rank 0's: every rank must load the same model and "
-                            "directions (lsurf draws a model without `checkpoint` from `seed`; a plug-in that "
-                            "draws its own weights must seed them)")
 
 
 def check_vocabulary(model: nn.Module, data: dict[str, AnySplit]) -> None:
