@@ -19,7 +19,7 @@ import h5py
 import numpy as np
 import pytest
 import torch
-from conftest import _env, lsurf
+from conftest import _env, lsurf, write_data_plugin
 from inprocess import cli
 
 from lsurf import load_model, random_directions, save_directions
@@ -145,8 +145,8 @@ CASES = [
      ["--batch-size 0"]),
     ("synthetic-bad-option", lambda d: ["surface", "--model", "cnn", "--data", "synthetic:colour=red", "--x", "0:1:2"],
      ["colour=red"]),
-    ("no-cuda", lambda d: ["surface", *SMALL, "--device", "cuda", "--x", "0:1:2", "--out", d / "o.h5"],
-     ["--device cuda", "no CUDA"]),
+    ("no-cuda", lambda d: pytest.skip("this machine has CUDA: nothing to refuse") if torch.cuda.is_available() else
+     ["surface", *SMALL, "--device", "cuda", "--x", "0:1:2", "--out", d / "o.h5"], ["--device cuda", "no CUDA"]),
     ("toml-unknown-key", lambda d: ["surface", "--config", d / "job_unknown.toml"],
      ["job_unknown.toml", "'batchsize'", "'batch-size'"]),
     ("toml-broken", lambda d: ["surface", "--config", d / "job_broken.toml"], ["job_broken.toml", "not valid TOML"]),
@@ -211,6 +211,28 @@ def test_bad_input(case, build, needles, ws):
 
 
 @pytest.mark.cli
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA device")])])
+def test_a_label_beyond_the_outputs_past_the_preflight_sample_is_one_line(device, tmp_path, monkeypatch):
+    """A plug-in data set's labels are not known before the run (only two rows are tried): label
+    12 at row 7 of a 10-class model ended in an index error (a device assert on a GPU)."""
+    y = np.zeros(10, np.int64)
+    y[7] = 12
+    write_data_plugin(tmp_path, monkeypatch, "badlabel", np.random.default_rng(0).normal(size=(10, 64)), y)
+    (tmp_path / "tenway.py").write_text(textwrap.dedent("""
+        import torch
+        def model():
+            return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 10))
+    """))
+    p = lsurf("surface", "--model", "tenway:model", "--data", "badlabel:make", "--x", "-1:1:3", "--no-progress",
+              "--device", device, "--out", tmp_path / "s.h5", env={"PYTHONPATH": f"{tmp_path}:{_env()['PYTHONPATH']}"})
+    assert p.returncode == 2, p.stderr
+    assert p.stderr.strip().splitlines()[-1] == ("lsurf: error: the train split holds label 12 at row 7, outside "
+                                                 "the model's 10 outputs (1 such label in the pass): labels must "
+                                                 "lie in 0 to 9"), p.stderr
+    assert "Traceback" not in p.stderr
+
+
 def test_debug_shows_the_traceback(ws):
     p = lsurf("surface", "--model", "resnet21", "--x", "0:1:2", "--debug", cwd=ws)
     assert p.returncode != 0 and "Traceback" in p.stderr and "UserError" in p.stderr

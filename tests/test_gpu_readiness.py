@@ -8,19 +8,23 @@ a GPU node.
 from __future__ import annotations
 
 import copy
+import importlib
+import inspect
+import json
 import textwrap
 
 import h5py
 import numpy as np
 import pytest
 import torch
-from conftest import _env, lsurf
+from conftest import _env, lsurf, mpirun, requires_mpi
 from torch import nn
 
 import lsurf as api
 from lsurf.engine.evaluate import evaluator
 from lsurf.engine.stores import save_store
 from lsurf.run.runtime import configure_process, float32_precision, set_float32_precision
+from lsurf.run.sampler import run_surface
 
 CURVE = ["--x", "-1:1:3", "--no-progress"]
 
@@ -74,25 +78,125 @@ def test_int32_labels_give_the_int64_numbers(tmp_path, digits_checkpoint):
             np.testing.assert_allclose(a[k][()], b[k][()], rtol=1e-12)
 
 
-@pytest.mark.cli
-def test_float32_precision_is_pinned_to_ieee_unless_tf32_and_tf32_is_part_of_the_identity(tmp_path,
-                                                                                           digits_checkpoint):
-    before = (torch.backends.cuda.matmul.fp32_precision, float32_precision())
-    try:
-        configure_process(device="cpu", threads=torch.get_num_threads())
-        assert float32_precision() == "ieee" and torch.backends.cuda.matmul.fp32_precision == "ieee"
-        set_float32_precision(True)
-        assert float32_precision() == "tf32"
-    finally:
-        torch.backends.cuda.matmul.fp32_precision = before[0]
-        set_float32_precision(before[1] == "tf32")
-    out = tmp_path / "s.h5"
-    args = ["surface", "--model", "cnn", "--checkpoint", digits_checkpoint, "--data", "digits", "--subset", "50",
-            *CURVE, "--out", out]
-    lsurf(*args, "--tf32", check=True)
-    with h5py.File(out, "r+") as f:  # pretend it was interrupted: resuming must check the identity
+def test_float32_precision_is_pinned_to_ieee_unless_tf32(tf32_flags):
+    configure_process(device="cpu", threads=torch.get_num_threads())
+    assert float32_precision() == "ieee" and torch.backends.cuda.matmul.fp32_precision == "ieee"
+    set_float32_precision(True)
+    assert float32_precision() == "tf32"
+
+
+def _surface_args(checkpoint, out) -> list:
+    return ["surface", "--model", "cnn", "--checkpoint", checkpoint, "--data", "digits", "--subset", "50", *CURVE,
+            "--out", out]
+
+
+def _interrupted(out) -> None:
+    with h5py.File(out, "r+") as f:  # pretend it was interrupted: resuming checks the identity
         f["done"][0] = False
-    _one_line(lsurf(*args), "another tf32")
+
+
+@pytest.mark.cli
+def test_the_precision_in_force_is_recorded_and_a_resume_across_another_is_refused(tmp_path, digits_checkpoint):
+    """The file records what computes (on the CPU oneDNN's float32 precision; --tf32 is a GPU
+    switch that changes nothing there), and a library call records it without changing it."""
+    out = tmp_path / "s.h5"
+    args = _surface_args(digits_checkpoint, out)
+    lsurf(*args, "--tf32", check=True)
+    with h5py.File(out) as f:
+        assert json.loads(f.attrs["identity"])["float32_precision"] == "ieee"
+    _interrupted(out)
+    assert lsurf(*args, check=True).returncode == 0  # the same values: resumed
+    before = torch.backends.mkldnn.matmul.fp32_precision
+    try:
+        torch.backends.mkldnn.matmul.fp32_precision = "bf16"  # a notebook's choice: oneDNN matmuls may use bf16
+        options = api.Options(model="cnn", checkpoint=str(digits_checkpoint), data="digits", subset=50, x="-1:1:3",
+                              device="cpu", out=str(out), overwrite=True, progress=False)
+        run_surface(options)
+        assert torch.backends.mkldnn.matmul.fp32_precision == "bf16"  # recorded, not changed
+    finally:
+        torch.backends.mkldnn.matmul.fp32_precision = before
+    _interrupted(out)
+    _one_line(lsurf(*args), "another float32 precision ('matmul bf16, conv ieee', now 'ieee'): use --overwrite")
+
+
+@pytest.mark.cli
+def test_a_file_written_before_the_precision_was_recorded_still_resumes(tmp_path, digits_checkpoint):
+    out = tmp_path / "s.h5"
+    args = _surface_args(digits_checkpoint, out)
+    lsurf(*args, check=True)
+    with h5py.File(out, "r+") as f:
+        identity = json.loads(f.attrs["identity"])
+        del identity["float32_precision"]
+        f.attrs["identity"] = json.dumps({**identity, "tf32": False})  # as files were written before
+    _interrupted(out)
+    lsurf(*args, check=True)
+    with h5py.File(out) as f:
+        assert f["done"][()].all()
+
+
+@cuda
+@pytest.mark.cli
+def test_a_resume_on_another_gpu_model_is_refused(tmp_path, digits_checkpoint):
+    out = tmp_path / "s.h5"
+    args = [*_surface_args(digits_checkpoint, out), "--device", "cuda"]
+    lsurf(*args, check=True)
+    with h5py.File(out, "r+") as f:
+        identity = json.loads(f.attrs["identity"])
+        assert identity["gpu_model"] == torch.cuda.get_device_name(0) and identity["float32_precision"] == "ieee"
+        f.attrs["identity"] = json.dumps({**identity, "gpu_model": "Another GPU"})
+    _interrupted(out)
+    _one_line(lsurf(*args), "another gpu model ('Another GPU'")
+
+
+@pytest.fixture
+def tf32_flags():
+    """torch's TF32 switches as they were (the legacy getters are readable in torch's own state)."""
+    before = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
+
+
+@pytest.mark.parametrize("tf32", [False, True])
+def test_both_tf32_apis_stay_readable_and_agree_after_configure_process(tf32, tf32_flags):
+    """Plug-ins, Hugging Face and compiled code read the legacy getters: torch raises from them
+    when only the new ``fp32_precision`` flags were set."""
+    configure_process(device="cpu", threads=torch.get_num_threads(), tf32=tf32)
+    mode = "tf32" if tf32 else "ieee"
+    assert torch.backends.cudnn.allow_tf32 is tf32
+    assert torch.backends.cuda.matmul.allow_tf32 is tf32
+    assert torch.get_float32_matmul_precision() == ("high" if tf32 else "highest")
+    if hasattr(torch.backends.cuda.matmul, "fp32_precision"):  # torch >= 2.9
+        assert torch.backends.cuda.matmul.fp32_precision == mode
+        assert torch.backends.cudnn.conv.fp32_precision == torch.backends.cudnn.rnn.fp32_precision == mode
+    assert float32_precision() == mode
+
+
+JOBS = ["surface", "curve", "hessian", "sharpness"]
+
+
+@pytest.mark.parametrize("command", JOBS)
+def test_every_mpi_job_configures_through_the_device_binding_check(command):
+    """Running it cannot show the check on a CPU (every rank's device is the CPU, never shared);
+    what can be shown is that each job's entry point configures through configure_job, which
+    makes it, and never around it."""
+    source = inspect.getsource(importlib.import_module(f"lsurf.cli.{command}"))
+    assert "configure_job(" in source and "configure_process(" not in source
+
+
+@cuda
+@requires_mpi
+@pytest.mark.gpu
+@pytest.mark.mpi
+@pytest.mark.parametrize("command", JOBS)
+def test_two_ranks_on_one_gpu_are_refused_by_every_job(command, tmp_path, digits_checkpoint):
+    inputs = ["--model", "cnn", "--checkpoint", digits_checkpoint, "--data", "digits", "--subset", "100",
+              "--device", "cuda"]
+    args = {"surface": ["surface", *inputs, *CURVE, "--out", tmp_path / "s.h5"],
+            "curve": ["curve", "train", *inputs, "--model2", digits_checkpoint, "--out", tmp_path / "c.h5"],
+            "hessian": ["hessian", *inputs, "--top-k", "1", "--trace-samples", "0"],
+            "sharpness": ["sharpness", *inputs, "--radius", "0.1", "--out", tmp_path / "h.h5"]}[command]
+    p = mpirun(2, *args, env={"CUDA_VISIBLE_DEVICES": "0"})
+    assert p.returncode == 2 and "share GPU" in p.stderr, p.stderr
 
 
 def test_recalibration_with_numeric_momentum_equals_the_cumulative_average():

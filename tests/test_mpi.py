@@ -57,6 +57,69 @@ def test_static_schedule_and_forced_serial_h5py_path(serial, tmp_path, digits_ch
         assert list(f.attrs["rank_points"]) == [36, 27]
 
 
+@pytest.mark.mpi
+def test_a_model_without_checkpoint_is_drawn_from_the_seed_on_every_rank_and_rerun(tmp_path):
+    """Without a checkpoint each rank drew its own weights (and so its own directions): one file
+    mixed tiles of different models, and a rerun gave another surface."""
+    args = ["surface", "--model", "mlp", "--data", "digits", "--subset", "200", "--x", "-1:1:5", "--y", "-1:1:3",
+            "--no-progress"]
+    for name in ("serial", "rerun"):
+        lsurf(*args, "--out", tmp_path / f"{name}.h5", check=True)
+    mpirun(2, *args, "--out", tmp_path / "ranks.h5", check=True)
+    serial, rerun, ranks = (arrays(tmp_path / f"{n}.h5") for n in ("serial", "rerun", "ranks"))
+    assert serial["done"].all() and ranks["done"].all()
+    np.testing.assert_array_equal(rerun["train_loss"], serial["train_loss"])
+    for k in ("train_loss", "train_acc", "train_loss_stderr"):
+        np.testing.assert_allclose(ranks[k], serial[k], rtol=1e-6, atol=1e-9)
+    assert "model_seed:         0" in lsurf("info", tmp_path / "serial.h5", check=True).stdout
+    with h5py.File(tmp_path / "serial.h5", "r+") as f:  # interrupted: a resume with another seed is refused
+        f["done"][0, 0] = False
+    p = lsurf(*args, "--seed", "1", "--out", tmp_path / "serial.h5")
+    assert p.returncode == 2 and "another model seed (0, now 1)" in p.stderr and "--overwrite" in p.stderr, p.stderr
+
+
+def _unseeded(tmp_path) -> dict:
+    """A model plug-in ``unseeded:make`` that draws its weights from each rank's own seed; the
+    environment that imports it."""
+    (tmp_path / "unseeded.py").write_text(textwrap.dedent("""
+        import os
+        import torch
+        from lsurf.engine.models import MLP
+
+        def make():
+            torch.manual_seed(int(os.environ.get("OMPI_COMM_WORLD_RANK", "0")))  # a draw of its own per rank
+            return MLP(64, 10)
+    """))
+    return {"PYTHONPATH": f"{tmp_path}:{_env()['PYTHONPATH']}"}
+
+
+DIFFERENT_MODELS = ("lsurf: error: rank 1's model weights differ from rank 0's: every rank must load the same model "
+                    "and directions (lsurf draws a model without --checkpoint from --seed; a plug-in that draws its "
+                    "own weights must seed them)")
+
+
+@pytest.mark.mpi
+def test_ranks_holding_different_models_are_refused_before_any_file(tmp_path):
+    p = mpirun(2, "surface", "--model", "unseeded:make", "--data", "digits", "--subset", "100", "--x", "-1:1:3",
+               "--out", tmp_path / "u.h5", "--no-progress", env=_unseeded(tmp_path))
+    assert p.returncode == 2, p.stderr
+    assert [line for line in p.stderr.splitlines() if line.startswith("lsurf: error")] == [DIFFERENT_MODELS], p.stderr
+    assert not (tmp_path / "u.h5").exists()
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("job", [("hessian", "--top-k", "1", "--iters", "3", "--trace-samples", "2"),
+                                 ("sharpness", "--radius", "0.1", "--samples", "2")], ids=["hessian", "sharpness"])
+def test_hessian_and_sharpness_refuse_ranks_holding_different_models(job, tmp_path):
+    """Each rank's share of the Hessian's products (each rank's draws of sharpness) was of another
+    model, all summed into one result: refused before any, as the surface refuses them."""
+    p = mpirun(2, *job, "--model", "unseeded:make", "--data", "digits", "--subset", "100", "--out",
+               tmp_path / "r.npz", env=_unseeded(tmp_path))
+    assert p.returncode == 2, p.stderr
+    assert [line for line in p.stderr.splitlines() if line.startswith("lsurf: error")] == [DIFFERENT_MODELS], p.stderr
+    assert not (tmp_path / "r.npz").exists()
+
+
 def test_exception_on_one_rank_aborts_everything(tmp_path):
     (tmp_path / "faulty.py").write_text(textwrap.dedent("""
         import os

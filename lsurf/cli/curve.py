@@ -10,7 +10,7 @@ from lsurf.cli import common
 from lsurf.engine.curve import CURVE_TYPES, Training
 from lsurf.errors import UserError
 from lsurf.run.curve import CurveSpec, eval_curve_job, train_curve_job, with_curve_inputs
-from lsurf.run.runtime import configure_process, install_abort_hook, launcher_comm
+from lsurf.run.runtime import configure_job, install_abort_hook, launcher_comm
 from lsurf.run.world import World
 
 HELP = "mode connectivity: train a low-loss curve between two models (train), compare it with the line (eval)"
@@ -69,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
         options = w.agree(lambda: common.options_from(_train_split(values), split=("train",)))
         spec = w.agree(lambda: CurveSpec(**shape, training=Training(
             **extra, batch_size=options.batch_size or Training.batch_size, seed=options.seed)))
-        w.agree(lambda: configure_process(w, options.device, options.threads, options.tf32))
+        configure_job(w, options.device, options.threads, options.tf32)
         stored = train_curve_job(options, spec, comm, log)
         if stored is not None:
             done = stored.progress
@@ -80,7 +80,7 @@ def run(args: argparse.Namespace) -> int:
     path, points = values.pop("curve_file"), values.pop("points", _POINTS)
     values = w.agree(lambda: with_curve_inputs(path, values))  # the curve's models and data unless told otherwise
     options = w.agree(lambda: common.options_from({"split": ("train", "test"), **values}))
-    w.agree(lambda: configure_process(w, options.device, options.threads, options.tf32))
+    configure_job(w, options.device, options.threads, options.tf32)
     surface = eval_curve_job(options, path, points, comm, log)
     if surface is not None:
         line, curve = float(surface.attrs["barrier_line"]), float(surface.attrs["barrier_curve"])

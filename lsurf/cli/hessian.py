@@ -8,7 +8,7 @@ import argparse
 from lsurf.cli import common
 from lsurf.engine.hessian import save_results
 from lsurf.run.curvature import hessian_spectrum
-from lsurf.run.runtime import configure_process, install_abort_hook, launcher_comm
+from lsurf.run.runtime import configure_job, install_abort_hook, launcher_comm
 from lsurf.run.sources import save_direction_file
 from lsurf.run.world import World
 
@@ -41,7 +41,7 @@ def run(args: argparse.Namespace) -> int:
     values = common.merged_values(args, extra=tuple(_EXTRA))
     extra = {k: values.pop(k, default) for k, default in _EXTRA.items()}
     options = w.agree(lambda: common.options_from(values))
-    device = w.agree(lambda: configure_process(w, options.device, options.threads, options.tf32))
+    device = configure_job(w, options.device, options.threads, options.tf32)
     out, save_to = extra.pop("out"), extra.pop("save_directions")
     done = hessian_spectrum(options, device, comm, directions=bool(save_to), **extra)
     if done is None:  # not rank 0

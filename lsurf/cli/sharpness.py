@@ -17,7 +17,7 @@ from lsurf.engine.directions import DIR_TYPES
 from lsurf.engine.hessian import save_results
 from lsurf.engine.sharpness import KINDS
 from lsurf.errors import UserError
-from lsurf.run.runtime import configure_process, install_abort_hook, launcher_comm
+from lsurf.run.runtime import configure_job, install_abort_hook, launcher_comm
 from lsurf.run.sharpness import sharpness
 from lsurf.run.world import World
 
@@ -52,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
     w = World.of(comm)
     install_abort_hook(w)
     options, extra = w.agree(lambda: _settings(args))
-    w.agree(lambda: configure_process(w, options.device, options.threads, options.tf32))
+    configure_job(w, options.device, options.threads, options.tf32)
     out = extra.pop("out")
     results = sharpness(options, comm, **extra)
     if results is not None:

@@ -10,7 +10,7 @@ from pathlib import Path
 from lsurf.cli import common
 from lsurf.engine.surface_file import completion
 from lsurf.run.curve import with_curve_inputs
-from lsurf.run.runtime import configure_process, install_abort_hook, launcher_comm
+from lsurf.run.runtime import configure_job, install_abort_hook, launcher_comm
 from lsurf.run.sampler import run_surface
 from lsurf.run.world import World
 
@@ -44,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
     w = World.of(comm)
     install_abort_hook(w)
     options = w.agree(lambda: common.options_from(_with_curve_inputs(common.merged_values(args))))
-    w.agree(lambda: configure_process(w, options.device, options.threads, options.tf32))
+    configure_job(w, options.device, options.threads, options.tf32)
     t0 = time.time()
     surface = run_surface(options, comm, log=lambda m: print(f"lsurf: {m}", file=sys.stderr, flush=True))
     if surface is not None:

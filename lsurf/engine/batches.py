@@ -58,9 +58,23 @@ def resident_batches(split: AnySplit, batch_size: int, device: torch.device, dty
         return list(Streamed(split, batch_size, device, dtype, channels_last, shard=shard))
     start, stop = shard_range(len(split), shard)
     x, y = (split.x[start:stop], split.y[start:stop]) if isinstance(split, Split) else _read(split, start, stop)
+    if channels_last and x.dim() == 4:
+        x = _channels_last_on(device, x, dtype)
     x, y = to_device(x, y, device, dtype)
-    return [to_device(x[i : i + batch_size], y[i : i + batch_size], device, dtype, channels_last)
-            for i in range(0, len(x), batch_size)]
+    return [(x[i : i + batch_size], y[i : i + batch_size]) for i in range(0, len(x), batch_size)]
+
+
+def _channels_last_on(device: torch.device, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``x`` on ``device`` in ``dtype`` and channels-last, converted on the host a slice at a time
+    and copied into place: the device holds the split once (converting it there would hold the
+    NCHW copy beside the NHWC one), the host one slice beyond it. A batch cut from it is a view,
+    channels-last itself."""
+    want = dtype if x.is_floating_point() else x.dtype
+    out = torch.empty(x.shape, dtype=want, device=device, memory_format=torch.channels_last)
+    step = max(1, (64 << 20) // max(1, x[0].numel() * out.element_size()))  # 64 MiB a slice
+    for i in range(0, len(x), step):
+        out[i : i + step].copy_(x[i : i + step].to(want).contiguous(memory_format=torch.channels_last))
+    return out
 
 
 def _read(split: AnySplit, start: int, stop: int) -> Batch:

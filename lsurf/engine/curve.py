@@ -229,13 +229,13 @@ def _epoch(model: nn.Module, live: Curve, split: Split, training: Training, epoc
     perm, ts = epoch_draws(training.seed, epoch, len(split), training.batch_size)
     flat = [p for bend in live.bends for p in bend]
     dtype = flat[0].dtype
-    total = 0.0
+    total = torch.zeros((), dtype=torch.float64, device=flat[0].device)  # read once an epoch, not once a step
     for step, t in enumerate(ts):
         idx = perm[step * training.batch_size : (step + 1) * training.batch_size]
         r, size = shard
         mine = idx[r * len(idx) // size : (r + 1) * len(idx) // size]
         opt.zero_grad(set_to_none=True)
-        loss = torch.zeros((), dtype=torch.float64)
+        loss = torch.zeros((), dtype=torch.float64, device=flat[0].device)
         if len(mine):
             x, y = split.x[mine].to(flat[0].device), split.y[mine].to(flat[0].device)
             params = dict(zip(live.names, live.point(t)))
@@ -244,26 +244,26 @@ def _epoch(model: nn.Module, live: Curve, split: Split, training: Training, epoc
             per = loss_fn(out, y)
             loss = per.reshape(len(per), -1).mean(1).sum()  # per sample, whatever the loss's shape
             loss.backward()
-        total += _average_gradients(flat, float(loss.detach()), len(idx), reduce)
+        total += _average_gradients(flat, loss.detach().double(), len(idx), reduce)
         opt.step()
-    return total / len(split)
+    return float(total) / len(split)
 
 
-def _average_gradients(flat: list[torch.Tensor], loss_sum: float, n: int, reduce: Reduce | None) -> float:
-    """Every bend's gradient of the batch's mean loss: this rank's sums, added over the ranks in
-    one float64 buffer (the loss sum rides along) and divided by the batch size. Returns the
-    batch's loss sum."""
-    parts = [p.grad.detach().reshape(-1).double().cpu() if p.grad is not None
-             else torch.zeros(p.numel(), dtype=torch.float64) for p in flat]
-    buf = torch.cat([*parts, torch.tensor([loss_sum], dtype=torch.float64)]).numpy()
+def _average_gradients(flat: list[torch.Tensor], loss_sum: torch.Tensor, n: int, reduce: Reduce | None) -> torch.Tensor:
+    """Every bend's gradient of the batch's mean loss, divided by the batch size where it lies.
+    Several ranks add their sums first, in one float64 buffer through the host (the loss sum rides
+    along; one allreduce); one process keeps them on the device in their dtype, where the division
+    rounds as the float64 one did (53 bits hold twice a float32's 24 and two more). Returns the
+    batch's loss sum (float64, on the device)."""
+    grads = [p.grad.detach() if p.grad is not None else torch.zeros_like(p) for p in flat]
     if reduce is not None:
-        buf = reduce(buf)
-    summed = torch.from_numpy(np.ascontiguousarray(buf))
-    k = 0
-    for p in flat:
-        p.grad = (summed[k : k + p.numel()] / n).view_as(p).to(p)
-        k += p.numel()
-    return float(summed[-1])
+        buf = torch.cat([*(g.reshape(-1).double() for g in grads), loss_sum.reshape(1)]).cpu().numpy()
+        summed = torch.from_numpy(np.ascontiguousarray(reduce(buf))).to(loss_sum.device)
+        grads = list(summed[:-1].split([p.numel() for p in flat]))
+        loss_sum = summed[-1]
+    for p, g in zip(flat, grads):
+        p.grad = (g / n).view_as(p).to(p)
+    return loss_sum
 
 
 def _array(t: torch.Tensor) -> np.ndarray:

@@ -14,7 +14,7 @@ import copy
 import functools
 import time
 import warnings
-from collections.abc import Callable, Collection, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -22,8 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lsurf.engine.batches import Feed, Streamed, head, resident_batches, to_device
-from lsurf.engine.data import AnySplit, label_range
+from lsurf.engine.batches import Feed, Streamed, head, resident_batches, shard_range, to_device
+from lsurf.engine.data import AnySplit, BatchStreamSplit, label_range
 from lsurf.engine.directions import AnyDirections, Directions, SeededDirections, target_tensors
 from lsurf.engine.hessian import Hessian
 from lsurf.engine.metrics import METRICS, MeanLoss, Metric, metrics_for, quantity_names
@@ -36,6 +36,7 @@ LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 Reduce = Callable[[np.ndarray], np.ndarray]  # sums of this rank's share -> sums of the group's
 _REDUCE_EVERY = 1 << 22  # model outputs held before a loss/argmax reduction (16 MB of float32)
 _GPU_HEADROOM = 0.7  # share of a GPU's memory a calibrated K may use at its peak
+_FLAGS = 3  # a pass's label check, read back with its sums: [labels out of range, first one's row, its value]
 
 
 def _cross_entropy(out: torch.Tensor, y: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
@@ -151,9 +152,15 @@ def evaluator(
         yield Evaluator(model, names, targets, _placed(directions, targets, perturb), batches, loss_fn, bn,
                         points_per_pass,
                         amp, hessian_iters, metrics, reduce, output, origin=[snapshot.copy_of(t) for t in targets],
-                        precision=precision)
+                        precision=precision, row_offsets=shard_starts(data, shard))
     finally:
         snapshot.restore()
+
+
+def shard_starts(data: dict[str, AnySplit], shard: tuple[int, int]) -> dict[str, int]:
+    """The row of each split where this rank's share starts (a stream's rows are not numbered)."""
+    return {s: shard_range(len(split), shard)[0] for s, split in data.items()
+            if not isinstance(split, BatchStreamSplit)}
 
 
 def _placed(directions: AnyDirections, targets: list[torch.Tensor], dtype: torch.dtype) -> AnyDirections:
@@ -244,6 +251,7 @@ class Evaluator:
         output: str | None = None,
         origin: Sequence[torch.Tensor | None] | None = None,
         precision: Precision | None = None,
+        row_offsets: dict[str, int] | None = None,
     ):
         self.model = model.eval()
         self.output = output
@@ -259,6 +267,9 @@ class Evaluator:
         self.batches = batches
         self.reduce = reduce
         self.loss_fn = loss_fn
+        self.ignore_index = class_targets(loss_fn)  # None: the loss's targets are no class indices to check
+        self.classes = 0  # outputs per sample, once a pass has seen them
+        self.row_offsets = dict(row_offsets or {})  # the split's row of this rank's first (a shard's start)
         self.metrics = tuple(metrics)
         if bn not in ("eval", "recalibrate"):
             raise UserError(f"`bn` {bn!r}: expected eval or recalibrate")
@@ -379,8 +390,11 @@ class Evaluator:
         for k in range(0, len(points), self.points_per_pass):
             chunk = points[k : k + self.points_per_pass]
             pending = self._stacked(chunk) if len(chunk) > 1 else self._single(*chunk[0])
-            # One host synchronisation per pass: [split][point][metric sums..., samples]
-            sums = pending.tolist() if self.reduce is None else self.reduce(pending.cpu().numpy()).tolist()
+            # One host synchronisation per pass: [split][point][metric sums..., samples, label flags...]
+            local = pending.cpu().numpy()
+            self._check_labels(local[:, 0, -_FLAGS:])
+            local = local[..., :-_FLAGS]
+            sums = local.tolist() if self.reduce is None else self.reduce(local).tolist()
             for p in range(len(chunk)):
                 row = [v for split, s in zip(self.batches, sums) for v in self._split_row(split, s[p])]
                 if self.hessian_iters:  # one point per chunk: the weights are still set at it
@@ -417,9 +431,7 @@ class Evaluator:
         return pick_output(self.model(x), self.output)
 
     def _stacked(self, chunk: list[tuple[float, float]]) -> torch.Tensor:
-        ref = self.origin[0]
-        a = torch.tensor([p[0] for p in chunk], dtype=ref.dtype, device=ref.device)
-        b = torch.tensor([p[1] for p in chunk], dtype=ref.dtype, device=ref.device)
+        a, b = _coefficients(chunk, self.origin[0].dtype, self.origin[0].device)
         params = {}
         assert self.d1 is not None  # the stacked path runs on held directions only
         for i, (name, o) in enumerate(zip(self.names, self.origin)):
@@ -435,10 +447,17 @@ class Evaluator:
         forward_k = _autocast(stacked) if self.amp else stacked
         return torch.stack([self._pass(split, forward_k, len(chunk)) for split in self.batches])
 
+    def _check_labels(self, flags: np.ndarray) -> None:
+        """Stop at class labels outside the model's outputs: each split's [count, row, value] of
+        the pass just read back (rows counted from the rank's first, in the order of the pass)."""
+        for split, found in zip(self.batches, flags.tolist()):
+            check_label_flags(split, found, self.classes, self.row_offsets.get(split, 0))
+
     @torch.inference_mode()
     def _pass(self, split: str, forward, k: int) -> torch.Tensor:
         """Sums [metric sums..., samples] over all batches of ``split`` for the ``k`` weight sets that
-        ``forward`` evaluates: (k, Σ widths + 1), float64, left on the device.
+        ``forward`` evaluates, and the pass's label flags [count, row, value] (see :meth:`_safe_labels`):
+        (k, Σ widths + 1 + 3), float64, left on the device.
 
         ``forward(x)`` returns (B, ...) outputs, or (k, B, ...) when k > 1. They are gathered and
         reduced (loss, argmax) a few million values at a time rather than per batch: for small models
@@ -448,33 +467,49 @@ class Evaluator:
         sums = torch.zeros(k, width, dtype=torch.float64, device=self.origin[0].device)  # a shard may be empty
         outs: list[torch.Tensor] = []
         ys: list[torch.Tensor] = []
-        held = 0
+        flags = torch.zeros(_FLAGS, dtype=torch.int64, device=sums.device)
+        held = row = 0
         early = self.precision
         for x, y in self.batches[split]:
             outs.append(forward(x))
             ys.append(y)
             held += outs[-1].numel()
             if held >= _REDUCE_EVERY or early is not None:
-                sums += self._reduce(outs, ys, k)
+                sums += self._reduce(outs, ys, k, flags, row)
+                row += sum(len(t) for t in ys)
                 outs, ys, held = [], [], 0
                 if early is not None:  # one host synchronisation per batch: the price of stopping early
                     total, squares, *_, n = sums[0].tolist()
                     if early.settled(total, squares, int(n), self.sizes[split]):
                         break
-        return sums + self._reduce(outs, ys, k) if outs else sums
+        if outs:
+            sums += self._reduce(outs, ys, k, flags, row)
+        return torch.cat([sums, flags.double().expand(k, _FLAGS)], -1)
 
-    def _reduce(self, outs: list[torch.Tensor], ys: list[torch.Tensor], k: int) -> torch.Tensor:
-        """Every metric's sums over (k, B, ...) outputs against B targets, and B: (k, Σ widths + 1)."""
+    def _reduce(self, outs: list[torch.Tensor], ys: list[torch.Tensor], k: int, flags: torch.Tensor,
+                row: int) -> torch.Tensor:
+        """Every metric's sums over (k, B, ...) outputs against B targets (rows ``row``... of the
+        pass), and B: (k, Σ widths + 1)."""
         stacked = int(k > 1)
         out = torch.cat(outs, stacked) if len(outs) > 1 else outs[0]
         out = out if stacked else out[None]
         out = out.float() if is_low_precision(out.dtype) else out
         y = torch.cat(ys) if len(ys) > 1 else ys[0]
+        y = self._safe_labels(out, y, flags, row)
         yk = y if k == 1 else y.repeat(k, *([1] * (y.dim() - 1)))
         per = self.loss_fn(out.flatten(0, 1), yk)
         loss = per.view(k, len(y), *per.shape[1:]).double()  # per sample (k, B) or per token (k, B, T)
         count = torch.full((k, 1), float(len(y)), dtype=torch.float64, device=loss.device)
         return torch.cat([*(m.sums(out, y, loss) for m in self.metrics), count], -1)
+
+    def _safe_labels(self, out: torch.Tensor, y: torch.Tensor, flags: torch.Tensor, row: int) -> torch.Tensor:
+        """``y`` with class labels outside the (k, B, ..., C) outputs counted into ``flags`` and
+        replaced by 0 (:func:`flag_labels`): the check waits for the pass's one host sync. Only
+        for the built-in cross-entropy, whose targets are class indices."""
+        if self.ignore_index is None or y.is_floating_point() or out.dim() != y.dim() + 2 or not y.numel():
+            return y
+        self.classes = out.shape[-1]
+        return flag_labels(y, self.classes, self.ignore_index, flags, row)
 
     def _statistics(self, sums: list[float], n: int) -> list[float]:
         """Each metric's statistics of ``n`` samples from its slice of the sums (plain floats: on a
@@ -602,6 +637,77 @@ class Evaluator:
         self.model.eval()
         for m, mom in zip(bns, momenta):
             m.momentum = mom
+
+
+def class_targets(loss_fn: LossFn) -> int | None:
+    """The ``ignore_index`` of the built-in cross-entropy, whose targets index the outputs; None
+    for any other loss (its targets are no class indices to check)."""
+    if isinstance(loss_fn, functools.partial) and loss_fn.func is _cross_entropy:
+        return int(loss_fn.keywords.get("ignore_index", -100))
+    return -100 if loss_fn is _cross_entropy else None
+
+
+def flag_labels(y: torch.Tensor, classes: int, ignore_index: int, flags: torch.Tensor, row: int) -> torch.Tensor:
+    """``y`` (rows ``row``... of a pass) with class labels (or token ids other than
+    ``ignore_index``) outside ``classes`` outputs replaced by 0, counted into ``flags`` [count,
+    first row, its value] on ``y``'s device without a host sync: the caller reads the flags with
+    the sums it reads anyway (:func:`check_label_flags`). On a GPU an index out of range would be
+    a device assert that ends the process's CUDA context."""
+    bad = (y < 0) | (y >= classes)
+    if y.dim() > 1:
+        bad &= y != ignore_index
+    flat = bad.reshape(-1)
+    first = flat.to(torch.uint8).argmax()
+    value = y.reshape(-1).gather(0, first[None])[0].long()  # gather: indexing by a tensor would sync
+    found = torch.stack([flat.sum(), row + first // (flat.numel() // len(y)), value])
+    first_found = (flags[0] == 0) & (found[0] > 0)
+    flags[1:] = torch.where(first_found, found[1:], flags[1:])
+    flags[0] += found[0]
+    return torch.where(bad, torch.zeros_like(y), y)
+
+
+def check_label_flags(split: str, flags: Sequence[float], classes: int, first_row: int = 0) -> None:
+    """Stop at the labels :func:`flag_labels` counted: one line naming the split, the row (rows
+    counted from ``first_row``, this rank's first) and the value."""
+    count, row, value = flags
+    if count:
+        raise UserError(f"the {split} split holds label {int(value)} at row {int(row) + first_row}, outside the "
+                        f"model's {classes} outputs ({int(count)} such label{'s' * (count > 1)} in the pass): "
+                        f"labels must lie in 0 to {classes - 1}")
+
+
+def check_class_labels(model: nn.Module, sample: torch.Tensor, labels: Iterable[torch.Tensor], loss_fn: LossFn,
+                       split: str, first_row: int = 0, output: str | None = None) -> None:
+    """Stop at class labels outside the model's outputs among ``labels`` (rows ``first_row``... of
+    ``split``, in order) before work whose loss indexes the outputs with every one of them (a
+    Hessian's products, a curve's training): the count each evaluator pass makes, made once here
+    and read back in one sync, with the same one-line error. ``sample``: inputs on the model's
+    device, whose first row tells how many outputs there are; the model must be in eval mode."""
+    ignore = class_targets(loss_fn)
+    ys = [y for y in labels if y.numel()]
+    if ignore is None or not ys or ys[0].is_floating_point():
+        return
+    with torch.inference_mode():
+        out = pick_output(model(sample[:1]), output)
+    if out.dim() != ys[0].dim() + 1:
+        return
+    flags = torch.zeros(_FLAGS, dtype=torch.int64, device=ys[0].device)
+    row = 0
+    for y in ys:
+        flag_labels(y, out.shape[-1], ignore, flags, row)
+        row += len(y)
+    check_label_flags(split, flags.tolist(), out.shape[-1], first_row)
+
+
+def _coefficients(chunk: list[tuple[float, float]], dtype: torch.dtype,
+                  device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The chunk's α and β as two tensors on ``device``: built on the host and sent in one copy,
+    on a GPU from pinned memory without waiting (``torch.tensor(list, device=cuda)`` copies from
+    pageable memory and waits for it: two host synchronisations per stacked pass)."""
+    host = torch.tensor([[p[0] for p in chunk], [p[1] for p in chunk]], dtype=dtype)
+    if device.type == "cuda":  # the caching host allocator keeps the pinned block until the copy is done
+        host = host.pin_memory().to(device, non_blocking=True)
+    return host[0], host[1]
 
 
 def _seconds(fn, *args) -> float:

@@ -128,8 +128,11 @@ class Grid:
 
     def tiles(self, shape: tuple[int, int] | None = None, ranks: int = 1, min_points: int = 1) -> list[Tile]:
         """Cut each plane into rectangles, plane after plane; by default about 4 per rank so dynamic
-        scheduling can balance, but at least ``min_points`` each (the points one stacked pass
-        evaluates). A tile never spans two planes: their points move the weights along other directions."""
+        scheduling can balance, each a whole number of ``min_points`` (K: the points one stacked pass
+        evaluates) where the plane allows, so no pass runs at another K (a new K costs a GPU new
+        plans and memory). Only tiles at a plane's right or bottom edge may hold fewer: their last
+        pass is a smaller one. A tile never spans two planes: their points move the weights along
+        other directions."""
         ny, nx = self.plane_shape
         th, tw = shape if shape is not None else self._default_tile(ny, nx, ranks, min_points, self.num_planes)
         th, tw = max(1, min(th, ny)), max(1, min(tw, nx))
@@ -141,11 +144,30 @@ class Grid:
         return tiles
 
     @staticmethod
-    def _default_tile(ny: int, nx: int, ranks: int, min_points: int = 1, planes: int = 1) -> tuple[int, int]:
-        target = max(1, min_points, (planes * ny * nx) // (4 * max(1, ranks)))  # points per tile
-        tw = max(1, min(nx, target))
-        th = max(1, min(ny, -(-target // tw)))
-        return th, tw
+    def _default_tile(ny: int, nx: int, ranks: int, k: int = 1, planes: int = 1) -> tuple[int, int]:
+        """(rows, columns) of about a quarter of a rank's share (``target`` points) and at least
+        ``k``. For K > 1, the shape of at most twice that size whose tiles take the fewest passes
+        over the plane: ``rows`` × ``columns`` a multiple of K, so only the bottom band's tiles end
+        in a smaller pass (and the right edge's, where no width gives a multiple)."""
+        target = max(1, k, (planes * ny * nx) // (4 * max(1, ranks)))  # points per tile
+        whole_rows = (max(1, min(ny, -(-target // nx))), nx) if target >= nx else (1, target)
+        if k == 1:
+            return whole_rows
+        shapes = [whole_rows]
+        for width in range(1, nx + 1):
+            step = k // math.gcd(k, width)  # rows of this width make a multiple of k in multiples of step
+            need = -(-target // width)
+            rows = min(ny, -(-need // step) * step)
+            if rows * width <= 2 * target:
+                shapes.append((rows, width))
+        return min(shapes, key=lambda s: (_passes(ny, nx, s[0], s[1], k), abs(s[0] * s[1] - target), -s[1]))
+
+
+def _passes(ny: int, nx: int, rows: int, width: int, k: int) -> int:
+    """Passes of ``k`` points that tiles of ``rows`` × ``width`` take over an ny × nx plane."""
+    bands = [(ny // rows, rows), (1, ny % rows)]
+    columns = [(nx // width, width), (1, nx % width)]
+    return sum(nb * nc * -(-(h * w) // k) for nb, h in bands for nc, w in columns)
 
 
 def parse_tile(spec: str | None) -> tuple[int, int] | None:

@@ -196,6 +196,19 @@ def file_sha256(path: str | Path) -> str:
     return h.hexdigest()
 
 
+def weights_fingerprint(model: nn.Module, samples: int = 4096) -> str:
+    """A cheap hash of a model's state: every tensor's name, shape and dtype, and up to ``samples``
+    of its values, evenly spaced (a few MB read for any model size). Enough to tell two draws or
+    two checkpoints apart, e.g. the ranks of a job that must all hold the same model."""
+    h = hashlib.sha256()
+    for name, t in model.state_dict().items():
+        flat = t.detach().reshape(-1)
+        picked = flat[:: max(1, flat.numel() // samples)][:samples]
+        h.update(f"{name}{tuple(t.shape)}{t.dtype}".encode())
+        h.update(picked.cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """The state dict of a checkpoint: a bare state dict, or ``{'state_dict': ..., ...}`` as Li et al. save."""
     path = Path(path)

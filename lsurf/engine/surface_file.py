@@ -23,7 +23,7 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -76,8 +76,9 @@ def exclusive_lock(path: str | Path):
             os.unlink(lock_path)
 
 
-def _identity_mismatch(f: h5py.File, grid: Grid, identity: dict) -> str | None:
-    """Why an existing file cannot be resumed by this run, or None if it can."""
+def _identity_mismatch(f: h5py.File, grid: Grid, identity: dict, optional: Collection[str] = ()) -> str | None:
+    """Why an existing file cannot be resumed by this run, or None if it can. Keys in ``optional``
+    that the file lacks were not recorded when it was written: they are not compared."""
     if f.attrs.get("format") != FORMAT:
         return "it was not written by lsurf"
     old_grid = _grid(f)
@@ -87,6 +88,8 @@ def _identity_mismatch(f: h5py.File, grid: Grid, identity: dict) -> str | None:
         return f"it has another grid ({describe_grid(old_grid)}; this run: {describe_grid(grid)})"
     old = json.loads(f.attrs["identity"])
     for key, value in identity.items():
+        if key in optional and key not in old:
+            continue
         if old.get(key) != value:
             return f"it was made with another {key.replace('_', ' ')} ({old.get(key)!r}, now {value!r})"
     return None
@@ -105,17 +108,17 @@ def _grid(f: h5py.File) -> Grid:
     return Grid(f["x"][()], f["y"][()] if "y" in f else None, len(f["plane"]) if "plane" in f else None)
 
 
-def accept(path: str | Path, grid: Grid, identity: dict, overwrite: bool) -> bool:
+def accept(path: str | Path, grid: Grid, identity: dict, overwrite: bool, optional: Collection[str] = ()) -> bool:
     """May this run write ``path``? True if it resumes an existing matching file, False if it
     must create one; an existing file made differently is refused (and never touched) unless
-    ``overwrite``."""
+    ``overwrite``. ``optional``: identity keys older files may lack."""
     path = Path(path)
     if not os.access(path.parent, os.W_OK):
         raise UserError(f"output folder {str(path.parent)!r} is not writable")
     if not path.exists() or overwrite:
         return False
     with open_h5(path, "r") as f:
-        why = _identity_mismatch(f, grid, identity)
+        why = _identity_mismatch(f, grid, identity, optional)
     if why is not None:
         raise UserError(f"{str(path)!r} exists but {why}: use `overwrite` to replace it")
     return True
@@ -394,7 +397,7 @@ class Surface:
             flag = f"  ({bad} points non-finite: overflow)" if bad else ""
             lines.append(f"{name + ':':<19} {rng}{flag}")  # a space after the longest names too
         lines += self._fidelity_lines()
-        for key in ("model", "data", "checkpoint", "checkpoint_sha256", "model2", "curve", "barrier_line",
+        for key in ("model", "data", "checkpoint", "checkpoint_sha256", "model_seed", "model2", "curve", "barrier_line",
                     "barrier_curve", "dir_file", "dir_file_sha256", "mpi_ranks", "rank_layout", "streamed", "created",
                     "finished", "eval_seconds_total", "eval_seconds_per_point"):
             if key in self.attrs and self.attrs[key] != "":

@@ -18,7 +18,7 @@ from torch import nn
 from lsurf.engine.batches import resident_batches
 from lsurf.engine.data import AnySplit, BatchStreamSplit
 from lsurf.engine.directions import AnyDirections, Directions, load_directions, target_tensors
-from lsurf.engine.evaluate import pick_output, resolve_loss
+from lsurf.engine.evaluate import check_class_labels, pick_output, resolve_loss, shard_starts
 from lsurf.engine.fidelity import LANCZOS_STEPS, TRACE_SAMPLES, measure, relative_cost
 from lsurf.engine.grid import Grid
 from lsurf.engine.hessian import Extreme, Hessian, Reduce, check_spectrum, eigen_directions, spectrum
@@ -29,7 +29,7 @@ from lsurf.engine.surface_file import open_h5
 from lsurf.errors import UserError
 from lsurf.run.options import Options
 from lsurf.run.runtime import choose_device
-from lsurf.run.sources import directions_path, load_inputs
+from lsurf.run.sources import check_same_inputs, directions_path, load_inputs
 from lsurf.run.world import World, abort_on_failure
 
 Spectrum = tuple[dict[str, np.ndarray], Directions | None]
@@ -66,7 +66,7 @@ def model_spectrum(model: nn.Module, split: AnySplit, options: Options, device: 
     """:func:`hessian_spectrum` of a model the caller holds, over ``split``, on every rank of
     ``comm``; the model comes back exactly as it was (device, dtype, mode, weights), also on failure."""
     w = World.of(comm)
-    with operator_at(w, model, split, options, device, check=(top_k, iters, trace_samples)) as h:
+    with operator_at(w, model, (options.split[0], split), options, device, check=(top_k, iters, trace_samples)) as h:
         keep = min(top_k, 2) if directions else 0
         results, vectors = spectrum(h, top_k, iters, trace_samples, density, options.seed, keep)
         dirs = eigen_directions(model, h, results["eigenvalues"], vectors, _meta(options)) if vectors else None
@@ -80,7 +80,7 @@ def hessian_directions(model: nn.Module, split: AnySplit, options: Options, devi
     (``max``, ``max2``: the two sharpest directions; ``max``, ``min``: the plane that shows a
     saddle if there is one). The eigenvalues go into the directions' metadata."""
     w = World.of(comm)
-    with operator_at(w, model, split, options, device) as h:
+    with operator_at(w, model, (options.split[0], split), options, device) as h:
         values, vectors = h.eigenpairs(which, iters, seed=options.seed)
         return eigen_directions(model, h, values, vectors, {**_meta(options), "which": list(which)})
 
@@ -120,32 +120,39 @@ def _same_plane(path: Path, want: dict) -> bool:
 
 
 @contextlib.contextmanager
-def operator_at(w: World, model: nn.Module, split: AnySplit, options: Options, device: torch.device,
+def operator_at(w: World, model: nn.Module, split: tuple[str, AnySplit], options: Options, device: torch.device,
                 check: tuple[int, int, int] = (1, 1, 0)) -> Iterator[Hessian]:
-    """The Hessian of the loss over ``split`` at the model's weights, the split shared by every rank
-    of ``w`` (one allreduce per product), in the options' dtype on ``device``; the model is handed
-    back exactly as it was afterwards, also on failure. ``check``: the spectrum's counts, checked
-    on every rank before any product."""
+    """The Hessian of the loss over ``split`` (its name and rows) at the model's weights, the split
+    shared by every rank of ``w`` (one allreduce per product), in the options' dtype on ``device``;
+    the model is handed back exactly as it was afterwards, also on failure. ``check``: the
+    spectrum's counts, checked on every rank before any product."""
     with abort_on_failure(w):
         group = w.groups(w.size)  # all ranks share the one split: its reduction is the allreduce
+        shard = (group.rank, group.size)
         try:
             with preserved(model):
                 model.to(device=device, dtype=options.torch_dtype).eval()
-                batches = resident_batches(split, options.batch_size or default_batch_size(device), device,
-                                           options.torch_dtype, shard=(group.rank, group.size))
+                w.agree(lambda: check_same_inputs(w, model))  # each rank's share of a product is of this model
+                batches = resident_batches(split[1], options.batch_size or default_batch_size(device), device,
+                                           options.torch_dtype, shard=shard)
                 reduce = group.add_sums()
                 local = np.array([sum(len(x) for x, _ in batches)], dtype=np.float64)
                 n = int((reduce(local) if reduce else local)[0])
-                yield w.agree(lambda: _operator(model, batches, options, n, reduce, check))
+                first = shard_starts({split[0]: split[1]}, shard).get(split[0], 0)
+                yield w.agree(lambda: _operator(model, batches, options, n, reduce, check, (split[0], first)))
         finally:
             group.free()
 
 
 def _operator(model: nn.Module, batches: list, options: Options, n: int, reduce: Reduce | None,
-              counts: tuple[int, int, int]) -> Hessian:
-    """The Hessian, once its inputs are known good (asked on every rank, before any product)."""
+              counts: tuple[int, int, int], rows: tuple[str, int]) -> Hessian:
+    """The Hessian, once its inputs are known good (asked on every rank, before any product): the
+    labels of this rank's ``rows`` (the split's name, the row its share starts at) among them, since
+    every product's loss indexes the outputs with each one."""
     check_spectrum(*counts)
-    loss = resolve_loss(options.loss)
+    loss = resolve_loss(options.loss, options.ignore_index)
+    if batches:
+        check_class_labels(model, batches[0][0], (y for _, y in batches), loss, *rows, output=options.output)
     return Hessian(model, batches, lambda out, y: loss(pick_output(out, options.output), y), n=n, reduce=reduce)
 
 
@@ -187,5 +194,5 @@ def plane_fidelity(w: World, model: nn.Module, data: dict[str, AnySplit], planes
     """The fidelity of ``planes`` at the model's weights over the first split, on every rank of
     ``w`` (the split shared as for the spectrum), as the JSON of the file's ``fidelity`` attribute."""
     split = next(iter(data))
-    with operator_at(w, model, data[split], options, device) as h:
+    with operator_at(w, model, (split, data[split]), options, device) as h:
         return measure(h, model, planes, split, options.seed).to_json()

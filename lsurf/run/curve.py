@@ -24,6 +24,7 @@ from torch import nn
 
 from lsurf._version import __version__
 from lsurf.engine import surface_file
+from lsurf.engine.batches import to_device
 from lsurf.engine.curve import (
     Curve,
     Progress,
@@ -39,15 +40,17 @@ from lsurf.engine.curve import (
 )
 from lsurf.engine.data import AnySplit, Split
 from lsurf.engine.directions import Directions, model_directions
-from lsurf.engine.evaluate import evaluator, resolve_loss
+from lsurf.engine.evaluate import check_class_labels, check_outputs_fit, evaluator, resolve_loss
 from lsurf.engine.grid import Grid, Tile
 from lsurf.engine.metrics import metrics_for, quantity_names
 from lsurf.engine.models import file_sha256, read_state_dict
+from lsurf.engine.plan import default_batch_size
+from lsurf.engine.snapshot import preserved
 from lsurf.errors import UserError
 from lsurf.run.options import Options
-from lsurf.run.provenance import Provenance
+from lsurf.run.provenance import RECORDED_SINCE, Provenance
 from lsurf.run.runtime import choose_device
-from lsurf.run.sources import load_inputs
+from lsurf.run.sources import check_same_inputs, load_inputs
 from lsurf.run.world import World, abort_on_failure
 
 Log = Callable[[str], None]
@@ -105,7 +108,9 @@ def train_curve_job(options: Options, spec: CurveSpec, comm: Any = None, log: Lo
     log = log or (lambda m: None)
     with abort_on_failure(w):
         model, split, (names, a, b) = w.agree(lambda: _train_inputs(options))
+        w.agree(lambda: check_same_inputs(w, model))  # every rank's gradient share is of model A
         dev = w.agree(lambda: choose_device(w, options.device))
+        w.agree(lambda: _check_train_labels(model, split, options, dev))
         attrs = _curve_attrs(options, spec) if w.is_root else {}
         with contextlib.ExitStack() as stack:
             def prepare() -> bool:
@@ -164,6 +169,16 @@ def _train_inputs(options: Options) -> tuple[nn.Module, Split, Ends]:
     return model, data["train"].materialise(), ends(model, options)
 
 
+def _check_train_labels(model: nn.Module, split: Split, options: Options, dev: torch.device) -> None:
+    """The train split's class labels against the model's outputs, before any step (each step's
+    loss indexes the outputs with its labels), counted on the host where the split is."""
+    with preserved(model):
+        model.to(device=dev, dtype=options.torch_dtype).eval()
+        x, _ = to_device(split.x[:1], split.y[:1], dev, options.torch_dtype)
+        check_class_labels(model, x, [split.y], resolve_loss(options.loss, options.ignore_index), "train",
+                           output=options.output)
+
+
 def _curve_attrs(options: Options, spec: CurveSpec) -> dict[str, Any]:
     """The curve file's provenance, and the identity a resumed run must match."""
     assert options.checkpoint and options.model2  # checked by ends()
@@ -216,13 +231,15 @@ def eval_curve_job(options: Options, curve_path: str, points: int, comm: Any = N
         opts = options.replace(bn="recalibrate" if _has_batchnorm(model) else options.bn)
         grid = Grid(np.linspace(0.0, 1.0, points))
         prov = Provenance.of(opts)
-        identity = {**prov.identity([dirs], data, opts, fingerprints=w.is_root),
+        identity = {**prov.identity([dirs], data, opts, fingerprints=w.is_root, device=dev),
                     "curve_sha256": file_sha256(curve_path)}
+        w.agree(lambda: check_same_inputs(w, model, identity["directions_sha256"]))
         with contextlib.ExitStack() as stack:
             def prepare() -> None:
                 if w.is_root:
                     stack.enter_context(surface_file.exclusive_lock(opts.out))
-                    surface_file.accept(opts.out, grid, identity, opts.overwrite)  # refuses a file made otherwise
+                    # refuses a file made otherwise
+                    surface_file.accept(opts.out, grid, identity, opts.overwrite, RECORDED_SINCE)
 
             w.agree(prepare)
             mine = list(range(w.rank, points, w.size))
@@ -268,10 +285,21 @@ def _evaluate(model: nn.Module, data: dict[str, AnySplit], curve: Curve, dirs: D
     """The curve's values (by their names) and the line's (``line_`` names) at each t of ``ts``."""
     if not ts:
         return []
-    with evaluator(model, data, dirs, device=dev, dtype=opts.torch_dtype, batch_size=opts.batch_size or 128,
+    batch_size = opts.batch_size or curve_batch_size(model, data, opts, dev)
+    with evaluator(model, data, dirs, device=dev, dtype=opts.torch_dtype, batch_size=batch_size,
                    loss=opts.loss, bn=opts.bn, output=opts.output, ignore_index=opts.ignore_index) as ev:
         return [{**ev.evaluate_offset(curve.offset(t)), **{f"line_{k}": v for k, v in ev.evaluate(t).items()}}
                 for t in ts]
+
+
+def curve_batch_size(model: nn.Module, data: dict[str, AnySplit], opts: Options, dev: torch.device) -> int:
+    """The batch size a surface would take on ``dev`` (1024 on a GPU, 128 on the CPU, fewer when
+    one sample's outputs are large), measured by one tiny forward as a surface measures it."""
+    with preserved(model):
+        model.to(device=dev, dtype=opts.torch_dtype).eval()
+        outputs = check_outputs_fit(model, next(iter(data.values())), resolve_loss(opts.loss, opts.ignore_index), dev,
+                                    opts.torch_dtype, opts.output)
+    return default_batch_size(dev, outputs)
 
 
 def _quantities(data: dict[str, AnySplit], opts: Options) -> list[str]:

@@ -86,7 +86,7 @@ class Options:
     batch_size: int | None = None
     points_per_pass: int | None = None
     amp: Amp = "none"
-    tf32: bool = False
+    tf32: bool = False  # applied by the entry point (configure_process); a file records the precision in force
     layout: Layout = "auto"
     bn: BatchNorm = "eval"
     hessian_iters: int = 0

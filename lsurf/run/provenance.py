@@ -21,6 +21,20 @@ from lsurf.engine.models import file_sha256
 from lsurf.run.options import Options
 from lsurf.run.runtime import float32_precision
 
+# Identity entries older files lack (not recorded then: not a mismatch when resuming one).
+RECORDED_SINCE = ("float32_precision", "gpu_model", "cuda_version", "cudnn_version")
+
+
+def computing(dev: torch.device) -> dict[str, str]:
+    """What the values depend on besides the inputs: the float32 precision in force on ``dev``'s
+    type and, on a GPU, its model and the CUDA and cuDNN versions (kernels, and so the last bits,
+    differ between them)."""
+    out = {"float32_precision": float32_precision(dev.type)}
+    if dev.type == "cuda":
+        out.update(gpu_model=torch.cuda.get_device_name(dev), cuda_version=str(torch.version.cuda),
+                   cudnn_version=str(torch.backends.cudnn.version()))
+    return out
+
 
 def device_versions() -> dict[str, str]:
     """The GPU, CUDA and cuDNN this process computes with (empty without CUDA), and its float32 mode."""
@@ -41,6 +55,7 @@ class Provenance:
     checkpoint: str = ""
     checkpoint_sha256: str = ""
     subset: int | None = None
+    model_seed: int | None = None  # the seed a model without checkpoint was drawn from
     dir_file: str = ""
     dir_file_sha256: str = ""
     config: dict[str, Any] = field(default_factory=dict)
@@ -50,7 +65,8 @@ class Provenance:
         """Provenance of a run described by ``options``: the checkpoint and direction file hashed."""
         return cls(model=options.model, data=options.data or "", checkpoint=options.checkpoint or "",
                    checkpoint_sha256=file_sha256(options.checkpoint) if options.checkpoint else "",
-                   subset=options.subset, config=options.as_dict()).with_dir_file(options.dir_file)
+                   subset=options.subset, model_seed=None if options.checkpoint else options.seed,
+                   config=options.as_dict()).with_dir_file(options.dir_file)
 
     def with_dir_file(self, path: str | Path | None) -> Provenance:
         """The same, with the direction file the run reads (or has just written)."""
@@ -59,21 +75,22 @@ class Provenance:
         return replace(self, dir_file=str(path), dir_file_sha256=file_sha256(path))
 
     def identity(self, planes: list[AnyDirections], data: dict[str, AnySplit], options: Options,
-                 fingerprints: bool = True) -> dict[str, Any]:
-        """What an existing file must have been made with to be resumed: the inputs and every
-        option that changes values. ``planes``: the directions of each plane (one, unless an
-        ensemble). Fingerprinting the data is costly: ``fingerprints`` False (ranks other than the
-        one that checks) leaves it out."""
+                 fingerprints: bool = True, device: torch.device | None = None) -> dict[str, Any]:
+        """What an existing file must have been made with to be resumed: the inputs, every option
+        that changes values and what computes them on ``device`` (:func:`computing`). ``planes``:
+        the directions of each plane (one, unless an ensemble). Fingerprinting the data is costly:
+        ``fingerprints`` False (ranks other than the one that checks) leaves it out."""
         hashes = [d.sha256() for d in planes]
         directions = planes[0]
         return {
-            "model": self.model, "checkpoint_sha256": self.checkpoint_sha256, "splits": list(data),
+            "model": self.model, "checkpoint_sha256": self.checkpoint_sha256, "model_seed": self.model_seed,
+            "splits": list(data),
             "subset": self.subset, "directions_sha256": hashes[0] if len(hashes) == 1 else hashes,
             "data_sha256": {s: split.fingerprint() for s, split in data.items()} if fingerprints else None,
             "loss": options.loss, "dtype": options.dtype, "bn": options.bn,
             "dir_type": directions.meta.get("dir_type", "weights"), "amp": options.amp == "bf16",
             "hessian_iters": options.hessian_iters, "seq_len": options.seq_len, "ignore_index": options.ignore_index,
-            "output": options.output, "tf32": options.tf32,
+            "output": options.output, **(computing(device) if device is not None else {}),
             # a pass stopped early gives other values, and which samples it saw follows the seed
             **({"tolerance": options.tolerance, "min_samples": options.min_samples, "sample_order_seed": options.seed}
                if options.tolerance else {}),
@@ -91,6 +108,8 @@ class Provenance:
             "directions": json.dumps(metas[0] if len(metas) == 1 else metas, default=str),
             "versions": json.dumps(versions), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
+        if self.model_seed is not None:
+            out["model_seed"] = self.model_seed
         if self.dir_file:
             out.update(dir_file=self.dir_file, dir_file_sha256=self.dir_file_sha256)
         return out

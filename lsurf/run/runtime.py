@@ -5,11 +5,13 @@ count, glibc's malloc policy, the current CUDA device. Library calls never chang
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import socket
 import sys
 import traceback
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -111,16 +113,64 @@ def configure_process(w: World | None = None, device: str = "auto", threads: int
     return dev
 
 
+def configure_job(w: World, device: str = "auto", threads: int | None = None, tf32: bool = False) -> torch.device:
+    """:func:`configure_process` on every rank of a job, then :func:`check_device_binding`: what
+    every job's entry point calls, so none skips the one-GPU-per-rank check. Two agreed steps
+    (bad input is a clean exit 2 everywhere): a rank that failed to configure never reaches the
+    binding check's collective while the others wait in it."""
+    dev = w.agree(lambda: configure_process(w, device, threads, tf32))
+    w.agree(lambda: check_device_binding(w, dev))
+    return dev
+
+
 def set_float32_precision(tf32: bool) -> None:
-    """IEEE float32 (or TF32 with ``tf32``) for CUDA matmuls and cuDNN convolutions."""
+    """IEEE float32 (or TF32 with ``tf32``) for CUDA matmuls and cuDNN convolutions, set through
+    both of torch's APIs so that both stay readable and agree: torch raises from its legacy getters
+    (``torch.backends.cudnn.allow_tf32``, ``torch.backends.cuda.matmul.allow_tf32``,
+    ``torch.get_float32_matmul_precision()``) once the new ``fp32_precision`` flags alone were set,
+    and plug-ins, Hugging Face or compiled code read them. The legacy setters come first (they
+    reset the new flags of cuDNN to ``none``), then the new flags where this torch has them."""
     mode = "tf32" if tf32 else "ieee"
-    torch.backends.cuda.matmul.fp32_precision = mode
-    torch.backends.cudnn.conv.fp32_precision = mode  # type: ignore[attr-defined]  # in torch, not its stubs
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+    torch.backends.cudnn.allow_tf32 = tf32
+    for flags in (torch.backends.cuda.matmul, getattr(torch.backends.cudnn, "conv", None),
+                  getattr(torch.backends.cudnn, "rnn", None)):
+        if flags is not None and hasattr(flags, "fp32_precision"):
+            flags.fp32_precision = mode
 
 
-def float32_precision() -> str:
-    """What this process computes float32 GPU convolutions in (recorded with every surface)."""
-    return str(torch.backends.cudnn.conv.fp32_precision)  # type: ignore[attr-defined]  # as above
+def float32_precision(device_type: str = "cuda") -> str:
+    """What float32 matmuls and convolutions compute in on ``device_type`` (cuBLAS and cuDNN on
+    ``cuda``, oneDNN on the CPU): ``ieee``, ``tf32``, ``bf16``, or ``matmul X, conv Y`` where they
+    differ. Recorded with every surface (a resume must match it), so it is what runs: ``none``
+    resolved as torch resolves it (the op's flag, then its backend's, then the generic one; IEEE
+    when none is set)."""
+    backend = "cuda" if device_type == "cuda" else "mkldnn"
+    ops = {op: _resolved_precision(backend, op) for op in ("matmul", "conv")}
+    return ops["matmul"] if ops["matmul"] == ops["conv"] else f"matmul {ops['matmul']}, conv {ops['conv']}"
+
+
+def _resolved_precision(backend: str, op: str) -> str:
+    get = getattr(torch._C, "_get_fp32_precision_getter", None)  # torch >= 2.9: the flags behind fp32_precision
+    if get is None:  # older torch: only the legacy TF32 switches, and no reduced precision on the CPU
+        legacy = torch.backends.cuda.matmul.allow_tf32 if op == "matmul" else torch.backends.cudnn.allow_tf32
+        return "tf32" if backend == "cuda" and legacy else "ieee"
+    for flag in ((backend, op), (backend, "all"), ("generic", "all")):
+        value = str(get(*flag))
+        if value != "none":
+            return value
+    return "ieee"
+
+
+@contextlib.contextmanager
+def bound_device(dev: torch.device) -> Iterator[None]:
+    """``dev`` as the calling thread's current CUDA device for a library call, restored after:
+    what allocates on "the current device" (plug-ins' ``.cuda()``, argument-less CUDA queries)
+    then lands on the run's GPU. The binding is per host thread (cudaSetDevice), so unlike the
+    precision flags (process-wide: a library call reads and records them, see
+    :func:`float32_precision`) setting it for the call disturbs no other thread."""
+    with torch.cuda.device(dev) if dev.type == "cuda" else contextlib.nullcontext():
+        yield
 
 
 def check_device_binding(w: World, dev: torch.device) -> None:

@@ -30,7 +30,7 @@ from lsurf.engine.directions import AnyDirections, save_directions
 from lsurf.engine.evaluate import Evaluator, check_outputs_fit, evaluator, resolve_loss
 from lsurf.engine.grid import Grid, Tile, parse_tile
 from lsurf.engine.hf import vocabulary_size
-from lsurf.engine.metrics import metrics_for, quantity_names
+from lsurf.engine.metrics import Metric, metrics_for, quantity_names
 from lsurf.engine.plan import Plan, check_pinned, default_batch_size, faster_in_channels_last
 from lsurf.engine.precision import ACCOUNTING, Precision
 from lsurf.engine.refine import STEERING, Refiner
@@ -38,9 +38,16 @@ from lsurf.engine.snapshot import preserved
 from lsurf.errors import UserError
 from lsurf.run.curvature import fidelity_skipped, hessian_plane, plane_fidelity
 from lsurf.run.options import Options
-from lsurf.run.provenance import Provenance
-from lsurf.run.runtime import check_device_binding, choose_device
-from lsurf.run.sources import directions_for, directions_path, grid_for, load_inputs, plane_directions
+from lsurf.run.provenance import RECORDED_SINCE, Provenance
+from lsurf.run.runtime import bound_device, check_device_binding, choose_device
+from lsurf.run.sources import (
+    check_same_inputs,
+    directions_for,
+    directions_path,
+    grid_for,
+    load_inputs,
+    plane_directions,
+)
 from lsurf.run.transport import TileQueue, TileSink
 from lsurf.run.world import Group, World, abort_on_failure
 
@@ -98,8 +105,11 @@ def sample_surface(
     also when the call fails. A grid of K ``planes`` takes K directions, one per plane.
     ``options`` (or keyword ``overrides`` of them, e.g. ``loss="mse"``) say how to evaluate and
     write; choices left to the run plan (batch size, layout, points per pass) are made on rank 0,
-    recorded in the file and reused when it is resumed. Process-wide settings (threads, malloc)
-    are the caller's: see :func:`lsurf.run.runtime.configure_process`.
+    recorded in the file and reused when it is resumed. Process-wide settings (threads, malloc,
+    float32 precision) are the caller's: see :func:`lsurf.run.runtime.configure_process`, which
+    pins IEEE float32 unless ``tf32``. The call never changes them: it records the float32
+    precision in force (and a GPU's model, CUDA and cuDNN versions), and a resume must match them.
+    The run's GPU is the calling thread's current device for the call (restored after).
     ``provenance`` names the inputs (stored; its identity must match to resume);
     ``save_directions_to`` writes the directions there when a new file is started.
     """
@@ -114,13 +124,16 @@ def _sample(w: World, model: nn.Module, data: dict[str, AnySplit], directions: P
             path: Path, opts: Options, prov: Provenance, save_to: str | Path | None,
             log: Log) -> surface_file.Surface | None:
     planes = w.agree(lambda: _planes(directions, grid))
-    dev, outputs = w.agree(lambda: _check_inputs(w, model, data, planes[0], grid, opts))
-    w.agree(lambda: check_device_binding(w, dev))
-    group = w.groups(opts.ranks_per_point)
-    try:
-        return _sample_in_groups(w, group, (dev, outputs), model, data, planes, grid, path, opts, prov, save_to, log)
-    finally:
-        group.free()
+    dev = w.agree(lambda: choose_device(w, opts.device))
+    with bound_device(dev):
+        outputs = w.agree(lambda: _check_inputs(w, model, data, planes[0], grid, opts, dev))
+        w.agree(lambda: check_device_binding(w, dev))
+        group = w.groups(opts.ranks_per_point)
+        try:
+            return _sample_in_groups(w, group, (dev, outputs), model, data, planes, grid, path, opts, prov, save_to,
+                                     log)
+        finally:
+            group.free()
 
 
 def _planes(directions: PlaneDirections, grid: Grid) -> list[AnyDirections]:
@@ -138,14 +151,15 @@ def _sample_in_groups(w: World, group: Group, probe: tuple[torch.device, int], m
     one sample gives (for the default batch size)."""
     dev, outputs = probe
     directions = planes[0]
-    identity = prov.identity(planes, data, opts, fingerprints=w.is_root)
+    identity = prov.identity(planes, data, opts, fingerprints=w.is_root, device=dev)
+    w.agree(lambda: check_same_inputs(w, model, identity["directions_sha256"]))
     metrics = metrics_for(next(iter(data.values())).rows(0, 1)[1], opts.ignore_index)
     with contextlib.ExitStack() as stack:
         def prepare() -> tuple[dict | None, Plan | None]:
             if not w.is_root:
                 return None, None
             stack.enter_context(surface_file.exclusive_lock(path))
-            if surface_file.accept(path, grid, identity, opts.overwrite):
+            if surface_file.accept(path, grid, identity, opts.overwrite, RECORDED_SINCE):
                 return _existing(path)
             attrs = _save_directions(directions, save_to, prov).attrs(planes, w.size)
             if opts.tolerance:  # what the samples a point used are a share of
@@ -159,28 +173,11 @@ def _sample_in_groups(w: World, group: Group, probe: tuple[torch.device, int], m
         batch_size, channels_last = w.bcast(w.agree(lambda: _layout(w, model, data, probe, opts, stored, log)))
         workers = _workers(opts, dev)
         streamed = w.bcast(w.agree(lambda: _streamed(w, group, data, dev, opts, batch_size, workers, log)))
-        with evaluator(model, data, directions, device=dev, dtype=opts.torch_dtype, batch_size=batch_size,
-                       channels_last=channels_last, loss=opts.loss, bn=opts.bn,
-                       points_per_pass=opts.points_per_pass or (stored.points_per_pass if stored else 1),
-                       amp=opts.amp == "bf16", hessian_iters=opts.hessian_iters, metrics=metrics, output=opts.output,
-                       ignore_index=opts.ignore_index, streamed=streamed, precision=_precision(opts),
-                       workers=workers, shard=(group.rank, group.size), reduce=group.add_sums()) as ev:
-            plan = stored or Plan(dev.type, batch_size, channels_last, ev.points_per_pass, torch.get_num_threads())
-            if stored is None and opts.points_per_pass is None:
-                # Rank 0 calibrates and decides, so every rank takes the same path. The others wait
-                # meanwhile, so calibration is weighed against one rank's share of the points.
-                todo = min(grid.num_points - (int(existing["done"].sum()) if existing else 0),
-                           opts.budget or grid.num_points)
-                k = w.bcast(ev.calibrate(points=-(-todo // group.count), log=log) if w.is_root else None)
-                ev.points_per_pass = k
-                plan = replace(plan, points_per_pass=k)
-            if w.is_root and stored is None:
-                surface_file.set_attrs(path, {"plan": plan.to_json()})
-            w.barrier()  # rank 0 has closed the file again before the writers open it
-            log(f"rank {w.rank}/{w.size} (local {w.local_rank}/{w.local_size}, group {group.index}/{group.count}) "
-                f"on {dev}, {torch.get_num_threads()} threads")
-            stats = _run_rounds(w, group, _PlaneEvaluators(ev, planes), grid, path, existing, opts, log)
+        stats, plan = _evaluate_grid(w, group, dev, model, data, planes, grid, path, opts, existing, stored,
+                                     (batch_size, channels_last, workers, streamed), metrics, log)
         gathered = w.gather(stats)
+        # after the evaluator is gone: its device copies (splits, θ*, directions) are freed, so the
+        # Hessian's products have the room the points had
         fidelity = _fidelity_attrs(w, model, data, planes, grid, opts, dev, streamed, path, log)
         if w.is_root:
             assert gathered is not None  # gather returns the list on rank 0
@@ -190,10 +187,41 @@ def _sample_in_groups(w: World, group: Group, probe: tuple[torch.device, int], m
     return surface_file.read_surface(path) if w.is_root else None
 
 
+def _evaluate_grid(w: World, group: Group, dev: torch.device, model: nn.Module, data: dict[str, AnySplit],
+                   planes: list[AnyDirections], grid: Grid, path: Path, opts: Options, existing: dict | None,
+                   stored: Plan | None, layout: tuple[int, bool, int, list[str]], metrics: Sequence[Metric],
+                   log: Log) -> tuple[dict, Plan]:
+    """Every point of the grid this rank takes part in, and the run plan. The evaluator lives only
+    in here: once this returns, nothing holds its copies on the device any more. ``layout``: batch
+    size, channels-last, loader workers and the streamed splits."""
+    batch_size, channels_last, workers, streamed = layout
+    with evaluator(model, data, planes[0], device=dev, dtype=opts.torch_dtype, batch_size=batch_size,
+                   channels_last=channels_last, loss=opts.loss, bn=opts.bn,
+                   points_per_pass=opts.points_per_pass or (stored.points_per_pass if stored else 1),
+                   amp=opts.amp == "bf16", hessian_iters=opts.hessian_iters, metrics=metrics, output=opts.output,
+                   ignore_index=opts.ignore_index, streamed=streamed, precision=_precision(opts),
+                   workers=workers, shard=(group.rank, group.size), reduce=group.add_sums()) as ev:
+        plan = stored or Plan(dev.type, batch_size, channels_last, ev.points_per_pass, torch.get_num_threads())
+        if stored is None and opts.points_per_pass is None:
+            # Rank 0 calibrates and decides, so every rank takes the same path. The others wait
+            # meanwhile, so calibration is weighed against one rank's share of the points.
+            todo = min(grid.num_points - (int(existing["done"].sum()) if existing else 0),
+                       opts.budget or grid.num_points)
+            k = w.bcast(ev.calibrate(points=-(-todo // group.count), log=log) if w.is_root else None)
+            ev.points_per_pass = k
+            plan = replace(plan, points_per_pass=k)
+        if w.is_root and stored is None:
+            surface_file.set_attrs(path, {"plan": plan.to_json()})
+        w.barrier()  # rank 0 has closed the file again before the writers open it
+        log(f"rank {w.rank}/{w.size} (local {w.local_rank}/{w.local_size}, group {group.index}/{group.count}) "
+            f"on {dev}, {torch.get_num_threads()} threads")
+        return _run_rounds(w, group, _PlaneEvaluators(ev, planes), grid, path, existing, opts, log), plan
+
+
 def _check_inputs(w: World, model: nn.Module, data: dict[str, AnySplit], directions: AnyDirections, grid: Grid,
-                  opts: Options) -> tuple[torch.device, int]:
-    """This rank's device, after one tiny forward proves model, data and loss fit, and how many
-    output values one sample gives."""
+                  opts: Options, dev: torch.device) -> int:
+    """How many output values one sample gives, after one tiny forward on this rank's device
+    proves model, data and loss fit."""
     if grid.ndim != directions.ndim:
         raise UserError(f"the grid is {grid.ndim}-D but the directions are {directions.ndim}-D")
     g = opts.ranks_per_point
@@ -202,7 +230,6 @@ def _check_inputs(w: World, model: nn.Module, data: dict[str, AnySplit], directi
     for name, split in data.items():
         if not isinstance(split, BatchStreamSplit) and len(split) < g:
             raise UserError(f"the {name} split has {len(split)} samples, fewer than `ranks_per_point` {g}")
-    dev = choose_device(w, opts.device)
     if w.is_root:
         check_vocabulary(model, data)
     loss_fn = resolve_loss(opts.loss, opts.ignore_index)
@@ -217,7 +244,7 @@ def _check_inputs(w: World, model: nn.Module, data: dict[str, AnySplit], directi
     fidelity_skipped(opts, data, grid, grid.num_planes, [])  # `fidelity` on where it cannot be: refused now
     if opts.refines:
         Refiner(grid.plane_shape, opts.budget, opts.refine_tol)  # a budget too small for a picture: refused now
-    return dev, outputs
+    return outputs
 
 
 def check_vocabulary(model: nn.Module, data: dict[str, AnySplit]) -> None:

@@ -21,7 +21,7 @@ from lsurf.engine.snapshot import preserved
 from lsurf.errors import UserError
 from lsurf.run.options import Options
 from lsurf.run.runtime import choose_device
-from lsurf.run.sources import load_inputs
+from lsurf.run.sources import check_same_inputs, load_inputs
 from lsurf.run.world import World, abort_on_failure
 
 
@@ -40,6 +40,7 @@ def sharpness(options: Options, comm: Any = None, *, radius: float, kind: str = 
     with abort_on_failure(w):
         w.agree(lambda: check_settings(radius, kind, samples, steps, restarts))
         split, model, data = w.agree(lambda: _inputs(options))
+        w.agree(lambda: check_same_inputs(w, model))  # each rank's draws must be of the one model
         count = samples if kind == "average" else restarts
         centre, mine = _values(w, options, model, data, split, range(w.rank, count, w.size),
                                radius=float(radius), kind=kind, adaptive=adaptive, steps=steps)
