@@ -135,12 +135,17 @@ class Hessian:
         return grid, dens / (sigma * np.sqrt(2 * np.pi))
 
     def _ritz(self, iters: int, tol: float, seed: int):
+        """Ritz values, and a function giving the i-th Ritz vector Σⱼ s[j, i]·qⱼ. It adds the basis
+        vectors one at a time into one float64 vector: the basis is the largest thing Lanczos holds
+        (steps × parameters), so no copy of it as a whole (stacked, or cast to float64) is made."""
         alpha, beta, basis = self._lanczos(min(iters, self.size), tol, seed)
         theta, s = np.linalg.eigh(_tridiagonal(alpha, beta))
-        q = torch.stack(basis).to(torch.float64)
 
         def vector(i: int) -> torch.Tensor:
-            return (torch.as_tensor(s[:, i], device=q.device) @ q).to(self.dtype)
+            out = torch.zeros(self.size, dtype=torch.float64, device=self.device)
+            for c, q in zip(s[:, i].tolist(), basis):
+                out.add_(q, alpha=c)
+            return out.to(self.dtype)
 
         return theta, vector
 
