@@ -225,6 +225,7 @@ def test_curvature_maps_of_a_quadratic_under_mpi(tmp_path):
     lsurf("plot", out, "--quantity", "hessian_ratio", "--kind", "heatmap", "--out-dir", tmp_path, check=True)
 
 
+@pytest.mark.mpi
 @requires_mpi
 def test_distributed_regression_matches_numpy_on_one_and_two_ranks(tmp_path):
     """The split divided between 2 ranks (45 rows each, batches of 7) gives numpy's top pair."""
