@@ -22,8 +22,10 @@ import subprocess
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
+from lsurf import Options, run_surface
 from lsurf.engine.models import DigitsCNN
 
 HOLD_AT, HOLD_DIR = "LSURF_TEST_HOLD_AT", "LSURF_TEST_HOLD_DIR"
@@ -39,8 +41,17 @@ class HeldCNN(DigitsCNN):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         HeldCNN.forwards += 1
         if os.environ.get(HOLD_AT) == str(HeldCNN.forwards):
-            _hold(Path(os.environ[HOLD_DIR]), os.environ.get("OMPI_COMM_WORLD_RANK", "0"))
+            _hold(Path(os.environ[HOLD_DIR]), _rank())
         return super().forward(x)
+
+
+def _rank() -> str:
+    """This process's rank, from its launcher: mpirun sets ``OMPI_COMM_WORLD_RANK``; ``srun --mpi=pmix``
+    sets ``PMIX_RANK``; a process started alone is rank 0."""
+    for name in ("OMPI_COMM_WORLD_RANK", "PMIX_RANK"):
+        if name in os.environ:
+            return os.environ[name]
+    return "0"
 
 
 def make() -> HeldCNN:
@@ -75,6 +86,14 @@ def plugin_env() -> dict[str, str]:
     here = str(Path(__file__).resolve().parent)
     rest = os.environ.get("PYTHONPATH") or str(Path(here).parent)
     return {"PYTHONPATH": f"{here}{os.pathsep}{rest}"}
+
+
+def reference(checkpoint: Path, out: Path, settings: dict) -> dict[str, np.ndarray]:
+    """The values of an uninterrupted run, computed independently of the drill's job: in this
+    process, one rank, the zoo's ``cnn`` (the plug-in's network) through the library."""
+    surface = run_surface(Options(model="cnn", checkpoint=str(checkpoint), out=str(out), progress=False, **settings))
+    assert surface is not None and surface.done.all()
+    return {k: surface.values[k] for k in ("train_loss", "train_acc")}
 
 
 def wait_held(folder: Path, ranks: int, proc: subprocess.Popen, timeout: float = 120) -> dict[int, int]:

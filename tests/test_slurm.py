@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
+import shlex
+import subprocess
 import sys
-import time
 from pathlib import Path
 
 import h5py
 import numpy as np
 import pytest
 import slurm_cluster
-from conftest import REPO, _env, mpirun, requires_mpi, wait_for_done
+from conftest import REPO, _env, mpirun, requires_mpi
+from hold_plugin import PINNED, SPEC, flags, hold_env, plugin_env, reference, wait_held
 
 pytestmark = [requires_mpi, pytest.mark.skipif(slurm_cluster.missing() is not None,
                                                reason=str(slurm_cluster.missing()))]
+TOTAL, TILE = 9 * 9, 3
+# The pre-emption drill's grid: one forward per point on every rank (tests/hold_plugin.py), tiles of TILE points.
+DRILL = {"data": "digits", "subset": 64, "batch_size": 64, "x": "-1:1:9", "y": "-1:1:9", "tile": f"1x{TILE}", **PINNED}
 
 
 @pytest.fixture(scope="module")
@@ -25,12 +30,23 @@ def cluster(tmp_path_factory):
         yield c
 
 
-def _submit(cluster, folder, args, wait=True, prepend=""):
-    cmd = ["sbatch", "-n", "2", "--chdir", str(folder), "--output", str(folder / "job-%j.log")]
+def _sbatch(cluster, folder, args, prepend="") -> list[str]:
+    """``sbatch --wait`` of the template, named after ``folder``, its log in ``folder``."""
+    cmd = ["sbatch", "--wait", "-n", "2", "--job-name", folder.name, "--chdir", str(folder),
+           "--output", str(folder / "job-%j.log")]
     if prepend:  # one more shell line for the template's LSURF_ENV, for this job only
         cmd.append(f"--export=ALL,LSURF_ENV={cluster.env['LSURF_ENV']}; {prepend}")
-    return cluster.run(*cmd, *(["--wait"] if wait else []), str(REPO / "slurm" / "cpu.sbatch"), *map(str, args),
-                       check=False)
+    return [*cmd, str(REPO / "slurm" / "cpu.sbatch"), *map(str, args)]
+
+
+def _submit(cluster, folder, args, prepend=""):
+    return cluster.run(*_sbatch(cluster, folder, args, prepend), check=False)
+
+
+def _start(cluster, folder, args, prepend="") -> subprocess.Popen:
+    """The job submitted, and ``sbatch --wait`` left running: it ends when the job does."""
+    return subprocess.Popen(_sbatch(cluster, folder, args, prepend), env=cluster.env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
 
 
 @pytest.mark.system
@@ -51,29 +67,47 @@ def test_sbatch_equals_mpirun(cluster, digits_checkpoint, tmp_path):
 
 @pytest.mark.system
 def test_preempted_job_resumes(cluster, digits_checkpoint, tmp_path):
-    args = ["--model", "cnn", "--data", "digits", "--checkpoint", digits_checkpoint, "--x", "-1:1:41", "--y", "-1:1:41",
-            "--tile", "1x41", "--no-progress"]
-    total = 41 * 41
+    """The job's ranks hold mid-run (tests/hold_plugin.py) when it is cancelled, as a pre-emption
+    ends it (SIGTERM, then SIGKILL); the same line submitted again computes only what is missing,
+    and the file then holds the values of an uninterrupted run."""
+    args = ["--model", SPEC, "--checkpoint", digits_checkpoint, "--no-progress", *flags(DRILL)]
     out = tmp_path / "pre.h5"
-    p = _submit(cluster, tmp_path, [*args, "--out", out], wait=False)
-    assert p.returncode == 0, p.stderr
-    job = p.stdout.split()[-1]
-    wait_for_done(out, total // 5)
-    cluster.run("scancel", job)
-    cluster.wait_empty()
+    points = 4 * TILE  # each rank holds once it has finished this many points
+    job = _start(cluster, tmp_path, [*args, "--out", out], _exports(hold_env(tmp_path, points)))
+    try:
+        wait_held(tmp_path, 2, job)
+        written = _consistent(out)
+        cluster.run("scancel", "--name", tmp_path.name)
+        job.wait(timeout=120)
+    finally:
+        cluster.run("scancel", "--name", tmp_path.name, check=False)
+        cluster.wait_empty()
+    assert job.returncode != 0
+    done = _consistent(out)
+    np.testing.assert_array_equal(done, written)  # the cancel ended held ranks: nothing more was written
+    assert TILE * (points // TILE) <= done.sum() <= 2 * points < TOTAL  # rank 0's tiles at least, both at most
+    p = _submit(cluster, tmp_path, [*args, "--out", out], prepend=_exports(plugin_env()))
+    log = "\n".join(f.read_text() for f in tmp_path.glob("job-*.log"))
+    assert p.returncode == 0, p.stdout + p.stderr + log
     with h5py.File(out) as f:
+        assert f["done"][()].all()
+        assert f.attrs["rank_points"].sum() == TOTAL - done.sum()  # only the missing points were computed
+        for k, v in reference(digits_checkpoint, tmp_path / "whole.h5", DRILL).items():
+            np.testing.assert_allclose(f[k][()], v, rtol=1e-6)
+
+
+def _exports(env: dict[str, str]) -> str:
+    """A shell line exporting ``env`` in the job, after the template's LSURF_ENV (which sets PYTHONPATH)."""
+    return "export " + " ".join(f"{k}={shlex.quote(v)}" for k, v in env.items())
+
+
+def _consistent(path) -> np.ndarray:
+    """The file opens, and its done mask says exactly which points hold values."""
+    with h5py.File(path) as f:
         done = f["done"][()].astype(bool)
         loss = f["train_loss"][()]
-    assert 0 < done.sum() < total
     assert np.isfinite(loss[done]).all() and np.isnan(loss[~done]).all()
-    time.sleep(0.5)
-    p = _submit(cluster, tmp_path, [*args, "--out", out])
-    assert p.returncode == 0, p.stdout + p.stderr
-    mpirun(2, "surface", *args, "--out", tmp_path / "whole.h5", check=True)
-    with h5py.File(out) as f, h5py.File(tmp_path / "whole.h5") as g:
-        assert f["done"][()].all()
-        assert f.attrs["rank_points"].sum() == total - done.sum()  # only the missing points were computed
-        np.testing.assert_allclose(f["train_loss"][()], g["train_loss"][()], rtol=1e-6)
+    return done
 
 
 @pytest.mark.system
