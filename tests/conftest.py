@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from inprocess import cli
 
 from lsurf import load_data, load_model
 from lsurf.engine.train import train
@@ -63,9 +64,14 @@ def _env(extra: dict | None = None) -> dict:
     return env
 
 
-def lsurf(*args, cwd=None, timeout=300, env=None, check=False) -> subprocess.CompletedProcess:
-    """``python -m lsurf ARGS`` in one process; returns the completed process (text output)."""
+def lsurf(*args, cwd=None, timeout=300, env=None, check=False, process=False):
+    """The lsurf command, one process, with its status and text output: run in pytest's own process
+    (:func:`inprocess.cli`, no interpreter start-up) unless ``process`` asks for a real
+    ``python -m lsurf`` -- for what only a process shows: the interpreter's traceback, a closed
+    pipe, signals, the thread count it starts with, a hang that ``timeout`` ends."""
     _require_tier("starts the lsurf command", "cli", "mpi", "system")
+    if not process:
+        return cli(*args, cwd=cwd, env=env, check=check)
     cmd = [sys.executable, "-m", "lsurf", *map(str, args)]
     p = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=_env(env))
     if check and p.returncode != 0:

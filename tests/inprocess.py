@@ -60,14 +60,16 @@ class Result:
     stderr: str
 
 
-def cli(*args: Any, cwd: str | os.PathLike | None = None, check: bool = False) -> Result:
-    """``lsurf ARGS`` in this process (``python -m lsurf ARGS`` run in ``cwd``), output captured; with
-    ``check``, a status other than 0 fails the test with what the command printed."""
+def cli(*args: Any, cwd: str | os.PathLike | None = None, env: dict | None = None, check: bool = False) -> Result:
+    """``lsurf ARGS`` in this process (``python -m lsurf ARGS`` run in ``cwd``, with ``env`` added to the
+    environment: its ``PYTHONPATH`` goes on ``sys.path``), output captured; with ``check``, a status
+    other than 0 fails the test with what the command printed."""
     argv = [str(a) for a in args]
     out, err = io.StringIO(), io.StringIO()
     with _process_state_restored(), _fd_captured(1) as fd_out, _fd_captured(2) as fd_err:
         os.chdir(cwd if cwd is not None else os.getcwd())
-        sys.path.insert(0, os.getcwd())
+        os.environ.update({k: str(v) for k, v in (env or {}).items()})
+        sys.path[:0] = [os.getcwd(), *filter(None, (env or {}).get("PYTHONPATH", "").split(os.pathsep))]
         os.environ["LSURF_MPI"] = "0"
         importlib.invalidate_caches()  # a plug-in written a moment ago is found
         with _fresh_warnings(), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):

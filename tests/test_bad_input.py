@@ -235,7 +235,7 @@ def test_a_label_beyond_the_outputs_past_the_preflight_sample_is_one_line(device
 
 @pytest.mark.cli
 def test_debug_shows_the_traceback(ws):
-    p = lsurf("surface", "--model", "resnet21", "--x", "0:1:2", "--debug", cwd=ws)
+    p = lsurf("surface", "--model", "resnet21", "--x", "0:1:2", "--debug", cwd=ws, process=True)
     assert p.returncode != 0 and "Traceback" in p.stderr and "UserError" in p.stderr
 
 
