@@ -84,6 +84,7 @@ CASES = [
     ("grid-float-count", lambda d: ["surface", *SMALL, "--y", "0:1:2.5"], ["--y", "'0:1:2.5'", "whole number"]),
     ("grid-too-large", lambda d: ["surface", *SMALL, "--x", "0:1:100000000", "--y", "0:1:100000000"],
      ["grid of", "GiB"]),
+    ("axis-too-large", lambda d: ["surface", *SMALL, "--x", "0:1:10000000000"], ["grid of", "GiB"]),
     ("tile-zero", lambda d: ["surface", *SMALL, *_grid(["--tile", "0x3"])], ["--tile", "'0x3'"]),
     ("unknown-model", lambda d: ["surface", "--model", "resnet21", "--x", "0:1:2"], ["'resnet21'", "'resnet20'"]),
     ("plugin-not-importable", lambda d: ["surface", "--model", "nosuchpkg.mod:make", "--x", "0:1:2"],

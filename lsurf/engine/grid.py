@@ -34,7 +34,17 @@ def parse_axis(spec: str, name: str) -> np.ndarray:
         raise UserError(f"`{name}` {spec!r}: NUM must be at least 1")
     if hi < lo or (hi == lo and num > 1):
         raise UserError(f"`{name}` {spec!r}: MAX must be greater than MIN")
+    check_points_fit(num)  # before numpy is asked for the coordinates themselves
     return np.linspace(lo, hi, num)
+
+
+def check_points_fit(num_points: int) -> None:
+    """Refuse a grid whose values would take more than half of this machine's memory."""
+    need = num_points * _BYTES_PER_POINT
+    have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if need > have // 2:
+        raise UserError(f"grid of {num_points:,} points needs about {need / 2**30:.1f} GiB, "
+                        f"more than half of this machine's {have / 2**30:.1f} GiB: use fewer points")
 
 
 @dataclass(frozen=True)
@@ -114,13 +124,7 @@ class Grid:
         return int(np.prod(self.shape))
 
     def check_fits_in_memory(self) -> None:
-        need = self.num_points * _BYTES_PER_POINT
-        have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-        if need > have // 2:
-            raise UserError(
-                f"grid of {self.num_points:,} points needs about {need / 2**30:.1f} GiB, "
-                f"more than half of this machine's {have / 2**30:.1f} GiB: use fewer points"
-            )
+        check_points_fit(self.num_points)
 
     def coords(self, j: int, i: int) -> tuple[float, float]:
         """(alpha, beta) of point ``[j, i]``; beta is 0 on a 1-D grid."""
