@@ -2,6 +2,6 @@
 
 import sys
 
-from lsurf.cli import main
+from lsurf.cli.main import main
 
 sys.exit(main())
