@@ -8,6 +8,7 @@ import argparse
 from pathlib import Path
 
 from lsurf.cli import common
+from lsurf.engine.io import atomic_write
 from lsurf.engine.levels import DEFAULT_LEVELS
 from lsurf.engine.surface_file import read_surface
 from lsurf.post.compare import DIFFS, plot_comparison
@@ -65,6 +66,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"wrote {write_html(surfaces, out_dir / f'{stem}.html', wanted)}")
     for name, fig in made.items():
         path = out_dir / f"{name}.{args.format}"
-        fig.savefig(path, dpi=args.dpi)
+        with atomic_write(path) as tmp:  # never half an image where a viewer or a rerun looks
+            fig.savefig(tmp, dpi=args.dpi, format=args.format)
         print(f"wrote {path}")
     return 0

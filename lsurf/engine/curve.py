@@ -28,6 +28,7 @@ from torch import nn
 
 from lsurf.engine.data import Split
 from lsurf.engine.evaluate import LossFn, Reduce, pick_output
+from lsurf.engine.io import atomic_write
 from lsurf.engine.models import file_sha256, read_state_dict
 from lsurf.engine.snapshot import preserved
 from lsurf.engine.surface_file import open_h5
@@ -274,26 +275,19 @@ def _array(t: torch.Tensor) -> np.ndarray:
 def save_curve(path: str | Path, curve: Curve, progress: Progress, attrs: dict) -> None:
     """Write the curve file atomically (a temporary file renamed into place): a run killed while
     saving leaves the previous epoch's file whole. ``attrs``: provenance and the resume identity."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        with h5py.File(tmp, "w") as f:
-            f.attrs.update({"format": FORMAT, "curve_type": curve.kind, "bends": curve.num_bends,
-                            "epochs_done": progress.epochs_done, "names": json.dumps(curve.names), **attrs})
-            for k, bend in enumerate(curve.bends, start=1):
-                g = f.create_group(f"bend_{k}")
-                for name, p in zip(curve.names, bend):
-                    g.create_dataset(name, data=_array(p))
-            for k, bend in enumerate(progress.momentum or [], start=1):
-                g = f.create_group(f"momentum/bend_{k}")
-                for name, m in zip(curve.names, bend):
-                    g.create_dataset(name, data=_array(m))
-            f.create_dataset("train_loss", data=np.asarray(progress.train_loss, dtype=np.float64))
-            f.create_dataset("lr", data=np.asarray(progress.lr, dtype=np.float64))
-        tmp.replace(path)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise UserError(f"cannot write {str(path)!r}: {e.strerror or e}") from None
+    with atomic_write(path) as tmp, h5py.File(tmp, "w") as f:
+        f.attrs.update({"format": FORMAT, "curve_type": curve.kind, "bends": curve.num_bends,
+                        "epochs_done": progress.epochs_done, "names": json.dumps(curve.names), **attrs})
+        for k, bend in enumerate(curve.bends, start=1):
+            g = f.create_group(f"bend_{k}")
+            for name, p in zip(curve.names, bend):
+                g.create_dataset(name, data=_array(p))
+        for k, bend in enumerate(progress.momentum or [], start=1):
+            g = f.create_group(f"momentum/bend_{k}")
+            for name, m in zip(curve.names, bend):
+                g.create_dataset(name, data=_array(m))
+        f.create_dataset("train_loss", data=np.asarray(progress.train_loss, dtype=np.float64))
+        f.create_dataset("lr", data=np.asarray(progress.lr, dtype=np.float64))
 
 
 @dataclass

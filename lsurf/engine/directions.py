@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from lsurf.engine.io import atomic_write
 from lsurf.errors import UserError
 
 Norm = Literal["filter", "layer", "weight", "none"]
@@ -289,9 +290,7 @@ def random_directions(
 
 def save_directions(dirs: AnyDirections, path: str | Path, provenance: dict | None = None) -> None:
     """Write the direction file atomically (a temporary file renamed into place)."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with h5py.File(tmp, "w") as f:
+    with atomic_write(path) as tmp, h5py.File(tmp, "w") as f:
         for group, tensors in (("xdirection", dirs.x), ("ydirection", dirs.y)):
             if tensors is None:
                 continue
@@ -302,7 +301,6 @@ def save_directions(dirs: AnyDirections, path: str | Path, provenance: dict | No
         f.attrs["meta"] = json.dumps({**dirs.meta, **(provenance or {})})
         for k, v in {**dirs.meta, **(provenance or {})}.items():
             f.attrs[k] = v if isinstance(v, (int, float, str)) else json.dumps(v)
-    tmp.replace(path)
 
 
 def load_directions(path: str | Path, names: list[str], targets: list[torch.Tensor], want_y: bool) -> Directions:

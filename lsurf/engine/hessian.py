@@ -16,9 +16,7 @@ process gets the same spectrum as one process holding the whole split.
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 from collections.abc import Callable, Iterable, Sequence
 from typing import Literal
 
@@ -29,6 +27,7 @@ from torch import nn
 
 from lsurf._version import __version__
 from lsurf.engine.directions import Directions
+from lsurf.engine.io import atomic_write
 from lsurf.errors import UserError
 
 Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]  # re-iterable: read once per product
@@ -234,15 +233,8 @@ def eigen_directions(model: nn.Module, h: Hessian, values: np.ndarray, vectors: 
 
 def save_results(results: dict[str, np.ndarray], path: str, config: dict) -> None:
     """The results as HDF5 datasets, with the configuration that made them."""
-    tmp = f"{path}.tmp"
-    try:
-        with h5py.File(tmp, "w") as f:
-            for k, v in results.items():
-                f[k] = v
-            f.attrs["config"] = json.dumps(config, default=str)
-            f.attrs["lsurf_version"] = __version__
-        os.replace(tmp, path)
-    except OSError as e:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise UserError(f"cannot write {path!r}: {e.strerror or e}") from None
+    with atomic_write(path) as tmp, h5py.File(tmp, "w") as f:
+        for k, v in results.items():
+            f[k] = v
+        f.attrs["config"] = json.dumps(config, default=str)
+        f.attrs["lsurf_version"] = __version__

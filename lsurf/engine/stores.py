@@ -34,6 +34,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from lsurf.engine.io import atomic_write
 from lsurf.errors import UserError
 
 STORE_KINDS = ("hdf5", "npy")
@@ -510,16 +511,11 @@ def _save_hdf5(path: Path, splits: dict[str, tuple[np.ndarray, np.ndarray]], chu
     import h5py
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        with h5py.File(tmp, "w") as f:
-            for split, (x, y) in splits.items():
-                group = f.create_group(split)
-                _write_h5(group, "x", x, chunk_rows)
-                _write_h5(group, "y", y, chunk_rows)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_write(path) as tmp, h5py.File(tmp, "w") as f:
+        for split, (x, y) in splits.items():
+            group = f.create_group(split)
+            _write_h5(group, "x", x, chunk_rows)
+            _write_h5(group, "y", y, chunk_rows)
 
 
 def _write_h5(group: Any, name: str, a: np.ndarray, chunk_rows: int) -> None:
@@ -536,11 +532,5 @@ def _save_npy(path: Path, splits: dict[str, tuple[np.ndarray, np.ndarray]]) -> N
     path.mkdir(parents=True, exist_ok=True)
     for split, arrays in splits.items():
         for name, a in zip(("x", "y"), arrays):
-            final = path / f"{split}_{name}.npy"
-            tmp = final.with_name(final.name + ".tmp")
-            try:
-                with open(tmp, "wb") as f:
-                    np.save(f, np.ascontiguousarray(a))  # C order: the reader refuses Fortran order
-                os.replace(tmp, final)
-            finally:
-                tmp.unlink(missing_ok=True)
+            with atomic_write(path / f"{split}_{name}.npy") as tmp, open(tmp, "wb") as f:
+                np.save(f, np.ascontiguousarray(a))  # C order: the reader refuses Fortran order

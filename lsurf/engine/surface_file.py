@@ -32,6 +32,7 @@ import numpy as np
 
 from lsurf.engine import fidelity
 from lsurf.engine.grid import Grid, Tile
+from lsurf.engine.io import atomic_write
 from lsurf.engine.refine import fill
 from lsurf.errors import UserError
 
@@ -127,15 +128,11 @@ def accept(path: str | Path, grid: Grid, identity: dict, overwrite: bool, option
 def create(path: str | Path, grid: Grid, quantities: list[str], identity: dict, attrs: dict) -> None:
     """A fresh file with every dataset allocated, replacing ``path`` atomically."""
     path = Path(path)
-    try:
-        _create(path, grid, quantities, identity, attrs)
-    except OSError as e:
-        path.with_name(path.name + ".tmp").unlink(missing_ok=True)
-        raise UserError(f"cannot write {str(path)!r}: {e.strerror or e}") from None
+    with atomic_write(path) as tmp:
+        _create(tmp, grid, quantities, identity, attrs)
 
 
-def _create(path: Path, grid: Grid, quantities: list[str], identity: dict, attrs: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
+def _create(tmp: Path, grid: Grid, quantities: list[str], identity: dict, attrs: dict) -> None:
     with h5py.File(tmp, "w") as f:
         x = f.create_dataset("x", data=grid.x)
         x.make_scale("x")
@@ -159,7 +156,6 @@ def _create(path: Path, grid: Grid, quantities: list[str], identity: dict, attrs
         f.attrs["identity"] = json.dumps(identity)
         for k, v in attrs.items():
             f.attrs[k] = v
-    tmp.replace(path)
 
 
 def _attach(ds: h5py.Dataset, scales: list[h5py.Dataset]) -> None:

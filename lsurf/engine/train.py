@@ -13,6 +13,7 @@ from torch import nn
 
 from lsurf.engine.data import AnySplit, Split
 from lsurf.engine.evaluate import resolve_loss
+from lsurf.engine.io import atomic_write
 
 
 def _accuracy(model: nn.Module, split: Split | None) -> float:
@@ -28,7 +29,8 @@ def _accuracy(model: nn.Module, split: Split | None) -> float:
 
 def save_checkpoint(model: nn.Module, path: Path, epoch: int, acc: float) -> None:
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    torch.save({"state_dict": state, "epoch": epoch, "acc": acc}, path)
+    with atomic_write(path) as tmp:  # a run killed while saving keeps the last whole checkpoint
+        torch.save({"state_dict": state, "epoch": epoch, "acc": acc}, tmp)
 
 
 def train(

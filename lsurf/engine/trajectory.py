@@ -19,6 +19,7 @@ from torch import nn
 
 from lsurf._version import __version__
 from lsurf.engine.directions import Directions, save_directions, target_tensors
+from lsurf.engine.io import atomic_write
 from lsurf.engine.models import file_sha256, load_checkpoint, load_model
 from lsurf.errors import UserError
 
@@ -34,7 +35,7 @@ class Projection:
     explained_variance: np.ndarray  # ratios of the two components
 
     def save(self, path: str | Path) -> None:
-        with h5py.File(path, "w") as f:
+        with atomic_write(path) as tmp, h5py.File(tmp, "w") as f:
             f["proj_x"], f["proj_y"], f["distance"] = self.x, self.y, self.distance
             f["labels"] = np.array(self.labels, dtype=h5py.string_dtype())
             f.attrs["explained_variance"] = self.explained_variance

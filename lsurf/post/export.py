@@ -17,8 +17,6 @@ killed process) never leaves a half-written file and never damages an existing o
 
 from __future__ import annotations
 
-import contextlib
-import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Literal
@@ -26,6 +24,7 @@ from typing import Literal
 import h5py
 import numpy as np
 
+from lsurf.engine.io import atomic_write
 from lsurf.engine.surface_file import Surface
 from lsurf.errors import UserError
 from lsurf.post.compare import values_of
@@ -71,17 +70,8 @@ def default_export_path(source: str | Path, fmt: str) -> Path:
 
 
 def _atomic(path: Path, write: Callable[[Path], None]) -> Path:
-    """``write`` into ``PATH.tmp``, then rename; on any failure the tmp goes and the target stays."""
-    tmp = path.with_name(path.name + ".tmp")
-    try:
+    with atomic_write(path, "path") as tmp:
         write(tmp)
-        os.replace(tmp, path)
-    except BaseException as e:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        if isinstance(e, OSError):
-            raise UserError(f"cannot write `path` {str(path)!r}: {e.strerror or e}") from None
-        raise
     return path
 
 

@@ -17,11 +17,11 @@ from __future__ import annotations
 
 import html
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 
+from lsurf.engine.io import atomic_write
 from lsurf.engine.levels import color_range
 from lsurf.engine.surface_file import Surface
 from lsurf.errors import UserError
@@ -106,13 +106,8 @@ def write_html(surfaces: list[Surface], path: str | Path, quantities: list[str] 
     plot = fig.to_html(full_html=False, include_plotlyjs=True, div_id=PLOT_ID, post_script=_SCRIPT,
                        default_width="100%", default_height="82vh", config={"responsive": True})
     page = _page(data, plot)
-    tmp = path.with_name(path.name + ".tmp")
-    try:
+    with atomic_write(path, "path") as tmp:
         tmp.write_text(page, encoding="utf-8")
-        os.replace(tmp, path)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise UserError(f"cannot write `path` {str(path)!r}: {e.strerror or e}") from None
     return path
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from lsurf.engine.io import atomic_write
 from lsurf.engine.surface_file import Surface
 from lsurf.errors import UserError
 
@@ -61,7 +62,7 @@ def write_vtk(surface: Surface, path: str | Path | None = None, quantity: str = 
     z = np.where(np.isfinite(z), z, np.nanmin(z[np.isfinite(z)]) if np.isfinite(z).any() else 0.0)
     X, Y = np.meshgrid(x, y)  # (ny, nx); VTK runs x fastest, exactly this C order
     points = np.column_stack([X.ravel(), Y.ravel(), z.ravel()])
-    with open(path, "w") as f:
+    with atomic_write(path) as tmp, open(tmp, "w") as f:
         f.write(_xml(len(x), len(y), points, fields))
     return path
 
