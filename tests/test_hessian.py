@@ -190,7 +190,7 @@ def test_ritz_vectors_make_no_copy_of_the_basis():
                        timeout=60, env=_env({"MALLOC_MMAP_THRESHOLD_": str(2**20), "OMP_NUM_THREADS": "1"}))
     assert p.returncode == 0, p.stderr
     grown, quotient = map(float, p.stdout.split())
-    assert 0.8 < grown < 2  # the basis is seen, and far less than its copies beyond it
+    assert 0.5 < grown < 2  # the basis is seen (less what the import's peak already covered), not its copies
     assert quotient == pytest.approx(1, abs=1e-4)  # a Ritz pair: vᵀHv = θ (float32)
 
 

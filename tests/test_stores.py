@@ -113,7 +113,8 @@ def test_hdf5_written_elsewhere_contiguous_and_compressed(tmp_path):
         np.testing.assert_array_equal(yr.numpy(), y[33:471])
 
 
-@pytest.mark.parametrize("context", ["fork", "spawn"])
+# spawn: each worker starts an interpreter and imports torch (seconds): the system tier
+@pytest.mark.parametrize("context", ["fork", pytest.param("spawn", marks=pytest.mark.system)])
 @pytest.mark.parametrize("kind", STORE_KINDS)
 def test_dataloader_workers_read_the_same_bytes(tmp_path, kind, context):
     x, y = _arrays(1000, (3, 4, 4), np.uint8, (), np.int64)

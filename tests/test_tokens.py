@@ -109,7 +109,8 @@ def test_colons_in_the_path(tmp_path):
     _same(open_tokens(f"tokens:{d}:uint16", 7)["train"].read(0, 7), _expected(tok, 7, range(7)))
 
 
-@pytest.mark.parametrize("context", ["fork", "spawn"])
+# spawn: each worker starts an interpreter and imports torch (seconds): the system tier
+@pytest.mark.parametrize("context", ["fork", pytest.param("spawn", marks=pytest.mark.system)])
 def test_dataloader_workers_and_pickle(tmp_path, context):
     _write(tmp_path / "train.bin", np.arange(20_001) % 50_257)
     ds = open_tokens(f"tokens:{tmp_path / 'train.bin'}", 50)["train"]
