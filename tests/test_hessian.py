@@ -180,6 +180,7 @@ print(grown / (STEPS * P * 4), float(v @ h.hvp(v)) / float(values[0]))
 """
 
 
+@pytest.mark.system  # a fresh interpreter that imports torch: seconds, more under load
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads glibc's mmap threshold and ru_maxrss in KiB")
 def test_ritz_vectors_make_no_copy_of_the_basis():
     """The peak memory of top_eigenvalues is the Lanczos basis and a few vectors, not the basis

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import inspect
 import re
+from collections.abc import Callable
 from typing import Any, NoReturn
 
 from lsurf.engine.batches import Residency
@@ -182,6 +184,12 @@ def add_run(p: argparse.ArgumentParser) -> None:
     g.add_argument("--overwrite", action="store_true", default=SUPPRESS,
                    help="replace an existing output made differently")
     g.add_argument("--no-progress", dest="progress", action="store_false", default=SUPPRESS)
+
+
+def keyword_defaults(fn: Callable, names: tuple[str, ...]) -> dict[str, Any]:
+    """The defaults of ``fn``'s parameters ``names``: a command takes the library's, never its own copy."""
+    parameters = inspect.signature(fn).parameters
+    return {name: parameters[name].default for name in names}
 
 
 def merged_values(args: argparse.Namespace, extra: tuple[str, ...] = ()) -> dict[str, Any]:

@@ -10,13 +10,12 @@ from lsurf.cli import common
 from lsurf.engine.curve import CURVE_TYPES, Training
 from lsurf.errors import UserError
 from lsurf.run.curve import CurveSpec, eval_curve_job, train_curve_job, with_curve_inputs
-from lsurf.run.runtime import configure_job, install_abort_hook, launcher_comm
-from lsurf.run.world import World
+from lsurf.run.runtime import configure_job, start_job
 
 HELP = "mode connectivity: train a low-loss curve between two models (train), compare it with the line (eval)"
 SUPPRESS = argparse.SUPPRESS  # as for the options: a job file's value is not overridden by a default
 _TRAIN = ("bends", "curve_type", "epochs", "lr", "weight_decay")
-_POINTS = 21
+_POINTS = common.keyword_defaults(eval_curve_job, ("points",))["points"]
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -58,9 +57,7 @@ def _add_inputs(p: argparse.ArgumentParser, out_help: str) -> None:
 
 def run(args: argparse.Namespace) -> int:
     command = vars(args).pop("curve_command")
-    comm = launcher_comm()
-    w = World.of(comm)
-    install_abort_hook(w)
+    w = start_job()
     log = (lambda m: print(f"lsurf: {m}", file=sys.stderr, flush=True)) if w.is_root else None
     if command == "train":
         values = w.agree(lambda: common.merged_values(args, extra=_TRAIN))
@@ -70,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
         spec = w.agree(lambda: CurveSpec(**shape, training=Training(
             **extra, batch_size=options.batch_size or Training.batch_size, seed=options.seed)))
         configure_job(w, options.device, options.threads, options.tf32)
-        stored = train_curve_job(options, spec, comm, log)
+        stored = train_curve_job(options, spec, w.comm, log)
         if stored is not None:
             done = stored.progress
             print(f"wrote {options.out}: {len(stored.bends)}-bend {stored.kind}, {_epochs(done.epochs_done)}, "
@@ -81,7 +78,7 @@ def run(args: argparse.Namespace) -> int:
     values = w.agree(lambda: with_curve_inputs(path, values))  # the curve's models and data unless told otherwise
     options = w.agree(lambda: common.options_from({"split": ("train", "test"), **values}))
     configure_job(w, options.device, options.threads, options.tf32)
-    surface = eval_curve_job(options, path, points, comm, log)
+    surface = eval_curve_job(options, path, points, w.comm, log)
     if surface is not None:
         line, curve = float(surface.attrs["barrier_line"]), float(surface.attrs["barrier_curve"])
         print(f"barrier ({surface.attrs['barrier_split']} loss): line {line:.4g}, curve {curve:.4g}"

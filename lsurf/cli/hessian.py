@@ -8,12 +8,12 @@ import argparse
 from lsurf.cli import common
 from lsurf.engine.hessian import save_results
 from lsurf.run.curvature import hessian_spectrum
-from lsurf.run.runtime import configure_job, install_abort_hook, launcher_comm
+from lsurf.run.runtime import configure_job, start_job
 from lsurf.run.sources import save_direction_file
-from lsurf.run.world import World
 
 HELP = "top Hessian eigenvalues, trace and eigenvalue density at the checkpoint"
-_EXTRA = {"top_k": 5, "trace_samples": 50, "density": False, "iters": 100, "out": None, "save_directions": None}
+_EXTRA = {**common.keyword_defaults(hessian_spectrum, ("top_k", "trace_samples", "density", "iters")),
+          "out": None, "save_directions": None}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -22,11 +22,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     common.add_data(p, split_help="the split whose loss is differentiated: train or test")
     common.add_device(p)
     g = p.add_argument_group("spectrum")
-    g.add_argument("--top-k", type=int, default=argparse.SUPPRESS, help="eigenvalues to report (default 5)")
-    g.add_argument("--trace-samples", type=int, default=argparse.SUPPRESS, help="Hutchinson samples (0: skip; 50)")
+    g.add_argument("--top-k", type=int, default=argparse.SUPPRESS,
+                   help=f"eigenvalues to report (default {_EXTRA['top_k']})")
+    g.add_argument("--trace-samples", type=int, default=argparse.SUPPRESS,
+                   help=f"Hutchinson samples (0: skip; {_EXTRA['trace_samples']})")
     g.add_argument("--density", action="store_true", default=argparse.SUPPRESS,
                    help="also the eigenvalue density (SLQ)")
-    g.add_argument("--iters", type=int, default=argparse.SUPPRESS, help="Lanczos steps (default 100)")
+    g.add_argument("--iters", type=int, default=argparse.SUPPRESS, help=f"Lanczos steps (default {_EXTRA['iters']})")
     g.add_argument("--seed", type=int, default=argparse.SUPPRESS, help="seed of the random start vectors (0)")
     g.add_argument("--out", default=argparse.SUPPRESS, help="HDF5 file for the results")
     g.add_argument("--save-directions", metavar="FILE", default=argparse.SUPPRESS,
@@ -35,15 +37,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    comm = launcher_comm()
-    w = World.of(comm)
-    install_abort_hook(w)
+    w = start_job()
     values = common.merged_values(args, extra=tuple(_EXTRA))
     extra = {k: values.pop(k, default) for k, default in _EXTRA.items()}
     options = w.agree(lambda: common.options_from(values))
     device = configure_job(w, options.device, options.threads, options.tf32)
     out, save_to = extra.pop("out"), extra.pop("save_directions")
-    done = hessian_spectrum(options, device, comm, directions=bool(save_to), **extra)
+    done = hessian_spectrum(options, device, w.comm, directions=bool(save_to), **extra)
     if done is None:  # not rank 0
         return 0
     results, dirs = done

@@ -17,12 +17,11 @@ from lsurf.engine.directions import DIR_TYPES
 from lsurf.engine.hessian import save_results
 from lsurf.engine.sharpness import KINDS
 from lsurf.errors import UserError
-from lsurf.run.runtime import configure_job, install_abort_hook, launcher_comm
+from lsurf.run.runtime import configure_job, start_job
 from lsurf.run.sharpness import sharpness
-from lsurf.run.world import World
 
 HELP = "average- or worst-case sharpness: the loss rise within radius rho of the checkpoint (MPI-aware)"
-_EXTRA = {"radius": None, "kind": "average", "adaptive": False, "samples": 100, "steps": 20, "restarts": 3,
+_EXTRA = {"radius": None, **common.keyword_defaults(sharpness, ("kind", "adaptive", "samples", "steps", "restarts")),
           "out": None}
 
 
@@ -35,12 +34,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--radius", type=float, default=argparse.SUPPRESS, help="rho, the radius of the ball (required)")
     g.add_argument("--kind", choices=KINDS, default=argparse.SUPPRESS,
                    help="average: mean rise over random points of the sphere; worst: largest rise in the ball, "
-                   "by projected gradient ascent (default average)")
+                   f"by projected gradient ascent (default {_EXTRA['kind']})")
     g.add_argument("--adaptive", action="store_true", default=argparse.SUPPRESS,
                    help="scale-invariant: the ball in coordinates u of delta = |theta*| * u (ASAM)")
-    g.add_argument("--samples", type=int, default=argparse.SUPPRESS, help="average: random points (default 100)")
-    g.add_argument("--steps", type=int, default=argparse.SUPPRESS, help="worst: ascent steps per restart (20)")
-    g.add_argument("--restarts", type=int, default=argparse.SUPPRESS, help="worst: random starts, best kept (3)")
+    g.add_argument("--samples", type=int, default=argparse.SUPPRESS,
+                   help=f"average: random points (default {_EXTRA['samples']})")
+    g.add_argument("--steps", type=int, default=argparse.SUPPRESS,
+                   help=f"worst: ascent steps per restart ({_EXTRA['steps']})")
+    g.add_argument("--restarts", type=int, default=argparse.SUPPRESS,
+                   help=f"worst: random starts, best kept ({_EXTRA['restarts']})")
     g.add_argument("--seed", type=int, default=argparse.SUPPRESS, help="seed of the random points (default 0)")
     g.add_argument("--dir-type", default=argparse.SUPPRESS, choices=DIR_TYPES,
                    help="tensors perturbed: parameters (weights, the default) or the whole state dict")
@@ -48,13 +50,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    comm = launcher_comm()
-    w = World.of(comm)
-    install_abort_hook(w)
+    w = start_job()
     options, extra = w.agree(lambda: _settings(args))
     configure_job(w, options.device, options.threads, options.tf32)
     out = extra.pop("out")
-    results = sharpness(options, comm, **extra)
+    results = sharpness(options, w.comm, **extra)
     if results is not None:
         save_results(results, out, {**options.as_dict(), **extra, "out": out})
         print(f"{_summary(results, extra)}; wrote {out}", flush=True)

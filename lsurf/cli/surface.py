@@ -10,9 +10,8 @@ from pathlib import Path
 from lsurf.cli import common
 from lsurf.engine.surface_file import completion
 from lsurf.run.curve import with_curve_inputs
-from lsurf.run.runtime import configure_job, install_abort_hook, launcher_comm
+from lsurf.run.runtime import configure_job, start_job
 from lsurf.run.sampler import run_surface
-from lsurf.run.world import World
 
 HELP = "sample loss and accuracy on a 1-D or 2-D grid (MPI-aware)"
 
@@ -40,13 +39,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     if vars(args).pop("verify", False):
         return verify(common.options_from(common.merged_values(args)).out)
-    comm = launcher_comm()
-    w = World.of(comm)
-    install_abort_hook(w)
+    w = start_job()
     options = w.agree(lambda: common.options_from(_with_curve_inputs(common.merged_values(args))))
     configure_job(w, options.device, options.threads, options.tf32)
     t0 = time.time()
-    surface = run_surface(options, comm, log=lambda m: print(f"lsurf: {m}", file=sys.stderr, flush=True))
+    surface = run_surface(options, w.comm, log=lambda m: print(f"lsurf: {m}", file=sys.stderr, flush=True))
     if surface is not None:
         print(f"wrote {options.out} ({int(surface.done.sum())}/{surface.done.size} points done) "
               f"in {time.time() - t0:.1f} s")

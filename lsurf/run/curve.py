@@ -215,7 +215,7 @@ def _start(path: str | None, spec: CurveSpec, names: list[str], a: list[torch.Te
     return stored.curve(names, a, b), stored.progress
 
 
-def eval_curve_job(options: Options, curve_path: str, points: int, comm: Any = None,
+def eval_curve_job(options: Options, curve_path: str, points: int = 21, comm: Any = None,
                    log: Log | None = None) -> surface_file.Surface | None:
     """Loss and accuracy at ``points`` values of t in [0, 1] along the curve (quantities
     ``train_loss``, ...) and along the straight line (``line_train_loss``, ...) into the 1-D surface

@@ -191,6 +191,14 @@ def check_device_binding(w: World, dev: torch.device) -> None:
         owners.setdefault((node, gpu), rank)
 
 
+def start_job() -> World:
+    """Where every MPI job's entry point begins: the launcher's communicator (or one process), this
+    process's place in it, and an abort of the whole job when any rank fails (never a hang)."""
+    w = World.of(launcher_comm())
+    install_abort_hook(w)
+    return w
+
+
 def install_abort_hook(w: World) -> None:
     """An uncaught exception on any rank ends the whole job at once (never a hang in a collective)."""
     if w.size == 1:
