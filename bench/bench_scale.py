@@ -46,8 +46,9 @@ def streaming(tmp: Path, rows: int, points: int, cifar_subset: list[str]) -> lis
     g = np.random.default_rng(0)
     x = g.random((rows, 1, 8, 8), dtype=np.float32)
     save_store(f"npy:{tmp / 'store'}", {"train": (x, g.integers(0, 10, rows))})
-    cases = [("resnet20 cifar10-fake", ["--model", "resnet20", "--data", f"cifar10:{CIFAR}", *cifar_subset]),
-             (f"cnn npy {rows} rows", ["--model", "cnn", "--data", f"npy:{tmp / 'store'}"])]
+    cases = [(f"cnn npy {rows} rows", ["--model", "cnn", "--data", f"npy:{tmp / 'store'}"])]
+    if CIFAR.is_dir():  # the shared fixtures beside the repository (a bare clone measures the store alone)
+        cases.insert(0, ("resnet20 cifar10-fake", ["--model", "resnet20", "--data", f"cifar10:{CIFAR}", *cifar_subset]))
     out = []
     for name, args in cases:
         grid = ["--x", f"-1:1:{points}", "--workers", "1"]
