@@ -154,6 +154,8 @@ def add_evaluation(p: argparse.ArgumentParser) -> None:
     g.add_argument("--bn", default=SUPPRESS, choices=choices(BatchNorm), help="(default eval)")
     g.add_argument("--hessian", action="store_true", default=SUPPRESS,
                    help="also λ_max, λ_min of the Hessian at every point")
+    g.add_argument("--metric", action="append", default=SUPPRESS, metavar="PKG.MODULE:FACTORY",
+                   help="also your own additive metric, stored as SPLIT_NAME (repeatable; see README)")
     g.add_argument("--hessian-iters", type=int, default=SUPPRESS, help="Lanczos steps per point for --hessian (30)")
     g.add_argument("--fidelity", default=SUPPRESS, choices=choices(FidelityCheck),
                    help="the curvature each plane sees vs the Hessian's extremes at the centre "

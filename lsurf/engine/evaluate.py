@@ -26,8 +26,18 @@ from lsurf.engine.batches import Feed, Streamed, head, resident_batches, shard_r
 from lsurf.engine.data import AnySplit, BatchStreamSplit, label_range
 from lsurf.engine.directions import AnyDirections, Directions, SeededDirections, target_tensors
 from lsurf.engine.hessian import Hessian
-from lsurf.engine.metrics import METRICS, MeanLoss, Metric, metrics_for, quantity_names
-from lsurf.engine.models import load_plugin
+from lsurf.engine.metrics import (
+    BUILT_IN_NAMES,
+    METRICS,
+    MeanLoss,
+    Metric,
+    PluginMetric,
+    bind_plugin,
+    check_plugin,
+    metrics_for,
+    quantity_names,
+)
+from lsurf.engine.models import load_plugin, make_plugin
 from lsurf.engine.precision import ACCOUNTING, Precision
 from lsurf.engine.snapshot import ModelSnapshot
 from lsurf.errors import UserError
@@ -190,6 +200,27 @@ def check_outputs_fit(model: nn.Module, split: AnySplit, loss_fn: LossFn, device
         raise UserError(f"loss must give one value per sample (or per target token); got shape {tuple(loss.shape)} "
                         f"for targets of shape {tuple(y.shape)}")
     return out[0].numel()
+
+
+def plugin_metrics(specs: Sequence[str], model: nn.Module, split: AnySplit, device, dtype,
+                   output: str | None = None) -> tuple[PluginMetric, ...]:
+    """The user's own metrics (``pkg.module:factory`` each, the factory called with no arguments),
+    checked against the contract and bound on one probe batch of ``split``, so a plug-in that cannot
+    run fails before any file is touched. The model must be in eval mode on ``device``."""
+    if not specs:
+        return ()
+    x, y = to_device(*split.rows(0, 2), torch.device(device), dtype)
+    with torch.inference_mode():
+        out = pick_output(model(x), output)
+        out = out.float() if is_low_precision(out.dtype) else out
+        taken = set(BUILT_IN_NAMES) | set(ACCOUNTING)
+        bound = []
+        for spec in specs:
+            metric = make_plugin(spec, "metric")
+            check_plugin(spec, metric, taken)
+            taken.add(metric.name)
+            bound.append(bind_plugin(spec, metric, out, y))
+    return tuple(bound)
 
 
 def check_labels(data: dict[str, AnySplit], classes: int) -> None:

@@ -8,10 +8,14 @@ rank groups can be added up) and turns those sums into statistics on the host on
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
-from typing import Protocol
+import re
+from collections.abc import Collection, Iterable, Sequence
+from typing import Any, Protocol
 
+import numpy as np
 import torch
+
+from lsurf.errors import UserError
 
 
 class Metric(Protocol):
@@ -131,6 +135,81 @@ class TokenAccuracy:
 
 
 METRICS: tuple[Metric, ...] = (MeanLoss(), Accuracy())
+BUILT_IN_NAMES = frozenset(n for m in (MeanLoss, Accuracy, TokenLoss, TokenAccuracy) for n in m.names)
+
+
+class PluginMetric:
+    """A user's additive metric (``metric`` ``pkg.module:factory``) as a :class:`Metric`.
+
+    The user's object keeps the small contract of the README — ``name``, ``sums(outputs, targets)``
+    (one point's (B, ...) outputs: a 1-D tensor, additive over batches, ranks and groups) and
+    ``value(sums)`` — and this adapter gives it what the evaluator's passes need: K points at once,
+    a fixed width (learned from the probe, :func:`bind_plugin`), float64 sums, and one-line errors
+    naming the plug-in for whatever it raises or returns wrongly mid-run.
+    """
+
+    def __init__(self, spec: str, metric: Any, width: int):
+        self.spec, self.metric, self.width = spec, metric, width
+        self.names: tuple[str, ...] = (metric.name,)
+
+    def sums(self, out: torch.Tensor, y: torch.Tensor, loss: torch.Tensor) -> torch.Tensor:
+        return torch.stack([self.one_point(o, y) for o in out])
+
+    def one_point(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The user's sums over one point's outputs, checked: a 1-D tensor of ``width`` values."""
+        got = _call(self.spec, "sums", lambda: self.metric.sums(out, y))
+        if not isinstance(got, torch.Tensor) or got.dim() != 1 or len(got) != self.width:
+            shape = tuple(got.shape) if isinstance(got, torch.Tensor) else type(got).__name__
+            raise UserError(f"metric plug-in {self.spec!r}: sums returned {shape}, but its first call returned "
+                            f"{self.width} values: sums must return a 1-D tensor of one length")
+        return got.to(torch.float64)
+
+    def finish(self, sums: Sequence[float], n: int) -> tuple[float]:
+        value = _call(self.spec, "value", lambda: self.metric.value(np.asarray(sums, dtype=np.float64)))
+        try:
+            return (float(value),)
+        except (TypeError, ValueError):
+            raise UserError(f"metric plug-in {self.spec!r}: value returned {type(value).__name__}, "
+                            "not a number") from None
+
+
+def _call(spec: str, what: str, fn: Any) -> Any:
+    try:
+        return fn()
+    except UserError:
+        raise
+    except Exception as e:
+        raise UserError(f"metric plug-in {spec!r}: {what} raised {type(e).__name__}: {e}") from None
+
+
+def check_plugin(spec: str, metric: Any, taken: Collection[str]) -> None:
+    """Refuse an object that does not keep the contract, or whose name a built-in quantity (or an
+    earlier plug-in) already has: the file stores it as ``{split}_{name}``."""
+    missing = [a for a in ("name", "sums", "value") if not hasattr(metric, a)]
+    if missing:
+        raise UserError(f"metric plug-in {spec!r}: the factory's {type(metric).__name__} has no "
+                        f"{', '.join(missing)} (expected name, sums(outputs, targets), value(sums))")
+    name = metric.name
+    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z][A-Za-z0-9_]*", name):
+        raise UserError(f"metric plug-in {spec!r}: name {name!r} must be a word of letters, digits and _")
+    if name in taken:
+        raise UserError(f"metric plug-in {spec!r}: name {name!r} is already a quantity "
+                        f"({', '.join(sorted(taken))} are taken)")
+
+
+def bind_plugin(spec: str, metric: Any, out: torch.Tensor, y: torch.Tensor) -> PluginMetric:
+    """The plug-in as a :class:`Metric`, its width learned from its sums over one probe batch
+    (``out``: one point's outputs, ``y`` their targets) and checked on its first row alone, and its
+    value of them checked, so a plug-in that cannot run fails before any file is touched."""
+    got = _call(spec, "sums", lambda: metric.sums(out, y))
+    if not isinstance(got, torch.Tensor) or got.dim() != 1 or not len(got) or not got.is_floating_point():
+        shape = f"shape {tuple(got.shape)} {got.dtype}" if isinstance(got, torch.Tensor) else type(got).__name__
+        raise UserError(f"metric plug-in {spec!r}: sums must return a 1-D float tensor (float64 keeps it "
+                        f"additive); it returned {shape}")
+    bound = PluginMetric(spec, metric, len(got))
+    bound.one_point(out[:1], y[:1])  # a length that follows the batch size fails here, not mid-run
+    bound.finish(got.double().tolist(), len(y))
+    return bound
 
 
 def metrics_for(y: torch.Tensor, ignore_index: int = -100) -> tuple[Metric, ...]:

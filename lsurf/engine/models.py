@@ -11,7 +11,7 @@ import hashlib
 import importlib
 from collections.abc import Callable
 from pathlib import Path
-from typing import Literal, cast
+from typing import Any, Literal, cast
 
 import torch
 import torch.nn.functional as F
@@ -165,6 +165,15 @@ def load_plugin(spec: str, what: str) -> Callable:
     return fn
 
 
+def make_plugin(spec: str, what: str) -> Any:
+    """What the factory ``pkg.module:factory`` returns when called with no arguments; its failure is one line."""
+    factory = load_plugin(spec, what)
+    try:
+        return factory()
+    except Exception as e:
+        raise UserError(f"{what} plug-in {spec!r} raised {type(e).__name__}: {e}") from None
+
+
 def is_zoo(name: str) -> bool:
     """A zoo name (sized from the data), not a plug-in or a Hugging Face folder (which size themselves)."""
     return ":" not in name
@@ -173,11 +182,7 @@ def is_zoo(name: str) -> bool:
 def build_model(name: str, in_shape: tuple[int, ...], num_outputs: int) -> nn.Module:
     """A zoo model sized for the data, or a plug-in ``pkg.module:factory`` called with no arguments."""
     if ":" in name:
-        factory = load_plugin(name, "model")
-        try:
-            model = factory()
-        except Exception as e:
-            raise UserError(f"model plug-in {name!r} raised {type(e).__name__}: {e}") from None
+        model = make_plugin(name, "model")
         if not isinstance(model, nn.Module):
             raise UserError(f"model plug-in {name!r} returned {type(model).__name__}, not a torch.nn.Module")
         return model

@@ -79,7 +79,8 @@ def exclusive_lock(path: str | Path):
 
 def _identity_mismatch(f: h5py.File, grid: Grid, identity: dict, optional: Collection[str] = ()) -> str | None:
     """Why an existing file cannot be resumed by this run, or None if it can. Keys in ``optional``
-    that the file lacks were not recorded when it was written: they are not compared."""
+    that the file lacks were not recorded when it was written: they are not compared. A key only
+    one side has (e.g. ``tolerance``, ``metrics``: recorded when used) is a mismatch."""
     if f.attrs.get("format") != FORMAT:
         return "it was not written by lsurf"
     old_grid = _grid(f)
@@ -88,9 +89,10 @@ def _identity_mismatch(f: h5py.File, grid: Grid, identity: dict, optional: Colle
     ):
         return f"it has another grid ({describe_grid(old_grid)}; this run: {describe_grid(grid)})"
     old = json.loads(f.attrs["identity"])
-    for key, value in identity.items():
+    for key in {**old, **identity}:
         if key in optional and key not in old:
             continue
+        value = identity.get(key)
         if old.get(key) != value:
             return f"it was made with another {key.replace('_', ' ')} ({old.get(key)!r}, now {value!r})"
     return None

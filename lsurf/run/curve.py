@@ -260,6 +260,9 @@ def _eval_inputs(options: Options, curve_path: str, points: int
     curve must have been trained between these very checkpoints."""
     if points < 2:
         raise UserError(f"`points` {points}: must be at least 2 (the two ends)")
+    if options.metric:
+        raise UserError("`metric`: plug-in metrics are sampled by `lsurf surface`; a curve's evaluation takes "
+                        "the built-in ones only")
     stored = read_curve(curve_path)
     model, data = load_inputs(options)
     if data is None:

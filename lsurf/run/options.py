@@ -49,7 +49,7 @@ class Options:
     Groups: what to load (model, checkpoint, data, subset, split, seq_len), the directions (seed,
     norm, ignore, dir_type, same_dir, regenerate, dir_file, model2, model3, curve_plane, directions), the
     grid (x, y, planes), how to
-    evaluate (loss, ignore_index, output, dtype, device, threads, batch_size, points_per_pass, amp,
+    evaluate (loss, metric, ignore_index, output, dtype, device, threads, batch_size, points_per_pass, amp,
     tf32, layout, bn, hessian_iters, fidelity), fewer passes (budget and refine_tol: coarse-to-fine
     points; tolerance and min_samples: passes stopped once the loss is known well enough), how data
     reaches the device (resident, memory_budget, workers), how to distribute and write
@@ -78,6 +78,7 @@ class Options:
     y: str | None = None
     planes: int = 1
     loss: str = "cross_entropy"
+    metric: tuple[str, ...] = ()  # the user's own metrics, pkg.module:factory each (stored as {split}_{name})
     ignore_index: int = -100
     output: str | None = None
     dtype: Dtype = "float32"
@@ -111,6 +112,8 @@ class Options:
             object.__setattr__(self, "dtype", str(self.dtype).replace("torch.", ""))
         if isinstance(self.split, str):  # "train,test" from a job file or a flag
             object.__setattr__(self, "split", tuple(s.strip() for s in self.split.split(",") if s.strip()))
+        if isinstance(self.metric, (str, list)):  # one plug-in in a job file; a list from a notebook
+            object.__setattr__(self, "metric", (self.metric,) if isinstance(self.metric, str) else tuple(self.metric))
         for f in fields(self):
             _check_field(f.name, _HINTS[f.name], getattr(self, f.name))
         for name in ("threads", "batch_size", "points_per_pass", "subset", "ranks_per_point", "seq_len", "planes",

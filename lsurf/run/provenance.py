@@ -91,6 +91,7 @@ class Provenance:
             "dir_type": directions.meta.get("dir_type", "weights"), "amp": options.amp == "bf16",
             "hessian_iters": options.hessian_iters, "seq_len": options.seq_len, "ignore_index": options.ignore_index,
             "output": options.output, **(computing(device) if device is not None else {}),
+            **({"metrics": list(options.metric)} if options.metric else {}),  # absent before plug-in metrics
             # a pass stopped early gives other values, and which samples it saw follows the seed
             **({"tolerance": options.tolerance, "min_samples": options.min_samples, "sample_order_seed": options.seed}
                if options.tolerance else {}),

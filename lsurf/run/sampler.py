@@ -27,10 +27,10 @@ from lsurf.engine import surface_file
 from lsurf.engine.batches import device_budget, in_process, keep_resident, size_text
 from lsurf.engine.data import AnySplit, BatchStreamSplit, max_token
 from lsurf.engine.directions import AnyDirections, save_directions
-from lsurf.engine.evaluate import Evaluator, check_outputs_fit, evaluator, resolve_loss
+from lsurf.engine.evaluate import Evaluator, check_outputs_fit, evaluator, plugin_metrics, resolve_loss
 from lsurf.engine.grid import Grid, Tile, parse_tile
 from lsurf.engine.hf import vocabulary_size
-from lsurf.engine.metrics import Metric, metrics_for, quantity_names
+from lsurf.engine.metrics import Metric, PluginMetric, metrics_for, quantity_names
 from lsurf.engine.plan import Plan, check_pinned, default_batch_size, faster_in_channels_last
 from lsurf.engine.precision import ACCOUNTING, Precision
 from lsurf.engine.refine import STEERING, Refiner
@@ -126,12 +126,13 @@ def _sample(w: World, model: nn.Module, data: dict[str, AnySplit], directions: P
     planes = w.agree(lambda: _planes(directions, grid))
     dev = w.agree(lambda: choose_device(w, opts.device))
     with bound_device(dev):
-        outputs = w.agree(lambda: _check_inputs(w, model, data, planes[0], grid, opts, dev))
+        outputs, plugins = w.agree(lambda: _check_inputs(w, model, data, planes[0], grid, opts, dev))
         w.agree(lambda: check_device_binding(w, dev))
+        metrics = (*metrics_for(next(iter(data.values())).rows(0, 1)[1], opts.ignore_index), *plugins)
         group = w.groups(opts.ranks_per_point)
         try:
             return _sample_in_groups(w, group, (dev, outputs), model, data, planes, grid, path, opts, prov, save_to,
-                                     log)
+                                     metrics, log)
         finally:
             group.free()
 
@@ -146,14 +147,15 @@ def _planes(directions: PlaneDirections, grid: Grid) -> list[AnyDirections]:
 
 def _sample_in_groups(w: World, group: Group, probe: tuple[torch.device, int], model: nn.Module,
                       data: dict[str, AnySplit], planes: list[AnyDirections], grid: Grid, path: Path, opts: Options,
-                      prov: Provenance, save_to: str | Path | None, log: Log) -> surface_file.Surface | None:
+                      prov: Provenance, save_to: str | Path | None, metrics: Sequence[Metric],
+                      log: Log) -> surface_file.Surface | None:
     """The run once the inputs are checked: ``probe`` is this rank's device and the output values
-    one sample gives (for the default batch size)."""
+    one sample gives (for the default batch size); ``metrics``: the built-in ones for the targets
+    and the user's own."""
     dev, outputs = probe
     directions = planes[0]
     identity = prov.identity(planes, data, opts, fingerprints=w.is_root, device=dev)
     w.agree(lambda: check_same_inputs(w, model, identity["directions_sha256"]))
-    metrics = metrics_for(next(iter(data.values())).rows(0, 1)[1], opts.ignore_index)
     with contextlib.ExitStack() as stack:
         def prepare() -> tuple[dict | None, Plan | None]:
             if not w.is_root:
@@ -219,9 +221,9 @@ def _evaluate_grid(w: World, group: Group, dev: torch.device, model: nn.Module, 
 
 
 def _check_inputs(w: World, model: nn.Module, data: dict[str, AnySplit], directions: AnyDirections, grid: Grid,
-                  opts: Options, dev: torch.device) -> int:
+                  opts: Options, dev: torch.device) -> tuple[int, tuple[PluginMetric, ...]]:
     """How many output values one sample gives, after one tiny forward on this rank's device
-    proves model, data and loss fit."""
+    proves model, data and loss fit, and the user's metrics, bound on a probe batch."""
     if grid.ndim != directions.ndim:
         raise UserError(f"the grid is {grid.ndim}-D but the directions are {directions.ndim}-D")
     g = opts.ranks_per_point
@@ -239,12 +241,13 @@ def _check_inputs(w: World, model: nn.Module, data: dict[str, AnySplit], directi
         # class labels checked on rank 0 for the built-in loss (a plug-in may use integer targets otherwise)
         outputs = check_outputs_fit(model, next(iter(data.values())), loss_fn, dev, opts.torch_dtype, opts.output,
                                     labels=data if w.is_root and opts.loss == "cross_entropy" else None)
+        plugins = plugin_metrics(opts.metric, model, next(iter(data.values())), dev, opts.torch_dtype, opts.output)
     _streamed(w, w.groups(1), data, dev, opts, opts.batch_size or default_batch_size(dev, outputs),
               _workers(opts, dev), log=None)  # a budget too small for the stream: refused before any file is touched
     fidelity_skipped(opts, data, grid, grid.num_planes, [])  # `fidelity` on where it cannot be: refused now
     if opts.refines:
         Refiner(grid.plane_shape, opts.budget, opts.refine_tol)  # a budget too small for a picture: refused now
-    return outputs
+    return outputs, plugins
 
 
 def check_vocabulary(model: nn.Module, data: dict[str, AnySplit]) -> None:
