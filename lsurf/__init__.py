@@ -23,6 +23,7 @@ from lsurf.engine.curve import Curve, read_curve
 from lsurf.engine.data import load_data
 from lsurf.engine.directions import Directions, load_directions, random_directions, save_directions
 from lsurf.engine.evaluate import Evaluator, evaluator
+from lsurf.engine.geometry import model_params
 from lsurf.engine.grid import Grid
 from lsurf.engine.models import build_model, load_checkpoint, load_model
 from lsurf.engine.plan import Plan
@@ -35,13 +36,14 @@ from lsurf.run.curve import CurveSpec, eval_curve_job, train_curve_job, with_cur
 from lsurf.run.options import Options
 from lsurf.run.provenance import Provenance
 from lsurf.run.runtime import configure_process
-from lsurf.run.sampler import run_surface, sample_surface
+from lsurf.run.sampler import run_surface, sample_geometry, sample_surface
 from lsurf.run.sources import directions_for, load_inputs
 
 __all__ = [
     "__version__", "Curve", "CurveSpec", "Directions", "Evaluator", "Grid", "Options", "Plan", "Provenance", "Surface",
     "UserError", "build_model", "configure_process", "directions_for", "eval_curve_job", "evaluator",
-    "load_checkpoint", "load_data", "load_directions", "load_inputs", "load_model", "plot_curve", "plot_surface",
-    "preserved", "random_directions", "read_curve", "read_surface", "run_surface", "sample_surface",
+    "load_checkpoint", "load_data", "load_directions", "load_inputs", "load_model", "model_params", "plot_curve",
+    "plot_surface", "preserved", "random_directions", "read_curve", "read_surface", "run_surface", "sample_geometry",
+    "sample_surface",
     "save_directions", "train_curve_job", "with_curve_inputs", "write_vtk",
 ]

@@ -11,7 +11,8 @@ from conftest import lsurf, mpirun, requires_mpi, write_data_plugin
 
 import lsurf as api
 from lsurf import Options, UserError
-from lsurf.engine.sharpness import Probe, zero_directions
+from lsurf.engine.directions import zero_directions
+from lsurf.engine.sharpness import Probe
 from lsurf.run.sharpness import sharpness
 
 N, D = 150, 4

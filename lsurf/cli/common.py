@@ -137,6 +137,9 @@ def add_directions(p: argparse.ArgumentParser) -> None:
                    help="x direction = model2 - checkpoint (alpha=1 is model 2): interpolation")
     g.add_argument("--model3", default=SUPPRESS,
                    help="with --model2: y direction = model3 - checkpoint, the plane of 3 models")
+    g.add_argument("--geometry", default=SUPPRESS, metavar="PKG.MODULE:FACTORY",
+                   help="your own set of points instead of a plane: factory(params) -> an object with axes, "
+                   "offset(index) and identity() (see README); its axes replace --x/--y")
     g.add_argument("--curve-plane", default=SUPPRESS, metavar="CURVE",
                    help="the plane of a curve of `lsurf curve train` through its model A, its bend and model "
                    "B: x = B - A, y = bend - A made orthogonal to x (model, checkpoint and data: the curve's "

@@ -55,6 +55,15 @@ def target_tensors(model: nn.Module, dir_type: str) -> tuple[list[str], list[tor
     raise UserError(f"`dir_type` {dir_type!r}: expected one of {', '.join(DIR_TYPES)}")
 
 
+def zero_directions(model: nn.Module, dir_type: str, two: bool = False) -> Directions:
+    """The directions an :func:`~lsurf.engine.evaluate.evaluator` is built with where the points are
+    offsets, not steps along directions (sharpness's probes, a plug-in geometry): zeros, as
+    broadcast views that hold no memory; ``two`` for a 2-D grid."""
+    names, targets = target_tensors(model, dir_type)
+    x = [torch.zeros((), dtype=torch.float32).expand(t.shape) for t in targets]
+    return Directions(names, x, x if two else None, {"dir_type": dir_type})
+
+
 def filter_axes(model: nn.Module, names: list[str]) -> list[int]:
     """The axis along which each named tensor holds its filters (output units): 0 for Linear rows,
     Embedding rows, attention in-projections and convolutions; 1 for the transposed ``Conv1D``

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
+import itertools
 import time
 import warnings
 from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
@@ -407,30 +408,61 @@ class Evaluator:
 
     def evaluate_offset(self, delta: Sequence[torch.Tensor]) -> dict[str, float]:
         """``{quantity: value}`` at θ* + δ for any offset δ off the plane (one tensor per moved
-        tensor, in the order of the directions' names): for sharpness and other probes. The
-        evaluator's own directions are untouched."""
-        twin = copy.copy(self)
-        twin.d1 = [delta[i].to(device=o.device, dtype=self.perturb_dtype) for i, o in zip(self.idx, self.origin)]
-        twin.d2, twin.seeded, twin.two, twin.points_per_pass = None, None, False, 1
-        return twin.evaluate(1.0)
+        tensor, in the order of the directions' names): for sharpness and other probes."""
+        return self.evaluate_offsets([delta])[0]
+
+    def evaluate_offsets(self, offsets: Iterable[Sequence[torch.Tensor]]) -> list[dict[str, float]]:
+        """Results at θ* + δ for each offset δ (a geometry's points), ``points_per_pass`` per
+        forward. ``offsets`` is consumed a pass at a time, so only one pass's offsets are on the
+        device: a generator computing them keeps memory at K offsets however many points."""
+        stream = iter(offsets)
+        out: list[dict[str, float]] = []
+        while chunk := [self._place(d) for d in itertools.islice(stream, self.points_per_pass)]:
+            if len(chunk) > 1:
+                pending = self._stacked_params(chunk)
+            else:
+                self._set_offset(chunk[0])
+                pending = self._measure()
+            out += self._results(len(chunk), pending)
+        return out
+
+    def _place(self, delta: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """An offset's moved tensors on the weights' device, in the dtype they are perturbed in."""
+        return [delta[i].to(device=o.device, dtype=self.perturb_dtype) for i, o in zip(self.idx, self.origin)]
+
+    @torch.no_grad()
+    def _set_offset(self, delta: list[torch.Tensor]) -> None:
+        """Weights ← θ* + δ in place: the operations :meth:`set_point` does with a = 1, d₁ = δ, so
+        a point reached either way has the same bits."""
+        if not self.low_precision:
+            torch._foreach_copy_(self.params, self.origin)
+            torch._foreach_add_(self.params, delta, alpha=1.0)
+            return
+        for p, o, d in zip(self.params, self.origin, delta):
+            p.copy_(o.float().add_(d, alpha=1.0))
 
     def evaluate_many(self, points: list[tuple[float, float]]) -> list[dict[str, float]]:
         """Results for each (a, b), ``points_per_pass`` points per forward pass."""
-        out = []
-        names = self.quantities
+        out: list[dict[str, float]] = []
         for k in range(0, len(points), self.points_per_pass):
             chunk = points[k : k + self.points_per_pass]
-            pending = self._stacked(chunk) if len(chunk) > 1 else self._single(*chunk[0])
-            # One host synchronisation per pass: [split][point][metric sums..., samples, label flags...]
-            local = pending.cpu().numpy()
-            self._check_labels(local[:, 0, -_FLAGS:])
-            local = local[..., :-_FLAGS]
-            sums = local.tolist() if self.reduce is None else self.reduce(local).tolist()
-            for p in range(len(chunk)):
-                row = [v for split, s in zip(self.batches, sums) for v in self._split_row(split, s[p])]
-                if self.hessian_iters:  # one point per chunk: the weights are still set at it
-                    row += self._curvature()
-                out.append(dict(zip(names, row)))
+            out += self._results(len(chunk), self._stacked(chunk) if len(chunk) > 1 else self._single(*chunk[0]))
+        return out
+
+    def _results(self, k: int, pending: torch.Tensor) -> list[dict[str, float]]:
+        """The ``k`` points of one pass from its sums, read back in the pass's one host sync:
+        [split][point][metric sums..., samples, label flags...]."""
+        names = self.quantities
+        local = pending.cpu().numpy()
+        self._check_labels(local[:, 0, -_FLAGS:])
+        local = local[..., :-_FLAGS]
+        sums = local.tolist() if self.reduce is None else self.reduce(local).tolist()
+        out = []
+        for p in range(k):
+            row = [v for split, s in zip(self.batches, sums) for v in self._split_row(split, s[p])]
+            if self.hessian_iters:  # one point per pass: the weights are still set at it
+                row += self._curvature()
+            out.append(dict(zip(names, row)))
         return out
 
     def _split_row(self, split: str, sums: list[float]) -> list[float]:
@@ -453,6 +485,10 @@ class Evaluator:
 
     def _single(self, a: float, b: float) -> torch.Tensor:
         self.set_point(a, b)
+        return self._measure()
+
+    def _measure(self) -> torch.Tensor:
+        """One pass over every split at the weights as they are set."""
         if self.bn == "recalibrate":
             self._recalibrate_bn()
         forward = _autocast(self._forward) if self.amp else self._forward
@@ -469,14 +505,23 @@ class Evaluator:
             shape = (-1,) + (1,) * o.dim()
             w = o + a.view(shape) * self.d1[i]
             params[name] = w if self.d2 is None else w + b.view(shape) * self.d2[i]
+        return self._vmapped(params, len(chunk))
 
+    def _stacked_params(self, chunk: list[list[torch.Tensor]]) -> torch.Tensor:
+        """K offsets' weight sets θ* + δₖ, stacked, through one ``vmap``-ed pass."""
+        params = {name: o + torch.stack([d[i] for d in chunk])
+                  for i, (name, o) in enumerate(zip(self.names, self.origin))}
+        return self._vmapped(params, len(chunk))
+
+    def _vmapped(self, params: dict[str, torch.Tensor], k: int) -> torch.Tensor:
+        """Sums of every split for the K weight sets ``params`` (each (K, ...)), one forward per batch."""
         def forward(p: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
             return pick_output(torch.func.functional_call(self.model, p, (x,)), self.output)
 
         batched = torch.vmap(forward, in_dims=(0, None))
         stacked = lambda x: batched(params, x)  # noqa: E731
         forward_k = _autocast(stacked) if self.amp else stacked
-        return torch.stack([self._pass(split, forward_k, len(chunk)) for split in self.batches])
+        return torch.stack([self._pass(split, forward_k, k) for split in self.batches])
 
     def _check_labels(self, flags: np.ndarray) -> None:
         """Stop at class labels outside the model's outputs: each split's [count, row, value] of

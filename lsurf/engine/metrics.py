@@ -15,6 +15,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
+from lsurf.engine.models import call_plugin
 from lsurf.errors import UserError
 
 
@@ -150,6 +151,7 @@ class PluginMetric:
 
     def __init__(self, spec: str, metric: Any, width: int):
         self.spec, self.metric, self.width = spec, metric, width
+        self.who = f"metric plug-in {spec!r}"
         self.names: tuple[str, ...] = (metric.name,)
 
     def sums(self, out: torch.Tensor, y: torch.Tensor, loss: torch.Tensor) -> torch.Tensor:
@@ -157,29 +159,20 @@ class PluginMetric:
 
     def one_point(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """The user's sums over one point's outputs, checked: a 1-D tensor of ``width`` values."""
-        got = _call(self.spec, "sums", lambda: self.metric.sums(out, y))
+        got = call_plugin(self.who, "sums", lambda: self.metric.sums(out, y))
         if not isinstance(got, torch.Tensor) or got.dim() != 1 or len(got) != self.width:
             shape = tuple(got.shape) if isinstance(got, torch.Tensor) else type(got).__name__
-            raise UserError(f"metric plug-in {self.spec!r}: sums returned {shape}, but its first call returned "
+            raise UserError(f"{self.who}: sums returned {shape}, but its first call returned "
                             f"{self.width} values: sums must return a 1-D tensor of one length")
         return got.to(torch.float64)
 
     def finish(self, sums: Sequence[float], n: int) -> tuple[float]:
-        value = _call(self.spec, "value", lambda: self.metric.value(np.asarray(sums, dtype=np.float64)))
+        value = call_plugin(self.who, "value", lambda: self.metric.value(np.asarray(sums, dtype=np.float64)))
         try:
             return (float(value),)
         except (TypeError, ValueError):
-            raise UserError(f"metric plug-in {self.spec!r}: value returned {type(value).__name__}, "
+            raise UserError(f"{self.who}: value returned {type(value).__name__}, "
                             "not a number") from None
-
-
-def _call(spec: str, what: str, fn: Any) -> Any:
-    try:
-        return fn()
-    except UserError:
-        raise
-    except Exception as e:
-        raise UserError(f"metric plug-in {spec!r}: {what} raised {type(e).__name__}: {e}") from None
 
 
 def check_plugin(spec: str, metric: Any, taken: Collection[str]) -> None:
@@ -201,7 +194,7 @@ def bind_plugin(spec: str, metric: Any, out: torch.Tensor, y: torch.Tensor) -> P
     """The plug-in as a :class:`Metric`, its width learned from its sums over one probe batch
     (``out``: one point's outputs, ``y`` their targets) and checked on its first row alone, and its
     value of them checked, so a plug-in that cannot run fails before any file is touched."""
-    got = _call(spec, "sums", lambda: metric.sums(out, y))
+    got = call_plugin(f"metric plug-in {spec!r}", "sums", lambda: metric.sums(out, y))
     if not isinstance(got, torch.Tensor) or got.dim() != 1 or not len(got) or not got.is_floating_point():
         shape = f"shape {tuple(got.shape)} {got.dtype}" if isinstance(got, torch.Tensor) else type(got).__name__
         raise UserError(f"metric plug-in {spec!r}: sums must return a 1-D float tensor (float64 keeps it "

@@ -165,13 +165,19 @@ def load_plugin(spec: str, what: str) -> Callable:
     return fn
 
 
-def make_plugin(spec: str, what: str) -> Any:
-    """What the factory ``pkg.module:factory`` returns when called with no arguments; its failure is one line."""
-    factory = load_plugin(spec, what)
+def make_plugin(spec: str, what: str, *args: Any) -> Any:
+    """What the factory ``pkg.module:factory`` returns when called with ``args``; its failure is one line."""
+    return call_plugin(f"{what} plug-in {spec!r}", "", lambda: load_plugin(spec, what)(*args))
+
+
+def call_plugin(who: str, what: str, fn: Callable[[], Any]) -> Any:
+    """``fn()``, a user's code: whatever it raises is one line, ``{who}: {what} raised ...``."""
     try:
-        return factory()
+        return fn()
+    except UserError:
+        raise
     except Exception as e:
-        raise UserError(f"{what} plug-in {spec!r} raised {type(e).__name__}: {e}") from None
+        raise UserError(f"{who}{': ' + what if what else ''} raised {type(e).__name__}: {e}") from None
 
 
 def is_zoo(name: str) -> bool:

@@ -23,9 +23,8 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
-from torch import nn
 
-from lsurf.engine.directions import Directions, target_tensors, tensor_generator
+from lsurf.engine.directions import tensor_generator
 from lsurf.engine.evaluate import Evaluator, pick_output
 from lsurf.errors import UserError
 
@@ -46,14 +45,6 @@ def check_settings(radius: float, kind: str, samples: int, steps: int, restarts:
     for name, value in (("samples", samples), ("steps", steps), ("restarts", restarts)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise UserError(f"`{name}` {value!r}: must be a whole number, at least 1")
-
-
-def zero_directions(model: nn.Module, dir_type: str) -> Directions:
-    """The direction an :func:`~lsurf.engine.evaluate.evaluator` is built with, which sharpness never
-    moves along (it probes offsets): zeros, as broadcast views that hold no memory."""
-    names, targets = target_tensors(model, dir_type)
-    x = [torch.zeros((), dtype=torch.float32).expand(t.shape) for t in targets]
-    return Directions(names, x, None, {"dir_type": dir_type})
 
 
 def global_norm(tensors: Sequence[torch.Tensor]) -> float:

@@ -375,9 +375,10 @@ class Surface:
         """Human-readable provenance and coverage, one line per item (what ``lsurf info`` prints)."""
         shape = f"{len(self.x)}" if self.y is None else f"{len(self.x)} x {len(self.y)}"
         shape += " points" + ("" if self.planes is None else f" in each of {self.planes} planes")
-        ranges = f"x [{self.x.min():g}, {self.x.max():g}]"
+        names = json.loads(self.attrs["axis_names"]) if "axis_names" in self.attrs else ["x", "y"]  # a geometry's
+        ranges = f"{names[0]} [{self.x.min():g}, {self.x.max():g}]"
         if self.y is not None:
-            ranges += f", y [{self.y.min():g}, {self.y.max():g}]"
+            ranges += f", {names[-1]} [{self.y.min():g}, {self.y.max():g}]"
         done = int(self.done.sum())
         lines = [
             f"{'file:':<20}{self.path}" + ("  (written by Li et al.'s loss-landscape)" if self.reference else ""),
@@ -400,7 +401,7 @@ class Surface:
                     "finished", "eval_seconds_total", "eval_seconds_per_point"):
             if key in self.attrs and self.attrs[key] != "":
                 lines.append(f"{key + ':':<19} {self.attrs[key]}")
-        for key in ("directions", "plan", "versions"):
+        for key in ("geometry", "directions", "plan", "versions"):
             if key in self.attrs:
                 lines.append(f"{key + ':':<19} {self.attrs[key]}")
         if "rank_points" in self.attrs:

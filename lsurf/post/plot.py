@@ -55,7 +55,11 @@ def _markers(surface: Surface) -> list[dict]:
     return json.loads(raw) if raw else []
 
 
-def _axis_labels(projection) -> tuple[str, str]:
+def _axis_labels(surface: Surface, projection) -> tuple[str, str]:
+    """α and β, a PCA plane's components, or the names of a geometry's axes."""
+    if "axis_names" in surface.attrs:
+        names = json.loads(surface.attrs["axis_names"])
+        return names[0], names[-1]
     if projection is None:
         return "α", "β"
     ev = projection["explained_variance"]
@@ -98,7 +102,7 @@ def plot_surface(surface: Surface, name: str = "train_loss", kind: str = "filled
     X, Y = np.meshgrid(surface.x, y)  # Z[j, i] sits at (x[i], y[j])
     masked = np.ma.masked_invalid(np.clip(z, lo, hi) if kind != "contour" else z)
     fig = Figure(figsize=size, layout="constrained")
-    xlabel, ylabel = _axis_labels(projection)
+    xlabel, ylabel = _axis_labels(surface, projection)
     if kind == "surface3d":
         ax = fig.add_subplot(projection="3d")
         height = np.log10(masked) if log else masked
@@ -201,7 +205,8 @@ def plot_curve(surface: Surface, *, log: bool = False, size=(6.0, 4.0), vmax=Non
         ax.axvline(m["x"], color="gray", linewidth=0.8)
         ax.annotate(m["label"], (m["x"], 1.0), xycoords=("data", "axes fraction"), xytext=(3, -12),
                     textcoords="offset points", fontsize=8)
-    ax.set_xlabel("t (along the curve and the line)" if "barrier_curve" in surface.attrs else "α")
+    ax.set_xlabel("t (along the curve and the line)" if "barrier_curve" in surface.attrs
+                  else _axis_labels(surface, None)[0])
     ax.set_ylabel("loss", color="tab:blue")
     twin.set_ylabel("accuracy (%)", color="tab:red")
     handles = ax.get_legend_handles_labels()[0] + twin.get_legend_handles_labels()[0]

@@ -47,8 +47,8 @@ class Options:
     """Everything a surface run needs to know; defaults are the CLI's defaults.
 
     Groups: what to load (model, checkpoint, data, subset, split, seq_len), the directions (seed,
-    norm, ignore, dir_type, same_dir, regenerate, dir_file, model2, model3, curve_plane, directions), the
-    grid (x, y, planes), how to
+    norm, ignore, dir_type, same_dir, regenerate, dir_file, model2, model3, curve_plane, directions) or a
+    geometry instead, the grid (x, y, planes), how to
     evaluate (loss, metric, ignore_index, output, dtype, device, threads, batch_size, points_per_pass, amp,
     tf32, layout, bn, hessian_iters, fidelity), fewer passes (budget and refine_tol: coarse-to-fine
     points; tolerance and min_samples: passes stopped once the loss is known well enough), how data
@@ -74,6 +74,7 @@ class Options:
     model3: str | None = None
     curve_plane: str | None = None
     directions: DirectionSource = "random"
+    geometry: str | None = None  # a user's own set of points, pkg.module:factory (lsurf.engine.geometry)
     x: str = "-1:1:51"
     y: str | None = None
     planes: int = 1
@@ -150,6 +151,8 @@ class Options:
                             f"`{'dir_file' if self.dir_file else 'model2'}`")
         if self.directions != "random":
             self._check_hessian_directions()
+        if self.geometry:
+            self._check_geometry()
         clash = [n for n in ("dir_file", "model2", "regenerate") if getattr(self, n)] + ["planes"] * (self.planes > 1)
         if self.curve_plane and clash:
             raise UserError(f"`curve_plane` sets both directions (the plane of the curve): it cannot be combined "
@@ -165,6 +168,16 @@ class Options:
         if self.amp == "bf16" and self.dtype == "float64":
             raise UserError("`amp` bf16 with `dtype` float64 would compute in bfloat16 and call it float64: "
                             "choose one")
+
+    def _check_geometry(self) -> None:
+        """A geometry brings its own points: options that make directions or a grid contradict it."""
+        clash = [f"`{n}`" for n in ("dir_file", "model2", "curve_plane", "regenerate", "same_dir", "y")
+                 if getattr(self, n)]
+        clash += ["`planes` > 1"] * (self.planes > 1) + ["`dir_type` states"] * (self.dir_type == "states")
+        clash += [f"`directions` {self.directions}"] * (self.directions != "random")
+        if clash:
+            raise UserError(f"`geometry` {self.geometry} gives the points and their axes: it cannot be combined "
+                            f"with {clash[0]}")
 
     def _check_hessian_directions(self) -> None:
         clash = [f"`{n}`" for n in ("dir_file", "model2", "curve_plane", "regenerate", "same_dir") if getattr(self, n)]

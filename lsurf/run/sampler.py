@@ -26,8 +26,9 @@ from torch import nn
 from lsurf.engine import surface_file
 from lsurf.engine.batches import device_budget, in_process, keep_resident, size_text
 from lsurf.engine.data import AnySplit, BatchStreamSplit, max_token
-from lsurf.engine.directions import AnyDirections, save_directions
+from lsurf.engine.directions import AnyDirections, save_directions, zero_directions
 from lsurf.engine.evaluate import Evaluator, check_outputs_fit, evaluator, plugin_metrics, resolve_loss
+from lsurf.engine.geometry import CheckedGeometry, load_geometry, model_params
 from lsurf.engine.grid import Grid, Tile, parse_tile
 from lsurf.engine.hf import vocabulary_size
 from lsurf.engine.metrics import Metric, PluginMetric, metrics_for, quantity_names
@@ -53,6 +54,7 @@ from lsurf.run.world import Group, World, abort_on_failure
 
 Log = Callable[[str], None]
 PlaneDirections = AnyDirections | Sequence[AnyDirections]  # one plane's, or each plane's of an ensemble
+Points = tuple[list[AnyDirections], CheckedGeometry | None]  # each plane's directions, and a geometry if any
 
 
 def run_surface(options: Options, comm: Any = None, log: Log | None = None) -> surface_file.Surface | None:
@@ -63,12 +65,17 @@ def run_surface(options: Options, comm: Any = None, log: Log | None = None) -> s
     w = World.of(comm)
     with abort_on_failure(w):
         grid, model, data, dirs = w.agree(lambda: _inputs(options))
+        geometry = None
+        if options.geometry:
+            spec = options.geometry
+            geometry = w.agree(lambda: load_geometry(spec, model_params(model)))
+            grid, dirs = geometry.grid(), _held_still(model, geometry)
         if dirs is None:  # a Hessian plane: every rank takes part in computing it
             dirs = hessian_plane(options, model, data, comm)
         prov = Provenance.of(options)
-        save_to = None if options.dir_file or options.planes > 1 else directions_path(options.out)
+        save_to = None if options.dir_file or options.planes > 1 or geometry else directions_path(options.out)
         return _sample(w, model, data, dirs, grid, Path(options.out), options, prov, save_to,
-                       log or (lambda m: None))
+                       log or (lambda m: None), geometry)
 
 
 def _inputs(options: Options) -> tuple[Grid, nn.Module, dict[str, AnySplit], PlaneDirections | None]:
@@ -77,6 +84,8 @@ def _inputs(options: Options) -> tuple[Grid, nn.Module, dict[str, AnySplit], Pla
     model, data = load_inputs(options)
     if data is None:
         raise UserError("`data` is needed to sample a surface")
+    if options.geometry:  # its points come from the geometry, made once the model is here
+        return grid, model, data, None
     if options.directions != "random":
         return grid, model, data, None
     if options.planes > 1:
@@ -120,9 +129,42 @@ def sample_surface(
                        provenance or Provenance(config=opts.as_dict()), save_directions_to, log or (lambda m: None))
 
 
+def sample_geometry(
+    model: nn.Module,
+    data: dict[str, AnySplit],
+    geometry: Any,
+    out: str | Path,
+    options: Options | None = None,
+    *,
+    comm: Any = None,
+    provenance: Provenance | None = None,
+    log: Log | None = None,
+    **overrides: Any,
+) -> surface_file.Surface | None:
+    """Sample loss and accuracy at the points of ``geometry`` — a user's object with ``axes``,
+    ``offset(index)`` and ``identity()`` (lsurf.engine.geometry), typically made from
+    :func:`lsurf.engine.geometry.model_params` of this model — into ``out``, exactly as
+    :func:`sample_surface` samples a plane: the same runner, options, resume and file; the grid is
+    the geometry's axes. Every rank passes its own geometry object, answering alike."""
+    opts = (options or Options()).replace(**overrides)
+    w = World.of(comm)
+    name = f"{type(geometry).__module__}.{type(geometry).__qualname__}"
+    with abort_on_failure(w):
+        checked = w.agree(lambda: CheckedGeometry.of(geometry, list(model.parameters()), name))
+        return _sample(w, model, data, _held_still(model, checked), checked.grid(), Path(out), opts,
+                       provenance or Provenance(config=opts.as_dict()), None, log or (lambda m: None), checked)
+
+
+def _held_still(model: nn.Module, geometry: CheckedGeometry) -> AnyDirections:
+    """The directions the evaluator holds on a geometry's run: zeros of its dimensions (never moved along)."""
+    return zero_directions(model, "weights", two=len(geometry.axes) == 2)
+
+
 def _sample(w: World, model: nn.Module, data: dict[str, AnySplit], directions: PlaneDirections, grid: Grid,
             path: Path, opts: Options, prov: Provenance, save_to: str | Path | None,
-            log: Log) -> surface_file.Surface | None:
+            log: Log, geometry: CheckedGeometry | None = None) -> surface_file.Surface | None:
+    """The run on every rank: the points of ``geometry`` where there is one (``directions``: zeros of
+    its dimensions, which the evaluator holds but never moves along), else of the planes."""
     planes = w.agree(lambda: _planes(directions, grid))
     dev = w.agree(lambda: choose_device(w, opts.device))
     with bound_device(dev):
@@ -131,8 +173,8 @@ def _sample(w: World, model: nn.Module, data: dict[str, AnySplit], directions: P
         metrics = (*metrics_for(next(iter(data.values())).rows(0, 1)[1], opts.ignore_index), *plugins)
         group = w.groups(opts.ranks_per_point)
         try:
-            return _sample_in_groups(w, group, (dev, outputs), model, data, planes, grid, path, opts, prov, save_to,
-                                     metrics, log)
+            return _sample_in_groups(w, group, (dev, outputs), model, data, (planes, geometry), grid, path, opts,
+                                     prov, save_to, metrics, log)
         finally:
             group.free()
 
@@ -146,15 +188,18 @@ def _planes(directions: PlaneDirections, grid: Grid) -> list[AnyDirections]:
 
 
 def _sample_in_groups(w: World, group: Group, probe: tuple[torch.device, int], model: nn.Module,
-                      data: dict[str, AnySplit], planes: list[AnyDirections], grid: Grid, path: Path, opts: Options,
+                      data: dict[str, AnySplit], points: Points, grid: Grid, path: Path, opts: Options,
                       prov: Provenance, save_to: str | Path | None, metrics: Sequence[Metric],
                       log: Log) -> surface_file.Surface | None:
     """The run once the inputs are checked: ``probe`` is this rank's device and the output values
     one sample gives (for the default batch size); ``metrics``: the built-in ones for the targets
-    and the user's own."""
+    and the user's own; ``points``: the planes' directions and the geometry, if any."""
     dev, outputs = probe
+    planes, geometry = points
     directions = planes[0]
     identity = prov.identity(planes, data, opts, fingerprints=w.is_root, device=dev)
+    if geometry is not None:
+        identity["geometry"] = geometry.identity()
     w.agree(lambda: check_same_inputs(w, model, identity["directions_sha256"]))
     with contextlib.ExitStack() as stack:
         def prepare() -> tuple[dict | None, Plan | None]:
@@ -164,6 +209,9 @@ def _sample_in_groups(w: World, group: Group, probe: tuple[torch.device, int], m
             if surface_file.accept(path, grid, identity, opts.overwrite, RECORDED_SINCE):
                 return _existing(path)
             attrs = _save_directions(directions, save_to, prov).attrs(planes, w.size)
+            if geometry is not None:  # no directions: the geometry says what the points are
+                attrs.update(geometry=json.dumps(geometry.identity()), axis_names=json.dumps(geometry.names),
+                             directions=json.dumps({"geometry": geometry.name}))
             if opts.tolerance:  # what the samples a point used are a share of
                 attrs["split_sizes"] = json.dumps({s: len(split) for s, split in data.items()
                                                    if not isinstance(split, BatchStreamSplit)})
@@ -175,12 +223,12 @@ def _sample_in_groups(w: World, group: Group, probe: tuple[torch.device, int], m
         batch_size, channels_last = w.bcast(w.agree(lambda: _layout(w, model, data, probe, opts, stored, log)))
         workers = _workers(opts, dev)
         streamed = w.bcast(w.agree(lambda: _streamed(w, group, data, dev, opts, batch_size, workers, log)))
-        stats, plan = _evaluate_grid(w, group, dev, model, data, planes, grid, path, opts, existing, stored,
+        stats, plan = _evaluate_grid(w, group, dev, model, data, points, grid, path, opts, existing, stored,
                                      (batch_size, channels_last, workers, streamed), metrics, log)
         gathered = w.gather(stats)
         # after the evaluator is gone: its device copies (splits, θ*, directions) are freed, so the
         # Hessian's products have the room the points had
-        fidelity = _fidelity_attrs(w, model, data, planes, grid, opts, dev, streamed, path, log)
+        fidelity = _fidelity_attrs(w, model, data, points, grid, opts, dev, streamed, path, log)
         if w.is_root:
             assert gathered is not None  # gather returns the list on rank 0
             surface_file.set_attrs(path, {**_run_attrs(gathered, plan), "rank_layout": _layout_line(w, group),
@@ -190,13 +238,14 @@ def _sample_in_groups(w: World, group: Group, probe: tuple[torch.device, int], m
 
 
 def _evaluate_grid(w: World, group: Group, dev: torch.device, model: nn.Module, data: dict[str, AnySplit],
-                   planes: list[AnyDirections], grid: Grid, path: Path, opts: Options, existing: dict | None,
+                   points: Points, grid: Grid, path: Path, opts: Options, existing: dict | None,
                    stored: Plan | None, layout: tuple[int, bool, int, list[str]], metrics: Sequence[Metric],
                    log: Log) -> tuple[dict, Plan]:
     """Every point of the grid this rank takes part in, and the run plan. The evaluator lives only
     in here: once this returns, nothing holds its copies on the device any more. ``layout``: batch
     size, channels-last, loader workers and the streamed splits."""
     batch_size, channels_last, workers, streamed = layout
+    planes, geometry = points
     with evaluator(model, data, planes[0], device=dev, dtype=opts.torch_dtype, batch_size=batch_size,
                    channels_last=channels_last, loss=opts.loss, bn=opts.bn,
                    points_per_pass=opts.points_per_pass or (stored.points_per_pass if stored else 1),
@@ -217,7 +266,8 @@ def _evaluate_grid(w: World, group: Group, dev: torch.device, model: nn.Module, 
         w.barrier()  # rank 0 has closed the file again before the writers open it
         log(f"rank {w.rank}/{w.size} (local {w.local_rank}/{w.local_size}, group {group.index}/{group.count}) "
             f"on {dev}, {torch.get_num_threads()} threads")
-        return _run_rounds(w, group, _PlaneEvaluators(ev, planes), grid, path, existing, opts, log), plan
+        at: PointSet = _GeometryPoints(ev, geometry) if geometry is not None else _PlanePoints(ev, planes, grid)
+        return _run_rounds(w, group, at, grid, path, existing, opts, log), plan
 
 
 def _check_inputs(w: World, model: nn.Module, data: dict[str, AnySplit], directions: AnyDirections, grid: Grid,
@@ -347,10 +397,13 @@ def use_parallel_hdf5(w: World, writer: str) -> bool:
     return w.size > 1 and has_mpi and writer != "root"
 
 
-def _fidelity_attrs(w: World, model: nn.Module, data: dict[str, AnySplit], planes: list[AnyDirections], grid: Grid,
+def _fidelity_attrs(w: World, model: nn.Module, data: dict[str, AnySplit], points: Points, grid: Grid,
                     opts: Options, dev: torch.device, streamed: list[str], path: Path, log: Log) -> dict[str, str]:
     """The planes' projection fidelity (``fidelity``) or why it was not measured (``fidelity_note``),
     measured by every rank once the points are done; a resumed file that has it keeps it."""
+    planes, geometry = points
+    if geometry is not None:
+        return {"fidelity_note": "not measured: a plug-in geometry has no plane directions"}
     def measured() -> bool:
         with surface_file.open_h5(path) as f:
             return "fidelity" in f.attrs
@@ -364,34 +417,47 @@ def _fidelity_attrs(w: World, model: nn.Module, data: dict[str, AnySplit], plane
     return {"fidelity": plane_fidelity(w, model, data, planes, opts, dev)}
 
 
-class _PlaneEvaluators:
-    """The evaluator of each plane of an ensemble: the run's own for plane 0, a twin moving along
-    plane k's directions otherwise. Tiles come plane after plane, so only the current twin is kept
-    (its directions on the device)."""
+class _PlanePoints:
+    """The points of the built-in planes: grid coordinates (α, β) along each plane's directions,
+    the run's own evaluator for plane 0, a twin moving along plane k's directions otherwise. Tiles
+    come plane after plane, so only the current twin is kept (its directions on the device)."""
 
-    def __init__(self, ev: Evaluator, planes: list[AnyDirections]):
-        self.first, self.planes = ev, planes
+    def __init__(self, ev: Evaluator, planes: list[AnyDirections], grid: Grid):
+        self.first, self.planes, self.grid = ev, planes, grid
         self.current: tuple[int, Evaluator] = (0, ev)
 
-    def __call__(self, plane: int) -> Evaluator:
+    def evaluate(self, plane: int, cells: list[tuple[int, int]]) -> list[dict[str, float]]:
+        """Results at grid cells (j, i) of ``plane``."""
         if self.current[0] != plane:
             self.current = (plane, self.first if plane == 0 else self.first.with_directions(self.planes[plane]))
-        return self.current[1]
+        return self.current[1].evaluate_many([self.grid.coords(j, i) for j, i in cells])
 
+
+class _GeometryPoints:
+    """The points of a user's geometry: its offset at each cell, applied by the evaluator (θ* + δ)."""
+
+    def __init__(self, ev: Evaluator, geometry: CheckedGeometry):
+        self.first, self.geometry = ev, geometry
+
+    def evaluate(self, plane: int, cells: list[tuple[int, int]]) -> list[dict[str, float]]:
+        return self.first.evaluate_offsets(self.geometry.offsets(cells))
+
+
+PointSet = _PlanePoints | _GeometryPoints  # what the tile loop evaluates: cells of a plane -> results
 
 def _precision(opts: Options) -> Precision | None:
     return None if opts.tolerance is None else Precision(opts.tolerance, opts.min_samples, opts.seed)
 
 
-def _run_rounds(w: World, group: Group, evaluators: _PlaneEvaluators, grid: Grid, path: Path,
+def _run_rounds(w: World, group: Group, points: PointSet, grid: Grid, path: Path,
                 existing: dict | None, opts: Options, log: Log) -> dict:
     """Every point in one round, or coarse-to-fine rounds (lsurf.engine.refine) chosen on rank 0
     from what the file holds after each. A resumed run replays the rounds from the start: the
     refiner reads only the points it chose, so it chooses as an uninterrupted run did."""
     if not opts.refines:
-        return _run(w, group, evaluators, grid, path, existing, opts, log)
+        return _run(w, group, points, grid, path, existing, opts, log)
     refiner = Refiner(grid.plane_shape, opts.budget, opts.refine_tol)
-    steer = [n for n in evaluators.first.quantities if n.endswith(STEERING)]
+    steer = [n for n in points.first.quantities if n.endswith(STEERING)]
     stats: dict = {}
     while True:
         step = w.bcast(_next_round(refiner, steer, grid, path, opts, stats) if w.is_root else None)
@@ -401,7 +467,7 @@ def _run_rounds(w: World, group: Group, evaluators: _PlaneEvaluators, grid: Grid
         if w.is_root:
             cap = "" if refiner.budget is None else f" of the budget's {refiner.budget}"
             log(f"round {refiner.rounds}: {int(wanted.sum())} points, {int(refiner.selected.sum())}{cap} chosen so far")
-        done = _run(w, group, evaluators, grid, path, existing, opts, log, wanted=wanted.reshape(grid.shape))
+        done = _run(w, group, points, grid, path, existing, opts, log, wanted=wanted.reshape(grid.shape))
         stats = {k: v + stats.get(k, 0) if k != "rank" else v for k, v in done.items()}
 
 
@@ -420,15 +486,15 @@ def _next_round(refiner: Refiner, steer: list[str], grid: Grid, path: Path, opts
     return None if wanted is None else (wanted, existing)
 
 
-def _run(w: World, group: Group, evaluators: _PlaneEvaluators, grid: Grid, path: Path, existing: dict | None,
-         opts: Options, log: Log, wanted: np.ndarray | None = None) -> dict:
+def _run(w: World, group: Group, at: PointSet, grid: Grid, path: Path,
+         existing: dict | None, opts: Options, log: Log, wanted: np.ndarray | None = None) -> dict:
     """Take tiles until the queue is empty. In a group only the leader takes tiles (and tells the
     others which) and only it writes; every rank of the group evaluates every point on its share.
     ``wanted``: the only points to compute (a coarse-to-fine round), else all not done."""
     done = grid.as_stack(existing["done"]) if existing else np.zeros(grid.stack_shape, dtype=bool)
     if wanted is not None:
         done = done | ~grid.as_stack(wanted)  # what is not wanted counts as done here, and is not marked so
-    tiles = [t for t in grid.tiles(parse_tile(opts.tile), group.count, evaluators.first.points_per_pass)
+    tiles = [t for t in grid.tiles(parse_tile(opts.tile), group.count, at.first.points_per_pass)
              if not done[t.plane, t.j0:t.j1, t.i0:t.i1].all()]
     todo_points = int((~done).sum())
     parallel_io = use_parallel_hdf5(w, opts.writer)
@@ -445,7 +511,7 @@ def _run(w: World, group: Group, evaluators: _PlaneEvaluators, grid: Grid, path:
     try:
         while (k := group.bcast(queue.next() if group.is_leader else None)) is not None:
             t0 = time.perf_counter()
-            values, held = _evaluate_tile(evaluators(tiles[k].plane), grid, tiles[k], done, existing)
+            values, held = _evaluate_tile(at, grid, tiles[k], done, existing)
             seconds += time.perf_counter() - t0
             if group.is_leader:
                 n = int(held.sum()) - _held_before(grid, tiles[k], existing)
@@ -470,11 +536,12 @@ def _run(w: World, group: Group, evaluators: _PlaneEvaluators, grid: Grid, path:
             "wall_seconds": time.perf_counter() - wall}
 
 
-def _evaluate_tile(ev: Evaluator, grid: Grid, t: Tile, done: np.ndarray,
+def _evaluate_tile(at: PointSet, grid: Grid, t: Tile, done: np.ndarray,
                    existing: dict | None) -> tuple[dict[str, np.ndarray], np.ndarray]:
     """Values of every quantity over the tile (rows × columns of its plane), and which points hold
     one: points already done keep their stored values, those ``done`` marks but the file does not
     (left out of a round) stay NaN."""
+    ev = at.first
     vals = {n: np.full((t.j1 - t.j0, t.i1 - t.i0), np.nan) for n in ev.quantities}
     if existing is not None:
         for n in ev.quantities:
@@ -483,7 +550,7 @@ def _evaluate_tile(ev: Evaluator, grid: Grid, t: Tile, done: np.ndarray,
     held = np.zeros(vals[ev.quantities[0]].shape, dtype=bool)
     if existing is not None:
         held[:] = grid.as_stack(existing["done"])[t.plane, t.j0:t.j1, t.i0:t.i1]
-    for (j, i), result in zip(todo, ev.evaluate_many([grid.coords(j, i) for j, i in todo])):
+    for (j, i), result in zip(todo, at.evaluate(t.plane, todo)):
         held[j - t.j0, i - t.i0] = True
         for n, v in result.items():
             vals[n][j - t.j0, i - t.i0] = v
