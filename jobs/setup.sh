@@ -41,7 +41,7 @@ fi
 
 # lsurf itself (editable) with its test extras; h5py is already satisfied so the parallel build stays.
 # Reinstalled too when the `lsurf` script no longer starts (an entry point moved since it was made).
-if ! { "$VPY" -c "import lsurf, pytest, vtk, xarray, h5netcdf, sklearn, tqdm, plotly, importlinter, mypy, transformers" \
+if ! { "$VPY" -c "import lsurf, pytest, xdist, vtk, xarray, h5netcdf, sklearn, tqdm, plotly, importlinter, mypy, transformers" \
        && "$VENV/bin/lsurf" --version; } >/dev/null 2>&1; then
   echo "[setup] pip: lsurf and its test dependencies"
   pip install -e "$ROOT[test]" torch==2.13.0 h5py==3.16.0
