@@ -404,7 +404,7 @@ def headline(ctx: Ctx, tf32: bool, amp: bool) -> tuple[bool, str]:
         k = ev.calibrate(log=lines.append)
         ctx.record(images=images, batch_size=batch, channels_last=channels_last, K=k, calibration=lines[-1:],
                    calibration_s=time.perf_counter() - t0, precision=float32_precision(), amp=amp)
-        seconds, measured, finite = _seconds_per_point(ev, k, images)
+        seconds, measured, finite = _seconds_per_point(ev, k, images, ctx.size(10, 1))  # --cpu: plumbing only
     peak = torch.cuda.max_memory_allocated(dev) / 2**30 if dev.type == "cuda" else _peak_rss_gib()
     ctx.record(seconds_per_point=seconds, images_per_second=images / seconds, measured=measured, peak_gib=peak,
                peak_kind="cuda max_memory_allocated" if dev.type == "cuda" else "process peak RSS")

@@ -242,12 +242,8 @@ def eval_curve_job(options: Options, curve_path: str, points: int = 21, comm: An
                     surface_file.accept(opts.out, grid, identity, opts.overwrite, RECORDED_SINCE)
 
             w.agree(prepare)
-            mine = list(range(w.rank, points, w.size))
-            rows = _evaluate(model, data, curve, dirs, [float(grid.x[i]) for i in mine], opts, dev)
-            gathered = w.gather(list(zip(mine, rows)))
-            if w.is_root:
-                assert gathered is not None
-                ordered = [row for _, row in sorted(pair for part in gathered for pair in part)]
+            ordered = _evaluate(w, model, data, (curve, dirs), [float(t) for t in grid.x], opts, dev)
+            if ordered is not None:  # rank 0
                 attrs = {**prov.attrs([dirs], w.size), **_eval_attrs(opts, curve_path, stored, ordered)}
                 _write(opts.out, grid, _quantities(data, opts), identity, attrs, ordered)
                 log(f"barrier (train loss): line {attrs['barrier_line']:.4g}, curve {attrs['barrier_curve']:.4g}")
@@ -283,16 +279,16 @@ def _has_batchnorm(model: nn.Module) -> bool:
     return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
 
 
-def _evaluate(model: nn.Module, data: dict[str, AnySplit], curve: Curve, dirs: Directions, ts: list[float],
-              opts: Options, dev: torch.device) -> list[dict[str, float]]:
-    """The curve's values (by their names) and the line's (``line_`` names) at each t of ``ts``."""
-    if not ts:
-        return []
+def _evaluate(w: World, model: nn.Module, data: dict[str, AnySplit], path: tuple[Curve, Directions],
+              ts: list[float], opts: Options, dev: torch.device) -> list[dict[str, float]] | None:
+    """The curve's values (by their names) and the line's (``line_`` names) at each t of ``ts``,
+    spread over the ranks, on rank 0 (None elsewhere). ``path``: the curve and the line's direction."""
+    curve, dirs = path
     batch_size = opts.batch_size or curve_batch_size(model, data, opts, dev)
     with evaluator(model, data, dirs, device=dev, dtype=opts.torch_dtype, batch_size=batch_size,
                    loss=opts.loss, bn=opts.bn, output=opts.output, ignore_index=opts.ignore_index) as ev:
-        return [{**ev.evaluate_offset(curve.offset(t)), **{f"line_{k}": v for k, v in ev.evaluate(t).items()}}
-                for t in ts]
+        return w.spread(ts, lambda t: {**ev.evaluate_offset(curve.offset(t)),
+                                       **{f"line_{k}": v for k, v in ev.evaluate(t).items()}})
 
 
 def curve_batch_size(model: nn.Module, data: dict[str, AnySplit], opts: Options, dev: torch.device) -> int:

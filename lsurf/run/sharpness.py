@@ -1,8 +1,8 @@
 """``lsurf sharpness`` as a library call: average- or worst-case sharpness of the options' model on
-one split, the draws (average) or restarts (worst) dealt to MPI ranks round-robin like grid points.
+one split, the draws (average) or restarts (worst) spread over the MPI ranks (``World.spread``).
 
-Draw or restart i goes to rank i % size and depends on (``options.seed``, i) alone, so the values
-are the same on any number of ranks; rank 0 gathers them in order. Every rank holds the whole split.
+Draw or restart i depends on (``options.seed``, i) alone, so the values are the same on any number
+of ranks; rank 0 gathers them in order. Every rank holds the whole split.
 """
 
 from __future__ import annotations
@@ -43,12 +43,10 @@ def sharpness(options: Options, comm: Any = None, *, radius: float, kind: str = 
         split, model, data = w.agree(lambda: _inputs(options))
         w.agree(lambda: check_same_inputs(w, model))  # each rank's draws must be of the one model
         count = samples if kind == "average" else restarts
-        centre, mine = _values(w, options, model, data, split, range(w.rank, count, w.size),
-                               radius=float(radius), kind=kind, adaptive=adaptive, steps=steps)
-        gathered = w.gather(mine)
-    if gathered is None:
+        centre, values = _values(w, options, model, data, split, count,
+                                 radius=float(radius), kind=kind, adaptive=adaptive, steps=steps)
+    if values is None:
         return None
-    values = [v for _, v in sorted(pair for part in gathered for pair in part)]
     value, stderr = summarise(values, kind)
     return {"sharpness": np.array(value), "sharpness_stderr": np.array(stderr),
             "values": np.array(values, dtype=np.float64), "centre_loss": np.array(centre)}
@@ -68,16 +66,17 @@ def _inputs(options: Options) -> tuple[str, nn.Module, dict[str, AnySplit]]:
 
 
 def _values(w: World, options: Options, model: nn.Module, data: dict[str, AnySplit], split: str,
-            indices: range, *, radius: float, kind: str, adaptive: bool, steps: int) -> tuple[float, list]:
-    """(centre loss, [(index, rise)]) for this rank's draws or restarts, the model handed back after."""
+            count: int, *, radius: float, kind: str, adaptive: bool, steps: int) -> tuple[float, list | None]:
+    """(centre loss, the rise of each of ``count`` draws or restarts on rank 0, None elsewhere),
+    spread over the ranks; the model handed back after."""
     device, outputs = w.agree(lambda: _check_fit(w, options, model, data))
     batch_size = options.batch_size or default_batch_size(device, outputs)
     with evaluator(model, data, zero_directions(model, options.dir_type), device=device, dtype=options.torch_dtype,
                    batch_size=batch_size, loss=options.loss, output=options.output,
                    ignore_index=options.ignore_index) as ev:
         probe = Probe(ev, split, radius, adaptive, options.seed)
-        mine = [(i, probe.worst(i, steps) if kind == "worst" else probe.average(i)) for i in indices]
-        return probe.centre, mine
+        rises = w.spread(range(count), lambda i: probe.worst(i, steps) if kind == "worst" else probe.average(i))
+        return probe.centre, rises
 
 
 def _check_fit(w: World, options: Options, model: nn.Module, data: dict[str, AnySplit]) -> tuple[torch.device, int]:
