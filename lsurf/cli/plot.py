@@ -10,6 +10,7 @@ from pathlib import Path
 from lsurf.cli import common
 from lsurf.engine.io import atomic_write
 from lsurf.engine.levels import DEFAULT_LEVELS
+from lsurf.engine.progress import job_state
 from lsurf.engine.surface_file import read_surface
 from lsurf.post.compare import DIFFS, plot_comparison
 from lsurf.post.html import write_html
@@ -47,6 +48,7 @@ def run(args: argparse.Namespace) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     for s in surfaces:
         print(f"coverage: {int(s.done.sum())}/{s.done.size} points ({s.path})")
+        print(f"state: {job_state(s).line()}")
         for line in s.accounting():
             print(" ".join(line.split()))
     kinds = tuple(k.strip() for k in args.kind.split(",") if k.strip())
