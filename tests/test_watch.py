@@ -99,13 +99,15 @@ def test_running_state_rate_and_eta_from_the_file(tmp_path):
 
 
 def test_a_dead_jobs_lock_file_is_not_a_running_job(tmp_path):
-    """A lock file left by a job killed here (its pid is gone) is no running job; one naming
-    another node can only be believed."""
+    """A lock file left by a job killed here (its pid is gone, or a zombie nobody reaped) is no
+    running job; one naming another node can only be believed."""
     dead = os.fork()
     if dead == 0:
         os._exit(0)
-    os.waitpid(dead, 0)
+    os.waitid(os.P_PID, dead, os.WEXITED | os.WNOWAIT)  # ended, not reaped: a zombie
     here = {"time": time.time(), "done": 0, "host": socket.gethostname(), "pid": dead}
+    assert progress.job_state(read_surface(partial(tmp_path / "z.h5", started=here))).state == "unfinished"
+    os.waitpid(dead, 0)
     assert progress.job_state(read_surface(partial(tmp_path / "a.h5", started=here))).state == "unfinished"
     alive = {**here, "pid": os.getpid()}
     assert progress.job_state(read_surface(partial(tmp_path / "b.h5", started=alive))).running

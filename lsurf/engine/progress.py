@@ -113,13 +113,24 @@ def _job_alive(path: Path, attrs: dict) -> bool:
     started = _started(attrs)
     if started is None or started.get("host") != socket.gethostname():
         return True  # another node's job: its lock file is all there is to go by
+    pid = int(started["pid"])
     try:
-        os.kill(int(started["pid"]), 0)
+        os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True  # alive, another user's
-    return True
+    return not _zombie(pid)
+
+
+def _zombie(pid: int) -> bool:
+    """A process that has ended but is not yet reaped (a killed rank whose parent has gone, under
+    an init that does not reap) still answers ``kill(pid, 0)``."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except (OSError, IndexError):
+        return False
 
 
 def _started(attrs: dict) -> dict | None:

@@ -135,13 +135,13 @@ def watch(path: str | Path, *, quantity: str | None = None, plane: int | None = 
             state = state.measured(meter.observe(now, state.done))
             view = _plane(surface, plane)
             name = quantity or first_loss(view)
+            if html is not None and (state.done, state.state) != shown:  # the page first: a frame drawn is on it
+                write_html([view.interpolated()], html, refresh=interval if state.running else None)
             if terminal or (state.done, state.state) != shown:  # a log gets a frame when something changed
                 where = "" if surface.planes is None else f", plane {plane or 0} of {surface.planes}"
                 text = frame(view, state, name, colour, shutil.get_terminal_size((100, 40)), where)
                 out.write(("\x1b[H\x1b[J" if terminal else "") + text + "\n")
                 out.flush()
-            if html is not None and (state.done, state.state) != shown:
-                write_html([view.interpolated()], html, refresh=interval if state.running else None)
             shown = (state.done, state.state)
             if once or not state.running:
                 return state
