@@ -18,7 +18,7 @@ from inprocess import cli
 
 from lsurf.engine import progress
 from lsurf.engine.grid import Grid, Tile
-from lsurf.engine.surface_file import READ_TRIES, TileWriter, create, read_surface, set_attrs
+from lsurf.engine.surface_file import READ_TRIES, TileWriter, _torn, create, read_surface, set_attrs
 from lsurf.errors import UserError
 from lsurf.post.plot import figure_title
 from lsurf.post.watch import CHARACTERS, frame, shrink, watch
@@ -71,6 +71,20 @@ def test_a_half_written_file_is_read_again_not_refused(tmp_path):
     finally:
         mend.join()
     np.testing.assert_array_equal(s.values["train_loss"][:2], LOSS[:2])
+
+
+def test_a_point_done_without_values_is_read_twice(tmp_path):
+    """The serial writer's values reach the disk just after the tile's ``done`` (HDF5 holds small
+    writes per dataset until the flush): a point done with no value at all is read once more, and
+    believed if it stays so (an overflow can make every quantity NaN)."""
+    path = partial(tmp_path / "s.h5", running=False)
+    w = TileWriter(path, Grid(X, Y))
+    w.write(Tile(0, 3, 4, 0, 1), {"train_loss": np.full((1, 1), np.nan), "train_acc": np.full((1, 1), np.nan)})
+    w.close()
+    t0 = time.perf_counter()
+    s = read_surface(path)
+    assert time.perf_counter() - t0 >= 0.05 and s.done[3, 0] and np.isnan(s.values["train_loss"][3, 0])
+    assert _torn(s) and not _torn(read_surface(partial(tmp_path / "whole.h5")))  # what makes the second read
 
 
 def test_retries_are_bounded_and_a_non_hdf5_file_is_refused_at_once(tmp_path):

@@ -434,13 +434,18 @@ def read_surface(path: str | Path) -> Surface:
 
     A file that a running job writes is read as it stands, without disturbing the job: without
     HDF5's file lock (the job's writers take none, and where the file system has no flock a lock
-    would only make the read fail), ``done`` before the values (the job writes them in the other
-    order, so every point read as done has its values), and a read that meets the job's
-    attributes mid-update (set between rounds and at the end) is tried again a few times."""
+    would only make the read fail), ``done`` before the values (the job writes the values first),
+    and a read that meets the job's attributes mid-update (set between rounds and at the end) is
+    tried again a few times. The serial writer's values can reach the disk a moment after ``done``
+    (HDF5 holds each dataset's small writes until the flush that ends the tile): a point done
+    without a single value is read once more before it is believed (an overflow can make it so)."""
     for attempt in range(READ_TRIES):
         try:
             with h5py.File(path, "r", locking=False) as f:
-                return _read_open(f, str(path))
+                surface = _read_open(f, str(path))
+            if attempt > 0 or not _torn(surface):
+                return surface
+            time.sleep(0.05)
         except FileNotFoundError:
             raise UserError(f"{str(path)!r} does not exist") from None
         except UserError:
@@ -450,6 +455,14 @@ def read_surface(path: str | Path) -> Surface:
                 raise UserError(f"{str(path)!r}: not a readable surface file ({str(e).splitlines()[0]})") from None
             time.sleep(0.05 * 2 ** attempt)
     raise AssertionError("unreachable: the last try returns or raises")
+
+
+def _torn(surface: Surface) -> bool:
+    """Are some points done without any value (as a read between a tile's ``done`` and its values sees)?"""
+    if not surface.values or surface.reference:
+        return False
+    none = np.logical_and.reduce([np.isnan(v) for v in surface.values.values()])
+    return bool((none & surface.done).any())
 
 
 def _read_open(f: h5py.File, path: str) -> Surface:
