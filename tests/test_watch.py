@@ -227,3 +227,32 @@ def test_titles_and_commands_say_the_file_is_running(tmp_path):
     assert cli("watch", path, "--once").returncode == 1  # the job ended unfinished
     missing = cli("watch", tmp_path / "none.h5", "--once")
     assert missing.returncode == 2 and "does not exist" in missing.stderr
+
+
+def test_fill_draws_a_running_grid_whole_from_its_coarse_points(tmp_path):
+    """Every other row and column done (what a coarse-first order computes first): ``fill`` draws
+    the plane whole, interpolated between them (exactly, for a linear loss), and says so."""
+    x = y = np.linspace(-1, 1, 9)
+    grid = Grid(x, y)
+    plane = 5 + np.add.outer(3 * y, 2 * x)
+    path = tmp_path / "s.h5"
+    create(path, grid, ["train_loss"], {}, {})
+    w = TileWriter(path, grid)
+    for j in range(0, 9, 2):
+        for i in range(0, 9, 2):
+            w.write(Tile(0, j, j + 1, i, i + 1), {"train_loss": plane[j:j + 1, i:i + 1]})
+    w.close()
+    open(f"{path}.lock", "w").close()
+    s = read_surface(path)
+    assert s.interpolated() is s  # unasked, a whole grid not done is drawn as it is
+    filled = s.interpolated(unfinished=True)
+    np.testing.assert_allclose(filled.values["train_loss"], plane, rtol=0, atol=1e-12)
+    assert int(filled.computed.sum()) == 25 and filled.done.all()
+    assert progress.job_state(filled).line().startswith("running: 31 % done (25 of 81 points)")
+    assert "25 of 81 points computed, the rest interpolated" in figure_title(filled, "train_loss")
+    out = io.StringIO()
+    watch(path, once=True, fill=True, colour=False, out=out)
+    assert " " not in "".join(out.getvalue().splitlines()[2:11])  # nine rows, no blank left
+    assert "between computed points interpolated" in out.getvalue()
+    p = cli("plot", path, "--fill", "--kind", "heatmap", "--out-dir", tmp_path, check=True)
+    assert "coverage: 25/81 points" in p.stdout

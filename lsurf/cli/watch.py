@@ -21,13 +21,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--once", action="store_true", help="draw once and exit")
     p.add_argument("--html", metavar="PAGE", help="also keep this page (that of plot --html) up to date; "
                    "it reloads itself while the job runs")
+    p.add_argument("--fill", action="store_true", help="draw points not done yet interpolated from the done "
+                   "points around them (with the coarse-first order a whole picture early)")
     p.add_argument("--no-color", dest="colour", action="store_false", default=None,
                    help="characters instead of ANSI colours (default: colours in a terminal)")
 
 
 def run(args: argparse.Namespace) -> int:
     state = watch(args.file, quantity=args.quantity, plane=args.plane, interval=args.interval, once=args.once,
-                  html=args.html, colour=args.colour)
+                  html=args.html, colour=args.colour, fill=args.fill)
     if args.html and state is not None:
         print(f"wrote {args.html}")
     return 1 if state is not None and state.state == UNFINISHED else 0

@@ -305,11 +305,14 @@ class Surface:
         raw = self.attrs.get("refinement")
         return json.loads(raw) if raw else None
 
-    def interpolated(self) -> Surface:
+    def interpolated(self, unfinished: bool = False) -> Surface:
         """A coarse-to-fine surface with the points it left out filled in by the interpolation its
-        refinement trusted; ``computed`` keeps which points were measured. Any other surface comes
-        back as it is (an unfinished whole-grid run is not a picture to fill)."""
-        if self.refinement is None or self.planes is not None or self.computed is not None:
+        refinement trusted; ``computed`` keeps which points were measured. With ``unfinished``, a
+        whole grid not done yet too (a running job's file drawn whole: its points not done are
+        interpolated from the done ones around them where there are, else stay NaN). Any other
+        surface comes back as it is."""
+        fills = self.refinement is not None or (unfinished and not self.done.all())
+        if not fills or self.planes is not None or self.computed is not None:
             return self
         plane = self.grid.plane_shape
         known = self.done.reshape(plane)

@@ -109,17 +109,20 @@ def frame(surface: Surface, state: JobState, name: str, colour: bool, size: tupl
     x = f"α {surface.x[0]:g} … {surface.x[-1]:g} left to right"
     y = "" if surface.y is None else f", β {surface.y[0]:g} … {surface.y[-1]:g} bottom to top"
     blank = "" if surface.done.all() else "; blank: not done yet"
+    if surface.computed is not None and not surface.computed.all():
+        blank = "; between computed points interpolated" + blank.replace("done", "reached")
     return "\n".join([*head, *heat_map(levels(cells, lo, hi, geometric, n), colour),
                       f"{lo:.4g} {scale} {hi:.4g}{' (log scale)' if geometric else ''}{blank}", x + y])
 
 
 def watch(path: str | Path, *, quantity: str | None = None, plane: int | None = None, interval: float = 2.0,
-          once: bool = False, html: str | Path | None = None, colour: bool | None = None,
+          once: bool = False, html: str | Path | None = None, colour: bool | None = None, fill: bool = False,
           out: TextIO = sys.stdout) -> JobState | None:
     """Draw ``path`` every ``interval`` seconds until its job ends (``once``: one drawing now), and
     keep the page ``html`` up to date; returns the last state (None if interrupted before the file
-    appeared). ``colour``: ANSI colours (default: when ``out`` is a terminal and NO_COLOR unset).
-    Ctrl-C ends the watch, not the job."""
+    appeared). ``colour``: ANSI colours (default: when ``out`` is a terminal and NO_COLOR unset);
+    ``fill``: points not done drawn interpolated from done ones (Surface.interpolated). Ctrl-C ends
+    the watch, not the job."""
     if interval <= 0:
         raise UserError(f"`interval` {interval:g}: must be more than 0 seconds")
     terminal = out.isatty()
@@ -133,10 +136,10 @@ def watch(path: str | Path, *, quantity: str | None = None, plane: int | None = 
             now = time.time()
             state = job_state(surface, now=now)
             state = state.measured(meter.observe(now, state.done))
-            view = _plane(surface, plane)
+            view = _plane(surface, plane).interpolated(unfinished=fill)
             name = quantity or first_loss(view)
             if html is not None and (state.done, state.state) != shown:  # the page first: a frame drawn is on it
-                write_html([view.interpolated()], html, refresh=interval if state.running else None)
+                write_html([view], html, refresh=interval if state.running else None)
             if terminal or (state.done, state.state) != shown:  # a log gets a frame when something changed
                 where = "" if surface.planes is None else f", plane {plane or 0} of {surface.planes}"
                 text = frame(view, state, name, colour, shutil.get_terminal_size((100, 40)), where)
