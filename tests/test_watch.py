@@ -8,12 +8,16 @@ import fcntl
 import io
 import json
 import os
+import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 
 import numpy as np
 import pytest
+from conftest import _env
 from inprocess import cli
 
 from lsurf.engine import progress
@@ -193,7 +197,13 @@ def test_watch_waits_for_the_file_and_keeps_the_page(tmp_path):
     (here: a finished file appears) and leaves the page without its reload."""
     pytest.importorskip("plotly")
     path, page = tmp_path / "s.h5", tmp_path / "s.html"
-    later = threading.Timer(0.3, lambda: set_attrs(partial(path, rows=4), {"finished": "now"}))
+
+    def job() -> None:  # as a job does: the lock first, then the file, filled, finished, the lock gone
+        open(f"{path}.lock", "w").close()
+        set_attrs(partial(path, rows=4, running=False), {"finished": "now"})
+        os.unlink(f"{path}.lock")
+
+    later = threading.Timer(0.3, job)
     later.start()
     out = io.StringIO()
     try:
@@ -256,3 +266,19 @@ def test_fill_draws_a_running_grid_whole_from_its_coarse_points(tmp_path):
     assert "between computed points interpolated" in out.getvalue()
     p = cli("plot", path, "--fill", "--kind", "heatmap", "--out-dir", tmp_path, check=True)
     assert "coverage: 25/81 points" in p.stdout
+
+
+@pytest.mark.cli
+def test_ctrl_c_ends_the_watch_cleanly(tmp_path):
+    """SIGINT (Ctrl-C) while watching a running job: exit 0, no traceback, the page whole."""
+    path, page = partial(tmp_path / "s.h5"), tmp_path / "s.html"
+    cmd = [sys.executable, "-m", "lsurf", "watch", str(path), "--interval", "0.1", "--html", str(page)]
+    proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().startswith(f"{path}: train_loss")
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0 and err == "", err
+    assert page.read_text().rstrip().endswith("</html>") and not (tmp_path / "s.html.tmp").exists()

@@ -108,11 +108,15 @@ def frame(surface: Surface, state: JobState, name: str, colour: bool, size: tupl
     scale = "".join(heat_map(np.arange(n)[None, :], colour)) if colour else CHARACTERS
     x = f"α {surface.x[0]:g} … {surface.x[-1]:g} left to right"
     y = "" if surface.y is None else f", β {surface.y[0]:g} … {surface.y[-1]:g} bottom to top"
-    blank = "" if surface.done.all() else "; blank: not done yet"
-    if surface.computed is not None and not surface.computed.all():
-        blank = "; between computed points interpolated" + blank.replace("done", "reached")
     return "\n".join([*head, *heat_map(levels(cells, lo, hi, geometric, n), colour),
-                      f"{lo:.4g} {scale} {hi:.4g}{' (log scale)' if geometric else ''}{blank}", x + y])
+                      f"{lo:.4g} {scale} {hi:.4g}{' (log scale)' if geometric else ''}{_blanks(surface)}", x + y])
+
+
+def _blanks(surface: Surface) -> str:
+    """What the map's gaps are: points not done, or (``fill``) not reached by the interpolation."""
+    if surface.computed is not None and not surface.computed.all():
+        return "; between computed points interpolated" + ("" if surface.done.all() else ", blank: not reached yet")
+    return "" if surface.done.all() else "; blank: not done yet"
 
 
 def watch(path: str | Path, *, quantity: str | None = None, plane: int | None = None, interval: float = 2.0,
