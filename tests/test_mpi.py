@@ -172,6 +172,7 @@ def test_second_job_on_file_in_use_is_refused(tmp_path, digits_checkpoint):
         assert job.poll() is None, "the first job ended before the second started"
         assert p.returncode == 2
         assert "in use by another lsurf job" in p.stderr and len(p.stderr.strip().splitlines()) == 1
+        assert os.path.exists(f"{out}.lock")  # the running job's lock file: the refused job leaves it
         after = arrays(out)
         for k, v in written.items():
             np.testing.assert_array_equal(after[k], v)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 
 from lsurf.cli import common
+from lsurf.engine.progress import job_state
 from lsurf.engine.surface_file import read_surface
 from lsurf.post.export import FORMATS, default_export_path, export_surface
 
@@ -26,4 +27,5 @@ def run(args: argparse.Namespace) -> int:
     out = args.out or default_export_path(args.file, args.fmt)
     path = export_surface(surface, out, args.fmt, quantity=args.quantity, log=args.log)
     print(f"wrote {path} ({args.fmt}, {int(surface.done.sum())}/{surface.done.size} points computed)")
+    print(f"state: {job_state(surface).line()}")
     return 0

@@ -12,14 +12,28 @@ import signal
 import sys
 
 from lsurf._version import __version__
-from lsurf.cli import common, curve, directions, export, hessian, info, plot, sharpness, surface, train, trajectory, vtk
+from lsurf.cli import (
+    common,
+    curve,
+    directions,
+    export,
+    hessian,
+    info,
+    plot,
+    sharpness,
+    surface,
+    train,
+    trajectory,
+    vtk,
+    watch,
+)
 from lsurf.errors import UserError
 
 # name -> module with HELP, add_arguments(parser) and run(args) -> exit status
 COMMANDS = {
     "surface": surface, "directions": directions, "train": train, "plot": plot, "vtk": vtk,
     "export": export, "trajectory": trajectory, "hessian": hessian, "info": info, "sharpness": sharpness,
-    "curve": curve,
+    "curve": curve, "watch": watch,
 }
 FLAGS = {"hessian_iters": "--hessian-iters", "progress": "--no-progress"}
 

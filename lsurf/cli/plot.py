@@ -10,6 +10,7 @@ from pathlib import Path
 from lsurf.cli import common
 from lsurf.engine.io import atomic_write
 from lsurf.engine.levels import DEFAULT_LEVELS
+from lsurf.engine.progress import job_state
 from lsurf.engine.surface_file import read_surface
 from lsurf.post.compare import DIFFS, plot_comparison
 from lsurf.post.html import write_html
@@ -36,19 +37,23 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dots", action="store_true", help="a coarse-to-fine surface: mark the computed points")
     p.add_argument("--curve", help="curve file of lsurf curve train: draw it on its plane (--curve-plane)")
     p.add_argument("--diff", choices=DIFFS, help="with several files: each minus (or over) the first")
+    p.add_argument("--fill", action="store_true", help="a file not done yet (a running job's): its points not done "
+                   "interpolated from the done points around them, not blank")
     p.add_argument("--html", action="store_true", help="also an interactive page (FILE.html; needs plotly)")
     p.add_argument("--quantities", help="with --html: comma-separated quantities to offer (default: all)")
 
 
 def run(args: argparse.Namespace) -> int:
-    surfaces = [read_surface(f) for f in args.files]
+    read = [read_surface(f) for f in args.files]
     size = parse_size(args.size)
     out_dir = Path(args.out_dir) if args.out_dir else Path(args.files[0]).resolve().parent
     out_dir.mkdir(parents=True, exist_ok=True)
-    for s in surfaces:
+    for s in read:
         print(f"coverage: {int(s.done.sum())}/{s.done.size} points ({s.path})")
+        print(f"state: {job_state(s).line()}")
         for line in s.accounting():
             print(" ".join(line.split()))
+    surfaces = [s.interpolated(unfinished=True) if args.fill else s for s in read]
     kinds = tuple(k.strip() for k in args.kind.split(",") if k.strip())
     style = {"vmin": args.vmin, "vmax": args.vmax, "levels": args.levels, "log": args.log, "size": size}
     stem = Path(args.files[0]).stem if len(surfaces) == 1 else "compare"

@@ -33,6 +33,7 @@ import numpy as np
 from lsurf.engine import fidelity
 from lsurf.engine.grid import Grid, Tile
 from lsurf.engine.io import atomic_write
+from lsurf.engine.progress import job_state
 from lsurf.engine.refine import fill
 from lsurf.errors import UserError
 
@@ -64,12 +65,13 @@ def exclusive_lock(path: str | Path):
     except OSError as e:
         raise UserError(f"cannot write next to {str(path)!r}: {e.strerror}") from None
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise UserError(f"{str(path)!r} is in use by another lsurf job (lock {lock_path} is held)") from None
-        except OSError:
-            pass  # file systems without flock: carry on unprotected
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)  # the lock file is the running job's: it stays (readers tell a running job by it)
+        raise UserError(f"{str(path)!r} is in use by another lsurf job (lock {lock_path} is held)") from None
+    except OSError:
+        pass  # file systems without flock: carry on unprotected
+    try:
         yield
     finally:
         os.close(fd)
@@ -303,11 +305,14 @@ class Surface:
         raw = self.attrs.get("refinement")
         return json.loads(raw) if raw else None
 
-    def interpolated(self) -> Surface:
+    def interpolated(self, unfinished: bool = False) -> Surface:
         """A coarse-to-fine surface with the points it left out filled in by the interpolation its
-        refinement trusted; ``computed`` keeps which points were measured. Any other surface comes
-        back as it is (an unfinished whole-grid run is not a picture to fill)."""
-        if self.refinement is None or self.planes is not None or self.computed is not None:
+        refinement trusted; ``computed`` keeps which points were measured. With ``unfinished``, a
+        whole grid not done yet too (a running job's file drawn whole: its points not done are
+        interpolated from the done ones around them where there are, else stay NaN). Any other
+        surface comes back as it is."""
+        fills = self.refinement is not None or (unfinished and not self.done.all())
+        if not fills or self.planes is not None or self.computed is not None:
             return self
         plane = self.grid.plane_shape
         known = self.done.reshape(plane)
@@ -384,6 +389,7 @@ class Surface:
             f"{'file:':<20}{self.path}" + ("  (written by Li et al.'s loss-landscape)" if self.reference else ""),
             f"{'grid:':<20}{shape}, {ranges}",
             f"{'coverage:':<20}{done}/{self.done.size} points done ({100 * done / self.done.size:.1f} %)",
+            f"{'state:':<20}{job_state(self).line()}",
             *self.accounting(),
         ]
         for name, v in sorted(self.values.items()):
@@ -422,18 +428,56 @@ def completion(path: str | Path) -> tuple[int, int]:
     return done, done if ref is not None and ref["finished"] else int(surface.done.size)
 
 
+READ_TRIES = 6  # a read that meets a job's metadata mid-update is tried again, after 0.05, 0.1, ... 0.8 s
+_HDF5_SIGNATURE = "file signature not found"  # h5py's message for a file that is no HDF5 at all: never retried
+
+
 def read_surface(path: str | Path) -> Surface:
-    """Read our file or one of Li et al.'s (−1 = not computed, arrays stored ``[ix, iy]``-allocated)."""
-    with open_h5(path, "r") as f:
-        attrs = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in f.attrs.items()}
-        if attrs.get("format") == FORMAT:
-            y = f["y"][()] if "y" in f else None
-            values = {n: f[n][()] for n in _quantities(f)}
-            return Surface(str(path), f["x"][()], y, values, f["done"][()].astype(bool), attrs,
-                           planes=_grid(f).planes)
-        if "xcoordinates" not in f:
-            raise UserError(f"{str(path)!r} is not a surface file (no xcoordinates)")
-        return _read_reference(f, str(path), attrs)
+    """Read our file or one of Li et al.'s (−1 = not computed, arrays stored ``[ix, iy]``-allocated).
+
+    A file that a running job writes is read as it stands, without disturbing the job: without
+    HDF5's file lock (the job's writers take none, and where the file system has no flock a lock
+    would only make the read fail), ``done`` before the values (the job writes the values first),
+    and a read that meets the job's attributes mid-update (set between rounds and at the end) is
+    tried again a few times. The serial writer's values can reach the disk a moment after ``done``
+    (HDF5 holds each dataset's small writes until the flush that ends the tile): a point done
+    without a single value is read once more before it is believed (an overflow can make it so)."""
+    for attempt in range(READ_TRIES):
+        try:
+            with h5py.File(path, "r", locking=False) as f:
+                surface = _read_open(f, str(path))
+            if attempt > 0 or not _torn(surface):
+                return surface
+            time.sleep(0.05)
+        except FileNotFoundError:
+            raise UserError(f"{str(path)!r} does not exist") from None
+        except UserError:
+            raise
+        except (OSError, KeyError, ValueError, RuntimeError) as e:
+            if attempt == READ_TRIES - 1 or _HDF5_SIGNATURE in str(e):
+                raise UserError(f"{str(path)!r}: not a readable surface file ({str(e).splitlines()[0]})") from None
+            time.sleep(0.05 * 2 ** attempt)
+    raise AssertionError("unreachable: the last try returns or raises")
+
+
+def _torn(surface: Surface) -> bool:
+    """Are some points done without any value (as a read between a tile's ``done`` and its values sees)?"""
+    if not surface.values or surface.reference:
+        return False
+    none = np.logical_and.reduce([np.isnan(v) for v in surface.values.values()])
+    return bool((none & surface.done).any())
+
+
+def _read_open(f: h5py.File, path: str) -> Surface:
+    attrs = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in f.attrs.items()}
+    if attrs.get("format") == FORMAT:
+        done = f["done"][()].astype(bool)
+        y = f["y"][()] if "y" in f else None
+        values = {n: f[n][()] for n in _quantities(f)}
+        return Surface(path, f["x"][()], y, values, done, attrs, planes=_grid(f).planes)
+    if "xcoordinates" not in f:
+        raise UserError(f"{path!r} is not a surface file (no xcoordinates)")
+    return _read_reference(f, path, attrs)
 
 
 def _read_reference(f: h5py.File, path: str, attrs: dict) -> Surface:

@@ -88,8 +88,10 @@ def page_data(surfaces: list[Surface], quantities: list[str]) -> dict:
     return {"format": "lsurf-page-1", "quantities": quantities, "surfaces": out}
 
 
-def write_html(surfaces: list[Surface], path: str | Path, quantities: list[str] | None = None) -> Path:
-    """Write the page for ``surfaces`` (all 1-D or all 2-D) to ``path``; returns the path."""
+def write_html(surfaces: list[Surface], path: str | Path, quantities: list[str] | None = None,
+               refresh: float | None = None) -> Path:
+    """Write the page for ``surfaces`` (all 1-D or all 2-D) to ``path``; returns the path. ``refresh``:
+    seconds after which the browser reloads it (``lsurf watch`` rewrites it meanwhile)."""
     go, make_subplots = _plotly()
     if not surfaces:
         raise UserError("`surfaces` is empty: give at least one surface")
@@ -105,7 +107,7 @@ def write_html(surfaces: list[Surface], path: str | Path, quantities: list[str] 
     fig = _figure(go, make_subplots, surfaces)
     plot = fig.to_html(full_html=False, include_plotlyjs=True, div_id=PLOT_ID, post_script=_SCRIPT,
                        default_width="100%", default_height="82vh", config={"responsive": True})
-    page = _page(data, plot)
+    page = _page(data, plot, refresh)
     with atomic_write(path, "path") as tmp:
         tmp.write_text(page, encoding="utf-8")
     return path
@@ -136,16 +138,17 @@ def _comparable(s: Surface) -> bool:
     return s.y is not None and comparable_axes(s.x, s.y)
 
 
-def _page(data: dict, plot: str) -> str:
+def _page(data: dict, plot: str, refresh: float | None = None) -> str:
     surfaces, quantities = data["surfaces"], data["quantities"]
     blob = json.dumps(data, allow_nan=False, separators=(",", ":")).replace("</", "<\\/")
     files = "".join(f'<option value="{k}">{html.escape(s["name"])} ({html.escape(s["grid"])})</option>'
                     for k, s in enumerate(surfaces))
     options = "".join(f'<option value="{html.escape(q)}">{html.escape(q)}</option>' for q in quantities)
     hide_files = "" if len(surfaces) > 1 and surfaces[0]["y"] is not None else ' style="display:none"'
+    reload = "" if refresh is None else f'\n<meta http-equiv="refresh" content="{max(1, round(refresh))}">'
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8">
-<meta name="viewport" content="width=device-width, initial-scale=1">
+<meta name="viewport" content="width=device-width, initial-scale=1">{reload}
 <title>lsurf: {html.escape(", ".join(s["name"] for s in surfaces))}</title>
 <style>body{{font-family:sans-serif;margin:0.6em 1em}} header{{display:flex;gap:1.5em;align-items:baseline;
 flex-wrap:wrap}} h1{{font-size:1.1em;margin:0}} label{{font-size:0.95em}}</style>
@@ -199,6 +202,8 @@ function show() {
     document.getElementById('lsurf-title').textContent = s.title;
   }
   gd.setAttribute('data-lsurf-shown', (is1d ? 'all' : selS.value) + ':' + q);
+  // the view in the URL: a page that reloads itself (lsurf watch --html) comes back to it
+  history.replaceState(null, '', '#surface=' + selS.value + '&quantity=' + encodeURIComponent(q));
 }
 var want = new URLSearchParams(location.hash.slice(1));
 if (want.get('surface') !== null) selS.value = want.get('surface');

@@ -18,6 +18,7 @@ from lsurf.engine.curve import coordinates, curve_plane, project, read_curve, re
 from lsurf.engine.fidelity import title_line
 from lsurf.engine.levels import DEFAULT_LEVELS, color_range, contour_levels, is_geometric
 from lsurf.engine.models import file_sha256
+from lsurf.engine.progress import FINISHED, job_state
 from lsurf.engine.surface_file import Surface
 from lsurf.errors import UserError
 
@@ -47,6 +48,9 @@ def figure_title(surface: Surface, name: str) -> str:
     seen = f"\n{title_line(fid)}" if fid is not None else ""
     if surface.computed is not None:
         seen += f"\n{int(surface.computed.sum())} of {surface.computed.size} points computed, the rest interpolated"
+    state = job_state(surface)
+    if state.state != FINISHED:  # a running job's file, or one a job left: say so, and what is blank
+        seen += f"\n{state.label()} (blank: not done yet)"
     return f"{name}: {text}{seen}"
 
 

@@ -34,6 +34,7 @@ from lsurf.engine.hf import vocabulary_size
 from lsurf.engine.metrics import Metric, PluginMetric, metrics_for, quantity_names
 from lsurf.engine.plan import Plan, check_pinned, default_batch_size, faster_in_channels_last
 from lsurf.engine.precision import ACCOUNTING, Precision
+from lsurf.engine.progress import RUN_STARTED, run_started
 from lsurf.engine.refine import STEERING, Refiner
 from lsurf.engine.snapshot import preserved
 from lsurf.errors import UserError
@@ -261,8 +262,10 @@ def _evaluate_grid(w: World, group: Group, dev: torch.device, model: nn.Module, 
             k = w.bcast(ev.calibrate(points=-(-todo // group.count), log=log) if w.is_root else None)
             ev.points_per_pass = k
             plan = replace(plan, points_per_pass=k)
-        if w.is_root and stored is None:
-            surface_file.set_attrs(path, {"plan": plan.to_json()})
+        if w.is_root:  # readers tell a running job, its rate and ETA by these (lsurf.engine.progress)
+            started = {RUN_STARTED: run_started(int(existing["done"].sum()) if existing else 0)}
+            surface_file.set_attrs(path, {**started, **({"plan": plan.to_json()} if stored is None else {})},
+                                   drop=("finished",))
         w.barrier()  # rank 0 has closed the file again before the writers open it
         log(f"rank {w.rank}/{w.size} (local {w.local_rank}/{w.local_size}, group {group.index}/{group.count}) "
             f"on {dev}, {torch.get_num_threads()} threads")
