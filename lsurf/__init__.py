@@ -30,6 +30,7 @@ from lsurf.engine.plan import Plan
 from lsurf.engine.snapshot import preserved
 from lsurf.engine.surface_file import Surface, read_surface
 from lsurf.errors import UserError
+from lsurf.post.info import describe
 from lsurf.post.plot import plot_curve, plot_surface
 from lsurf.post.vtkfile import write_vtk
 from lsurf.run.curve import CurveSpec, eval_curve_job, train_curve_job, with_curve_inputs
@@ -41,7 +42,7 @@ from lsurf.run.sources import directions_for, load_inputs
 
 __all__ = [
     "__version__", "Curve", "CurveSpec", "Directions", "Evaluator", "Grid", "Options", "Plan", "Provenance", "Surface",
-    "UserError", "build_model", "configure_process", "directions_for", "eval_curve_job", "evaluator",
+    "UserError", "build_model", "configure_process", "describe", "directions_for", "eval_curve_job", "evaluator",
     "load_checkpoint", "load_data", "load_directions", "load_inputs", "load_model", "model_params", "plot_curve",
     "plot_surface", "preserved", "random_directions", "read_curve", "read_surface", "run_surface", "sample_geometry",
     "sample_surface",

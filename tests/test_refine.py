@@ -18,6 +18,7 @@ from lsurf.engine.levels import default_levels
 from lsurf.engine.models import load_model
 from lsurf.engine.refine import Refiner, coarse_stride, fill, lattice
 from lsurf.engine.surface_file import completion, read_surface
+from lsurf.post.info import describe
 from lsurf.post.plot import figures
 
 MLP = ["--model", "mlp", "--data", "digits", "--subset", "300", "--split", "train,test", "--dtype", "float64",
@@ -199,4 +200,4 @@ def test_tolerance_stops_each_pass_where_the_standard_error_says_and_not_before(
         used.append(n)
     assert min(used) < 0.6 * N and max(used) > 1.5 * min(used)  # the near points settle early, the far ones late
     assert json.loads(s.attrs["split_sizes"]) == {"train": N}
-    assert "samples:" in "\n".join(s.describe())
+    assert "samples:" in "\n".join(describe(s))

@@ -9,6 +9,7 @@ from lsurf.cli import common
 from lsurf.engine.curve import is_curve_file, read_curve
 from lsurf.engine.surface_file import read_surface
 from lsurf.post.ensemble import summarise
+from lsurf.post.info import describe
 
 HELP = "provenance and coverage of a surface file (an ensemble: per-plane summaries and their spread; a curve file)"
 
@@ -27,7 +28,7 @@ def run(args: argparse.Namespace) -> int:
         print("\n".join(read_curve(args.file).describe()))
         return 0
     surface = read_surface(args.file)
-    for line in surface.describe():
+    for line in describe(surface):
         print(line)
     if surface.planes is not None:
         for line in summarise(surface, args.quantity, args.basin_threshold).describe():

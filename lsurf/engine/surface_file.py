@@ -33,7 +33,6 @@ import numpy as np
 from lsurf.engine import fidelity
 from lsurf.engine.grid import Grid, Tile
 from lsurf.engine.io import atomic_write
-from lsurf.engine.progress import job_state
 from lsurf.engine.refine import fill
 from lsurf.errors import UserError
 
@@ -368,55 +367,6 @@ class Surface:
         known = np.where(self.done, z, np.nan)
         planes = [known] if self.planes is None else list(known)
         return [fidelity.centre_curvature(self.x, self.y, p) for p in planes]
-
-    def _fidelity_lines(self) -> list[str]:
-        fid = self.fidelity
-        if fid is not None:
-            return fidelity.describe(fid, self.centre_curvatures(fid.split))
-        note = self.attrs.get("fidelity_note")
-        return [f"{'plane fidelity:':<20}{note}"] if note else []
-
-    def describe(self) -> list[str]:
-        """Human-readable provenance and coverage, one line per item (what ``lsurf info`` prints)."""
-        shape = f"{len(self.x)}" if self.y is None else f"{len(self.x)} x {len(self.y)}"
-        shape += " points" + ("" if self.planes is None else f" in each of {self.planes} planes")
-        names = json.loads(self.attrs["axis_names"]) if "axis_names" in self.attrs else ["x", "y"]  # a geometry's
-        ranges = f"{names[0]} [{self.x.min():g}, {self.x.max():g}]"
-        if self.y is not None:
-            ranges += f", {names[-1]} [{self.y.min():g}, {self.y.max():g}]"
-        done = int(self.done.sum())
-        lines = [
-            f"{'file:':<20}{self.path}" + ("  (written by Li et al.'s loss-landscape)" if self.reference else ""),
-            f"{'grid:':<20}{shape}, {ranges}",
-            f"{'coverage:':<20}{done}/{self.done.size} points done ({100 * done / self.done.size:.1f} %)",
-            f"{'state:':<20}{job_state(self).line()}",
-            *self.accounting(),
-        ]
-        for name, v in sorted(self.values.items()):
-            if name.endswith("_stderr"):
-                continue
-            ok = v[self.done]
-            bad = int((~np.isfinite(ok)).sum())
-            fin = ok[np.isfinite(ok)]
-            rng = f"min {fin.min():.6g}, max {fin.max():.6g}" if fin.size else "no finite values"
-            flag = f"  ({bad} points non-finite: overflow)" if bad else ""
-            lines.append(f"{name + ':':<19} {rng}{flag}")  # a space after the longest names too
-        lines += self._fidelity_lines()
-        for key in ("model", "data", "checkpoint", "checkpoint_sha256", "model_seed", "model2", "curve", "barrier_line",
-                    "barrier_curve", "dir_file", "dir_file_sha256", "mpi_ranks", "rank_layout", "streamed", "created",
-                    "finished", "eval_seconds_total", "eval_seconds_per_point"):
-            if key in self.attrs and self.attrs[key] != "":
-                lines.append(f"{key + ':':<19} {self.attrs[key]}")
-        for key in ("geometry", "directions", "plan", "versions"):
-            if key in self.attrs:
-                lines.append(f"{key + ':':<19} {self.attrs[key]}")
-        if "rank_points" in self.attrs:
-            pts, secs = self.attrs["rank_points"], self.attrs["rank_seconds"]
-            per_rank = (f"{r}: {p} pts {t:.1f} s" for r, (p, t) in enumerate(zip(pts, secs)))
-            lines.append(f"{'ranks:':<20}" + ", ".join(per_rank))
-        if "config" in self.attrs:
-            lines.append(f"{'config:':<20}{json.dumps(json.loads(self.attrs['config']), sort_keys=True)}")
-        return lines
 
 
 def completion(path: str | Path) -> tuple[int, int]:

@@ -81,7 +81,7 @@ def values_of(surface: Surface, name: str) -> np.ndarray:
         raise UserError(f"`quantity`: {e}") from None
 
 
-def describe(surface: Surface) -> str:
+def grid_text(surface: Surface) -> str:
     """The grid in the syntax of the options, e.g. ``x -1:1:51, y -1:1:51``."""
     return describe_grid(Grid(surface.x, surface.y))
 
@@ -116,9 +116,9 @@ def differences(surfaces: list[Surface], zs: list[np.ndarray], diff: str) -> lis
     names = short_names(surfaces)
     for s, n in zip(surfaces[1:], names[1:]):
         if not same_grid(surfaces[0], s):
-            raise UserError(f"`diff` needs surfaces on the same grid: {names[0]} has {describe(surfaces[0])}, "
-                            f"{n} has {describe(s)}" + (" (same size, other coordinates)"
-                                                       if describe(s) == describe(surfaces[0]) else ""))
+            raise UserError(f"`diff` needs surfaces on the same grid: {names[0]} has {grid_text(surfaces[0])}, "
+                            f"{n} has {grid_text(s)}" + (" (same size, other coordinates)"
+                                                       if grid_text(s) == grid_text(surfaces[0]) else ""))
     with np.errstate(divide="ignore", invalid="ignore"):
         return [z - zs[0] if diff == "difference" else z / zs[0] for z in zs[1:]]
 

@@ -25,7 +25,7 @@ from lsurf.engine.io import atomic_write
 from lsurf.engine.levels import color_range
 from lsurf.engine.surface_file import Surface
 from lsurf.errors import UserError
-from lsurf.post.compare import describe, provenance, short_names
+from lsurf.post.compare import grid_text, provenance, short_names
 from lsurf.post.plot import comparable_axes, figure_title
 from lsurf.post.plot import quantity as _quantity
 
@@ -82,7 +82,7 @@ def page_data(surfaces: list[Surface], quantities: list[str]) -> dict:
             except UserError:  # nothing computed yet
                 ranges[q] = None
         out.append({"name": name, "path": str(s.path), "title": figure_title(s, name), "provenance": provenance(s),
-                    "grid": describe(s), "x": _json_array(s.x), "y": None if s.y is None else _json_array(s.y),
+                    "grid": grid_text(s), "x": _json_array(s.x), "y": None if s.y is None else _json_array(s.y),
                     "done": np.asarray(s.done, dtype=int).tolist(),
                     "values": {n: _json_array(v) for n, v in values.items()}, "ranges": ranges})
     return {"format": "lsurf-page-1", "quantities": quantities, "surfaces": out}

@@ -1,0 +1,63 @@
+"""What ``lsurf info`` prints of a surface file: provenance, coverage, the state of a running job,
+each quantity's range, the planes' fidelity and the run's statistics, one line per item."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+
+from lsurf.engine import fidelity
+from lsurf.engine.progress import job_state
+from lsurf.engine.surface_file import Surface
+
+
+def describe(surface: Surface) -> list[str]:
+    """Human-readable provenance and coverage of ``surface``, one line per item (what ``lsurf info`` prints)."""
+    shape = f"{len(surface.x)}" if surface.y is None else f"{len(surface.x)} x {len(surface.y)}"
+    shape += " points" + ("" if surface.planes is None else f" in each of {surface.planes} planes")
+    names = json.loads(surface.attrs["axis_names"]) if "axis_names" in surface.attrs else ["x", "y"]  # a geometry's
+    ranges = f"{names[0]} [{surface.x.min():g}, {surface.x.max():g}]"
+    if surface.y is not None:
+        ranges += f", {names[-1]} [{surface.y.min():g}, {surface.y.max():g}]"
+    done = int(surface.done.sum())
+    lines = [
+        f"{'file:':<20}{surface.path}" + ("  (written by Li et al.'s loss-landscape)" if surface.reference else ""),
+        f"{'grid:':<20}{shape}, {ranges}",
+        f"{'coverage:':<20}{done}/{surface.done.size} points done ({100 * done / surface.done.size:.1f} %)",
+        f"{'state:':<20}{job_state(surface).line()}",
+        *surface.accounting(),
+    ]
+    for name, v in sorted(surface.values.items()):
+        if name.endswith("_stderr"):
+            continue
+        ok = v[surface.done]
+        bad = int((~np.isfinite(ok)).sum())
+        fin = ok[np.isfinite(ok)]
+        rng = f"min {fin.min():.6g}, max {fin.max():.6g}" if fin.size else "no finite values"
+        flag = f"  ({bad} points non-finite: overflow)" if bad else ""
+        lines.append(f"{name + ':':<19} {rng}{flag}")  # a space after the longest names too
+    lines += _fidelity_lines(surface)
+    for key in ("model", "data", "checkpoint", "checkpoint_sha256", "model_seed", "model2", "curve", "barrier_line",
+                "barrier_curve", "dir_file", "dir_file_sha256", "mpi_ranks", "rank_layout", "streamed", "created",
+                "finished", "eval_seconds_total", "eval_seconds_per_point"):
+        if key in surface.attrs and surface.attrs[key] != "":
+            lines.append(f"{key + ':':<19} {surface.attrs[key]}")
+    for key in ("geometry", "directions", "plan", "versions"):
+        if key in surface.attrs:
+            lines.append(f"{key + ':':<19} {surface.attrs[key]}")
+    if "rank_points" in surface.attrs:
+        pts, secs = surface.attrs["rank_points"], surface.attrs["rank_seconds"]
+        per_rank = (f"{r}: {p} pts {t:.1f} s" for r, (p, t) in enumerate(zip(pts, secs)))
+        lines.append(f"{'ranks:':<20}" + ", ".join(per_rank))
+    if "config" in surface.attrs:
+        lines.append(f"{'config:':<20}{json.dumps(json.loads(surface.attrs['config']), sort_keys=True)}")
+    return lines
+
+
+def _fidelity_lines(surface: Surface) -> list[str]:
+    fid = surface.fidelity
+    if fid is not None:
+        return fidelity.describe(fid, surface.centre_curvatures(fid.split))
+    note = surface.attrs.get("fidelity_note")
+    return [f"{'plane fidelity:':<20}{note}"] if note else []
