@@ -17,6 +17,7 @@ from conftest import REPO, D, lsurf, mpirun, requires_mpi
 
 import lsurf as api
 from lsurf.errors import UserError
+from lsurf.post.plot import figures
 
 
 class Plane:
@@ -127,8 +128,8 @@ def _broken(dirs, case):
 
 BAD = {
     "no-axes": "has no 'axes'",
-    "empty": "axes must be a dict of 1 to 2 named axes; it has 0",
-    "four-axes": "axes must be a dict of 1 to 2 named axes; it has 4",
+    "empty": "axes must be a dict of 1 to 3 named axes; it has 0",
+    "four-axes": "axes must be a dict of 1 to 3 named axes; it has 4",
     "decreasing": "axis 'a' must be a non-empty, finite, increasing 1-D sequence",
     "count": "offset(0,) gave 1 tensors; the model has 2 parameters",
     "shape": "offset(0,) tensor 0 is (5, 1) torch.float64; parameter 0 is (1, 5) floating point",
@@ -148,6 +149,48 @@ def test_a_bad_geometry_is_one_line_before_any_file(case, regression, tmp_path):
     assert "test_geometry.Broken" in str(e.value)
     assert not list(tmp_path.glob("g*"))
     assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+
+
+class Cube(Plane):
+    """Three axes: a·d₁ + b·d₂ + c·d₃ (a third random direction)."""
+
+    def __init__(self, dirs, third, xs, ys, zs):
+        super().__init__(dirs, xs, ys)
+        self.third = third
+        self.axes = {**self.axes, "c": zs}
+
+    def offset(self, index):
+        c = self.axes["c"][index[2]]
+        return [d + c * e for d, e in zip(super().offset(index[:2]), self.third.x)]
+
+
+def test_three_axes_are_planes_of_the_third_and_slice(regression, tmp_path):
+    model, data, dirs = _linear(regression)
+    third = api.random_directions(model, seed=9, two=False, ignore="none")
+    xs, ys, zs = np.linspace(-1, 1, 3), np.array([-0.5, 0.5]), np.array([0.0, 0.3, 1.0, 2.5])
+    out = tmp_path / "g.h5"
+    surface = api.sample_geometry(model, data, Cube(dirs, third, xs, ys, zs), out, loss="mse", dtype=torch.float64,
+                                  points_per_pass=2, progress=False)
+    dx, dy, dz = ([t.numpy() for t in d] for d in (dirs.x, dirs.y, third.x))
+    assert surface.values["train_loss"].shape == (4, 2, 3)
+    for k, c in enumerate(zs):
+        shifted = {**regression, "w0": regression["w0"] + c * dz[0], "b0": regression["b0"] + c * dz[1]}
+        np.testing.assert_allclose(surface.values["train_loss"][k], closed_form(shifted, dx, dy, xs, ys),
+                                   rtol=1e-12, atol=1e-12)
+    np.testing.assert_array_equal(surface.z, zs)
+    cut = api.read_surface(out).slice("c=1.1")  # the nearest: c = 1
+    assert cut.axis_names == ["a", "b"] and cut.third_axis is None
+    np.testing.assert_array_equal(cut.values["train_loss"], surface.values["train_loss"][2])
+    assert list(figures(cut, "train_loss", ("contour",)))  # a slice draws as any plane; the whole grid does not
+    with pytest.raises(UserError, match="a picture takes one plane: pick one with `slice` c=VALUE"):
+        figures(surface, "train_loss")
+    with pytest.raises(UserError, match="expected c=VALUE"):
+        surface.slice("z=1")
+    with pytest.raises(UserError, match="pick one with `slice` c=VALUE"):
+        surface.single_plane("export")
+    other = Cube(dirs, third, xs, ys, zs + 1)
+    with pytest.raises(UserError, match="another grid"):
+        api.sample_geometry(model, data, other, out, loss="mse", dtype=torch.float64, progress=False)
 
 
 def test_a_geometry_with_options_that_make_directions_is_refused():
@@ -197,6 +240,8 @@ def test_the_flag_info_plot_and_a_bad_factory(tmp_path, monkeypatch):
     assert "angle [0, 6.28319]" in info and '"name": "circle:circle"' in info
     lsurf("plot", out, cwd=tmp_path, check=True)
     assert list(tmp_path.glob("c*.png"))
+    p = lsurf("plot", out, "--slice", "angle=1")
+    assert p.returncode == 2 and "has no third axis to slice (its axes: angle)" in p.stderr, p.stderr
     p = lsurf("surface", "--data", "digits", "--geometry", "circle:nothing", "--out", tmp_path / "d.h5", env=env)
     assert p.returncode == 2 and p.stderr.count("\n") == 1 and "circle has no callable 'nothing'" in p.stderr
     assert not (tmp_path / "d.h5").exists()

@@ -191,6 +191,11 @@ def add_run(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-progress", dest="progress", action="store_false", default=SUPPRESS)
 
 
+def add_slice(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--slice", metavar="AXIS=VALUE",
+                   help="a grid of three axes (a geometry's): the plane at this value of its third axis")
+
+
 def keyword_defaults(fn: Callable, names: tuple[str, ...]) -> dict[str, Any]:
     """The defaults of ``fn``'s parameters ``names``: a command takes the library's, never its own copy."""
     parameters = inspect.signature(fn).parameters

@@ -30,7 +30,7 @@ def run(args: argparse.Namespace) -> int:
     surface = read_surface(args.file)
     for line in describe(surface):
         print(line)
-    if surface.planes is not None:
+    if surface.planes is not None and surface.third_axis is None:  # an ensemble, not a geometry's third axis
         for line in summarise(surface, args.quantity, args.basin_threshold).describe():
             print(line)
     return 0

@@ -24,6 +24,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("files", nargs="+", metavar="FILE",
                    help="surface files (lsurf's or Li et al.'s); several: side by side on shared levels and colours")
     p.add_argument("--quantity", default="train_loss", help="train_loss, test_acc, ..., hessian_ratio")
+    common.add_slice(p)
     p.add_argument("--kind", default=",".join(KINDS), help="comma-separated: " + ", ".join(KINDS))
     p.add_argument("--vmin", type=float)
     p.add_argument("--vmax", type=float, help="upper colour limit (default: robust, see lsurf.post.plot)")
@@ -45,6 +46,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     read = [read_surface(f) for f in args.files]
+    read = [s.slice(args.slice) for s in read] if args.slice else read
     size = parse_size(args.size)
     out_dir = Path(args.out_dir) if args.out_dir else Path(args.files[0]).resolve().parent
     out_dir.mkdir(parents=True, exist_ok=True)

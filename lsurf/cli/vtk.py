@@ -14,6 +14,7 @@ HELP = "write a VTK XML file of a surface for ParaView"
 def add_arguments(p: argparse.ArgumentParser) -> None:
     common.add_common(p, config=False)
     p.add_argument("file", help="a surface file (lsurf's or Li et al.'s)")
+    common.add_slice(p)
     p.add_argument("--quantity", default="train_loss", help="the height of the surface")
     p.add_argument("--log", action="store_true", help="height = log10(quantity)")
     p.add_argument("--zmax", type=float, help="clip the height here")
@@ -23,6 +24,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     surface = read_surface(args.file)
+    surface = surface.slice(args.slice) if args.slice else surface
     path = write_vtk(surface, args.out, args.quantity, log=args.log, zmax=args.zmax, interp=args.interp)
     print(f"wrote {path} ({int(surface.done.sum())}/{surface.done.size} points computed)")
     return 0

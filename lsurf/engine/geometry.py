@@ -8,14 +8,15 @@ which the evaluator applies the same way (θ* + δ, :meth:`Evaluator.evaluate_of
 
     def factory(params):          # list[torch.Tensor]: θ*, detached copies, in model.parameters() order
         return geometry
-    geometry.axes                 # dict[str, numpy.ndarray], ordered, 1 or 2 increasing axes
+    geometry.axes                 # dict[str, numpy.ndarray], ordered, 1 to 3 increasing axes
     geometry.offset(index)        # tuple[int, ...] -> list[torch.Tensor]: Δθ at that point, shaped like params
     geometry.identity()           # JSON-able dict, recorded; a resume with another one is refused
 
 Points are the product grid of the axes: the first axis is the file's ``x`` (columns ``i``), the
-second its ``y`` (rows ``j``), so the value at index (i, j) is stored at ``[j, i]`` as in every
-surface. :class:`CheckedGeometry` holds the user's object and checks every answer it gives, so a
-wrong one is one line naming the geometry, before any file where it can be.
+second its ``y`` (rows ``j``), the third its planes (``k``), so the value at index (i, j, k) is
+stored at ``[k, j, i]`` as in every surface. :class:`CheckedGeometry` holds the user's object and
+checks every answer it gives, so a wrong one is one line naming the geometry, before any file
+where it can be.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from lsurf.engine.grid import Grid, check_points_fit
 from lsurf.engine.models import call_plugin, make_plugin
 from lsurf.errors import UserError
 
-MAX_AXES = 2  # a third axis (e.g. plane k of an ensemble) needs the file's and plots' slicing first
+MAX_AXES = 3
 
 
 class Geometry(Protocol):
@@ -88,9 +89,9 @@ class CheckedGeometry:
         return list(self.axes)
 
     def grid(self) -> Grid:
-        """The run's grid: the first axis as x, the second (if any) as y."""
+        """The run's grid: the first axis as x, the second (if any) as y, the third as its planes."""
         values = list(self.axes.values())
-        return Grid(values[0], values[1] if len(values) > 1 else None)
+        return Grid(values[0], values[1] if len(values) > 1 else None, z=values[2] if len(values) > 2 else None)
 
     def identity(self) -> dict[str, Any]:
         """What a resumed file must have been made with: the geometry's name, axes and own identity."""
@@ -110,10 +111,10 @@ class CheckedGeometry:
                                 f"{tuple(shape)} floating point")
         return list(delta)
 
-    def offsets(self, cells: Sequence[tuple[int, int]]) -> Iterator[list[torch.Tensor]]:
-        """The offsets at grid cells (j, i), one at a time (the evaluator takes a pass's worth)."""
+    def offsets(self, plane: int, cells: Sequence[tuple[int, int]]) -> Iterator[list[torch.Tensor]]:
+        """The offsets at grid cells (j, i) of ``plane``, one at a time (the evaluator takes a pass's worth)."""
         ndim = len(self.axes)
-        return (self.offset((i, j)[:ndim]) for j, i in cells)
+        return (self.offset((i, j, plane)[:ndim]) for j, i in cells)
 
 
 def _checked_axes(name: str, axes: Any) -> dict[str, np.ndarray]:

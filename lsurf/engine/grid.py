@@ -71,14 +71,18 @@ class Grid:
     Only the file and the plots see its own ``shape`` (nx,) (:meth:`as_plane` converts).
     ``planes`` K: an ensemble of K planes (each its own directions) over the same coordinates; the
     file then has a leading plane axis, ``shape`` (K, ny, nx) or (K, nx). Inside, values of any grid
-    are viewed as ``stack_shape`` (K or 1, rows, columns) (:meth:`as_stack`).
+    are viewed as ``stack_shape`` (K or 1, rows, columns) (:meth:`as_stack`). A geometry of three
+    axes is such a stack too, its third axis's coordinates ``z`` the planes'.
     """
 
     x: np.ndarray
     y: np.ndarray | None = None
     planes: int | None = None
+    z: np.ndarray | None = None  # a geometry's third axis: plane k lies at z[k] (an ensemble's: 0..K-1)
 
     def __post_init__(self) -> None:
+        if self.z is not None:
+            object.__setattr__(self, "planes", len(self.z))
         if self.planes is not None and self.planes < 1:
             raise UserError(f"`planes` {self.planes}: must be at least 1")
 

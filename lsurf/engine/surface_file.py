@@ -87,7 +87,7 @@ def _identity_mismatch(f: h5py.File, grid: Grid, identity: dict, optional: Colle
     old_grid = _grid(f)
     if describe_grid(old_grid) != describe_grid(grid) or not np.array_equal(old_grid.x, grid.x) or (
         grid.y is not None and (old_grid.y is None or not np.array_equal(old_grid.y, grid.y))
-    ):
+    ) or (grid.z is not None and not np.array_equal(f["plane"][()], grid.z)):
         return f"it has another grid ({describe_grid(old_grid)}; this run: {describe_grid(grid)})"
     old = json.loads(f.attrs["identity"])
     for key in {**old, **identity}:
@@ -147,7 +147,7 @@ def _create(tmp: Path, grid: Grid, quantities: list[str], identity: dict, attrs:
             scales = [y, x]
             f.create_dataset("ycoordinates", data=grid.y).dims[0].attach_scale(y)
         if grid.planes is not None:
-            plane = f.create_dataset("plane", data=np.arange(grid.planes))
+            plane = f.create_dataset("plane", data=np.arange(grid.planes) if grid.z is None else grid.z)
             plane.make_scale("plane")
             scales = [plane, *scales]
         # data= (not just shape=) allocates the storage now: later writes never touch metadata.
@@ -270,6 +270,7 @@ class Surface:
     reference: bool = False  # written by Li et al.'s code
     planes: int | None = None
     computed: np.ndarray | None = None  # of an interpolated surface: the points measured (``done``: those with values)
+    z: np.ndarray | None = None  # the planes' coordinates: 0..K-1 for an ensemble, a 3-axis geometry's third axis
 
     @property
     def ndim(self) -> int:
@@ -293,10 +294,45 @@ class Surface:
 
     def single_plane(self, use: str) -> Surface:
         """This surface, refused with a clear message where ``use`` (e.g. ``export``) needs one plane."""
+        if self.third_axis is not None:
+            raise UserError(f"{self.path!r} holds a grid of three axes ({', '.join(self.axis_names)}); {use} takes "
+                            f"one plane: pick one with `slice` {self.third_axis}=VALUE")
         if self.planes is not None:
             raise UserError(f"{self.path!r} holds an ensemble of {self.planes} planes; {use} takes one plane: "
                             "`lsurf plot` draws the ensemble, Surface.plane(k) picks one")
         return self
+
+    @property
+    def axis_names(self) -> list[str]:
+        """The names of the grid's axes: a geometry's own, else x and y."""
+        if "axis_names" in self.attrs:
+            return json.loads(self.attrs["axis_names"])
+        return ["x", "y"][: self.ndim]
+
+    @property
+    def third_axis(self) -> str | None:
+        """The name of a geometry's third axis (its planes), None for any other file (an ensemble's
+        planes are draws of directions, not an axis)."""
+        names = self.axis_names
+        return names[2] if len(names) == 3 else None
+
+    def slice(self, spec: str) -> Surface:
+        """``NAME=VALUE``: the plane of a three-axis grid at the value of its third axis nearest
+        VALUE, as a surface of its own (two axes)."""
+        name, _, value = spec.partition("=")
+        if self.third_axis is None:
+            raise UserError(f"`slice` {spec!r}: {self.path!r} has no third axis to slice "
+                            f"(its axes: {', '.join(self.axis_names)})")
+        if name != self.third_axis:
+            raise UserError(f"`slice` {spec!r}: expected {self.third_axis}=VALUE (the third axis of {self.path!r})")
+        try:
+            target = float(value)
+        except ValueError:
+            raise UserError(f"`slice` {spec!r}: VALUE must be a number") from None
+        assert self.z is not None  # a third axis has coordinates
+        k = int(np.abs(self.z - target).argmin())
+        return replace(self.plane(k), attrs={**self.attrs, "axis_names": json.dumps(self.axis_names[:2]),
+                                             "slice": f"{name}={self.z[k]:g}"})
 
     @property
     def refinement(self) -> dict | None:
@@ -424,7 +460,9 @@ def _read_open(f: h5py.File, path: str) -> Surface:
         done = f["done"][()].astype(bool)
         y = f["y"][()] if "y" in f else None
         values = {n: f[n][()] for n in _quantities(f)}
-        return Surface(path, f["x"][()], y, values, done, attrs, planes=_grid(f).planes)
+        plane = f["plane"][()] if "plane" in f else None
+        return Surface(path, f["x"][()], y, values, done, attrs, planes=None if plane is None else len(plane),
+                       z=plane)
     if "xcoordinates" not in f:
         raise UserError(f"{path!r} is not a surface file (no xcoordinates)")
     return _read_reference(f, path, attrs)

@@ -16,10 +16,12 @@ def describe(surface: Surface) -> list[str]:
     """Human-readable provenance and coverage of ``surface``, one line per item (what ``lsurf info`` prints)."""
     shape = f"{len(surface.x)}" if surface.y is None else f"{len(surface.x)} x {len(surface.y)}"
     shape += " points" + ("" if surface.planes is None else f" in each of {surface.planes} planes")
-    names = json.loads(surface.attrs["axis_names"]) if "axis_names" in surface.attrs else ["x", "y"]  # a geometry's
+    names = surface.axis_names
     ranges = f"{names[0]} [{surface.x.min():g}, {surface.x.max():g}]"
     if surface.y is not None:
-        ranges += f", {names[-1]} [{surface.y.min():g}, {surface.y.max():g}]"
+        ranges += f", {names[1]} [{surface.y.min():g}, {surface.y.max():g}]"
+    if surface.third_axis is not None and surface.z is not None:
+        ranges += f", {names[2]} [{surface.z.min():g}, {surface.z.max():g}] (the planes)"
     done = int(surface.done.sum())
     lines = [
         f"{'file:':<20}{surface.path}" + ("  (written by Li et al.'s loss-landscape)" if surface.reference else ""),

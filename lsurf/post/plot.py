@@ -62,7 +62,7 @@ def _markers(surface: Surface) -> list[dict]:
 def _axis_labels(surface: Surface, projection) -> tuple[str, str]:
     """α and β, a PCA plane's components, or the names of a geometry's axes."""
     if "axis_names" in surface.attrs:
-        names = json.loads(surface.attrs["axis_names"])
+        names = surface.axis_names
         return names[0], names[-1]
     if projection is None:
         return "α", "β"
@@ -278,6 +278,8 @@ def figures(surface: Surface, quantity_name: str = "train_loss", kinds: tuple[st
     """``{file stem: Figure}`` of what ``lsurf plot`` draws: the loss/accuracy curve of a 1-D file,
     one figure per kind of a 2-D file, the spread of an ensemble of planes. ``style``: vmin, vmax,
     levels, log, size."""
+    if surface.third_axis is not None:
+        surface.single_plane("a picture")  # refused: a three-axis grid is drawn a slice at a time
     if surface.planes is not None:
         return {f"{stem}_{quantity_name}_ensemble": plot_ensemble(surface, quantity_name, **style)}
     if surface.ndim == 1:

@@ -156,9 +156,11 @@ def sample_geometry(
                        provenance or Provenance(config=opts.as_dict()), None, log or (lambda m: None), checked)
 
 
-def _held_still(model: nn.Module, geometry: CheckedGeometry) -> AnyDirections:
-    """The directions the evaluator holds on a geometry's run: zeros of its dimensions (never moved along)."""
-    return zero_directions(model, "weights", two=len(geometry.axes) == 2)
+def _held_still(model: nn.Module, geometry: CheckedGeometry) -> PlaneDirections:
+    """The directions the evaluator holds on a geometry's run: zeros of its dimensions, one set per
+    plane of a third axis (never moved along: the geometry gives the points)."""
+    zeros = zero_directions(model, "weights", two=len(geometry.axes) > 1)
+    return zeros if len(geometry.axes) < 3 else [zeros] * geometry.grid().num_planes
 
 
 def _sample(w: World, model: nn.Module, data: dict[str, AnySplit], directions: PlaneDirections, grid: Grid,
@@ -298,6 +300,8 @@ def _check_inputs(w: World, model: nn.Module, data: dict[str, AnySplit], directi
     _streamed(w, w.groups(1), data, dev, opts, opts.batch_size or default_batch_size(dev, outputs),
               _workers(opts, dev), log=None)  # a budget too small for the stream: refused before any file is touched
     fidelity_skipped(opts, data, grid, grid.num_planes, [])  # `fidelity` on where it cannot be: refused now
+    if opts.refines and grid.num_planes > 1:
+        raise UserError("`budget`/`refine_tol` refine one plane: not with a geometry of three axes")
     if opts.refines:
         Refiner(grid.plane_shape, opts.budget, opts.refine_tol)  # a budget too small for a picture: refused now
     return outputs, plugins
@@ -443,7 +447,7 @@ class _GeometryPoints:
         self.first, self.geometry = ev, geometry
 
     def evaluate(self, plane: int, cells: list[tuple[int, int]]) -> list[dict[str, float]]:
-        return self.first.evaluate_offsets(self.geometry.offsets(cells))
+        return self.first.evaluate_offsets(self.geometry.offsets(plane, cells))
 
 
 PointSet = _PlanePoints | _GeometryPoints  # what the tile loop evaluates: cells of a plane -> results
