@@ -37,7 +37,7 @@ def torchrun_place() -> tuple[int, int] | None:
     values = {v: os.environ.get(v, "") for v in ("RANK", "WORLD_SIZE")}
     bad = [f"{k}={v!r}" for k, v in values.items() if not v.isdigit()]
     if bad:
-        raise UserError(f"`launcher` torchrun: {', '.join(bad)} is not a whole number (torch.distributed's "
+        raise UserError(f"torchrun: {', '.join(bad)} is not a whole number (torch.distributed's "
                         "RANK and WORLD_SIZE must both be set by the launcher)")
     return int(values["RANK"]), int(values["WORLD_SIZE"])
 
@@ -56,7 +56,7 @@ class TorchComm:
         Python object on the host, whatever device evaluates) if nobody has yet."""
         missing = [v for v in TORCHRUN_VARS if not os.environ.get(v)]
         if missing:
-            raise UserError(f"`launcher` torchrun: WORLD_SIZE is {os.environ.get('WORLD_SIZE')} but "
+            raise UserError(f"torchrun: WORLD_SIZE is {os.environ.get('WORLD_SIZE')} but "
                             f"{', '.join(missing)} {'is' if len(missing) == 1 else 'are'} not set")
         if not dist.is_initialized():
             dist.init_process_group("gloo")

@@ -56,7 +56,7 @@ def check_one_launcher(w: World) -> None:
     (e.g. ``mpirun`` of a script that exports torchrun's ``WORLD_SIZE``): which world is meant?"""
     place = torchrun_place()
     if w.launcher in ("mpirun", "srun") and w.size > 1 and place is not None and place != (w.rank, w.size):
-        raise UserError(f"`launcher`: {w.launcher} started this job as rank {w.rank} of {w.size} MPI ranks, but "
+        raise UserError(f"{w.launcher} started this job as rank {w.rank} of {w.size} MPI ranks, but "
                         f"torch.distributed's RANK={place[0]} WORLD_SIZE={place[1]} (torchrun's) disagree: launch "
                         "with one of them (unset RANK and WORLD_SIZE under mpirun or srun)")
 
