@@ -62,6 +62,7 @@ def test_sbatch_equals_mpirun(cluster, digits_checkpoint, tmp_path):
     mpirun(2, "surface", *args, "--out", tmp_path / "direct.h5", check=True)
     with h5py.File(tmp_path / "slurm.h5") as a, h5py.File(tmp_path / "direct.h5") as b:
         assert a["done"][()].all() and a.attrs["mpi_ranks"] == 2
+        assert (a.attrs["launcher"], a.attrs["world_size"], b.attrs["launcher"]) == ("srun", 2, "mpirun")
         for k in ("train_loss", "train_acc"):
             np.testing.assert_allclose(a[k][()], b[k][()], rtol=1e-12)
 
