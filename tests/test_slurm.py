@@ -141,3 +141,20 @@ def test_job_fails_when_srun_exits_0_without_a_surface(cluster, digits_checkpoin
     assert p.returncode != 0, p.stdout + p.stderr + log
     assert f"lsurf: {out} does not exist" in log
     assert "failed: srun exit status 0, surface check exit status 1" in log, log
+
+
+@pytest.mark.system
+def test_template_with_the_wrong_pmi_fails_the_job_in_clear_lines(cluster, tmp_path):
+    """``LSURF_SRUN_MPI=pmi2`` for an MPI built with PMIx only (Debian's Open MPI): MPI_Init fails
+    on every task, srun ends the step, and the template's check says the file was never written --
+    what README's Launchers section tells users to look for."""
+    out = tmp_path / "never.h5"
+    cmd = _sbatch(cluster, tmp_path, ["--model", "cnn", "--data", "digits", "--subset", "64", "--x", "-1:1:3",
+                                      "--out", out])
+    cmd.insert(1, "--export=ALL,LSURF_SRUN_MPI=pmi2")
+    p = cluster.run(*cmd, check=False)
+    log = "\n".join(f.read_text() for f in tmp_path.glob("job-*.log"))
+    assert p.returncode != 0, p.stdout + p.stderr + log
+    assert "MPI_Init" in log and "not built with SLURM's PMI support" in log, log
+    assert f"lsurf: {out} does not exist" in log and "surface check exit status 1" in log
+    assert not out.exists()
