@@ -129,7 +129,8 @@ def test_launcher_signals_are_read_and_checked(monkeypatch):
     """The fast tier's part: torchrun's variables parsed, a disagreement with MPI refused, an
     incomplete torchrun environment refused before any rendezvous, srun told from mpirun, parallel
     HDF5 refused under torchrun (it opens the file over an MPI communicator)."""
-    for var in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "LSURF_MPI", "SLURM_STEP_NUM_TASKS"):
+    for var in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "LSURF_MPI", "SLURM_STEP_NUM_TASKS",
+                "TORCHELASTIC_RUN_ID", "PMIX_RANK"):
         monkeypatch.delenv(var, raising=False)
     assert torchrun_place() is None
     monkeypatch.setenv("WORLD_SIZE", "2")
@@ -140,7 +141,9 @@ def test_launcher_signals_are_read_and_checked(monkeypatch):
     check_one_launcher(World(rank=1, size=2, launcher="mpirun"))  # they agree
     with pytest.raises(UserError, match="rank 0 of 2 MPI ranks, but torch.distributed's RANK=1"):
         check_one_launcher(World(rank=0, size=2, launcher="mpirun"))
-    monkeypatch.setenv("LSURF_MPI", "0")
+    # torchrun under srun: its workers inherit srun's PMI variables, yet must not start MPI
+    monkeypatch.setenv("PMIX_RANK", "0")
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job")
     with pytest.raises(UserError, match="MASTER_ADDR, MASTER_PORT are not set"):
         launcher_comm()
     monkeypatch.setenv("SLURM_STEP_NUM_TASKS", "4")

@@ -11,7 +11,7 @@ import h5py
 import numpy as np
 import pytest
 import slurm_cluster
-from conftest import REPO, _env, mpirun, requires_mpi
+from conftest import REPO, _env, mpirun, requires_mpi, torchrun_command
 from hold_plugin import PINNED, SPEC, flags, hold_env, plugin_env, reference, wait_held
 
 pytestmark = [requires_mpi, pytest.mark.skipif(slurm_cluster.missing() is not None,
@@ -158,3 +158,19 @@ def test_template_with_the_wrong_pmi_fails_the_job_in_clear_lines(cluster, tmp_p
     assert "MPI_Init" in log and "not built with SLURM's PMI support" in log, log
     assert f"lsurf: {out} does not exist" in log and "surface check exit status 1" in log
     assert not out.exists()
+
+
+@pytest.mark.system
+def test_torchrun_started_by_srun_ignores_the_pmi_variables_it_inherits(cluster, tmp_path):
+    """``srun --mpi=pmix torchrun …`` (how multi-node torchrun jobs start on Slurm): the workers
+    inherit srun's PMIx variables but are no MPI ranks; they make one torch.distributed world."""
+    assert "PMIX_RANK=" in cluster.run("srun", "-n", "1", "--mpi=pmix", "env", timeout=120).stdout
+    out = tmp_path / "s.h5"
+    p = cluster.run("srun", "-n", "1", "--mpi=pmix", "--chdir", str(tmp_path), "env", "OMP_NUM_THREADS=1",
+                    f"PYTHONPATH={REPO}", *torchrun_command(2, "surface", "--model", "cnn", "--data", "digits",
+                                                          "--subset", "64", "--x", "-1:1:3", "--y", "-1:1:3",
+                                                          "--no-progress", "--out", out),
+                    check=False, timeout=300)
+    assert p.returncode == 0, p.stdout + p.stderr
+    with h5py.File(out) as f:
+        assert f["done"][()].all() and (f.attrs["launcher"], f.attrs["world_size"]) == ("torchrun", 2)

@@ -29,10 +29,13 @@ def launcher_comm() -> Any:
     (mpirun, mpiexec, srun) did, a :class:`TorchComm` when torchrun (or any launcher setting
     torch.distributed's ``RANK``/``WORLD_SIZE``/``MASTER_ADDR``/``MASTER_PORT``) started a world of
     several ranks without MPI, else None (one process). An MPI world of several ranks wins: its
-    agreement with torchrun's variables is checked by :func:`start_job`. ``LSURF_MPI=0`` forbids
-    MPI, ``LSURF_MPI=1`` forces it."""
+    agreement with torchrun's variables is checked by :func:`start_job`. A process torchrun's agent
+    started (``TORCHELASTIC_RUN_ID``) is not an MPI rank even where it inherited PMI variables from
+    the ``srun`` that started torchrun: initialising MPI there would make the node's workers claim
+    one rank. ``LSURF_MPI=0`` forbids MPI, ``LSURF_MPI=1`` forces it."""
     forced = os.environ.get("LSURF_MPI")
-    mpi = _mpi_world() if forced == "1" or (forced != "0" and any(v in os.environ for v in _LAUNCHER_VARS)) else None
+    launched = any(v in os.environ for v in _LAUNCHER_VARS) and "TORCHELASTIC_RUN_ID" not in os.environ
+    mpi = _mpi_world() if forced == "1" or (forced != "0" and launched) else None
     if mpi is not None and mpi.Get_size() > 1:
         return mpi
     place = torchrun_place()
