@@ -154,3 +154,14 @@ def test_launcher_signals_are_read_and_checked(monkeypatch):
     assert not use_parallel_hdf5(torchrun_world, "auto")
     with pytest.raises(UserError, match="`writer` mpio needs an MPI launcher"):
         use_parallel_hdf5(torchrun_world, "mpio")
+
+
+@pytest.mark.mpi
+def test_hessian_under_torchrun_is_the_one_process_spectrum(digits_checkpoint):
+    """Each rank's share of every Hessian-vector product added over gloo (a group of the whole job):
+    the spectrum one process finds, to the printed digits."""
+    args = ["hessian", "--model", "cnn", "--data", "digits", "--checkpoint", digits_checkpoint, "--subset", "64",
+            "--top-k", "2", "--iters", "10", "--trace-samples", "3", "--dtype", "float64"]
+    one = lsurf(*args, check=True).stdout
+    two = torchrun(2, *args, check=True).stdout
+    assert "top eigenvalues:" in one and one.splitlines() == two.splitlines()
