@@ -30,25 +30,25 @@ TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 
 def torchrun_place() -> tuple[int, int] | None:
-    """(rank, world size) that torch.distributed's variables announce, or None where neither
-    ``RANK`` nor ``WORLD_SIZE`` is set (``MASTER_ADDR``/``PORT`` alone announce no world)."""
-    if "RANK" not in os.environ and "WORLD_SIZE" not in os.environ:
+    """(rank, world size) that torch.distributed's variables announce, or None unless both
+    ``RANK`` and ``WORLD_SIZE`` are set (every launcher of torch.distributed sets both; either
+    alone, or ``MASTER_ADDR``/``PORT`` alone, may be a site's own and announces no world)."""
+    rank, size = os.environ.get("RANK"), os.environ.get("WORLD_SIZE")
+    if rank is None or size is None:
         return None
-    values = {v: os.environ.get(v, "") for v in ("RANK", "WORLD_SIZE")}
-    bad = [f"{k}={v!r}" for k, v in values.items() if not v.isdigit()]
+    bad = [f"{k}={v!r}" for k, v in (("RANK", rank), ("WORLD_SIZE", size)) if not v.isdigit()]
     if bad:
-        raise UserError(f"torchrun: {', '.join(bad)} is not a whole number (torch.distributed's "
-                        "RANK and WORLD_SIZE must both be set by the launcher)")
-    return int(values["RANK"]), int(values["WORLD_SIZE"])
+        raise UserError(f"torchrun: {', '.join(bad)} is not a whole number (torch.distributed's RANK and "
+                        "WORLD_SIZE)")
+    return int(rank), int(size)
 
 
 class TorchComm:
-    """A communicator over torch.distributed: the default group (the whole job), or a group that
-    :meth:`Split` made, whose members are the job's ranks ``ranks`` in group-rank order."""
+    """A communicator over torch.distributed: the default group (the whole job, ``group`` None),
+    or a group that :meth:`Split` made."""
 
-    def __init__(self, group: Any = None, ranks: list[int] | None = None):
+    def __init__(self, group: Any = None):
         self.group = group
-        self.ranks = ranks
 
     @classmethod
     def from_env(cls) -> TorchComm:
@@ -98,7 +98,7 @@ class TorchComm:
             members = [r for _, _, r in sorted((k, r, r) for cc, k, r in peers if cc == c)]
             group = dist.new_group(members, sort_ranks=False)
             if c == color:
-                mine = TorchComm(group, members)
+                mine = TorchComm(group)
         return mine
 
     def Free(self) -> None:
