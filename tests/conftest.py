@@ -115,6 +115,23 @@ def mpirun(n: int, *args, cwd=None, timeout=300, env=None, check=False) -> subpr
     return p
 
 
+def torchrun_command(n: int, *args) -> list[str]:
+    """``torchrun --standalone --nproc-per-node N -m lsurf ARGS``: N processes, no MPI."""
+    _require_tier("launches torchrun", "mpi", "system")
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(n),
+            "-m", "lsurf", *map(str, args)]
+
+
+def torchrun(n: int, *args, timeout=300, env=None, check=False) -> subprocess.CompletedProcess:
+    """:func:`torchrun_command` for real, one torch thread per process."""
+    cmd = torchrun_command(n, *args)
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=_env({"OMP_NUM_THREADS": "1",
+                                                                                        **(env or {})}))
+    if check and p.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} -> {p.returncode}\n{p.stdout}\n{p.stderr}")
+    return p
+
+
 def wait_for_done(path, at_least: int, timeout: float = 120, proc: subprocess.Popen | None = None) -> int:
     """Poll a running job's surface file (readable while it is written) until enough points are done.
 

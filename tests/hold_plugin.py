@@ -4,6 +4,7 @@
 its values are the zoo's). With ``LSURF_TEST_HOLD_AT=H`` and ``LSURF_TEST_HOLD_DIR=D`` set, each
 rank's H-th forward writes its pid to ``D/held.<rank>`` and waits until ``D/release`` exists:
 the job is then mid-run for as long as the test needs, on every rank, whatever the machine's load.
+With ``LSURF_TEST_FAIL_RANK=R`` too, rank R raises once released: a rank failing mid-run.
 The same spec without the variables is the same model (the file's identity names the spec), so
 the resumed job runs to the end.
 
@@ -28,7 +29,7 @@ import torch
 from lsurf import Options, run_surface
 from lsurf.engine.models import DigitsCNN
 
-HOLD_AT, HOLD_DIR = "LSURF_TEST_HOLD_AT", "LSURF_TEST_HOLD_DIR"
+HOLD_AT, HOLD_DIR, FAIL_RANK = "LSURF_TEST_HOLD_AT", "LSURF_TEST_HOLD_DIR", "LSURF_TEST_FAIL_RANK"
 PREFLIGHT = 1  # forwards a rank makes before its first point: one tiny batch proving model and data fit
 MAX_HOLD_S = 120.0  # a test that fails before releasing or killing the job must not leave it behind
 SPEC = "hold_plugin:make"
@@ -47,8 +48,8 @@ class HeldCNN(DigitsCNN):
 
 def _rank() -> str:
     """This process's rank, from its launcher: mpirun sets ``OMPI_COMM_WORLD_RANK``; ``srun --mpi=pmix``
-    sets ``PMIX_RANK``; a process started alone is rank 0."""
-    for name in ("OMPI_COMM_WORLD_RANK", "PMIX_RANK"):
+    sets ``PMIX_RANK``; torchrun ``RANK``; a process started alone is rank 0."""
+    for name in ("OMPI_COMM_WORLD_RANK", "PMIX_RANK", "RANK"):
         if name in os.environ:
             return os.environ[name]
     return "0"
@@ -68,6 +69,8 @@ def _hold(folder: Path, rank: str) -> None:
         if time.monotonic() > deadline:
             raise RuntimeError(f"held for {MAX_HOLD_S} s and never released")
         time.sleep(0.01)
+    if os.environ.get(FAIL_RANK) == rank:
+        raise RuntimeError(f"rank {rank} fails as the test asked ({FAIL_RANK})")
 
 
 def flags(settings: dict) -> list[str]:

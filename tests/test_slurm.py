@@ -11,7 +11,7 @@ import h5py
 import numpy as np
 import pytest
 import slurm_cluster
-from conftest import REPO, _env, mpirun, requires_mpi
+from conftest import REPO, _env, mpirun, requires_mpi, torchrun_command
 from hold_plugin import PINNED, SPEC, flags, hold_env, plugin_env, reference, wait_held
 
 pytestmark = [requires_mpi, pytest.mark.skipif(slurm_cluster.missing() is not None,
@@ -62,6 +62,7 @@ def test_sbatch_equals_mpirun(cluster, digits_checkpoint, tmp_path):
     mpirun(2, "surface", *args, "--out", tmp_path / "direct.h5", check=True)
     with h5py.File(tmp_path / "slurm.h5") as a, h5py.File(tmp_path / "direct.h5") as b:
         assert a["done"][()].all() and a.attrs["mpi_ranks"] == 2
+        assert (a.attrs["launcher"], a.attrs["world_size"], b.attrs["launcher"]) == ("srun", 2, "mpirun")
         for k in ("train_loss", "train_acc"):
             np.testing.assert_allclose(a[k][()], b[k][()], rtol=1e-12)
 
@@ -140,3 +141,36 @@ def test_job_fails_when_srun_exits_0_without_a_surface(cluster, digits_checkpoin
     assert p.returncode != 0, p.stdout + p.stderr + log
     assert f"lsurf: {out} does not exist" in log
     assert "failed: srun exit status 0, surface check exit status 1" in log, log
+
+
+@pytest.mark.system
+def test_template_with_the_wrong_pmi_fails_the_job_in_clear_lines(cluster, tmp_path):
+    """``LSURF_SRUN_MPI=pmi2`` for an MPI built with PMIx only (Debian's Open MPI): MPI_Init fails
+    on every task, srun ends the step, and the template's check says the file was never written --
+    what README's Launchers section tells users to look for."""
+    out = tmp_path / "never.h5"
+    cmd = _sbatch(cluster, tmp_path, ["--model", "cnn", "--data", "digits", "--subset", "64", "--x", "-1:1:3",
+                                      "--out", out])
+    cmd.insert(1, "--export=ALL,LSURF_SRUN_MPI=pmi2")
+    p = cluster.run(*cmd, check=False)
+    log = "\n".join(f.read_text() for f in tmp_path.glob("job-*.log"))
+    assert p.returncode != 0, p.stdout + p.stderr + log
+    assert "MPI_Init" in log and "not built with SLURM's PMI support" in log, log
+    assert f"lsurf: {out} does not exist" in log and "surface check exit status 1" in log
+    assert not out.exists()
+
+
+@pytest.mark.system
+def test_torchrun_started_by_srun_ignores_the_pmi_variables_it_inherits(cluster, tmp_path):
+    """``srun --mpi=pmix torchrun …`` (how multi-node torchrun jobs start on Slurm): the workers
+    inherit srun's PMIx variables but are no MPI ranks; they make one torch.distributed world."""
+    assert "PMIX_RANK=" in cluster.run("srun", "-n", "1", "--mpi=pmix", "env", timeout=120).stdout
+    out = tmp_path / "s.h5"
+    p = cluster.run("srun", "-n", "1", "--mpi=pmix", "--chdir", str(tmp_path), "env", "OMP_NUM_THREADS=1",
+                    f"PYTHONPATH={REPO}", *torchrun_command(2, "surface", "--model", "cnn", "--data", "digits",
+                                                          "--subset", "64", "--x", "-1:1:3", "--y", "-1:1:3",
+                                                          "--no-progress", "--out", out),
+                    check=False, timeout=300)
+    assert p.returncode == 0, p.stdout + p.stderr
+    with h5py.File(out) as f:
+        assert f["done"][()].all() and (f.attrs["launcher"], f.attrs["world_size"]) == ("torchrun", 2)

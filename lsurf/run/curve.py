@@ -244,7 +244,8 @@ def eval_curve_job(options: Options, curve_path: str, points: int = 21, comm: An
             w.agree(prepare)
             ordered = _evaluate(w, model, data, (curve, dirs), [float(t) for t in grid.x], opts, dev)
             if ordered is not None:  # rank 0
-                attrs = {**prov.attrs([dirs], w.size), **_eval_attrs(opts, curve_path, stored, ordered)}
+                attrs = {**prov.attrs([dirs], w.size), "launcher": w.launcher, "world_size": w.size,
+                         **_eval_attrs(opts, curve_path, stored, ordered)}
                 _write(opts.out, grid, _quantities(data, opts), identity, attrs, ordered)
                 log(f"barrier (train loss): line {attrs['barrier_line']:.4g}, curve {attrs['barrier_curve']:.4g}")
         return surface_file.read_surface(opts.out) if w.is_root else None

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from lsurf.errors import UserError
+from lsurf.run.c10d import TorchComm, torchrun_place
 from lsurf.run.world import World
 
 # Variables that MPI launchers set in every process they start.
@@ -24,18 +25,43 @@ _LAUNCHER_VARS = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "MPI_LOCALNRA
 
 
 def launcher_comm() -> Any:
-    """``MPI.COMM_WORLD`` when an MPI launcher (mpirun, mpiexec, srun) started us, else None.
-    ``LSURF_MPI=0`` forces a single process, ``LSURF_MPI=1`` forces MPI."""
+    """The job's communicator, from what started us: ``MPI.COMM_WORLD`` when an MPI launcher
+    (mpirun, mpiexec, srun) did, a :class:`TorchComm` when torchrun (or any launcher setting
+    torch.distributed's ``RANK``/``WORLD_SIZE``/``MASTER_ADDR``/``MASTER_PORT``) started a world of
+    several ranks without MPI, else None (one process). An MPI world of several ranks wins: its
+    agreement with torchrun's variables is checked by :func:`start_job`. A process torchrun's agent
+    started (``TORCHELASTIC_RUN_ID``) is not an MPI rank even where it inherited PMI variables from
+    the ``srun`` that started torchrun: initialising MPI there would make the node's workers claim
+    one rank. ``LSURF_MPI=0`` forbids MPI, ``LSURF_MPI=1`` forces it."""
     forced = os.environ.get("LSURF_MPI")
-    if forced == "0" or (forced != "1" and not any(v in os.environ for v in _LAUNCHER_VARS)):
-        if forced != "0":
-            _refuse_tasks_without_mpi()
-        return None
+    launched = any(v in os.environ for v in _LAUNCHER_VARS) and "TORCHELASTIC_RUN_ID" not in os.environ
+    mpi = _mpi_world() if forced == "1" or (forced != "0" and launched) else None
+    if mpi is not None and mpi.Get_size() > 1:
+        return mpi
+    place = torchrun_place()
+    if place is not None and place[1] > 1:
+        return TorchComm.from_env()
+    if mpi is None and forced != "0":
+        _refuse_tasks_without_mpi()
+    return mpi
+
+
+def _mpi_world() -> Any:
     try:
         from mpi4py import MPI
     except Exception as e:  # launched by MPI but mpi4py or its library is unusable
         raise RuntimeError(f"started by an MPI launcher but mpi4py cannot be used: {e}") from e
     return MPI.COMM_WORLD
+
+
+def check_one_launcher(w: World) -> None:
+    """Refuse an MPI world of several ranks whose torch.distributed variables tell another story
+    (e.g. ``mpirun`` of a script that exports torchrun's ``WORLD_SIZE``): which world is meant?"""
+    place = torchrun_place()
+    if w.launcher in ("mpirun", "srun") and w.size > 1 and place is not None and place != (w.rank, w.size):
+        raise UserError(f"{w.launcher} started this job as rank {w.rank} of {w.size} MPI ranks, but "
+                        f"torch.distributed's RANK={place[0]} WORLD_SIZE={place[1]} (torchrun's) disagree: launch "
+                        "with one of them (unset RANK and WORLD_SIZE under mpirun or srun)")
 
 
 def _refuse_tasks_without_mpi() -> None:
@@ -192,10 +218,12 @@ def check_device_binding(w: World, dev: torch.device) -> None:
 
 
 def start_job() -> World:
-    """Where every MPI job's entry point begins: the launcher's communicator (or one process), this
-    process's place in it, and an abort of the whole job when any rank fails (never a hang)."""
+    """Where every job's entry point begins: the launcher's communicator (MPI, torch.distributed,
+    or one process), this process's place in it, and an abort of the whole job when any rank
+    fails (never a hang). Contradictory launchers are refused on every rank (one line, exit 2)."""
     w = World.of(launcher_comm())
     install_abort_hook(w)
+    w.agree(lambda: check_one_launcher(w))
     return w
 
 

@@ -234,7 +234,8 @@ def _sample_in_groups(w: World, group: Group, probe: tuple[torch.device, int], m
         fidelity = _fidelity_attrs(w, model, data, points, grid, opts, dev, streamed, path, log)
         if w.is_root:
             assert gathered is not None  # gather returns the list on rank 0
-            surface_file.set_attrs(path, {**_run_attrs(gathered, plan), "rank_layout": _layout_line(w, group),
+            surface_file.set_attrs(path, {**_run_attrs(gathered, plan), "launcher": w.launcher, "world_size": w.size,
+                                          "rank_layout": _layout_line(w, group),
                                           "streamed": ",".join(streamed), **fidelity},
                                    drop=() if opts.refines else ("refinement",))  # now a whole grid
     return surface_file.read_surface(path) if w.is_root else None
@@ -291,6 +292,7 @@ def _check_inputs(w: World, model: nn.Module, data: dict[str, AnySplit], directi
         check_vocabulary(model, data)
     loss_fn = resolve_loss(opts.loss, opts.ignore_index)
     parse_tile(opts.tile)
+    use_parallel_hdf5(w, opts.writer)  # a writer this job cannot have: refused before any file is touched
     with preserved(model):
         model.to(device=dev, dtype=opts.torch_dtype).eval()  # eval before any forward: BN statistics stay
         # class labels checked on rank 0 for the built-in loss (a plug-in may use integer targets otherwise)
@@ -397,11 +399,19 @@ def _existing(path: Path) -> tuple[dict | None, Plan | None]:
 
 
 def use_parallel_hdf5(w: World, writer: str) -> bool:
-    """``writer``: ``auto`` (mpio where h5py has MPI), ``mpio`` or ``root`` (gather to rank 0)."""
+    """``writer``: ``auto`` (mpio where h5py has MPI and the job is an MPI one), ``mpio`` or
+    ``root`` (gather to rank 0, which writes)."""
+    if w.size == 1 or writer == "root":
+        return False
+    if w.launcher == "torchrun":  # parallel HDF5 opens the file over an MPI communicator
+        if writer == "mpio":
+            raise UserError("`writer` mpio needs an MPI launcher (mpirun, srun): under torchrun rank 0 writes "
+                            "(`writer` auto or root)")
+        return False
     has_mpi = h5py.get_config().mpi
-    if writer == "mpio" and not has_mpi and w.size > 1:
+    if writer == "mpio" and not has_mpi:
         raise UserError("`writer` mpio: this h5py is not built with MPI")
-    return w.size > 1 and has_mpi and writer != "root"
+    return has_mpi
 
 
 def _fidelity_attrs(w: World, model: nn.Module, data: dict[str, AnySplit], points: Points, grid: Grid,

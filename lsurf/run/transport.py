@@ -1,7 +1,8 @@
 """How ranks share the work and the file: a queue of tile numbers and a sink for finished tiles.
 
-Both speak MPI (mpi4py imported lazily) when the world has a communicator, and degrade to plain
-loops in one process. Message tags live here, beside the only code that sends and receives them.
+Both speak MPI (mpi4py imported lazily) when the world has an MPI communicator, use the c10d store
+under torch.distributed (lsurf.run.c10d), and degrade to plain loops in one process. The MPI
+message tag lives here, beside the only code that sends and receives it.
 """
 
 from __future__ import annotations
@@ -9,19 +10,20 @@ from __future__ import annotations
 import atexit
 import threading
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
 from lsurf.engine import surface_file
 from lsurf.engine.grid import Grid, Tile
 from lsurf.errors import UserError
+from lsurf.run.c10d import StoreCounter, StoreRelay, TorchComm
 from lsurf.run.world import World
 
 if TYPE_CHECKING:
     from mpi4py import MPI
 
-_TAG_TILE, _TAG_END = 11, 12
+_TAG_TILE = 11
 _PROGRESS_THREAD = True  # bench/bench_tile_wait.py turns it off to measure what it is for
 
 
@@ -75,75 +77,50 @@ class _Progress:
         atexit.unregister(self.stop)
 
 
-class TileQueue:
-    """Hands out tile numbers ``0..n-1``: dynamically from a shared counter, or round-robin.
+class Counter(Protocol):
+    """Integer slots on rank 0 that every rank adds to atomically: an MPI window or the c10d store."""
 
-    The dynamic queue is an MPI window on rank 0 holding [next tile, points done]; ranks take the
-    next tile with an atomic ``Fetch_and_op``, so a faster rank simply takes more tiles. The
-    second slot feeds rank 0's progress bar. Rank 0 keeps the window served while it computes
-    (see :class:`_Progress`).
-    """
+    progress_note: str
 
-    def __init__(self, w: World, n: int, schedule: str = "dynamic", slot: int | None = None,
-                 slots: int | None = None):
-        """Collective over ``w``. ``slot`` of ``slots`` (default: rank of size) is who takes tiles
-        under the static schedule: with rank groups only each group's leader calls :meth:`next`."""
-        if schedule not in ("dynamic", "static"):
-            raise UserError(f"`schedule` {schedule!r}: expected dynamic or static")
-        self.w, self.n, self.schedule = w, n, schedule
-        self._stride = w.size if slots is None else slots
-        self._next_static = w.rank if slot is None else slot
-        self._done_local = 0
-        self.win = None
+    def fetch_add(self, slot: int, value: int) -> int: ...
+
+    def stop_progress(self) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class _WindowCounter:
+    """The slots in an MPI window on rank 0, taken with an atomic ``Fetch_and_op``; rank 0 keeps
+    the window served while it computes (see :class:`_Progress`). Collective over ``w``."""
+
+    def __init__(self, w: World, slots: int):
+        from mpi4py import MPI
+
+        self._MPI = MPI
         self._progress: _Progress | None = None
         self.progress_note = ""  # on rank 0 of several: whether a progress thread serves the window, or why not
-        if w.comm is not None:
-            from mpi4py import MPI
+        self.win: MPI.Win | None = MPI.Win.Allocate((slots if w.is_root else 0) * 8, disp_unit=8, comm=w.comm)
+        if w.is_root:
+            # mpi4py's buffer has the buffer protocol, but numpy's stubs for Python < 3.12 name concrete types only
+            np.frombuffer(self.win.tomemory(), dtype=np.int64)[:] = 0  # type: ignore[call-overload]
+            if w.size > 1 and _PROGRESS_THREAD:  # every schedule: add_done uses the window too
+                self._progress = _Progress()
+                self.progress_note = self._progress.note
+        w.barrier()
 
-            self._MPI = MPI
-            size = 2 if w.is_root else 0
-            self.win = MPI.Win.Allocate(size * 8, disp_unit=8, comm=w.comm)
-            if w.is_root:
-                # mpi4py's buffer has the buffer protocol, but numpy's stubs for Python < 3.12 name concrete types only
-                np.frombuffer(self.win.tomemory(), dtype=np.int64)[:] = 0  # type: ignore[call-overload]
-                if w.size > 1 and _PROGRESS_THREAD:  # every schedule: add_done uses the window too
-                    self._progress = _Progress()
-                    self.progress_note = self._progress.note
-            w.barrier()
-
-    def _fetch_add(self, slot: int, value: int) -> int:
+    def fetch_add(self, slot: int, value: int) -> int:
         MPI = self._MPI
         one = np.array([value], dtype=np.int64)
         old = np.zeros(1, dtype=np.int64)
         win = self.win
-        assert win is not None  # every caller checks that the window exists
+        assert win is not None  # not closed
         win.Lock(0, MPI.LOCK_SHARED)
         win.Fetch_and_op(one, old, 0, slot, MPI.SUM)
         win.Unlock(0)
         return int(old[0])
 
-    def next(self) -> int | None:
-        if self.schedule == "static" or self.win is None:
-            if self._next_static >= self.n:
-                return None
-            t = self._next_static
-            self._next_static += self._stride
-            return t
-        t = self._fetch_add(0, 1)
-        return t if t < self.n else None
-
-    def add_done(self, points: int) -> None:
-        self._done_local += points
-        if self.win is not None:
-            self._fetch_add(1, points)
-
-    def points_done(self) -> int:
-        """Points finished by all ranks so far (exact on rank 0's own count when serial)."""
-        return self._done_local if self.win is None else self._fetch_add(1, 0)
-
     def stop_progress(self) -> None:
-        """Stop rank 0's progress thread (idempotent). ``close`` does it; a failed run may call it
-        where the collective ``close`` is out of reach (atexit does it at the latest)."""
+        """Stop rank 0's progress thread (idempotent)."""
         if self._progress is not None:
             self._progress.stop()
             self._progress = None
@@ -157,9 +134,111 @@ class TileQueue:
             self.win = None
 
 
+def _counter(w: World, slots: int) -> Counter | None:
+    """The world's shared counter (None in one process). Collective over ``w``."""
+    if w.comm is None:
+        return None
+    return StoreCounter(w.comm) if isinstance(w.comm, TorchComm) else _WindowCounter(w, slots)
+
+
+class TileQueue:
+    """Hands out tile numbers ``0..n-1``: dynamically from a shared counter, or round-robin.
+
+    The dynamic queue is a :class:`Counter` holding [next tile, points done]; ranks take the next
+    tile with an atomic fetch-and-add, so a faster rank simply takes more tiles. The second slot
+    feeds rank 0's progress bar.
+    """
+
+    def __init__(self, w: World, n: int, schedule: str = "dynamic", slot: int | None = None,
+                 slots: int | None = None):
+        """Collective over ``w``. ``slot`` of ``slots`` (default: rank of size) is who takes tiles
+        under the static schedule: with rank groups only each group's leader calls :meth:`next`."""
+        if schedule not in ("dynamic", "static"):
+            raise UserError(f"`schedule` {schedule!r}: expected dynamic or static")
+        self.w, self.n, self.schedule = w, n, schedule
+        self._stride = w.size if slots is None else slots
+        self._next_static = w.rank if slot is None else slot
+        self._done_local = 0
+        self.shared = _counter(w, 2)
+        # on rank 0 of several: whether a progress thread serves the counter, or why not
+        self.progress_note = self.shared.progress_note if self.shared is not None else ""
+
+    def next(self) -> int | None:
+        if self.schedule == "static" or self.shared is None:
+            if self._next_static >= self.n:
+                return None
+            t = self._next_static
+            self._next_static += self._stride
+            return t
+        t = self.shared.fetch_add(0, 1)
+        return t if t < self.n else None
+
+    def add_done(self, points: int) -> None:
+        self._done_local += points
+        if self.shared is not None:
+            self.shared.fetch_add(1, points)
+
+    def points_done(self) -> int:
+        """Points finished by all ranks so far (exact on rank 0's own count when serial)."""
+        return self._done_local if self.shared is None else self.shared.fetch_add(1, 0)
+
+    def stop_progress(self) -> None:
+        """Stop rank 0's progress thread (idempotent). ``close`` does it; a failed run may call it
+        where the collective ``close`` is out of reach (atexit does it at the latest)."""
+        if self.shared is not None:
+            self.shared.stop_progress()
+
+    def close(self) -> None:
+        """Collective: release the shared counter."""
+        if self.shared is not None:
+            self.shared.close()
+            self.shared = None
+
+
+class Relay(Protocol):
+    """Messages from any rank to rank 0, which takes them when it pleases: MPI's point-to-point
+    messages or the c10d store. A sender never waits for rank 0 (it evaluates points too)."""
+
+    def send(self, msg: Any) -> None: ...
+
+    def flush(self) -> None: ...
+
+    def poll(self) -> tuple[bool, Any]: ...
+
+    def wait(self) -> Any: ...
+
+
+class _MpiRelay:
+    def __init__(self, comm: Any):
+        self.comm = comm
+        self.sends: list[MPI.Request] = []  # non-blocking, so a worker never waits while rank 0 computes
+
+    def send(self, msg: Any) -> None:
+        self.sends.append(self.comm.isend(msg, dest=0, tag=_TAG_TILE))
+
+    def flush(self) -> None:
+        """Wait until every message sent has left."""
+        for request in self.sends:
+            request.wait()
+
+    def poll(self) -> tuple[bool, Any]:
+        """(True, a message) if one has arrived, else (False, None)."""
+        from mpi4py import MPI
+
+        if not self.comm.Iprobe(source=MPI.ANY_SOURCE, tag=_TAG_TILE):
+            return False, None
+        return True, self.wait()
+
+    def wait(self) -> Any:
+        from mpi4py import MPI
+
+        return self.comm.recv(source=MPI.ANY_SOURCE, tag=_TAG_TILE)
+
+
 class TileSink:
     """Where finished tiles go: into the file by this rank (parallel HDF5, or a lone process), or,
-    where h5py is serial, to rank 0, which writes its own tiles and those the others send."""
+    where h5py is serial (and always under torch.distributed), to rank 0, which writes its own
+    tiles and those the others send."""
 
     def __init__(self, w: World, path: Path, grid: Grid, tiles: list[Tile], parallel_io: bool,
                  senders: int | None = None, puts: bool = True):
@@ -168,10 +247,11 @@ class TileSink:
         whether this rank is one of them."""
         self.w, self.tiles, self.puts = w, tiles, puts
         self.senders = w.size if senders is None else senders
-        self.relay = w.comm is not None and not parallel_io  # tiles travel to rank 0
+        self.relay: Relay | None = None  # tiles travel to rank 0
+        if w.comm is not None and not parallel_io:
+            self.relay = StoreRelay(w.comm) if isinstance(w.comm, TorchComm) else _MpiRelay(w.comm)
         writes_here = parallel_io or w.is_root
         self.out = surface_file.TileWriter(path, grid, w.comm if parallel_io else None) if writes_here else None
-        self.sends: list[MPI.Request] = []  # non-blocking, so a worker never waits while rank 0 computes
         self.finished_ranks = 0
 
     def put(self, k: int, values: dict[str, np.ndarray], held: np.ndarray) -> None:
@@ -179,19 +259,20 @@ class TileSink:
         if self.out is not None:
             self.out.write(self.tiles[k], values, held)
         else:
-            self.sends.append(self.w.comm.isend((k, values, held), dest=0, tag=_TAG_TILE))
-        if self.relay and self.w.is_root:
-            self._receive(block=False)
+            assert self.relay is not None  # a rank that does not write relays
+            self.relay.send((k, values, held))
+        if self.relay is not None and self.w.is_root:
+            while (got := self.relay.poll())[0]:
+                self._take(got[1])
 
     def finish(self) -> float:
         """Deliver everything; returns the seconds this rank spent writing."""
-        if self.relay and self.w.is_root:
+        if self.relay is not None and self.w.is_root:
             while self.finished_ranks < self.senders - 1:
-                self._receive(block=True)
-        elif self.relay and self.puts:
-            self.sends.append(self.w.comm.isend(None, dest=0, tag=_TAG_END))
-            for request in self.sends:
-                request.wait()
+                self._take(self.relay.wait())
+        elif self.relay is not None and self.puts:
+            self.relay.send(None)  # this rank's last message
+            self.relay.flush()
         if self.out is None:
             return 0.0
         self.out.close()
@@ -203,17 +284,11 @@ class TileSink:
         if self.out is not None and not self.out.parallel:
             self.out.close()
 
-    def _receive(self, block: bool) -> None:
-        from mpi4py import MPI
-
-        status = MPI.Status()
-        while block or self.w.comm.Iprobe(source=MPI.ANY_SOURCE, tag=MPI.ANY_TAG):
-            msg = self.w.comm.recv(source=MPI.ANY_SOURCE, tag=MPI.ANY_TAG, status=status)
-            if status.Get_tag() == _TAG_END:
-                self.finished_ranks += 1
-            else:
-                k, values, held = msg
-                assert self.out is not None  # only rank 0 receives, and rank 0 always writes
-                self.out.write(self.tiles[k], values, held)
-            if block:
-                return
+    def _take(self, msg: Any) -> None:
+        """Rank 0: write a tile another rank sent, or count the end of its tiles (None)."""
+        if msg is None:
+            self.finished_ranks += 1
+            return
+        k, values, held = msg
+        assert self.out is not None  # only rank 0 receives, and rank 0 always writes
+        self.out.write(self.tiles[k], values, held)

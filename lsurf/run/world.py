@@ -1,14 +1,16 @@
-"""This process's place in an MPI job — built from a communicator the caller passes (None: one
-process) — and the collective habits every rank follows: agree on bad input, abort on failure.
+"""This process's place in a job — built from a communicator the caller passes: an mpi4py one, a
+:class:`lsurf.run.c10d.TorchComm` (torchrun), or None for one process — and the collective habits
+every rank follows: agree on bad input, abort on failure.
 
-mpi4py is imported only to learn the node-local layout of a communicator that already exists, so a
-single process never needs an MPI library.
+mpi4py is imported only to learn the node-local layout of an MPI communicator that already exists,
+so a single process, or a torch.distributed job, never needs an MPI library.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import socket
 import sys
 import traceback
 from collections.abc import Callable, Iterator, Sequence
@@ -16,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from lsurf.errors import UserError
+from lsurf.run.c10d import TorchComm
 
 Item = TypeVar("Item")
 Result = TypeVar("Result")
@@ -23,7 +26,8 @@ Result = TypeVar("Result")
 
 @dataclass
 class World:
-    """This process's place in the job; ``comm`` is None for a single process."""
+    """This process's place in the job; ``comm`` is None for a single process. ``launcher``: what
+    started the job (``mpirun``, ``srun``, ``torchrun`` or ``single``), recorded with its results."""
 
     comm: Any = None
     rank: int = 0
@@ -31,12 +35,15 @@ class World:
     local_rank: int = 0
     local_size: int = 1
     cpus: int = 1  # CPUs this rank may use: its affinity set, divided among local ranks sharing that set
+    launcher: str = "single"
 
     @classmethod
     def of(cls, comm: Any = None) -> World:
-        """The world of ``comm`` (an mpi4py communicator, or None for one process)."""
+        """The world of ``comm`` (an mpi4py communicator, a TorchComm, or None for one process)."""
         if comm is None:
             return cls(cpus=len(affinity()))
+        if isinstance(comm, TorchComm):
+            return cls._of_peers(comm)
         from mpi4py import MPI
 
         node = comm.Split_type(MPI.COMM_TYPE_SHARED, key=comm.Get_rank())
@@ -45,9 +52,19 @@ class World:
         mine = affinity()
         sharing = sum(1 for other in node.allgather(mine) if other == mine)
         w = cls(comm, comm.Get_rank(), comm.Get_size(), node.Get_rank(), node.Get_size(),
-                max(1, len(mine) // sharing))
+                max(1, len(mine) // sharing), mpi_launcher(comm.Get_rank(), comm.Get_size()))
         node.Free()
         return w
+
+    @classmethod
+    def _of_peers(cls, comm: TorchComm) -> World:
+        """The world of a torch.distributed job: the node-local layout from every rank's host name
+        and CPU set (no node communicator needed), as :meth:`of` finds it under MPI."""
+        rank, mine = comm.Get_rank(), (socket.gethostname(), affinity())
+        peers = comm.allgather(mine)
+        node = [r for r, (host, _) in enumerate(peers) if host == mine[0]]
+        sharing = sum(1 for other in peers if other == mine)
+        return cls(comm, rank, len(peers), node.index(rank), len(node), max(1, len(mine[1]) // sharing), "torchrun")
 
     @property
     def is_root(self) -> bool:
@@ -131,6 +148,8 @@ class Group:
         """The group's sum of every rank's sums (an in-place allreduce), or None for a lone rank."""
         if self.comm is None:
             return None
+        if isinstance(self.comm, TorchComm):
+            return self.comm.add_in_place
         import numpy as np
         from mpi4py import MPI
 
@@ -144,6 +163,15 @@ class Group:
         if self.comm is not None:
             self.comm.Free()
             self.comm = None
+
+
+def mpi_launcher(rank: int, size: int) -> str:
+    """``srun`` where Slurm started each MPI rank as a task of its own (its task number is the
+    rank), else ``mpirun`` (mpiexec, or mpirun inside an allocation: Slurm then started one
+    daemon per node, not the ranks)."""
+    env = os.environ
+    by_srun = env.get("SLURM_STEP_NUM_TASKS") == str(size) and env.get("SLURM_PROCID") == str(rank)
+    return "srun" if by_srun and "SLURM_STEP_ID" in env else "mpirun"
 
 
 def affinity() -> frozenset[int]:
