@@ -80,8 +80,10 @@ def exclusive_lock(path: str | Path):
 
 def _identity_mismatch(f: h5py.File, grid: Grid, identity: dict, optional: Collection[str] = ()) -> str | None:
     """Why an existing file cannot be resumed by this run, or None if it can. Keys in ``optional``
-    that the file lacks were not recorded when it was written: they are not compared. A key only
-    one side has (e.g. ``tolerance``, ``metrics``: recorded when used) is a mismatch."""
+    that the file lacks were not recorded when it was written: they are not compared. A setting
+    recorded only when used (``tolerance``, ``metrics``, ``geometry``) and absent from this run is
+    off here: a file that has it on is a mismatch (one with it off, e.g. an older file's retired
+    ``tf32: false``, is not)."""
     if f.attrs.get("format") != FORMAT:
         return "it was not written by lsurf"
     old_grid = _grid(f)
@@ -91,7 +93,7 @@ def _identity_mismatch(f: h5py.File, grid: Grid, identity: dict, optional: Colle
         return f"it has another grid ({describe_grid(old_grid)}; this run: {describe_grid(grid)})"
     old = json.loads(f.attrs["identity"])
     for key in {**old, **identity}:
-        if key in optional and key not in old:
+        if (key in optional and key not in old) or (key not in identity and not old[key]):
             continue
         value = identity.get(key)
         if old.get(key) != value:
