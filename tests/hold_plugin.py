@@ -108,7 +108,8 @@ def wait_held(folder: Path, ranks: int, proc: subprocess.Popen, timeout: float =
             return {r: int(f.read_text()) for r, f in enumerate(files)}
         if proc.poll() is not None:
             err = proc.stderr.read() if proc.stderr else ""
-            raise AssertionError(f"the job ended ({proc.returncode}) before its ranks held:\n{err}")
+            logs = "".join(f"\n{log.name}:\n{log.read_text()[-3000:]}" for log in sorted(folder.glob("job-*.log")))
+            raise AssertionError(f"the job ended ({proc.returncode}) before its ranks held:\n{err}{logs}")
         time.sleep(0.02)
     raise AssertionError(f"ranks not all held after {timeout} s")
 
