@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import signal
+import threading
 
 from lsurf.cli import common
 from lsurf.engine.progress import UNFINISHED
@@ -28,8 +30,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    state = watch(args.file, quantity=args.quantity, plane=args.plane, interval=args.interval, once=args.once,
-                  html=args.html, colour=args.colour, fill=args.fill)
+    stop = threading.Event()
+    previous = signal.signal(signal.SIGINT, lambda *_: stop.set())  # Ctrl-C ends the watch between looks
+    try:
+        state = watch(args.file, quantity=args.quantity, plane=args.plane, interval=args.interval, once=args.once,
+                      html=args.html, colour=args.colour, fill=args.fill, stop=stop)
+    finally:
+        signal.signal(signal.SIGINT, previous)
     if args.html and state is not None:
         print(f"wrote {args.html}")
     return 1 if state is not None and state.state == UNFINISHED else 0

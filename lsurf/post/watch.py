@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import shutil
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import TextIO
@@ -121,21 +122,23 @@ def _blanks(surface: Surface) -> str:
 
 def watch(path: str | Path, *, quantity: str | None = None, plane: int | None = None, interval: float = 2.0,
           once: bool = False, html: str | Path | None = None, colour: bool | None = None, fill: bool = False,
-          out: TextIO = sys.stdout) -> JobState | None:
+          out: TextIO = sys.stdout, stop: threading.Event | None = None) -> JobState | None:
     """Draw ``path`` every ``interval`` seconds until its job ends (``once``: one drawing now), and
     keep the page ``html`` up to date; returns the last state (None if interrupted before the file
     appeared). ``colour``: ANSI colours (default: when ``out`` is a terminal and NO_COLOR unset);
     ``fill``: points not done drawn interpolated from done ones (Surface.interpolated). Ctrl-C ends
-    the watch, not the job."""
+    the watch, not the job; so does ``stop`` once set (the CLI sets it from SIGINT, so the signal
+    never lands inside an HDF5 call, after which h5py's lock can hang the interpreter's exit)."""
+    stop = stop or threading.Event()
     if interval <= 0:
         raise UserError(f"`interval` {interval:g}: must be more than 0 seconds")
     terminal = out.isatty()
     colour = terminal and "NO_COLOR" not in os.environ if colour is None else colour
     state = None
     try:
-        _await(Path(path), interval, once, out)
+        _await(Path(path), interval, once, out, stop)
         meter, shown = RateMeter(), None
-        while True:
+        while not stop.is_set():
             surface = read_surface(path)
             now = time.time()
             state = job_state(surface, now=now)
@@ -152,10 +155,11 @@ def watch(path: str | Path, *, quantity: str | None = None, plane: int | None = 
             shown = (state.done, state.state)
             if once or not state.running:
                 return state
-            time.sleep(interval)
+            stop.wait(interval)
     except KeyboardInterrupt:
-        out.write("\n")
-        return state
+        pass
+    out.write("\n")
+    return state
 
 
 def _plane(surface: Surface, plane: int | None) -> Surface:
@@ -167,7 +171,7 @@ def _plane(surface: Surface, plane: int | None) -> Surface:
     return surface.plane(plane or 0)
 
 
-def _await(path: Path, interval: float, once: bool, out: TextIO) -> None:
+def _await(path: Path, interval: float, once: bool, out: TextIO, stop: threading.Event) -> None:
     """Wait, saying so, until the job has made the file (it appears whole: surface_file.create)."""
     if path.exists():
         return
@@ -175,5 +179,5 @@ def _await(path: Path, interval: float, once: bool, out: TextIO) -> None:
         raise UserError(f"`file` {str(path)!r} does not exist (yet)")
     out.write(f"waiting for {path} to appear (Ctrl-C to stop)\n")
     out.flush()
-    while not path.exists():
-        time.sleep(interval)
+    while not path.exists() and not stop.is_set():
+        stop.wait(interval)
