@@ -87,11 +87,12 @@ def test_default_tiles_hold_whole_stacked_passes_except_at_the_right_and_bottom_
 
 def test_tiles_of_whole_passes_take_about_the_least_passes():
     """51 x 51 at 4 ranks: 650 points a tile was 4 rows (204 points: 12 passes of 16 and one of 12).
-    Coarse-first, each of the 5 blocks ends in its own pass: 2 more."""
+    Coarse-first, each of the 5 blocks ends in its own pass, and the last block's tiles may be smaller so
+    that the ranks end together: at most 2 % more."""
     grid = Grid.parse("0:1:51", "0:1:51")
     passes = sum(-(-t.size // 16) for t in grid.tiles(None, 4, 16, "contiguous"))
     assert passes <= -(-grid.num_points // 16) + 1  # 164 (169 before), at least 163
-    assert sum(-(-t.size // 16) for t in grid.tiles(None, 4, 16)) <= passes + 2
+    assert sum(-(-t.size // 16) for t in grid.tiles(None, 4, 16)) <= 1.02 * passes
     assert [(t.j1 - t.j0, t.i1 - t.i0) for t in grid.tiles(None, 4, 1, "contiguous")][:1] == [(4, 51)]  # K=1 as it was
 
 

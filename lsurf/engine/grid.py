@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import heapq
 import math
 import os
 from dataclasses import dataclass, replace
@@ -51,9 +52,11 @@ def check_points_fit(num_points: int) -> None:
 TileOrder = Literal["coarse", "contiguous"]
 # Coarse-first: the first block of a plane is every 4th row and column (every 16th point of a
 # curve), 1/16 of the points spread over all of it; each block after it halves the spacing. Where
-# that costs stacked passes, a coarser start (every 2nd; every 4th of a curve) is tried next.
+# that costs time, a coarser start (every 2nd; every 4th of a curve) is tried next.
 COARSE_STRIDES = {1: [(1, 16), (1, 4)], 2: [(4, 4), (2, 2)]}  # (rows, columns) of a first block, by ndim
-PASSES_ALLOWED = 1.02  # at most 2 % more stacked passes than the contiguous order (issue 34)
+TAILS = (1, 2, 4)  # the last block's tiles at 1, 1/2 or 1/4 of the others' points: ranks end closer together
+TAIL_GAIN = 1.01  # smaller tiles at the end only where they end the run at least 1 % sooner
+COST_ALLOWED = 1.02  # at most 2 % longer than the contiguous order, in passes of the slowest rank (issue 34)
 
 
 @dataclass(frozen=True)
@@ -178,31 +181,44 @@ class Grid:
         ``order`` coarse (the default): each plane is dealt block after block (:func:`coarse_blocks`),
         so the first 1/16 of its points already cover all of it and a running job's file holds a
         picture of the whole plane early; ``shape`` then counts rows and columns of a block's lattice.
-        Each block ends in its own smaller pass: where that would take more than 2 % more passes
-        than the contiguous order (K large for the plane), a coarser start is used, or none.
-        ``contiguous``: one block, the plane itself, in bands of rows (the order before; benches
-        compare the two)."""
+        Each block ends in its own smaller pass, and the run ends with other tiles than the
+        contiguous order's: the last block's tiles are made smaller where that ends the ranks
+        closer together (:func:`_makespan`), and where the run would still take more than 2 %
+        longer than in the contiguous order (K large for the plane), a coarser start is used, or
+        none. ``contiguous``: one block, the plane itself, in bands of rows (the order before;
+        benches compare the two)."""
         ny, nx = self.plane_shape
         target = max(1, min_points, (self.num_planes * ny * nx) // (4 * max(1, ranks)))  # points per tile
-        plane = self._cut(coarse_blocks(ny, nx, (1, 1)), shape, target, min_points)
+
+        def every_plane(plane: list[Tile]) -> list[Tile]:
+            return [replace(t, index=k * len(plane) + t.index, plane=k) for k in range(self.num_planes) for t in plane]
+
+        def cost(tiles: list[Tile]) -> float:
+            return _makespan(tiles, ranks, min_points)
+
+        contiguous = every_plane(self._cut(coarse_blocks(ny, nx, (1, 1)), shape, target, min_points))
         if order == "coarse":
-            allowed = PASSES_ALLOWED * _tile_passes(plane, min_points)
+            allowed = COST_ALLOWED * cost(contiguous)
             for stride in COARSE_STRIDES[self.ndim]:
-                coarse = self._cut(coarse_blocks(ny, nx, stride), shape, target, min_points)
-                if _tile_passes(coarse, min_points) <= allowed:
-                    plane = coarse
-                    break
-        return [replace(t, index=k * len(plane) + t.index, plane=k) for k in range(self.num_planes) for t in plane]
+                blocks = coarse_blocks(ny, nx, stride)
+                options = [every_plane(self._cut(blocks, shape, target, min_points, tail)) for tail in TAILS]
+                least = min(cost(tiles) for tiles in options)
+                coarse = next(tiles for tiles in options if cost(tiles) <= TAIL_GAIN * least)  # the fewest tiles
+                if cost(coarse) <= allowed:
+                    return coarse
+        return contiguous
 
     def _cut(self, blocks: list[tuple[int, int, int, int]], shape: tuple[int, int] | None, target: int,
-             k: int) -> list[Tile]:
+             k: int, tail: int = 1) -> list[Tile]:
         """One plane's tiles: each block's lattice in tiles of ``shape`` (default: about ``target``
-        points, whole passes of ``k``), in bands of the lattice's rows, block after block."""
+        points, the last block's ``target / tail``, whole passes of ``k``), in bands of the
+        lattice's rows, block after block."""
         ny, nx = self.plane_shape
         tiles: list[Tile] = []
-        for r0, dj, c0, di in blocks:
+        for n, (r0, dj, c0, di) in enumerate(blocks):
             rows, cols = len(range(r0, ny, dj)), len(range(c0, nx, di))
-            th, tw = shape if shape is not None else self._default_tile(rows, cols, target, k)
+            points = max(1, k, target // tail) if n == len(blocks) - 1 else target
+            th, tw = shape if shape is not None else self._default_tile(rows, cols, points, k)
             th, tw = max(1, min(th, rows)), max(1, min(tw, cols))
             for a in range(0, rows, th):
                 for b in range(0, cols, tw):
@@ -249,9 +265,14 @@ def coarse_blocks(ny: int, nx: int, stride: tuple[int, int]) -> list[tuple[int, 
     return [(r0, sr, c0, sc) for r0, sr, c0, sc in blocks if r0 < ny and c0 < nx]
 
 
-def _tile_passes(tiles: list[Tile], k: int) -> int:
-    """Stacked passes of ``k`` points that ``tiles`` take (each ends in its own)."""
-    return sum(-(-t.size // k) for t in tiles)
+def _makespan(tiles: list[Tile], ranks: int, k: int) -> float:
+    """Passes of ``k`` points the slowest of ``ranks`` equal ranks makes when each takes the next
+    tile as soon as it is free (the dynamic schedule); each tile ends in its own pass. One rank:
+    the passes of the whole run."""
+    free = [0] * max(1, ranks)
+    for t in tiles:
+        heapq.heappush(free, heapq.heappop(free) + -(-t.size // k))
+    return max(free)
 
 
 def _passes(ny: int, nx: int, rows: int, width: int, k: int) -> int:
