@@ -18,8 +18,9 @@ from conftest import _env, mpi_command, mpirun, rank_pids, requires_mpi
 from hold_plugin import PINNED, SPEC, flags, hold_env, plugin_env, reference, stop, wait_held
 
 pytestmark = [requires_mpi, pytest.mark.mpi]
-TOTAL, TILE = 9 * 9, 3
-# One forward per point on every rank (the batch holds the whole subset), tiles of TILE points.
+TOTAL, TILE = 9 * 9, 1
+# One forward per point on every rank (the batch holds the whole subset), tiles of TILE points (coarse-first
+# tiles of more points differ in size: their blocks' lattices are 3, 2, 5, 4 and 9 columns wide).
 SETTINGS = {"data": "digits", "subset": 64, "batch_size": 64, "x": "-1:1:9", "y": "-1:1:9", "tile": f"1x{TILE}",
             **PINNED}
 
@@ -32,11 +33,13 @@ def job(digits_checkpoint, tmp_path_factory):
 
 
 def _consistent(path) -> np.ndarray:
-    """The file opens, and its done mask says exactly which points hold values."""
+    """The file opens, and its done mask says exactly which points hold values and finish times."""
     with h5py.File(path) as f:
         done = f["done"][()].astype(bool)
         loss = f["train_loss"][()]
+        stamps = f["finished_at"][()]
     assert np.isfinite(loss[done]).all() and np.isnan(loss[~done]).all()
+    assert np.isfinite(stamps[done]).all() and np.isnan(stamps[~done]).all()
     return done
 
 
@@ -69,7 +72,10 @@ def test_sigkill_of_a_held_rank_loses_nothing_finished(moment, writer, group, vi
     finally:
         stop(proc)
     assert proc.returncode != 0
-    done_before = int(_consistent(out).sum())
+    done_mask = _consistent(out)
+    done_before = int(done_mask.sum())
+    with h5py.File(out) as f:
+        stamps = f["finished_at"][()]
     # Written: parallel HDF5, each rank's tiles; rank 0 writing, its own and those received so far.
     at_least = TILE * tiles_each * (2 if writer == "mpio" and group == 1 else 1)
     assert 0 < at_least <= done_before <= 2 * TILE * tiles_each // group < TOTAL
@@ -77,6 +83,8 @@ def test_sigkill_of_a_held_rank_loses_nothing_finished(moment, writer, group, vi
     with h5py.File(out) as f:
         assert f["done"][()].all()
         assert f.attrs["rank_points"].sum() == TOTAL - done_before  # no finished point recomputed
+        np.testing.assert_array_equal(f["finished_at"][()][done_mask], stamps[done_mask])  # nor restamped
+        assert np.isfinite(f["finished_at"][()]).all()
         for k, v in reference.items():
             np.testing.assert_allclose(f[k][()], v, rtol=1e-6)
 

@@ -81,16 +81,19 @@ def test_default_tiles_hold_whole_stacked_passes_except_at_the_right_and_bottom_
                         ("0:1:33", "0:1:20", 8), ("0:1:101", "0:1:101", 16)]:
         grid = Grid.parse(x, y)
         ny, nx = grid.plane_shape
-        tiles = grid.tiles(None, ranks, k)
+        tiles = grid.tiles(None, ranks, k, "contiguous")  # coarse-first blocks: test_library's tile tests
         assert all(t.size % k == 0 for t in tiles if t.i1 < nx and t.j1 < ny), (x, y, ranks)
 
 
 def test_tiles_of_whole_passes_take_about_the_least_passes():
-    """51 x 51 at 4 ranks: 650 points a tile was 4 rows (204 points: 12 passes of 16 and one of 12)."""
+    """51 x 51 at 4 ranks: 650 points a tile was 4 rows (204 points: 12 passes of 16 and one of 12).
+    Coarse-first, each of the 5 blocks ends in its own pass, and the last block's tiles may be smaller so
+    that the ranks end together: at most 2 % more."""
     grid = Grid.parse("0:1:51", "0:1:51")
-    passes = sum(-(-t.size // 16) for t in grid.tiles(None, 4, 16))
+    passes = sum(-(-t.size // 16) for t in grid.tiles(None, 4, 16, "contiguous"))
     assert passes <= -(-grid.num_points // 16) + 1  # 164 (169 before), at least 163
-    assert [(t.j1 - t.j0, t.i1 - t.i0) for t in grid.tiles(None, 4, 1)][:1] == [(4, 51)]  # K=1 as it was
+    assert sum(-(-t.size // 16) for t in grid.tiles(None, 4, 16)) <= 1.02 * passes
+    assert [(t.j1 - t.j0, t.i1 - t.i0) for t in grid.tiles(None, 4, 1, "contiguous")][:1] == [(4, 51)]  # K=1 as it was
 
 
 def test_one_process_trains_a_curve_without_float64_copies_of_its_gradients():

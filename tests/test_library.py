@@ -10,7 +10,7 @@ import torch
 from conftest import lsurf
 
 import lsurf as api
-from lsurf.engine.grid import Grid
+from lsurf.engine.grid import Grid, Tile
 from lsurf.engine.plan import Plan
 from lsurf.errors import UserError
 from lsurf.run.options import Options
@@ -56,10 +56,90 @@ def test_a_curve_is_one_row_of_a_plane():
             tiles = grid.tiles(None, ranks, k)
             covered = np.zeros(grid.plane_shape, int)
             for t in tiles:
-                covered[t.j0:t.j1, t.i0:t.i1] += 1
-                assert t.size >= min(k, grid.num_points) or t.i1 == grid.plane_shape[1] or t.j1 == grid.plane_shape[0]
+                covered[t.rows, t.cols] += 1
+                assert t.size >= min(k, grid.num_points) or at_block_edge(t, grid)
             assert (covered == 1).all()  # every point in exactly one tile
-    assert min(t.size for t in Grid.parse("0:1:51").tiles(None, 8, 4)[:-1]) >= 4  # tiles hold a stacked pass
+    assert min(t.size for t in Grid.parse("0:1:51").tiles(None, 8, 4, "contiguous")[:-1]) >= 4  # a stacked pass
+
+
+def at_block_edge(t: Tile, grid: Grid) -> bool:
+    """Is the tile the last of its coarse-first block's lattice along a row or a column (where a
+    tile may end in a smaller pass)?"""
+    ny, nx = grid.plane_shape
+    return t.i1 - 1 + t.di >= nx or t.j1 - 1 + t.dj >= ny
+
+
+def slowest(tiles: list[Tile], ranks: int, k: int) -> int:
+    """Passes of ``k`` points of the last rank to finish when each of ``ranks`` takes the next tile
+    as soon as it has finished its last (every pass taking the same time)."""
+    ends = [0] * ranks
+    for t in tiles:
+        ends[ends.index(min(ends))] += -(-t.size // k)
+    return max(ends)
+
+
+def quarters(points: list[tuple[int, int]], grid: Grid) -> set[tuple[int, int]]:
+    """Which quarters of the plane (halves of rows by halves of columns; of a curve, quarters of
+    its columns) hold one of ``points``."""
+    ny, nx = grid.plane_shape
+    if grid.ndim == 1:
+        return {(0, 4 * i // nx) for _, i in points}
+    return {(2 * j // ny, 2 * i // nx) for j, i in points}
+
+
+@pytest.mark.parametrize("x,y,planes", [("0:1:31", "0:1:31", None), ("0:1:51", "0:1:51", None),
+                                        ("0:1:17", "0:1:9", None), ("0:1:200", None, None), ("0:1:11", "0:1:13", 3)])
+def test_coarse_first_tiles_cover_each_plane_within_its_first_sixteenth(x, y, planes):
+    """Issue 34: the first tiles of a plane whose points add up to 1/16 of it, and no fewer than the
+    ranks (dynamic scheduling hands those out at once), hold points in every quarter of it; tiles
+    never span two planes and come plane after plane, and every point is in exactly one."""
+    grid = Grid.parse(x, y, planes)
+    ny, nx = grid.plane_shape
+    for ranks in (1, 2, 4, 8, 32):
+        tiles = grid.tiles(None, ranks)
+        assert [t.index for t in tiles] == list(range(len(tiles)))
+        assert [t.plane for t in tiles] == sorted(t.plane for t in tiles)
+        covered = np.zeros(grid.stack_shape, int)
+        for t in tiles:
+            covered[t.index_in_stack] += 1
+        assert (covered == 1).all()
+        for k in range(grid.num_planes):
+            first, total = [], 0
+            for n, t in enumerate(t for t in tiles if t.plane == k):
+                first += [t.point(a, b) for a, b in np.ndindex(*t.shape)]
+                total += t.size
+                if 16 * total >= ny * nx and n + 1 >= ranks:
+                    break
+            assert quarters(first, grid) == quarters([(j, i) for j in range(ny) for i in range(nx)], grid), ranks
+        lattice = np.zeros(grid.plane_shape, bool)  # one rank: the first tile is every 4th row and column
+        lattice[:: 4 if y else 1, :: 4 if y else 16] = True  # (every 16th point of a curve)
+        in_first = np.zeros(grid.plane_shape, bool)
+        in_first[tiles[0].rows, tiles[0].cols] = True
+        assert ranks > 1 or np.array_equal(in_first, lattice)
+        # about as many as contiguous tiles (4 a rank), more only where small ones end the ranks together
+        assert len(tiles) <= 4 * len(grid.tiles(None, ranks, order="contiguous")) + 6 * grid.num_planes
+
+
+def test_coarse_first_tiles_are_strided_lattices_of_whole_stacked_passes():
+    """Each tile is a lattice of power-of-2 steps (a hyperslab); tiles hold whole passes of K except at
+    their block's edge; the run takes at most 2 % longer than with contiguous tiles (passes of the
+    slowest of equal ranks taking tiles in order), else a coarser start (or none) is taken; an explicit
+    shape counts lattice rows and columns; contiguous is the old order."""
+    for x, y in [("0:1:51", "0:1:51"), ("0:1:31", "0:1:31"), ("0:1:21", "0:1:21"), ("0:1:201", None)]:
+        grid = Grid.parse(x, y)
+        for ranks in (1, 3, 8):
+            for k in (1, 2, 4, 8, 16, 32, 64):
+                tiles = grid.tiles(None, ranks, k)
+                assert all(t.dj in (1, 2, 4) and t.di in (1, 2, 4, 8, 16) for t in tiles)
+                assert all(t.size % k == 0 for t in tiles if not at_block_edge(t, grid)), (x, y, ranks, k)
+                assert slowest(tiles, ranks, k) <= 1.02 * slowest(grid.tiles(None, ranks, k, "contiguous"), ranks, k)
+                assert k > 1 or tiles[0].di == (4 if y else 16)  # one point a pass: always from the coarsest
+    grid = Grid.parse("0:1:9", "0:1:7")
+    assert all(t.shape[0] <= 2 and t.shape[1] <= 3 for t in grid.tiles((2, 3)))
+    assert [(t.j0, t.j1, t.dj, t.i0, t.i1, t.di) for t in grid.tiles((2, 3))[:2]] == [
+        (0, 5, 4, 0, 9, 4), (0, 5, 4, 2, 7, 4)]
+    assert [(t.j0, t.j1, t.i0, t.i1, t.dj, t.di) for t in grid.tiles((2, 9), order="contiguous")] == [
+        (j, min(j + 2, 7), 0, 9, 1, 1) for j in range(0, 7, 2)]
 
 
 def test_tile_queue_alone_hands_out_every_tile_once():
@@ -137,14 +217,51 @@ def test_resume_reuses_the_recorded_plan_bit_for_bit(tmp_path):
     path = tmp_path / "r.h5"
     whole = api.sample_surface(model, data, dirs, grid, path, progress=False)
     plan = Plan.from_json(whole.attrs["plan"])
-    with h5py.File(path, "r+") as f:  # as if the job died half-way
+    assert whole.finished_at is not None and np.isfinite(whole.finished_at).all()
+    with h5py.File(path, "r+") as f:  # as if the job died half-way (with contiguous tiles: row 0 done)
         f["done"][1:] = 0
         f["train_loss"][1:] = np.nan
+        f["finished_at"][1:] = np.nan
     resumed = api.sample_surface(model, data, dirs, grid, path, progress=False)
     assert Plan.from_json(resumed.attrs["plan"]) == plan
     np.testing.assert_array_equal(resumed.values["train_loss"], whole.values["train_loss"])
+    assert resumed.finished_at is not None
+    np.testing.assert_array_equal(resumed.finished_at[0], whole.finished_at[0])  # kept: not computed again
+    assert (resumed.finished_at[1:] >= whole.finished_at.max()).all()
     with pytest.raises(UserError, match="`batch_size` 7"):
         api.sample_surface(model, data, dirs, grid, path, progress=False, batch_size=7)
+
+
+def test_a_file_from_before_finished_at_and_coarse_first_tiles_resumes(tmp_path):
+    data = api.load_data("digits", ("train",), subset=40)
+    model = api.load_model("cnn", (1, 8, 8), 10)
+    dirs = api.random_directions(model, seed=2)
+    grid = Grid.parse("-1:1:5", "-1:1:3")
+    path = tmp_path / "old.h5"
+    whole = api.sample_surface(model, data, dirs, grid, path, progress=False)
+    with h5py.File(path, "r+") as f:  # no finished_at, and killed after the first 2 of 5 columns
+        del f["finished_at"]
+        f["done"][:, 2:] = 0
+    old = api.sample_surface(model, data, dirs, grid, path, progress=False)
+    assert old.finished_at is None and old.done.all()
+    np.testing.assert_array_equal(old.values["train_loss"], whole.values["train_loss"])
+
+
+def test_coarse_first_order_gives_the_values_of_contiguous_tiles(tmp_path):
+    """The order points are dealt in changes no value: bit for bit one point a pass, to 1e-6 stacked."""
+    data = api.load_data("digits", ("train",), subset=40)
+    model = api.load_model("mlp", (1, 8, 8), 10)
+    dirs = api.random_directions(model, seed=4)
+    grid = Grid.parse("-1:1:6", "-1:1:5")
+    for k in (1, 4):
+        runs = [api.sample_surface(model, data, dirs, grid, tmp_path / f"{order}{k}.h5", progress=False,
+                                   dtype="float64", points_per_pass=k, layout="contiguous",  # one plan for both
+                                   fidelity="off", tile_order=order).values["train_loss"]
+                for order in ("coarse", "contiguous")]
+        assert np.isfinite(runs[0]).all()
+        if k == 1:
+            np.testing.assert_array_equal(runs[0], runs[1])
+        np.testing.assert_allclose(runs[0], runs[1], rtol=1e-6, atol=0)
 
 
 def test_a_reader_watching_the_file_does_not_stop_the_run(tmp_path):

@@ -57,8 +57,39 @@ def test_static_schedule_and_forced_serial_h5py_path(serial, tmp_path, digits_ch
            "--tile", "1x9", "--writer", "root", "--out", out, check=True)
     got = arrays(out)
     np.testing.assert_allclose(got["train_loss"], serial["train_loss"], rtol=1e-6)
-    with h5py.File(out) as f:  # round-robin rows of 9 points: rank 0 takes rows 0,2,4,6
+    with h5py.File(out) as f:  # round robin over 13 coarse-first tiles of one lattice row (of 3, 2, 5, 4 and 9 points)
         assert list(f.attrs["rank_points"]) == [36, 27]
+
+
+def test_strided_tiles_through_parallel_hdf5_stamp_each_point_and_resume(serial, tmp_path, digits_checkpoint):
+    """Issue 34: 2 ranks writing coarse-first (strided) tiles through parallel HDF5 give the serial
+    values, with ``finished_at`` set exactly where done; a partial file (the coarse lattice done, as a
+    job killed after its first tiles leaves it) resumes computing only the rest, keeping its stamps."""
+    out = tmp_path / "m.h5"
+    args = ["surface", *COMMON, *GRID, "--checkpoint", digits_checkpoint, "--writer", "mpio", "--out", out]
+    t0 = time.time()
+    assert "writer: parallel HDF5" in mpirun(2, *args, check=True).stderr
+    with h5py.File(out) as f:
+        stamps = f["finished_at"][()]
+    assert t0 <= stamps.min() and stamps.max() <= time.time()
+    keep = np.zeros(stamps.shape, bool)
+    keep[::4, ::4] = True
+    with h5py.File(out, "r+") as f:
+        for name in ("train_loss", "train_acc", "train_loss_stderr", "finished_at"):
+            f[name][...] = np.where(keep, f[name][()], np.nan)
+        f["done"][...] = keep
+    t1 = time.time()
+    p = mpirun(2, *args, check=True)
+    assert f"{63 - keep.sum()} of 63 points to do" in p.stderr
+    got = arrays(out)
+    assert got["done"].all()
+    for k in ("train_loss", "train_acc", "train_loss_stderr"):
+        np.testing.assert_allclose(got[k], serial[k], rtol=1e-6, atol=1e-9)
+    with h5py.File(out) as f:
+        after = f["finished_at"][()]
+        assert f.attrs["rank_points"].sum() == 63 - keep.sum()
+    np.testing.assert_array_equal(after[keep], stamps[keep])
+    assert (after[~keep] >= t1).all()
 
 
 @pytest.mark.mpi

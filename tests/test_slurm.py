@@ -17,8 +17,9 @@ from hold_plugin import PINNED, SPEC, flags, hold_env, plugin_env, reference, wa
 pytestmark = [requires_mpi, pytest.mark.skipif(slurm_cluster.missing() is not None,
                                                reason=str(slurm_cluster.missing())),
               pytest.mark.xdist_group("slurm")]  # one worker: one cluster's daemons at a time
-TOTAL, TILE = 9 * 9, 3
-# The pre-emption drill's grid: one forward per point on every rank (tests/hold_plugin.py), tiles of TILE points.
+TOTAL, TILE = 9 * 9, 1
+# The pre-emption drill's grid: one forward per point on every rank (tests/hold_plugin.py), tiles of TILE points
+# (as in tests/test_drills.py: coarse-first tiles of more points differ in size).
 DRILL = {"data": "digits", "subset": 64, "batch_size": 64, "x": "-1:1:9", "y": "-1:1:9", "tile": f"1x{TILE}", **PINNED}
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 
 import h5py
 import numpy as np
@@ -86,12 +87,27 @@ def test_partial_file_has_nan_where_not_done(tmp_path):
     grid = Grid(np.linspace(0, 1, 4), np.linspace(0, 1, 3))
     create(tmp_path / "p.h5", grid, ["train_loss", "train_acc"], {}, {})
     w = TileWriter(tmp_path / "p.h5", grid)
+    t0 = time.time()
     w.write(Tile(0, 0, 1, 0, 4), {"train_loss": np.arange(4.0)[None], "train_acc": np.ones((1, 4))})
+    # a coarse-first tile: rows 1:3:2 (row 1), columns 1:4:2 (1 and 3); column 3 not held; column 1
+    # finished before, at the time given
+    w.write(Tile(1, 1, 3, 1, 4, dj=2, di=2), {"train_loss": np.array([[7.0, 8.0]]), "train_acc": np.ones((1, 2)),
+                                             "finished_at": np.array([[5.0, np.nan]])}, np.array([[True, False]]))
     w.close()
     s = read_surface(tmp_path / "p.h5")
-    assert s.done[0].all() and not s.done[1:].any()
+    assert s.done[0].all() and s.done[1].tolist() == [False, True, False, False] and not s.done[2].any()
     np.testing.assert_array_equal(s.values["train_loss"][0], np.arange(4.0))
-    assert np.isnan(s.values["train_loss"][1:]).all()
+    assert s.values["train_loss"][1, 1] == 7.0 and np.isnan(s.values["train_loss"][2]).all()
+    assert s.finished_at is not None and (t0 <= s.finished_at[0]).all() and (s.finished_at[0] <= time.time()).all()
+    assert s.finished_at[1, 1] == 5.0 and np.isnan(s.finished_at[~s.done]).all()  # NaN exactly where not done
+    with h5py.File(tmp_path / "p.h5", "r+") as f:  # a file from before finished_at
+        del f["finished_at"]
+    old = read_surface(tmp_path / "p.h5")
+    assert old.finished_at is None and old.done.sum() == 5
+    w = TileWriter(tmp_path / "p.h5", grid)  # still written: values and done
+    w.write(Tile(2, 2, 3, 0, 4), {"train_loss": np.ones((1, 4)), "train_acc": np.ones((1, 4))})
+    w.close()
+    assert read_surface(tmp_path / "p.h5").done[2].all()
 
 
 class _SignalsMidWrite(dict):

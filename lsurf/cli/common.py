@@ -181,7 +181,9 @@ def add_run(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("distribution and output")
     g.add_argument("--ranks-per-point", type=int, default=SUPPRESS,
                    help="G ranks share every grid point, each with 1/G of every split (G divides the ranks)")
-    g.add_argument("--tile", default=SUPPRESS, help="ROWSxCOLS of grid points per tile (default: about 4 per rank)")
+    g.add_argument("--tile", default=SUPPRESS,
+                   help="ROWSxCOLS of grid points per tile, counted on the coarse-first lattice it lies in "
+                        "(every 4th row and column first, then the gaps; default: about 4 tiles per rank)")
     g.add_argument("--schedule", default=SUPPRESS, choices=choices(Schedule), help="(default dynamic)")
     g.add_argument("--writer", default=SUPPRESS, choices=choices(Writer),
                    help="mpio: every rank writes via parallel HDF5; root: tiles are sent to rank 0")

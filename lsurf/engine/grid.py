@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import heapq
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Literal
 
 import numpy as np
 
@@ -47,9 +49,21 @@ def check_points_fit(num_points: int) -> None:
                         f"more than half of this machine's {have / 2**30:.1f} GiB: use fewer points")
 
 
+TileOrder = Literal["coarse", "contiguous"]
+# Coarse-first: the first block of a plane is every 4th row and column (every 16th point of a
+# curve), 1/16 of the points spread over all of it; each block after it halves the spacing. Where
+# that costs time, a coarser start (every 2nd; every 4th of a curve) is tried next.
+COARSE_STRIDES = {1: [(1, 16), (1, 4)], 2: [(4, 4), (2, 2)]}  # (rows, columns) of a first block, by ndim
+TAILS = (1, 2, 4)  # the last block's tiles at 1, 1/2 or 1/4 of the others' points: ranks end closer together
+TAIL_GAIN = 1.01  # smaller tiles at the end only where they end the run at least 1 % sooner
+COST_ALLOWED = 1.02  # at most 2 % longer than the contiguous order, in passes of the slowest rank (issue 34)
+
+
 @dataclass(frozen=True)
 class Tile:
-    """A rectangle of grid points: rows ``j0:j1`` (beta) by columns ``i0:i1`` (alpha) of plane ``plane``."""
+    """A lattice of grid points: rows ``j0:j1:dj`` (beta) by columns ``i0:i1:di`` (alpha) of plane
+    ``plane``; the steps are 1 for a rectangle. A strided tile is still one HDF5 hyperslab, so
+    every writer writes it in one call."""
 
     index: int
     j0: int
@@ -57,10 +71,35 @@ class Tile:
     i0: int
     i1: int
     plane: int = 0
+    dj: int = 1
+    di: int = 1
+
+    @property
+    def rows(self) -> slice:
+        return slice(self.j0, self.j1, self.dj)
+
+    @property
+    def cols(self) -> slice:
+        return slice(self.i0, self.i1, self.di)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """(rows, columns) of the tile's own lattice: what its values are shaped as."""
+        return len(range(self.j0, self.j1, self.dj)), len(range(self.i0, self.i1, self.di))
 
     @property
     def size(self) -> int:
-        return (self.j1 - self.j0) * (self.i1 - self.i0)
+        rows, cols = self.shape
+        return rows * cols
+
+    @property
+    def index_in_stack(self) -> tuple[int, slice, slice]:
+        """Where the tile lies in values viewed as ``Grid.stack_shape``."""
+        return self.plane, self.rows, self.cols
+
+    def point(self, a: int, b: int) -> tuple[int, int]:
+        """Grid indices ``(j, i)`` of the tile's point ``[a, b]``."""
+        return self.j0 + a * self.dj, self.i0 + b * self.di
 
 
 @dataclass(frozen=True)
@@ -134,30 +173,69 @@ class Grid:
         """(alpha, beta) of point ``[j, i]``; beta is 0 on a 1-D grid."""
         return float(self.x[i]), (0.0 if self.y is None else float(self.y[j]))
 
-    def tiles(self, shape: tuple[int, int] | None = None, ranks: int = 1, min_points: int = 1) -> list[Tile]:
-        """Cut each plane into rectangles, plane after plane; by default about 4 per rank so dynamic
+    def tiles(self, shape: tuple[int, int] | None = None, ranks: int = 1, min_points: int = 1,
+              order: TileOrder = "coarse") -> list[Tile]:
+        """Cut each plane into tiles, plane after plane; by default about 4 per rank so dynamic
         scheduling can balance, each a whole number of ``min_points`` (K: the points one stacked pass
-        evaluates) where the plane allows, so no pass runs at another K (a new K costs a GPU new
-        plans and memory). Only tiles at a plane's right or bottom edge may hold fewer: their last
+        evaluates) where its block allows, so no pass runs at another K (a new K costs a GPU new
+        plans and memory). Only tiles at a block's right or bottom edge may hold fewer: their last
         pass is a smaller one. A tile never spans two planes: their points move the weights along
-        other directions."""
+        other directions.
+
+        ``order`` coarse (the default): each plane is dealt block after block (:func:`coarse_blocks`),
+        so the first 1/16 of its points already cover all of it and a running job's file holds a
+        picture of the whole plane early; ``shape`` then counts rows and columns of a block's lattice.
+        Each block ends in its own smaller pass, and the run ends with other tiles than the
+        contiguous order's: the last block's tiles are made smaller where that ends the ranks
+        closer together (:func:`_makespan`), and where the run would still take more than 2 %
+        longer than in the contiguous order (K large for the plane), a coarser start is used, or
+        none. ``contiguous``: one block, the plane itself, in bands of rows (the order before;
+        benches compare the two)."""
         ny, nx = self.plane_shape
-        th, tw = shape if shape is not None else self._default_tile(ny, nx, ranks, min_points, self.num_planes)
-        th, tw = max(1, min(th, ny)), max(1, min(tw, nx))
+        target = max(1, min_points, (self.num_planes * ny * nx) // (4 * max(1, ranks)))  # points per tile
+
+        def every_plane(plane: list[Tile]) -> list[Tile]:
+            return [replace(t, index=k * len(plane) + t.index, plane=k) for k in range(self.num_planes) for t in plane]
+
+        def cost(tiles: list[Tile]) -> float:
+            return _makespan(tiles, ranks, min_points)
+
+        contiguous = every_plane(self._cut(coarse_blocks(ny, nx, (1, 1)), shape, target, min_points))
+        if order == "coarse":
+            allowed = COST_ALLOWED * cost(contiguous)
+            for stride in COARSE_STRIDES[self.ndim]:
+                blocks = coarse_blocks(ny, nx, stride)
+                options = [every_plane(self._cut(blocks, shape, target, min_points, tail)) for tail in TAILS]
+                least = min(cost(tiles) for tiles in options)
+                coarse = next(tiles for tiles in options if cost(tiles) <= TAIL_GAIN * least)  # the fewest tiles
+                if cost(coarse) <= allowed:
+                    return coarse
+        return contiguous
+
+    def _cut(self, blocks: list[tuple[int, int, int, int]], shape: tuple[int, int] | None, target: int,
+             k: int, tail: int = 1) -> list[Tile]:
+        """One plane's tiles: each block's lattice in tiles of ``shape`` (default: about ``target``
+        points, the last block's ``target / tail``, whole passes of ``k``), in bands of the
+        lattice's rows, block after block."""
+        ny, nx = self.plane_shape
         tiles: list[Tile] = []
-        for k in range(self.num_planes):
-            for j0 in range(0, ny, th):
-                for i0 in range(0, nx, tw):
-                    tiles.append(Tile(len(tiles), j0, min(j0 + th, ny), i0, min(i0 + tw, nx), k))
+        for n, (r0, dj, c0, di) in enumerate(blocks):
+            rows, cols = len(range(r0, ny, dj)), len(range(c0, nx, di))
+            points = max(1, k, target // tail) if n == len(blocks) - 1 else target
+            th, tw = shape if shape is not None else self._default_tile(rows, cols, points, k)
+            th, tw = max(1, min(th, rows)), max(1, min(tw, cols))
+            for a in range(0, rows, th):
+                for b in range(0, cols, tw):
+                    tiles.append(Tile(len(tiles), r0 + a * dj, r0 + (min(a + th, rows) - 1) * dj + 1,
+                                      c0 + b * di, c0 + (min(b + tw, cols) - 1) * di + 1, 0, dj, di))
         return tiles
 
     @staticmethod
-    def _default_tile(ny: int, nx: int, ranks: int, k: int = 1, planes: int = 1) -> tuple[int, int]:
-        """(rows, columns) of about a quarter of a rank's share (``target`` points) and at least
-        ``k``. For K > 1, the shape of at most twice that size whose tiles take the fewest passes
-        over the plane: ``rows`` × ``columns`` a multiple of K, so only the bottom band's tiles end
-        in a smaller pass (and the right edge's, where no width gives a multiple)."""
-        target = max(1, k, (planes * ny * nx) // (4 * max(1, ranks)))  # points per tile
+    def _default_tile(ny: int, nx: int, target: int, k: int = 1) -> tuple[int, int]:
+        """(rows, columns) of an ny × nx lattice making tiles of about ``target`` points. For K > 1,
+        the shape of at most twice that size whose tiles take the fewest passes over the lattice:
+        ``rows`` × ``columns`` a multiple of K, so only the bottom band's tiles end in a smaller pass
+        (and the right edge's, where no width gives a multiple)."""
         whole_rows = (max(1, min(ny, -(-target // nx))), nx) if target >= nx else (1, target)
         if k == 1:
             return whole_rows
@@ -169,6 +247,36 @@ class Grid:
             if rows * width <= 2 * target:
                 shapes.append((rows, width))
         return min(shapes, key=lambda s: (_passes(ny, nx, s[0], s[1], k), abs(s[0] * s[1] - target), -s[1]))
+
+
+def coarse_blocks(ny: int, nx: int, stride: tuple[int, int]) -> list[tuple[int, int, int, int]]:
+    """The coarse-first blocks of an ny × nx plane from a first lattice of steps ``stride`` (powers
+    of 2), each ``(first row, row step, first column, column step)``: every point in exactly one,
+    and the points of the first k blocks are a lattice. Halving the steps (dj, di) adds the new
+    columns of the old rows, then the new rows at every new column: from (4, 4), (0::4, 0::4),
+    (0::4, 2::4), (2::4, 0::2), (0::2, 1::2), (1::2, 0::1); from (1, 1), the plane. Blocks and not
+    a point order because each block is a regular lattice: its tiles are strided hyperslabs, which
+    HDF5 writes in one call. Blocks empty on a small plane are left out."""
+    dj, di = stride
+    blocks = [(0, dj, 0, di)]
+    while dj > 1 or di > 1:
+        hj, hi = max(1, dj // 2), max(1, di // 2)
+        if hi < di:
+            blocks.append((0, dj, hi, di))
+        if hj < dj:
+            blocks.append((hj, dj, 0, hi))
+        dj, di = hj, hi
+    return [(r0, sr, c0, sc) for r0, sr, c0, sc in blocks if r0 < ny and c0 < nx]
+
+
+def _makespan(tiles: list[Tile], ranks: int, k: int) -> float:
+    """Passes of ``k`` points the slowest of ``ranks`` equal ranks makes when each takes the next
+    tile as soon as it is free (the dynamic schedule); each tile ends in its own pass. One rank:
+    the passes of the whole run."""
+    free = [0] * max(1, ranks)
+    for t in tiles:
+        heapq.heappush(free, heapq.heappop(free) + -(-t.size // k))
+    return max(free)
 
 
 def _passes(ny: int, nx: int, rows: int, width: int, k: int) -> int:

@@ -4,7 +4,8 @@ Li et al.'s.
 Layout (2-D; a 1-D file drops ``y``): root datasets ``x``/``y`` (HDF5 dimension scales, so
 xarray shows named coordinates), ``xcoordinates``/``ycoordinates`` (the reference's names),
 ``{split}_{loss,acc,loss_stderr,acc_stderr}`` of shape (ny, nx) with value ``[j, i]`` at
-``(x[i], y[j])``, NaN until computed, and ``done`` (uint8). Attributes hold the provenance.
+``(x[i], y[j])``, NaN until computed, ``done`` (uint8) and ``finished_at`` (float64: the Unix time
+its tile was written, NaN until then; files before it lack it). Attributes hold the provenance.
 An ensemble of K planes adds a leading axis, (K, ny, nx), with its own scale ``plane`` (0..K-1).
 
 Crash safety: the file is created complete (every dataset allocated and filled with NaN) under a
@@ -37,6 +38,7 @@ from lsurf.engine.refine import fill
 from lsurf.errors import UserError
 
 FORMAT = "lsurf-surface-1"
+FINISHED_AT = "finished_at"
 
 
 def open_h5(path: str | Path, mode: str = "r", **kw) -> h5py.File:
@@ -156,6 +158,7 @@ def _create(tmp: Path, grid: Grid, quantities: list[str], identity: dict, attrs:
         for name in quantities:
             _attach(f.create_dataset(name, data=np.full(grid.shape, np.nan)), scales)
         _attach(f.create_dataset("done", data=np.zeros(grid.shape, dtype=np.uint8)), scales)
+        _attach(f.create_dataset(FINISHED_AT, data=np.full(grid.shape, np.nan)), scales)
         f.attrs["format"] = FORMAT
         f.attrs["quantities"] = json.dumps(quantities)
         f.attrs["identity"] = json.dumps(identity)
@@ -172,13 +175,13 @@ def _quantities(f: h5py.File) -> list[str]:
     """The per-point datasets: listed in the file, or every dataset but coordinates and ``done``."""
     if "quantities" in f.attrs:
         return json.loads(f.attrs["quantities"])
-    return [n for n in f if n not in ("x", "y", "xcoordinates", "ycoordinates", "done", "plane")]
+    return [n for n in f if n not in ("x", "y", "xcoordinates", "ycoordinates", "done", "plane", FINISHED_AT)]
 
 
 def tile_slice(grid: Grid, tile: Tile) -> tuple[slice | int, ...]:
     """Where a tile lies in the file's datasets (a curve's are one-dimensional; an ensemble's
-    start with the plane)."""
-    rows_cols = (slice(tile.j0, tile.j1), slice(tile.i0, tile.i1))[2 - grid.ndim:]
+    start with the plane): slices with the tile's steps, which h5py writes as one strided hyperslab."""
+    rows_cols = (tile.rows, tile.cols)[2 - grid.ndim:]
     return rows_cols if grid.planes is None else (tile.plane, *rows_cols)
 
 
@@ -211,7 +214,7 @@ def _interrupts_deferred() -> Iterator[None]:
 
 
 class TileWriter:
-    """Writes finished tiles (values first, then ``done``) into an open file.
+    """Writes finished tiles (values first, then ``finished_at``, then ``done``) into an open file.
 
     With ``driver='mpio'`` every rank holds one and writes its own tiles independently; on the
     serial path only rank 0 holds one and writes what the other ranks send it.
@@ -225,23 +228,37 @@ class TileWriter:
         self.f = (h5py.File(path, "r+", driver="mpio", comm=comm) if self.parallel
                   else h5py.File(path, "r+", locking=False))
         self.datasets = {name: self.f[name] for name in _quantities(self.f)}
+        self.finished_at = self.f[FINISHED_AT] if FINISHED_AT in self.f else None  # None: a file before it
         self.seconds = 0.0  # time spent writing, for the run's statistics
 
     def write(self, tile: Tile, values: dict[str, np.ndarray], held: np.ndarray | None = None) -> None:
-        """The tile's values, then ``done`` where ``held`` (default: the whole tile)."""
+        """The tile's values, then ``done`` where ``held`` (default: the whole tile). ``values`` may
+        hold ``finished_at``: the times of points finished before (a resumed file's, NaN elsewhere),
+        which are kept; the other held points are stamped now."""
         t0 = time.perf_counter()
         sl = tile_slice(self.grid, tile)
-        shape = tuple(s.stop - s.start for s in sl if isinstance(s, slice))  # (rows, columns), or a curve's columns
+        shape = tile.shape[2 - self.grid.ndim:]  # (rows, columns), or a curve's columns
+        held = np.ones(shape, dtype=bool) if held is None else held.reshape(shape)
         with _interrupts_deferred():
             for name, arr in values.items():
-                self.datasets[name][sl] = arr.reshape(shape)
-            self.f["done"][sl] = 1 if held is None else held.reshape(shape).astype(np.uint8)
+                if name != FINISHED_AT:
+                    self.datasets[name][sl] = arr.reshape(shape)
+            if self.finished_at is not None:
+                self.finished_at[sl] = _stamps(values.get(FINISHED_AT), held, time.time())
+            self.f["done"][sl] = held.astype(np.uint8)
             if not self.parallel:
                 self.f.flush()  # the serial driver buffers small writes; H5Fflush is collective under mpio
         self.seconds += time.perf_counter() - t0
 
     def close(self) -> None:
         self.f.close()
+
+
+def _stamps(before: np.ndarray | None, held: np.ndarray, now: float) -> np.ndarray:
+    """A tile's ``finished_at``: the earlier time of a point finished before, ``now`` for one
+    finished by this write, NaN for one not done."""
+    earlier = np.full(held.shape, np.nan) if before is None else before.reshape(held.shape)
+    return np.where(held, np.where(np.isnan(earlier), now, earlier), np.nan)
 
 
 def set_attrs(path: str | Path, attrs: dict, drop: tuple[str, ...] = ()) -> None:
@@ -273,6 +290,7 @@ class Surface:
     planes: int | None = None
     computed: np.ndarray | None = None  # of an interpolated surface: the points measured (``done``: those with values)
     z: np.ndarray | None = None  # the planes' coordinates: 0..K-1 for an ensemble, a 3-axis geometry's third axis
+    finished_at: np.ndarray | None = None  # Unix time each point's tile was written (NaN: not done); None: older file
 
     @property
     def ndim(self) -> int:
@@ -292,7 +310,8 @@ class Surface:
         fid = self.fidelity
         attrs = self.attrs if fid is None else {**self.attrs, "fidelity": fid.only(k).to_json()}
         return Surface(self.path, self.x, self.y, {n: v[k] for n, v in self.values.items()}, self.done[k],
-                       attrs, self.reference)
+                       attrs, self.reference,
+                       finished_at=None if self.finished_at is None else self.finished_at[k])
 
     def single_plane(self, use: str) -> Surface:
         """This surface, refused with a clear message where ``use`` (e.g. ``export``) needs one plane."""
@@ -464,7 +483,7 @@ def _read_open(f: h5py.File, path: str) -> Surface:
         values = {n: f[n][()] for n in _quantities(f)}
         plane = f["plane"][()] if "plane" in f else None
         return Surface(path, f["x"][()], y, values, done, attrs, planes=None if plane is None else len(plane),
-                       z=plane)
+                       z=plane, finished_at=f[FINISHED_AT][()] if FINISHED_AT in f else None)
     if "xcoordinates" not in f:
         raise UserError(f"{path!r} is not a surface file (no xcoordinates)")
     return _read_reference(f, path, attrs)

@@ -22,6 +22,7 @@ else:  # pragma: no cover
 
 from lsurf.engine.batches import Residency
 from lsurf.engine.directions import DirType, Ignore, Norm
+from lsurf.engine.grid import TileOrder
 from lsurf.errors import UserError
 
 Dtype = Literal["float32", "float64", "bfloat16"]
@@ -53,8 +54,9 @@ class Options:
     tf32, layout, bn, hessian_iters, fidelity), fewer passes (budget and refine_tol: coarse-to-fine
     points; tolerance and min_samples: passes stopped once the loss is known well enough), how data
     reaches the device (resident, memory_budget, workers), how to distribute and write
-    (ranks_per_point, tile, schedule, writer, out, overwrite, progress). ``None`` means "choose for
-    me" where the run plan decides (batch size, points per pass, threads, budget, loader workers).
+    (ranks_per_point, tile, tile_order, schedule, writer, out, overwrite, progress). ``None`` means
+    "choose for me" where the run plan decides (batch size, points per pass, threads, budget,
+    loader workers).
     """
 
     model: str = "cnn"
@@ -102,6 +104,7 @@ class Options:
     workers: int | None = None
     ranks_per_point: int = 1
     tile: str | None = None
+    tile_order: TileOrder = "coarse"  # contiguous: bands of rows, as before issue 34 (benches; job-file key only)
     schedule: Schedule = "dynamic"
     writer: Writer = "auto"
     out: str = "surface.h5"

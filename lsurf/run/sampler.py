@@ -390,12 +390,13 @@ def _save_directions(directions: AnyDirections, path: str | Path | None, prov: P
 
 
 def _existing(path: Path) -> tuple[dict | None, Plan | None]:
-    """The done mask and values of a resumed file (None for a fresh one), and its run plan."""
+    """The done mask, values and finish times (None in a file from before them) of a resumed file
+    (None for a fresh one), and its run plan."""
     surface = surface_file.read_surface(path)
     plan = Plan.from_json(surface.attrs["plan"]) if "plan" in surface.attrs else None
     if not surface.done.any():
         return None, plan
-    return {"done": surface.done, "values": surface.values}, plan
+    return {"done": surface.done, "values": surface.values, "finished_at": surface.finished_at}, plan
 
 
 def use_parallel_hdf5(w: World, writer: str) -> bool:
@@ -511,8 +512,8 @@ def _run(w: World, group: Group, at: PointSet, grid: Grid, path: Path,
     done = grid.as_stack(existing["done"]) if existing else np.zeros(grid.stack_shape, dtype=bool)
     if wanted is not None:
         done = done | ~grid.as_stack(wanted)  # what is not wanted counts as done here, and is not marked so
-    tiles = [t for t in grid.tiles(parse_tile(opts.tile), group.count, at.first.points_per_pass)
-             if not done[t.plane, t.j0:t.j1, t.i0:t.i1].all()]
+    tiles = [t for t in grid.tiles(parse_tile(opts.tile), group.count, at.first.points_per_pass,
+                                   opts.tile_order) if not done[t.index_in_stack].all()]
     todo_points = int((~done).sum())
     parallel_io = use_parallel_hdf5(w, opts.writer)
     if w.is_root:
@@ -553,29 +554,31 @@ def _run(w: World, group: Group, at: PointSet, grid: Grid, path: Path,
             "wall_seconds": time.perf_counter() - wall}
 
 
-def _evaluate_tile(at: PointSet, grid: Grid, t: Tile, done: np.ndarray,
+def _evaluate_tile(points: PointSet, grid: Grid, t: Tile, done: np.ndarray,
                    existing: dict | None) -> tuple[dict[str, np.ndarray], np.ndarray]:
-    """Values of every quantity over the tile (rows × columns of its plane), and which points hold
-    one: points already done keep their stored values, those ``done`` marks but the file does not
-    (left out of a round) stay NaN."""
-    ev = at.first
-    vals = {n: np.full((t.j1 - t.j0, t.i1 - t.i0), np.nan) for n in ev.quantities}
+    """Values of every quantity over the tile (shaped as its lattice, ``Tile.shape``), and which
+    points hold one: points already done keep their stored values (and finish times, under
+    ``finished_at``), those ``done`` marks but the file does not (left out of a round) stay NaN."""
+    ev, at = points.first, t.index_in_stack
+    vals = {n: np.full(t.shape, np.nan) for n in ev.quantities}
+    held = np.zeros(t.shape, dtype=bool)
     if existing is not None:
         for n in ev.quantities:
-            vals[n][:] = grid.as_stack(existing["values"][n])[t.plane, t.j0:t.j1, t.i0:t.i1]
-    todo = [(j, i) for j in range(t.j0, t.j1) for i in range(t.i0, t.i1) if not done[t.plane, j, i]]
-    held = np.zeros(vals[ev.quantities[0]].shape, dtype=bool)
-    if existing is not None:
-        held[:] = grid.as_stack(existing["done"])[t.plane, t.j0:t.j1, t.i0:t.i1]
-    for (j, i), result in zip(todo, at.evaluate(t.plane, todo)):
-        held[j - t.j0, i - t.i0] = True
+            vals[n][:] = grid.as_stack(existing["values"][n])[at]
+        held[:] = grid.as_stack(existing["done"])[at]
+        if existing["finished_at"] is not None:
+            vals[surface_file.FINISHED_AT] = np.where(held, grid.as_stack(existing["finished_at"])[at], np.nan)
+    before = done[at]
+    todo = [(a, b) for a, b in np.ndindex(*t.shape) if not before[a, b]]
+    for (a, b), result in zip(todo, points.evaluate(t.plane, [t.point(a, b) for a, b in todo])):
+        held[a, b] = True
         for n, v in result.items():
-            vals[n][j - t.j0, i - t.i0] = v
+            vals[n][a, b] = v
     return vals, held
 
 
 def _held_before(grid: Grid, t: Tile, existing: dict | None) -> int:
-    return int(grid.as_stack(existing["done"])[t.plane, t.j0:t.j1, t.i0:t.i1].sum()) if existing else 0
+    return int(grid.as_stack(existing["done"])[t.index_in_stack].sum()) if existing else 0
 
 
 def _progress_bar(total: int):
