@@ -245,6 +245,8 @@ class TileWriter:
                     self.datasets[name][sl] = arr.reshape(shape)
             if self.finished_at is not None:
                 self.finished_at[sl] = _stamps(values.get(FINISHED_AT), held, time.time())
+            if not self.parallel:  # the values on disk before done: HDF5 writes done's small write first else
+                self.f.flush()
             self.f["done"][sl] = held.astype(np.uint8)
             if not self.parallel:
                 self.f.flush()  # the serial driver buffers small writes; H5Fflush is collective under mpio
@@ -446,9 +448,9 @@ def read_surface(path: str | Path) -> Surface:
     HDF5's file lock (the job's writers take none, and where the file system has no flock a lock
     would only make the read fail), ``done`` before the values (the job writes the values first),
     and a read that meets the job's attributes mid-update (set between rounds and at the end) is
-    tried again a few times. The serial writer's values can reach the disk a moment after ``done``
-    (HDF5 holds each dataset's small writes until the flush that ends the tile): a point done
-    without a single value is read once more before it is believed (an overflow can make it so)."""
+    tried again a few times. A point done without a single value (a read between a tile's ``done``
+    and its values, were the order ever lost) is read once more before it is believed (an overflow
+    can make it so)."""
     for attempt in range(READ_TRIES):
         try:
             with h5py.File(path, "r", locking=False) as f:
