@@ -62,6 +62,9 @@ class _SharedFixtureTimer:
 
 def pytest_configure(config: pytest.Config) -> None:
     config.pluginmanager.register(_SharedFixtureTimer(), "lsurf-shared-fixture-timer")
+    # One torch thread, as each rank of a job runs: CI's two workers then fill the two cores without
+    # oversubscribing them, and a fast test's CPU time is its time (torch's threads would add theirs).
+    torch.set_num_threads(1)
 
 
 @pytest.hookimpl(hookwrapper=True)
