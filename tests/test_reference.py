@@ -20,26 +20,26 @@ def test_reference_checkpoint_loads_strictly():
 @pytest.mark.mpi
 @requires_mpi
 def test_reproduces_reference_surface(tmp_path):
-    """Every other row and column of the reference's 11x11 surface (36 of its points, corners and
-    edges included), on 2 ranks, against its numbers (float32: ~1e-5): what the whole grid checks,
-    at a third of its cost (each point is a ResNet-20 pass)."""
+    """Every fifth row and column of the reference's 11x11 surface (its corners, edge midpoints and
+    centre: 9 points), on 2 ranks, against its numbers (float32: ~1e-5): the whole grid would check
+    the same code at 13x the cost (each point is a ResNet-20 pass)."""
     out = tmp_path / "ref.h5"
     mpirun(2, "surface", "--model", "resnet20", "--checkpoint", RESNET / "model_300.t7",
            "--dir-file", RESNET / "directions_weights_filter_biasbn.h5",
-           "--data", f"cifar10:{FIXTURES / 'cifar10-fake'}", "--x", "-1:1:6", "--y", "-1:1:6",
+           "--data", f"cifar10:{FIXTURES / 'cifar10-fake'}", "--x", "-1:1:3", "--y", "-1:1:3",
            "--out", out, "--no-progress", check=True, timeout=600)
     ours, theirs = read_surface(out), read_surface(RESNET / "surface_11x11.h5")
     assert theirs.reference and ours.done.all()
-    every_other = np.s_[::2, ::2]
-    np.testing.assert_allclose(ours.x, theirs.x[::2], rtol=0, atol=1e-15)
-    np.testing.assert_allclose(ours.values["train_loss"], theirs.values["train_loss"][every_other], rtol=1e-5,
+    every_fifth = np.s_[::5, ::5]
+    np.testing.assert_allclose(ours.x, theirs.x[::5], rtol=0, atol=1e-15)
+    np.testing.assert_allclose(ours.values["train_loss"], theirs.values["train_loss"][every_fifth], rtol=1e-5,
                                atol=1e-5)
-    np.testing.assert_allclose(ours.values["train_acc"], theirs.values["train_acc"][every_other], atol=1e-9)
+    np.testing.assert_allclose(ours.values["train_acc"], theirs.values["train_acc"][every_fifth], atol=1e-9)
     # Square grid: our (ny, nx) arrays are the reference's bytes.
     import h5py
 
     with h5py.File(RESNET / "surface_11x11.h5") as f:
-        np.testing.assert_allclose(ours.values["train_loss"], f["train_loss"][()][every_other], rtol=1e-5)
+        np.testing.assert_allclose(ours.values["train_loss"], f["train_loss"][()][every_fifth], rtol=1e-5)
 
 
 @pytest.mark.cli
