@@ -20,6 +20,7 @@ import pytest
 from conftest import _env
 from inprocess import cli
 
+from lsurf.cli.watch import CtrlC
 from lsurf.engine import progress
 from lsurf.engine.grid import Grid, Tile
 from lsurf.engine.surface_file import READ_TRIES, TileWriter, _torn, create, read_surface, set_attrs
@@ -282,3 +283,20 @@ def test_ctrl_c_ends_the_watch_cleanly(tmp_path):
         proc.kill()
     assert proc.returncode == 0 and err == "", err
     assert page.read_text().rstrip().endswith("</html>") and not (tmp_path / "s.html.tmp").exists()
+
+
+def test_ctrl_c_flag_takes_no_lock_and_cuts_only_the_sleep():
+    """The CLI's Ctrl-C: asked before the sleep, no sleep; asked during it, the sleep ends at once
+    (KeyboardInterrupt, which watch takes as the end); outside the sleep it only sets the flag."""
+    stop = CtrlC()
+    previous = signal.signal(signal.SIGALRM, stop.handler)
+    try:
+        signal.setitimer(signal.ITIMER_REAL, 0.05)
+        with pytest.raises(KeyboardInterrupt):
+            stop.wait(600)
+        assert stop.is_set() and not stop.sleeping
+        stop.handler(signal.SIGINT, None)  # not sleeping: no raise
+        stop.wait(600)  # asked already: returns without sleeping
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)

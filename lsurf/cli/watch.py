@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 import signal
-import threading
+import time
 
 from lsurf.cli import common
 from lsurf.engine.progress import UNFINISHED
@@ -29,9 +29,35 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="characters instead of ANSI colours (default: colours in a terminal)")
 
 
+class CtrlC:
+    """Ctrl-C that ends the watch between looks (post.watch.Stop) and takes no lock: the handler
+    only sets a flag, and interrupts the sleep between looks, never an HDF5 read or a page being
+    written. (A threading.Event set from the handler can deadlock: the signal may land while the
+    main thread holds the Event's lock inside its wait.)"""
+
+    def __init__(self) -> None:
+        self.asked = self.sleeping = False
+
+    def handler(self, _number: int, _frame: object) -> None:
+        self.asked = True
+        if self.sleeping:
+            raise KeyboardInterrupt  # out of time.sleep; lsurf.post.watch ends on it
+
+    def is_set(self) -> bool:
+        return self.asked
+
+    def wait(self, timeout: float) -> None:
+        self.sleeping = True
+        try:
+            if not self.asked:  # asked just before sleeping was set: no sleep
+                time.sleep(timeout)
+        finally:
+            self.sleeping = False
+
+
 def run(args: argparse.Namespace) -> int:
-    stop = threading.Event()
-    previous = signal.signal(signal.SIGINT, lambda *_: stop.set())  # Ctrl-C ends the watch between looks
+    stop = CtrlC()
+    previous = signal.signal(signal.SIGINT, stop.handler)
     try:
         state = watch(args.file, quantity=args.quantity, plane=args.plane, interval=args.interval, once=args.once,
                       html=args.html, colour=args.colour, fill=args.fill, stop=stop)

@@ -16,7 +16,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import TextIO
+from typing import Protocol, TextIO
 
 import numpy as np
 
@@ -35,6 +35,16 @@ def _ramp(steps: int = 16) -> list[int]:
     rgb = np.array([np.interp(at, np.arange(len(anchors)), anchors[:, c]) for c in range(3)]).T
     cube = np.rint(rgb * 5).astype(int)
     return [16 + 36 * r + 6 * g + b for r, g, b in cube]
+
+
+class Stop(Protocol):
+    """What ends a watch between looks: a threading.Event set by another thread, or the CLI's
+    Ctrl-C (lsurf.cli.watch), which must not be an Event: Event.set from a signal handler
+    deadlocks when the signal lands while the main thread holds the Event's own lock in wait."""
+
+    def is_set(self) -> bool: ...
+
+    def wait(self, timeout: float) -> object: ...
 
 
 COLOURS = _ramp()
@@ -122,13 +132,13 @@ def _blanks(surface: Surface) -> str:
 
 def watch(path: str | Path, *, quantity: str | None = None, plane: int | None = None, interval: float = 2.0,
           once: bool = False, html: str | Path | None = None, colour: bool | None = None, fill: bool = False,
-          out: TextIO = sys.stdout, stop: threading.Event | None = None) -> JobState | None:
+          out: TextIO = sys.stdout, stop: Stop | None = None) -> JobState | None:
     """Draw ``path`` every ``interval`` seconds until its job ends (``once``: one drawing now), and
     keep the page ``html`` up to date; returns the last state (None if interrupted before the file
     appeared). ``colour``: ANSI colours (default: when ``out`` is a terminal and NO_COLOR unset);
     ``fill``: points not done drawn interpolated from done ones (Surface.interpolated). Ctrl-C ends
-    the watch, not the job; so does ``stop`` once set (the CLI sets it from SIGINT, so the signal
-    never lands inside an HDF5 call, after which h5py's lock can hang the interpreter's exit)."""
+    the watch, not the job; so does ``stop`` once set (the CLI's, from SIGINT, so the signal never
+    lands inside an HDF5 call, after which h5py's lock can hang the interpreter's exit)."""
     stop = stop or threading.Event()
     if interval <= 0:
         raise UserError(f"`interval` {interval:g}: must be more than 0 seconds")
@@ -171,7 +181,7 @@ def _plane(surface: Surface, plane: int | None) -> Surface:
     return surface.plane(plane or 0)
 
 
-def _await(path: Path, interval: float, once: bool, out: TextIO, stop: threading.Event) -> None:
+def _await(path: Path, interval: float, once: bool, out: TextIO, stop: Stop) -> None:
     """Wait, saying so, until the job has made the file (it appears whole: surface_file.create)."""
     if path.exists():
         return
