@@ -258,5 +258,5 @@ def test_worker_takes_tiles_while_rank_0_computes_over_tcp(tmp_path):
     rank1 = json.loads((tmp_path / "rank1.json").read_text())
     assert rank1["finished"] <= rank0["loop_end"] and rank0["loop_seconds"] < 20, (rank0, rank1)
     assert rank0["note"] == "progress thread on rank 0"
-    assert rank1["tiles"] == 49 and rank0["taken"][0] == [0]
+    assert rank1["tiles"] == 49 and len(rank0["taken"][0]) == 1  # which one: whoever asked first (a race)
     assert sorted(rank0["taken"][0] + rank0["taken"][1]) == list(range(50))
