@@ -27,6 +27,7 @@ from lsurf.run.options import (
     Layout,
     Options,
     Schedule,
+    Sharding,
     Writer,
     choices,
     field_names,
@@ -181,6 +182,9 @@ def add_run(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("distribution and output")
     g.add_argument("--ranks-per-point", type=int, default=SUPPRESS,
                    help="G ranks share every grid point, each with 1/G of every split (G divides the ranks)")
+    g.add_argument("--shard", default=SUPPRESS, choices=choices(Sharding),
+                   help="fsdp: each rank of a group also holds 1/G of the model (PyTorch FSDP2), for models "
+                        "larger than one device")
     g.add_argument("--tile", default=SUPPRESS,
                    help="ROWSxCOLS of grid points per tile, counted on the coarse-first lattice it lies in "
                         "(every 4th row and column first, then the gaps; default: about 4 tiles per rank)")

@@ -7,6 +7,7 @@ for ``dir_type=states``) — plus attributes naming the tensors and recording ho
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import itertools
 import json
@@ -158,6 +159,14 @@ class Directions:
 
         return Directions(self.names, lay(self.x), None if self.y is None else lay(self.y), dict(self.meta))
 
+    def cut(self, rows: Sequence[slice | None]) -> Directions:
+        """Rows ``rows[i]`` of tensor i (None: whole), a sharded model's part (lsurf.engine.sharding):
+        copies, so the whole tensors can go; a broadcast view (zero directions) stays a view."""
+        def part(ts):
+            return [t if r is None else t[r].clone() if t.is_contiguous() else t[r] for t, r in zip(ts, rows)]
+
+        return Directions(self.names, part(self.x), None if self.y is None else part(self.y), dict(self.meta))
+
 
 def tensor_generator(seed: int, which: int, index: int) -> torch.Generator:
     """A CPU generator for tensor ``index`` of direction ``which`` (0: x, 1: y). Each tensor's draw
@@ -216,6 +225,7 @@ class SeededDirections:
     def __init__(self, names: list[str], shapes: list[torch.Size], kept: list[list[_Kept]], seed: int,
                  meta: dict):
         self.names, self.shapes, self.kept, self.seed, self.meta = names, shapes, kept, seed, meta
+        self.rows: Sequence[slice | None] = [None] * len(names)
         self.x = _Drawn(self, 0)
         self.y = _Drawn(self, 1) if len(kept) > 1 else None
 
@@ -224,14 +234,23 @@ class SeededDirections:
         return 1 if self.y is None else 2
 
     def tensor(self, which: int, i: int) -> torch.Tensor:
-        """Tensor ``i`` of direction ``which``, on the CPU (a y equal to x is drawn as x)."""
-        kept = self.kept[which][i]
+        """Tensor ``i`` of direction ``which``, on the CPU (a y equal to x is drawn as x); of a
+        :meth:`cut`, its rows, drawn whole and cut (the same values whatever the cut)."""
+        kept, rows = self.kept[which][i], self.rows[i]
         if isinstance(kept, torch.Tensor):
-            return kept
+            return kept if rows is None else kept[rows]
         dtype, factor = kept
         draw_as = 0 if self.meta.get("same_dir") else which
         d = torch.randn(self.shapes[i], generator=tensor_generator(self.seed, draw_as, i), dtype=dtype)
-        return d.mul_(factor) if factor is not None else d
+        d = d.mul_(factor) if factor is not None else d
+        return d if rows is None else d[rows].clone()
+
+    def cut(self, rows: Sequence[slice | None]) -> SeededDirections:
+        """The same directions giving rows ``rows[i]`` of tensor i (None: whole): a sharded model's part."""
+        part = copy.copy(self)
+        part.rows = list(rows)
+        part.x, part.y = _Drawn(part, 0), None if self.y is None else _Drawn(part, 1)
+        return part
 
     def sha256(self) -> str:
         return _hash(itertools.chain(self.x, self.y or []))  # drawn one at a time

@@ -40,6 +40,7 @@ from lsurf.engine.metrics import (
 )
 from lsurf.engine.models import load_plugin, make_plugin
 from lsurf.engine.precision import ACCOUNTING, Precision
+from lsurf.engine.sharding import check_shardable, equal_batches, local_part, local_rows, shard_model
 from lsurf.engine.snapshot import ModelSnapshot
 from lsurf.errors import UserError
 
@@ -129,6 +130,7 @@ def evaluator(
     shard: tuple[int, int] = (0, 1),
     reduce: Reduce | None = None,
     precision: Precision | None = None,
+    mesh: Any = None,
 ) -> Iterator[Evaluator]:
     """``with evaluator(model, data, directions, ...) as ev:`` — the model moved to ``device`` and
     ``dtype`` (and NHWC with ``channels_last``) in eval mode, the splits resident there in batches
@@ -139,33 +141,51 @@ def evaluator(
     those the targets call for (per-token for token targets, see :func:`metrics_for`); ``output``
     names the entry of a dict-like model output to score (default ``logits``). ``precision``: stop
     each split's pass once its loss is known to a tolerance (lsurf.engine.precision), the splits'
-    samples in its seeded order."""
+    samples in its seeded order. ``mesh``: the group's DeviceMesh to shard the model over
+    (lsurf.engine.sharding; ``shard`` is then this rank's place in it): a sharded copy is evaluated."""
     dev = torch.device(device)
     if precision is not None:
         if streamed or shard[1] > 1:
             raise UserError("`tolerance` takes each split's samples in one seeded order: it needs the splits "
                             "resident and whole in each process (not streamed, `ranks_per_point` 1)")
         data = {s: precision.ordered(split) for s, split in data.items()}
-    snapshot = ModelSnapshot(model)
+    if mesh is not None:
+        check_shardable(points_per_pass=points_per_pass, bn=bn, hessian_iters=hessian_iters,
+                        channels_last=channels_last, streamed=bool(streamed))
+    snapshot = None if mesh is not None else ModelSnapshot(model)  # sharded, a copy is evaluated
     try:
-        model.to(device=dev, dtype=dtype)
-        if channels_last:  # before taking the target tensors: .to() gives parameters new storage
-            model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]  # valid; not in torch stubs
-        model.eval()
+        model = _ready(model, dev, dtype, channels_last, mesh)
         names, targets = target_tensors(model, directions.meta.get("dir_type", "weights"))
+        rows = [local_rows(t) for t in targets]
+        targets = [local_part(t) for t in targets]
         batches: dict[str, Feed] = {
             s: Streamed(split, batch_size, dev, dtype, channels_last, workers, shard) if s in streamed
             else resident_batches(split, batch_size, dev, dtype, channels_last, shard) for s, split in data.items()}
+        if mesh is not None:  # a sharded forward is collective: as many batches on every rank
+            batches = {s: equal_batches(list(b), data[s], batch_size, shard, dev, dtype) for s, b in batches.items()}
         loss_fn = resolve_loss(loss, ignore_index) if isinstance(loss, str) else loss
         if metrics is None:
             metrics = metrics_for(next(iter(data.values())).rows(0, 1)[1], ignore_index)
         perturb = torch.float32 if is_low_precision(dtype) else dtype
-        yield Evaluator(model, names, targets, _placed(directions, targets, perturb), batches, loss_fn, bn,
+        yield Evaluator(model, names, targets, _placed(directions, targets, perturb, rows), batches, loss_fn, bn,
                         points_per_pass,
-                        amp, hessian_iters, metrics, reduce, output, origin=[snapshot.copy_of(t) for t in targets],
-                        precision=precision, row_offsets=shard_starts(data, shard))
+                        amp, hessian_iters, metrics, reduce, output,
+                        origin=None if snapshot is None else [snapshot.copy_of(t) for t in targets],
+                        precision=precision, row_offsets=shard_starts(data, shard), rows=rows)
     finally:
-        snapshot.restore()
+        if snapshot is not None:
+            snapshot.restore()
+
+
+def _ready(model: nn.Module, dev: torch.device, dtype: torch.dtype, channels_last: bool, mesh: Any) -> nn.Module:
+    """The model to evaluate, in eval mode on ``dev`` in ``dtype``: the caller's own, moved (the
+    snapshot hands it back), or a copy sharded over ``mesh``."""
+    if mesh is not None:
+        return shard_model(model, mesh, dtype)
+    model.to(device=dev, dtype=dtype)
+    if channels_last:  # before taking the target tensors: .to() gives parameters new storage
+        model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]  # valid; not in torch stubs
+    return model.eval()
 
 
 def shard_starts(data: dict[str, AnySplit], shard: tuple[int, int]) -> dict[str, int]:
@@ -174,9 +194,12 @@ def shard_starts(data: dict[str, AnySplit], shard: tuple[int, int]) -> dict[str,
             if not isinstance(split, BatchStreamSplit)}
 
 
-def _placed(directions: AnyDirections, targets: list[torch.Tensor], dtype: torch.dtype) -> AnyDirections:
+def _placed(directions: AnyDirections, targets: list[torch.Tensor], dtype: torch.dtype,
+            rows: Sequence[slice | None]) -> AnyDirections:
     """``directions`` on the targets' device in ``dtype``, in the targets' memory layout (so
-    foreach stays fused on channels-last weights)."""
+    foreach stays fused on channels-last weights); of a sharded model, this rank's ``rows``."""
+    if any(r is not None for r in rows):
+        directions = directions.cut(rows)
     moved = directions.to(targets[0].device, dtype)
     return moved.like(targets) if isinstance(moved, Directions) else moved
 
@@ -284,6 +307,7 @@ class Evaluator:
         origin: Sequence[torch.Tensor | None] | None = None,
         precision: Precision | None = None,
         row_offsets: dict[str, int] | None = None,
+        rows: Sequence[slice | None] | None = None,
     ):
         self.model = model.eval()
         self.output = output
@@ -295,6 +319,9 @@ class Evaluator:
         self.origin = [g if g is not None else t.detach().clone() for g, t in zip(given, self.params)]
         self.low_precision = is_low_precision(self.origin[0].dtype)
         self.idx, self.targets = idx, targets
+        # a sharded model's: the rows of each whole tensor that this rank's targets are (lsurf.engine.sharding)
+        self.rows = list(rows) if rows is not None else [None] * len(targets)
+        self.sharded = any(r is not None for r in self.rows)
         self._hold(directions)
         self.batches = batches
         self.reduce = reduce
@@ -346,7 +373,7 @@ class Evaluator:
         if directions.ndim != (2 if self.two else 1):
             raise UserError(f"the directions are {directions.ndim}-D but the evaluator's are {2 if self.two else 1}-D")
         twin = copy.copy(self)
-        twin._hold(_placed(directions, self.targets, self.perturb_dtype))
+        twin._hold(_placed(directions, self.targets, self.perturb_dtype, self.rows))
         if self.points_per_pass > 1 and not twin.stackable:
             raise UserError("`points_per_pass` > 1 needs directions held in full precision: not with `regenerate`")
         return twin
@@ -362,6 +389,11 @@ class Evaluator:
     def perturb_dtype(self) -> torch.dtype:
         """The dtype of the directions and offsets: float32 for low-precision weights."""
         return torch.float32 if self.low_precision else self.origin[0].dtype
+
+    @property
+    def held_weights(self) -> int:
+        """How many of the moved numbers this rank holds: all of them, or its shards' (1/G)."""
+        return sum(p.numel() for p in self.params)
 
     @property
     def stackable(self) -> bool:
@@ -428,7 +460,8 @@ class Evaluator:
 
     def _place(self, delta: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """An offset's moved tensors on the weights' device, in the dtype they are perturbed in."""
-        return [delta[i].to(device=o.device, dtype=self.perturb_dtype) for i, o in zip(self.idx, self.origin)]
+        return [_rows_of(delta[i], self.rows[i]).to(device=o.device, dtype=self.perturb_dtype)
+                for i, o in zip(self.idx, self.origin)]
 
     @torch.no_grad()
     def _set_offset(self, delta: list[torch.Tensor]) -> None:
@@ -529,7 +562,6 @@ class Evaluator:
         for split, found in zip(self.batches, flags.tolist()):
             check_label_flags(split, found, self.classes, self.row_offsets.get(split, 0))
 
-    @torch.inference_mode()
     def _pass(self, split: str, forward, k: int) -> torch.Tensor:
         """Sums [metric sums..., samples] over all batches of ``split`` for the ``k`` weight sets that
         ``forward`` evaluates, and the pass's label flags [count, row, value] (see :meth:`_safe_labels`):
@@ -538,7 +570,12 @@ class Evaluator:
         ``forward(x)`` returns (B, ...) outputs, or (k, B, ...) when k > 1. They are gathered and
         reduced (loss, argmax) a few million values at a time rather than per batch: for small models
         the per-batch loss calls cost as much as the forward itself (an MLP on digits: 1.8x the bare pass).
+        A sharded model's forward all-gathers, which inference mode breaks: no_grad there.
         """
+        with torch.no_grad() if self.sharded else torch.inference_mode():
+            return self._sums(split, forward, k)
+
+    def _sums(self, split: str, forward, k: int) -> torch.Tensor:
         width = sum(m.width for m in self.metrics) + 1
         sums = torch.zeros(k, width, dtype=torch.float64, device=self.origin[0].device)  # a shard may be empty
         outs: list[torch.Tensor] = []
@@ -713,6 +750,10 @@ class Evaluator:
         self.model.eval()
         for m, mom in zip(bns, momenta):
             m.momentum = mom
+
+
+def _rows_of(t: torch.Tensor, rows: slice | None) -> torch.Tensor:
+    return t if rows is None else t[rows]
 
 
 def class_targets(loss_fn: LossFn) -> int | None:

@@ -50,7 +50,9 @@ def describe(surface: Surface) -> list[str]:
             lines.append(f"{key + ':':<19} {surface.attrs[key]}")
     if "rank_points" in surface.attrs:
         pts, secs = surface.attrs["rank_points"], surface.attrs["rank_seconds"]
-        per_rank = (f"{r}: {p} pts {t:.1f} s" for r, (p, t) in enumerate(zip(pts, secs)))
+        held = surface.attrs.get("rank_weights", [None] * len(pts))  # since the model may be sharded
+        per_rank = (f"{r}: {p} pts {t:.1f} s" + ("" if w is None else f" {w:,} weights")
+                    for r, (p, t, w) in enumerate(zip(pts, secs, held)))
         lines.append(f"{'ranks:':<20}" + ", ".join(per_rank))
     if "config" in surface.attrs:
         lines.append(f"{'config:':<20}{json.dumps(json.loads(surface.attrs['config']), sort_keys=True)}")

@@ -60,7 +60,7 @@ class TorchComm:
                             f"{', '.join(missing)} {'is' if len(missing) == 1 else 'are'} not set")
         if not dist.is_initialized():
             dist.init_process_group("gloo")
-            atexit.register(_leave)
+            atexit.register(leave)
         return cls()
 
     def Get_rank(self) -> int:
@@ -126,7 +126,7 @@ class TorchComm:
         return dist.PrefixStore(f"lsurf/{name}/", dist.distributed_c10d._get_default_store())
 
 
-def _leave() -> None:
+def leave() -> None:
     """Leave the default group at exit (torch warns about a group never destroyed)."""
     if dist.is_initialized():
         dist.destroy_process_group()

@@ -32,6 +32,7 @@ Amp = Literal["none", "bf16"]
 Schedule = Literal["dynamic", "static"]
 Writer = Literal["auto", "mpio", "root"]
 Split = Literal["train", "test"]
+Sharding = Literal["fsdp"]  # how a group of ranks shares the model (none: each holds it whole)
 FidelityCheck = Literal["auto", "on", "off"]  # the curvature a plane sees (auto: where it is cheap)
 # Where the directions come from, besides a file (`dir_file`) or other models (`model2`): seeded
 # random ones, or eigenvectors of the Hessian at the centre (two for a plane, one for a curve).
@@ -54,7 +55,7 @@ class Options:
     tf32, layout, bn, hessian_iters, fidelity), fewer passes (budget and refine_tol: coarse-to-fine
     points; tolerance and min_samples: passes stopped once the loss is known well enough), how data
     reaches the device (resident, memory_budget, workers), how to distribute and write
-    (ranks_per_point, tile, tile_order, schedule, writer, out, overwrite, progress). ``None`` means
+    (ranks_per_point, shard, tile, tile_order, schedule, writer, out, overwrite, progress). ``None`` means
     "choose for me" where the run plan decides (batch size, points per pass, threads, budget,
     loader workers).
     """
@@ -103,6 +104,7 @@ class Options:
     memory_budget: str | None = None
     workers: int | None = None
     ranks_per_point: int = 1
+    shard: Sharding | None = None
     tile: str | None = None
     tile_order: TileOrder = "coarse"  # contiguous: bands of rows, as before issue 34 (benches; job-file key only)
     schedule: Schedule = "dynamic"
@@ -168,9 +170,23 @@ class Options:
         if self.tolerance is not None and ((self.points_per_pass or 1) > 1 or self.ranks_per_point > 1):
             raise UserError(f"`tolerance` stops each point's pass on its own: it cannot be combined with "
                             f"`{'points_per_pass' if (self.points_per_pass or 1) > 1 else 'ranks_per_point'}` > 1")
+        if self.shard is not None:
+            self._check_shard()
         if self.amp == "bf16" and self.dtype == "float64":
             raise UserError("`amp` bf16 with `dtype` float64 would compute in bfloat16 and call it float64: "
                             "choose one")
+
+    def _check_shard(self) -> None:
+        """A sharded model needs a group to shard over, and the one-point-per-pass path."""
+        if self.ranks_per_point < 2:
+            raise UserError(f"`shard` {self.shard} shards the model over a rank group: it needs `ranks_per_point` "
+                            "of 2 or more")
+        if (self.points_per_pass or 1) > 1:
+            raise UserError(f"`shard` {self.shard} evaluates one point per pass: it cannot be combined with "
+                            "`points_per_pass` > 1")
+        if self.resident == "never" or self.layout == "channels-last":
+            raise UserError(f"`shard` {self.shard} needs the splits resident and the weights contiguous: not with "
+                            f"{'`resident` never' if self.resident == 'never' else '`layout` channels-last'}")
 
     def _check_geometry(self) -> None:
         """A geometry brings its own points: options that make directions or a grid contradict it."""

@@ -42,6 +42,7 @@ from lsurf.run.curvature import fidelity_skipped, hessian_plane, plane_fidelity
 from lsurf.run.options import Options
 from lsurf.run.provenance import RECORDED_SINCE, Provenance
 from lsurf.run.runtime import bound_device, check_device_binding, choose_device
+from lsurf.run.shard import group_mesh
 from lsurf.run.sources import (
     check_same_inputs,
     directions_for,
@@ -176,8 +177,9 @@ def _sample(w: World, model: nn.Module, data: dict[str, AnySplit], directions: P
         metrics = (*metrics_for(next(iter(data.values())).rows(0, 1)[1], opts.ignore_index), *plugins)
         group = w.groups(opts.ranks_per_point)
         try:
-            return _sample_in_groups(w, group, (dev, outputs), model, data, (planes, geometry), grid, path, opts,
-                                     prov, save_to, metrics, log)
+            mesh = group_mesh(w, group, dev) if opts.shard else None
+            return _sample_in_groups(w, group, (dev, outputs, mesh), model, data, (planes, geometry), grid, path,
+                                     opts, prov, save_to, metrics, log)
         finally:
             group.free()
 
@@ -190,14 +192,15 @@ def _planes(directions: PlaneDirections, grid: Grid) -> list[AnyDirections]:
     return planes
 
 
-def _sample_in_groups(w: World, group: Group, probe: tuple[torch.device, int], model: nn.Module,
+def _sample_in_groups(w: World, group: Group, probe: tuple[torch.device, int, Any], model: nn.Module,
                       data: dict[str, AnySplit], points: Points, grid: Grid, path: Path, opts: Options,
                       prov: Provenance, save_to: str | Path | None, metrics: Sequence[Metric],
                       log: Log) -> surface_file.Surface | None:
-    """The run once the inputs are checked: ``probe`` is this rank's device and the output values
-    one sample gives (for the default batch size); ``metrics``: the built-in ones for the targets
-    and the user's own; ``points``: the planes' directions and the geometry, if any."""
-    dev, outputs = probe
+    """The run once the inputs are checked: ``probe`` is this rank's device, the output values
+    one sample gives (for the default batch size) and the group's mesh if the model is sharded
+    (lsurf.run.shard); ``metrics``: the built-in ones for the targets and the user's own;
+    ``points``: the planes' directions and the geometry, if any."""
+    dev, outputs, mesh = probe
     planes, geometry = points
     directions = planes[0]
     identity = prov.identity(planes, data, opts, fingerprints=w.is_root, device=dev)
@@ -223,10 +226,11 @@ def _sample_in_groups(w: World, group: Group, probe: tuple[torch.device, int], m
             return None, None
 
         existing, stored = w.bcast(w.agree(prepare))
-        batch_size, channels_last = w.bcast(w.agree(lambda: _layout(w, model, data, probe, opts, stored, log)))
+        batch_size, channels_last = w.bcast(w.agree(lambda: _layout(w, model, data, (dev, outputs), opts, stored,
+                                                                    log)))
         workers = _workers(opts, dev)
         streamed = w.bcast(w.agree(lambda: _streamed(w, group, data, dev, opts, batch_size, workers, log)))
-        stats, plan = _evaluate_grid(w, group, dev, model, data, points, grid, path, opts, existing, stored,
+        stats, plan = _evaluate_grid(w, (group, mesh), dev, model, data, points, grid, path, opts, existing, stored,
                                      (batch_size, channels_last, workers, streamed), metrics, log)
         gathered = w.gather(stats)
         # after the evaluator is gone: its device copies (splits, θ*, directions) are freed, so the
@@ -235,19 +239,21 @@ def _sample_in_groups(w: World, group: Group, probe: tuple[torch.device, int], m
         if w.is_root:
             assert gathered is not None  # gather returns the list on rank 0
             surface_file.set_attrs(path, {**_run_attrs(gathered, plan), "launcher": w.launcher, "world_size": w.size,
-                                          "rank_layout": _layout_line(w, group),
+                                          "rank_layout": _layout_line(w, group, opts.shard),
                                           "streamed": ",".join(streamed), **fidelity},
                                    drop=() if opts.refines else ("refinement",))  # now a whole grid
     return surface_file.read_surface(path) if w.is_root else None
 
 
-def _evaluate_grid(w: World, group: Group, dev: torch.device, model: nn.Module, data: dict[str, AnySplit],
+def _evaluate_grid(w: World, groups: tuple[Group, Any], dev: torch.device, model: nn.Module, data: dict[str, AnySplit],
                    points: Points, grid: Grid, path: Path, opts: Options, existing: dict | None,
                    stored: Plan | None, layout: tuple[int, bool, int, list[str]], metrics: Sequence[Metric],
                    log: Log) -> tuple[dict, Plan]:
     """Every point of the grid this rank takes part in, and the run plan. The evaluator lives only
     in here: once this returns, nothing holds its copies on the device any more. ``layout``: batch
-    size, channels-last, loader workers and the streamed splits."""
+    size, channels-last, loader workers and the streamed splits. ``groups``: this rank's group and,
+    if the model is sharded over it, its mesh."""
+    group, mesh = groups
     batch_size, channels_last, workers, streamed = layout
     planes, geometry = points
     with evaluator(model, data, planes[0], device=dev, dtype=opts.torch_dtype, batch_size=batch_size,
@@ -255,9 +261,9 @@ def _evaluate_grid(w: World, group: Group, dev: torch.device, model: nn.Module, 
                    points_per_pass=opts.points_per_pass or (stored.points_per_pass if stored else 1),
                    amp=opts.amp == "bf16", hessian_iters=opts.hessian_iters, metrics=metrics, output=opts.output,
                    ignore_index=opts.ignore_index, streamed=streamed, precision=_precision(opts),
-                   workers=workers, shard=(group.rank, group.size), reduce=group.add_sums()) as ev:
+                   workers=workers, shard=(group.rank, group.size), reduce=group.add_sums(), mesh=mesh) as ev:
         plan = stored or Plan(dev.type, batch_size, channels_last, ev.points_per_pass, torch.get_num_threads())
-        if stored is None and opts.points_per_pass is None:
+        if stored is None and opts.points_per_pass is None and mesh is None:
             # Rank 0 calibrates and decides, so every rank takes the same path. The others wait
             # meanwhile, so calibration is weighed against one rank's share of the points.
             todo = min(grid.num_points - (int(existing["done"].sum()) if existing else 0),
@@ -273,7 +279,7 @@ def _evaluate_grid(w: World, group: Group, dev: torch.device, model: nn.Module, 
         log(f"rank {w.rank}/{w.size} (local {w.local_rank}/{w.local_size}, group {group.index}/{group.count}) "
             f"on {dev}, {torch.get_num_threads()} threads")
         at: PointSet = _GeometryPoints(ev, geometry) if geometry is not None else _PlanePoints(ev, planes, grid)
-        return _run_rounds(w, group, at, grid, path, existing, opts, log), plan
+        return {**_run_rounds(w, group, at, grid, path, existing, opts, log), "weights": ev.held_weights}, plan
 
 
 def _check_inputs(w: World, model: nn.Module, data: dict[str, AnySplit], directions: AnyDirections, grid: Grid,
@@ -329,6 +335,8 @@ def _layout(w: World, model: nn.Module, data: dict[str, AnySplit], probe: tuple[
     layout measured on one batch."""
     dev, outputs = probe
     pinned_layout = {"auto": None, "channels-last": True, "contiguous": False}[opts.layout]
+    if opts.shard:  # FSDP2 keeps each shard contiguous
+        pinned_layout = False
     if stored is not None:
         check_pinned(stored, {"device": dev.type, "batch_size": opts.batch_size, "channels_last": pinned_layout,
                               "points_per_pass": opts.points_per_pass})
@@ -372,10 +380,12 @@ def _readers(data: dict[str, AnySplit], streamed: list[str], workers: int) -> st
     return f"{', '.join(loaded)} by {workers} loader workers" if loaded else "read in-process"
 
 
-def _layout_line(w: World, group: Group) -> str:
+def _layout_line(w: World, group: Group, shard: str | None) -> str:
     if group.size == 1:
         return f"{w.size} rank{'s' * (w.size > 1)}, one per point"
-    return f"{w.size} ranks in {group.count} groups of {group.size}: each rank holds 1/{group.size} of every split"
+    sharded = f" and of the model (sharded {group.size} ways, {shard})" if shard else ""
+    return (f"{w.size} ranks in {group.count} groups of {group.size}: each rank holds 1/{group.size} of every split"
+            + sharded)
 
 
 def _save_directions(directions: AnyDirections, path: str | Path | None, prov: Provenance) -> Provenance:
@@ -518,7 +528,7 @@ def _run(w: World, group: Group, at: PointSet, grid: Grid, path: Path,
     parallel_io = use_parallel_hdf5(w, opts.writer)
     if w.is_root:
         log(f"{len(tiles)} tiles, {todo_points} of {grid.num_points} points to do; "
-            f"writer: {'parallel HDF5 (mpio)' if parallel_io else 'rank 0'}; {_layout_line(w, group)}")
+            f"writer: {'parallel HDF5 (mpio)' if parallel_io else 'rank 0'}; {_layout_line(w, group, opts.shard)}")
     sink = TileSink(w, path, grid, tiles, parallel_io, senders=group.count, puts=group.is_leader)
     queue = TileQueue(w, len(tiles), opts.schedule, slot=group.index, slots=group.count)
     if queue.progress_note:
@@ -595,6 +605,7 @@ def _run_attrs(gathered: list[dict], plan: Plan) -> dict:
     total = int(points.sum())
     return {
         "rank_points": points, "rank_seconds": seconds,
+        "rank_weights": np.array([g["weights"] for g in gathered]),  # the moved numbers each held: 1/G sharded
         "rank_write_seconds": np.array([g["write_seconds"] for g in gathered]),
         "wall_seconds": float(max(g["wall_seconds"] for g in gathered)),
         "eval_seconds_total": float(seconds.sum()),

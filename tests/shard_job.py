@@ -1,0 +1,67 @@
+"""The sharded runs of tests/test_shard.py: ``mpirun -n 4 python tests/shard_job.py OUT`` samples each
+case with the model sharded over its rank groups (``shard`` fsdp); the test samples the same cases
+in one process, unsharded, and compares. Models: a linear model, a conv net with BatchNorm, a
+causal transformer LM, each in float64 and with a layer of fewer rows than ranks (empty shards)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from lm_fixtures import TinyLM
+from torch import nn
+
+from lsurf.engine.data import Split
+from lsurf.engine.directions import random_directions
+from lsurf.engine.grid import Grid
+
+# name: (model, ranks per point, options)
+CASES = {
+    "linear_g4": ("linear", 4, {}),
+    "linear_g2_regenerated": ("linear", 2, {"regenerate": True}),  # directions drawn per tensor, cut
+    "bn_cnn_g2": ("bn_cnn", 2, {}),
+    "lm_g4": ("lm", 4, {"loss": "cross_entropy"}),
+}
+GRID = Grid(np.linspace(-1, 1, 3), np.linspace(-0.5, 0.5, 2))
+
+
+def build(name: str) -> tuple[nn.Module, dict[str, Split]]:
+    """The model (float64, from seed 0) and its data: 37 samples, so shards of rows are uneven."""
+    g = torch.Generator().manual_seed(0)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        if name == "linear":
+            # its last layer has 3 rows: at G = 4 one rank holds none of it
+            model: nn.Module = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3))
+            x, y = torch.randn(37, 6, generator=g), torch.randint(0, 3, (37,), generator=g)
+        elif name == "bn_cnn":
+            model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(),
+                                  nn.Linear(4 * 6 * 6, 3))
+            x, y = torch.randn(37, 1, 6, 6, generator=g), torch.randint(0, 3, (37,), generator=g)
+            model.train()(torch.randn(64, 1, 6, 6, generator=g))  # running statistics of its own
+        else:
+            model = TinyLM(vocab=16, d=8, heads=2, layers=2)
+            x = torch.randint(0, 16, (37, 6), generator=g)
+            y = torch.roll(x, -1, 1)
+    return model.double().eval(), {"train": Split(x.double() if x.is_floating_point() else x, y)}
+
+
+def sample(name: str, out: Path, comm=None, sharded: bool = True):
+    from lsurf.run.sampler import sample_surface
+
+    model_name, g, extra = CASES[name]
+    model, data = build(model_name)
+    directions = random_directions(model, seed=3, two=True, regenerate=extra.get("regenerate", False))
+    parallel = {"ranks_per_point": g, "shard": "fsdp"} if sharded else {}
+    return sample_surface(model, data, directions, GRID, out / f"{name}.h5", comm=comm, dtype="float64",
+                          batch_size=4, threads=1, fidelity="off", progress=False, overwrite=True,
+                          **parallel, **{k: v for k, v in extra.items() if k != "regenerate"})
+
+
+if __name__ == "__main__":
+    from mpi4py import MPI
+
+    for case in CASES:
+        sample(case, Path(sys.argv[1]), MPI.COMM_WORLD)
