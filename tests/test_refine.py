@@ -105,12 +105,11 @@ def test_a_budget_is_never_exceeded_and_the_rounds_are_a_pure_function_of_the_va
 
 @pytest.mark.mpi
 @requires_mpi
-def test_coarse_to_fine_run_is_the_same_under_1_2_and_4_ranks_and_equals_the_full_grid(mlp, tmp_path):
+def test_coarse_to_fine_run_is_the_same_under_1_and_4_ranks_and_equals_the_full_grid(mlp, tmp_path):
     lsurf("surface", *mlp, "--out", tmp_path / "full.h5", check=True, timeout=600)
-    for ranks in (1, 2, 4):
-        mpirun(ranks, "surface", *mlp, "--budget", "110", "--out", tmp_path / f"r{ranks}.h5",
-               check=True, timeout=600)
-    full, runs = read_surface(tmp_path / "full.h5"), [read_surface(tmp_path / f"r{k}.h5") for k in (1, 2, 4)]
+    lsurf("surface", *mlp, "--budget", "110", "--out", tmp_path / "r1.h5", check=True, timeout=600)
+    mpirun(4, "surface", *mlp, "--budget", "110", "--out", tmp_path / "r4.h5", check=True, timeout=600)
+    full, runs = read_surface(tmp_path / "full.h5"), [read_surface(tmp_path / f"r{k}.h5") for k in (1, 4)]
     for r in runs:
         assert (r.done == runs[0].done).all()
         assert 81 <= r.done.sum() <= 110
@@ -118,7 +117,7 @@ def test_coarse_to_fine_run_is_the_same_under_1_2_and_4_ranks_and_equals_the_ful
             np.testing.assert_allclose(r.values[name][r.done], full.values[name][r.done], rtol=1e-12, atol=1e-12)
         assert json.loads(r.attrs["refinement"])["finished"]
         assert completion(r.path) == (int(r.done.sum()),) * 2  # a finished refinement is complete
-    info = lsurf("info", tmp_path / "r2.h5", check=True).stdout
+    info = lsurf("info", tmp_path / "r4.h5", check=True).stdout
     assert f"{int(runs[1].done.sum())} of 289 points computed, the rest interpolated (finished" in info
 
 
