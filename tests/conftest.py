@@ -67,6 +67,13 @@ def pytest_configure(config: pytest.Config) -> None:
     torch.set_num_threads(1)
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The slow tiers first (system, mpi, cli, then the fast tier; within each, file order): the
+    workers then end on short tests together, not one on a long job while the other waits."""
+    rank = {m: i for i, m in enumerate(("system", "mpi", "cli"))}
+    items.sort(key=lambda item: min((rank[m] for m in rank if item.get_closest_marker(m)), default=len(rank)))
+
+
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item: pytest.Item, call):
     """An unmarked test that takes longer than the fast tier allows fails: a slow test must declare

@@ -18,12 +18,11 @@ empty). The caller's model is never touched: a copy is sharded.
 from __future__ import annotations
 
 import copy
+import sys
 from typing import Any
 
 import torch
 from torch import nn
-from torch.distributed.fsdp import fully_shard
-from torch.distributed.tensor import DTensor, Shard
 
 from lsurf.engine.batches import Batch, shard_range, to_device
 from lsurf.engine.data import AnySplit, BatchStreamSplit
@@ -34,6 +33,8 @@ def shard_model(model: nn.Module, mesh: Any, dtype: torch.dtype) -> nn.Module:
     """A copy of ``model`` in ``dtype``, in eval mode, sharded over ``mesh`` (a 1-D DeviceMesh, its
     device the one evaluated on): each block (an element of a ModuleList or Sequential that holds
     parameters) gathered on its own in the forward, the rest with the root."""
+    from torch.distributed.fsdp import fully_shard  # here: its import costs a process start-up 0.6 s
+
     work = copy.deepcopy(model).to(dtype=dtype).eval()
     blocks = [m for parent in work.modules() if isinstance(parent, (nn.ModuleList, nn.Sequential))
               for m in parent.children() if any(True for _ in m.parameters())]
@@ -44,15 +45,25 @@ def shard_model(model: nn.Module, mesh: Any, dtype: torch.dtype) -> nn.Module:
     return work
 
 
+def _is_sharded(t: torch.Tensor) -> bool:
+    """Whether ``t`` is a DTensor, without importing DTensor's module (0.5 s): none exists unless
+    something imported it."""
+    module = sys.modules.get("torch.distributed.tensor")
+    return module is not None and isinstance(t, module.DTensor)
+
+
 def local_part(t: torch.Tensor) -> torch.Tensor:
     """The part of ``t`` this rank holds: its shard (which the model's own parameter reads) or ``t``."""
-    return t.to_local() if isinstance(t, DTensor) else t
+    return t.to_local() if _is_sharded(t) else t  # type: ignore[attr-defined]  # a DTensor's
 
 
 def local_rows(t: torch.Tensor) -> slice | None:
     """The rows of ``t``'s whole tensor that this rank holds (None: ``t`` is whole here, e.g. a buffer)."""
-    if not isinstance(t, DTensor):
+    if not _is_sharded(t):
         return None
+    from torch.distributed.tensor import DTensor, Shard
+
+    assert isinstance(t, DTensor)
     if t.device_mesh.ndim != 1 or list(t.placements) != [Shard(0)]:
         raise UserError(f"a sharded tensor laid out as {t.placements} over a {t.device_mesh.ndim}-D mesh: "
                         "lsurf moves tensors sharded along dim 0 over one group")

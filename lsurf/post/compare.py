@@ -17,17 +17,19 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-from matplotlib.colors import LogNorm, Normalize
-from matplotlib.figure import Figure
 
 from lsurf.engine.grid import Grid
 from lsurf.engine.levels import DEFAULT_LEVELS, color_range, contour_levels
 from lsurf.engine.surface_file import Surface, describe_grid
 from lsurf.errors import UserError
-from lsurf.post.plot import comparable_axes, draw_overlay
-from lsurf.post.plot import quantity as _quantity
+from lsurf.post.plot import comparable_axes, draw_overlay, values_of
+
+if TYPE_CHECKING:  # matplotlib is imported where a figure is drawn: every command line imports this module
+    from matplotlib.colors import Normalize
+    from matplotlib.figure import Figure
 
 COMPARE_KINDS = ("contour", "filled", "heatmap")
 DIFFS = ("difference", "ratio")
@@ -70,15 +72,6 @@ def panel_title(surface: Surface, name: str) -> str:
     """Two lines: the file's short name, then its provenance."""
     prov = provenance(surface)
     return f"{name}\n{prov}" if prov else name
-
-
-def values_of(surface: Surface, name: str) -> np.ndarray:
-    """A quantity with points not yet computed as NaN (a coarse-to-fine surface filled in, as its
-    own plots are); an unknown name is a `quantity` error."""
-    try:
-        return _quantity(surface.interpolated(), name)
-    except UserError as e:
-        raise UserError(f"`quantity`: {e}") from None
 
 
 def grid_text(surface: Surface) -> str:
@@ -147,6 +140,8 @@ def shared_scale(panels: list[np.ndarray], name: str, diff: str | None, levels: 
     finite = allz[np.isfinite(allz)]
     over, under = bool((finite > hi).any()), bool((finite < lo).any())
     extend = {(True, True): "both", (True, False): "max", (False, True): "min"}.get((over, under), "neither")
+    from matplotlib.colors import LogNorm, Normalize
+
     norm = LogNorm(lo, hi) if geometric else Normalize(lo, hi)
     return Scale(lo, hi, contour_levels(lo, hi, int(levels), geometric), norm, "viridis" if diff is None else "RdBu_r",
                  extend)
@@ -188,6 +183,8 @@ def plot_comparison(surfaces: list[Surface], quantity: str = "train_loss", *, ki
 def _panels(shown: list[Surface], zs: list[np.ndarray], titles: list[str], scale: Scale, kind: str,
             label: str, size: tuple[float, float] | None) -> Figure:
     rows, cols = _layout(len(zs))
+    from matplotlib.figure import Figure
+
     fig = Figure(figsize=size or (4.0 * cols + 1.2, 3.6 * rows), layout="constrained")
     axes = fig.subplots(rows, cols, sharex=True, sharey=True, squeeze=False).ravel()
     mappable = None
@@ -221,6 +218,8 @@ def _panels(shown: list[Surface], zs: list[np.ndarray], titles: list[str], scale
 
 def _curves(shown: list[Surface], zs: list[np.ndarray], titles: list[str], scale: Scale, label: str,
             log: bool, diff: str | None, size: tuple[float, float] | None) -> Figure:
+    from matplotlib.figure import Figure
+
     fig = Figure(figsize=size or (6.5, 4.2), layout="constrained")
     ax = fig.add_subplot()
     for s, z, title in zip(shown, zs, titles):

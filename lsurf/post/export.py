@@ -27,7 +27,7 @@ import numpy as np
 from lsurf.engine.io import atomic_write
 from lsurf.engine.surface_file import Surface
 from lsurf.errors import UserError
-from lsurf.post.compare import values_of
+from lsurf.post.plot import values_of
 
 FORMATS = ("ll", "obj", "csv")
 

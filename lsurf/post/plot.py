@@ -37,6 +37,15 @@ def quantity(surface: Surface, name: str) -> np.ndarray:
     return np.where(surface.done, surface.values[name], np.nan)
 
 
+
+def values_of(surface: Surface, name: str) -> np.ndarray:
+    """A quantity with points not yet computed as NaN (a coarse-to-fine surface filled in, as its
+    own plots are); an unknown name is a `quantity` error."""
+    try:
+        return quantity(surface.interpolated(), name)
+    except UserError as e:
+        raise UserError(f"`quantity`: {e}") from None
+
 def figure_title(surface: Surface, name: str) -> str:
     a = surface.attrs
     norm = surface.directions_meta.get("norm")

@@ -24,8 +24,8 @@ from lsurf.engine.levels import color_range, is_geometric
 from lsurf.engine.progress import JobState, RateMeter, job_state
 from lsurf.engine.surface_file import Surface, read_surface
 from lsurf.errors import UserError
-from lsurf.post.compare import values_of
 from lsurf.post.html import write_html
+from lsurf.post.plot import values_of
 
 
 def _ramp(steps: int = 16) -> list[int]:
