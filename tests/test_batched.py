@@ -12,7 +12,7 @@ import torch
 from lsurf import Evaluator, load_data, load_model, random_directions
 from lsurf.engine.batches import resident_batches
 from lsurf.engine.directions import target_tensors
-from lsurf.engine.evaluate import resolve_loss
+from lsurf.engine.losses import resolve_loss
 
 
 def _evaluator(model_name: str, data_spec: str, dir_type: str, k: int, loss: str = "cross_entropy") -> Evaluator:

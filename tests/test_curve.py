@@ -19,7 +19,7 @@ from conftest import REPO, lsurf, mpirun, requires_mpi
 from lsurf import load_data, load_model, read_surface
 from lsurf.engine.curve import Curve, Progress, Training, parameters_of, train_curve, weights
 from lsurf.engine.data import Split
-from lsurf.engine.evaluate import resolve_loss
+from lsurf.engine.losses import resolve_loss
 
 DIGITS = ["--model", "cnn", "--data", "digits"]
 

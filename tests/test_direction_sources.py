@@ -135,7 +135,8 @@ def test_bn_recalibration_uses_training_statistics(tmp_path):
     """After recalibration at α=0, the first BN layer's statistics are those of the training data."""
     from lsurf import Evaluator, random_directions
     from lsurf.engine.batches import resident_batches
-    from lsurf.engine.evaluate import evaluator, resolve_loss
+    from lsurf.engine.evaluate import evaluator
+    from lsurf.engine.losses import resolve_loss
 
     torch.manual_seed(0)
     split = load_data("synthetic:shape=3x32x32,n=64", ("train",))["train"]

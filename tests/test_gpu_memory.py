@@ -15,8 +15,9 @@ import lsurf.run.sampler as sampler
 from lsurf.engine.batches import resident_batches
 from lsurf.engine.curve import Curve, Progress, Training, parameters_of, train_curve
 from lsurf.engine.data import Split
-from lsurf.engine.evaluate import Evaluator, _coefficients, evaluator, resolve_loss
+from lsurf.engine.evaluate import Evaluator, _coefficients, evaluator
 from lsurf.engine.grid import Grid
+from lsurf.engine.losses import resolve_loss
 from lsurf.engine.plan import default_batch_size
 from lsurf.run.curve import curve_batch_size
 from lsurf.run.options import Options

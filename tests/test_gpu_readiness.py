@@ -307,8 +307,8 @@ def test_cuda_pass_makes_no_host_sync_beyond_the_one_per_point():
 def test_cuda_hessian_start_vectors_match_the_cpu():
     model, data, _ = _cnn_and_data()
     split = data["train"]
-    from lsurf.engine.evaluate import resolve_loss
     from lsurf.engine.hessian import Hessian
+    from lsurf.engine.losses import resolve_loss
 
     values = []
     for dev in ("cpu", "cuda"):

@@ -17,8 +17,8 @@ from torch import nn
 from lsurf import UserError
 from lsurf.engine.batches import resident_batches
 from lsurf.engine.data import Split
-from lsurf.engine.evaluate import resolve_loss
 from lsurf.engine.hessian import Hessian
+from lsurf.engine.losses import resolve_loss
 from lsurf.run.curvature import model_spectrum
 from lsurf.run.options import Options
 from lsurf.run.sources import load_inputs

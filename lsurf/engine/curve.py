@@ -27,8 +27,9 @@ import torch
 from torch import nn
 
 from lsurf.engine.data import Split
-from lsurf.engine.evaluate import LossFn, Reduce, pick_output
+from lsurf.engine.evaluate import Reduce
 from lsurf.engine.io import atomic_write
+from lsurf.engine.losses import LossFn, pick_output
 from lsurf.engine.models import file_sha256, read_state_dict
 from lsurf.engine.snapshot import preserved
 from lsurf.engine.surface_file import open_h5

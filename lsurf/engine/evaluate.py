@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import functools
 import itertools
 import time
 import warnings
@@ -20,91 +19,29 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from lsurf.engine.batches import Feed, Streamed, head, resident_batches, shard_range, to_device
-from lsurf.engine.data import AnySplit, BatchStreamSplit, label_range
+from lsurf.engine.batches import Feed, Streamed, head, resident_batches, shard_range
+from lsurf.engine.data import AnySplit, BatchStreamSplit
 from lsurf.engine.directions import AnyDirections, Directions, SeededDirections, target_tensors
 from lsurf.engine.hessian import Hessian
+from lsurf.engine.labels import FLAGS, check_label_flags, flag_labels
+from lsurf.engine.losses import LossFn, class_targets, is_low_precision, pick_output, resolve_loss
 from lsurf.engine.metrics import (
-    BUILT_IN_NAMES,
     METRICS,
     MeanLoss,
     Metric,
-    PluginMetric,
-    bind_plugin,
-    check_plugin,
     metrics_for,
     quantity_names,
 )
-from lsurf.engine.models import load_plugin, make_plugin
 from lsurf.engine.precision import ACCOUNTING, Precision
 from lsurf.engine.sharding import check_shardable, equal_batches, local_part, local_rows, shard_model
 from lsurf.engine.snapshot import ModelSnapshot
 from lsurf.errors import UserError
 
-LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 Reduce = Callable[[np.ndarray], np.ndarray]  # sums of this rank's share -> sums of the group's
 _REDUCE_EVERY = 1 << 22  # model outputs held before a loss/argmax reduction (16 MB of float32)
 _GPU_HEADROOM = 0.7  # share of a GPU's memory a calibrated K may use at its peak
-_FLAGS = 3  # a pass's label check, read back with its sums: [labels out of range, first one's row, its value]
-
-
-def _cross_entropy(out: torch.Tensor, y: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
-    """Per-sample cross-entropy, or per token for (B, T, V) logits against (B, T) token targets
-    (zero where the target is ``ignore_index``). For (N, C) logits and class labels it is computed
-    as logsumexp − logit of the label: the same value, 3.5x faster than F.cross_entropy on a CPU
-    (whose log_softmax dominated a small MLP's evaluation)."""
-    if out.dim() == 2 and y.dim() == 1 and not y.is_floating_point():
-        return torch.logsumexp(out, 1) - out.gather(1, y[:, None]).squeeze(1)
-    if out.dim() == 3 and y.dim() == 2 and not y.is_floating_point():
-        flat = F.cross_entropy(out.flatten(0, 1), y.flatten(), ignore_index=ignore_index, reduction="none")
-        return flat.view(y.shape)
-    return F.cross_entropy(out, y, reduction="none")
-
-
-def _mse(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    return (out.reshape(len(out), -1) - y.reshape(len(y), -1)).pow(2).mean(1)
-
-
-LOSSES: dict[str, LossFn] = {"cross_entropy": _cross_entropy, "mse": _mse}
-
-
-def resolve_loss(spec: str, ignore_index: int = -100) -> LossFn:
-    """A built-in loss or ``pkg.module:fn``; every loss returns one value per sample (or, for token
-    targets, per token: the built-in cross-entropy, which skips ``ignore_index`` targets)."""
-    if spec == "cross_entropy":
-        return functools.partial(_cross_entropy, ignore_index=ignore_index)
-    if spec in LOSSES:
-        return LOSSES[spec]
-    if ":" in spec:
-        return load_plugin(spec, "loss")
-    raise UserError(f"`loss` {spec!r}: expected cross_entropy, mse or pkg.module:fn")
-
-
-def pick_output(out: Any, name: str | None = None) -> torch.Tensor:
-    """The tensor to score from what a model returned: the tensor itself, the entry ``name`` of a
-    dict or ``ModelOutput``-like object (default ``logits``), or the first item of a tuple."""
-    if isinstance(out, torch.Tensor):
-        if name is not None:
-            raise UserError(f"`output` {name!r}: the model returns a tensor, not named outputs")
-        return out
-    key = name or "logits"
-    if hasattr(out, "keys") and hasattr(out, "__getitem__"):
-        if key in out.keys():
-            return out[key]
-        raise UserError(f"the model's outputs have no {key!r} entry (it has {', '.join(map(str, out.keys()))}): "
-                        "name one with `output`")
-    if isinstance(out, (tuple, list)) and name is None and out and isinstance(out[0], torch.Tensor):
-        return out[0]
-    raise UserError(f"the model returns a {type(out).__name__}: expected a tensor, or a dict/ModelOutput whose "
-                    "entry `output` names")
-
-
-def is_low_precision(dtype: torch.dtype) -> bool:
-    """bfloat16/float16 weights: perturbed in float32 and rounded once, scored in float32."""
-    return dtype in (torch.bfloat16, torch.float16)
 
 
 @contextlib.contextmanager
@@ -202,78 +139,6 @@ def _placed(directions: AnyDirections, targets: list[torch.Tensor], dtype: torch
         directions = directions.cut(rows)
     moved = directions.to(targets[0].device, dtype)
     return moved.like(targets) if isinstance(moved, Directions) else moved
-
-
-def check_outputs_fit(model: nn.Module, split: AnySplit, loss_fn: LossFn, device, dtype,
-                      output: str | None = None, labels: dict[str, AnySplit] | None = None) -> int:
-    """Run one tiny batch so a model/label mismatch is a clear error before any work starts, and
-    return how many output values one sample gives (a plan sizes batches by it: a language model's
-    logits are sequence length × vocabulary per sample). With ``labels``, the class labels of those
-    splits are checked against the model's outputs too.
-
-    The model must already be in eval mode: a forward in train mode would move BatchNorm statistics.
-    """
-    x, y = to_device(*split.rows(0, 2), torch.device(device), dtype)
-    with torch.inference_mode():
-        raw = _first_line_of_errors(lambda: model(x), device)
-        out = pick_output(raw, output)
-        if labels is not None and out.dim() == 2:
-            check_labels(labels, out.shape[1])
-        loss = _first_line_of_errors(lambda: loss_fn(out.float() if is_low_precision(out.dtype) else out, y), device)
-    if loss.shape not in ((len(x),), tuple(y.shape)):
-        raise UserError(f"loss must give one value per sample (or per target token); got shape {tuple(loss.shape)} "
-                        f"for targets of shape {tuple(y.shape)}")
-    return out[0].numel()
-
-
-def plugin_metrics(specs: Sequence[str], model: nn.Module, split: AnySplit, device, dtype,
-                   output: str | None = None) -> tuple[PluginMetric, ...]:
-    """The user's own metrics (``pkg.module:factory`` each, the factory called with no arguments),
-    checked against the contract and bound on one probe batch of ``split``, so a plug-in that cannot
-    run fails before any file is touched. The model must be in eval mode on ``device``."""
-    if not specs:
-        return ()
-    x, y = to_device(*split.rows(0, 2), torch.device(device), dtype)
-    with torch.inference_mode():
-        out = pick_output(model(x), output)
-        out = out.float() if is_low_precision(out.dtype) else out
-        taken = set(BUILT_IN_NAMES) | set(ACCOUNTING)
-        bound = []
-        for spec in specs:
-            metric = make_plugin(spec, "metric")
-            check_plugin(spec, metric, taken)
-            taken.add(metric.name)
-            bound.append(bind_plugin(spec, metric, out, y))
-    return tuple(bound)
-
-
-def check_labels(data: dict[str, AnySplit], classes: int) -> None:
-    """Refuse class labels outside the model's outputs before any work: on the CPU such a label ends
-    in an index error mid-run, on a GPU in an asynchronous device assert."""
-    for name, split in data.items():
-        span = label_range(split)
-        if span is not None and (span[0] < 0 or span[1] >= classes):
-            raise UserError(f"the {name} split has class labels {span[0]} to {span[1]}, but the model gives {classes} "
-                            f"outputs per sample: labels must lie in 0 to {classes - 1}")
-
-
-def _first_line_of_errors(call, device):
-    """``call()``, finished on the device (a CUDA error surfaces here, not later), with a shape or
-    type mismatch as one line. Failures of the device itself (out of memory, no kernel for this
-    GPU, a cuDNN fault) are not the data's fault: they pass with their own text."""
-    try:
-        result = call()
-        if torch.device(device).type == "cuda":
-            torch.cuda.synchronize(device)
-        return result
-    except torch.cuda.OutOfMemoryError:
-        raise
-    except Exception as e:
-        text = str(e).strip()
-        if any(word in text for word in ("CUDA", "cuDNN", "cuBLAS", "device-side")):
-            raise
-        msg = text.splitlines()[0] if text else type(e).__name__
-        raise UserError(f"model outputs do not fit the data: {msg}") from None
 
 
 class Evaluator:
@@ -487,8 +352,8 @@ class Evaluator:
         [split][point][metric sums..., samples, label flags...]."""
         names = self.quantities
         local = pending.cpu().numpy()
-        self._check_labels(local[:, 0, -_FLAGS:])
-        local = local[..., :-_FLAGS]
+        self._check_labels(local[:, 0, -FLAGS:])
+        local = local[..., :-FLAGS]
         sums = local.tolist() if self.reduce is None else self.reduce(local).tolist()
         out = []
         for p in range(k):
@@ -580,7 +445,7 @@ class Evaluator:
         sums = torch.zeros(k, width, dtype=torch.float64, device=self.origin[0].device)  # a shard may be empty
         outs: list[torch.Tensor] = []
         ys: list[torch.Tensor] = []
-        flags = torch.zeros(_FLAGS, dtype=torch.int64, device=sums.device)
+        flags = torch.zeros(FLAGS, dtype=torch.int64, device=sums.device)
         held = row = 0
         early = self.precision
         for x, y in self.batches[split]:
@@ -597,7 +462,7 @@ class Evaluator:
                         break
         if outs:
             sums += self._reduce(outs, ys, k, flags, row)
-        return torch.cat([sums, flags.double().expand(k, _FLAGS)], -1)
+        return torch.cat([sums, flags.double().expand(k, FLAGS)], -1)
 
     def _reduce(self, outs: list[torch.Tensor], ys: list[torch.Tensor], k: int, flags: torch.Tensor,
                 row: int) -> torch.Tensor:
@@ -754,66 +619,6 @@ class Evaluator:
 
 def _rows_of(t: torch.Tensor, rows: slice | None) -> torch.Tensor:
     return t if rows is None else t[rows]
-
-
-def class_targets(loss_fn: LossFn) -> int | None:
-    """The ``ignore_index`` of the built-in cross-entropy, whose targets index the outputs; None
-    for any other loss (its targets are no class indices to check)."""
-    if isinstance(loss_fn, functools.partial) and loss_fn.func is _cross_entropy:
-        return int(loss_fn.keywords.get("ignore_index", -100))
-    return -100 if loss_fn is _cross_entropy else None
-
-
-def flag_labels(y: torch.Tensor, classes: int, ignore_index: int, flags: torch.Tensor, row: int) -> torch.Tensor:
-    """``y`` (rows ``row``... of a pass) with class labels (or token ids other than
-    ``ignore_index``) outside ``classes`` outputs replaced by 0, counted into ``flags`` [count,
-    first row, its value] on ``y``'s device without a host sync: the caller reads the flags with
-    the sums it reads anyway (:func:`check_label_flags`). On a GPU an index out of range would be
-    a device assert that ends the process's CUDA context."""
-    bad = (y < 0) | (y >= classes)
-    if y.dim() > 1:
-        bad &= y != ignore_index
-    flat = bad.reshape(-1)
-    first = flat.to(torch.uint8).argmax()
-    value = y.reshape(-1).gather(0, first[None])[0].long()  # gather: indexing by a tensor would sync
-    found = torch.stack([flat.sum(), row + first // (flat.numel() // len(y)), value])
-    first_found = (flags[0] == 0) & (found[0] > 0)
-    flags[1:] = torch.where(first_found, found[1:], flags[1:])
-    flags[0] += found[0]
-    return torch.where(bad, torch.zeros_like(y), y)
-
-
-def check_label_flags(split: str, flags: Sequence[float], classes: int, first_row: int = 0) -> None:
-    """Stop at the labels :func:`flag_labels` counted: one line naming the split, the row (rows
-    counted from ``first_row``, this rank's first) and the value."""
-    count, row, value = flags
-    if count:
-        raise UserError(f"the {split} split holds label {int(value)} at row {int(row) + first_row}, outside the "
-                        f"model's {classes} outputs ({int(count)} such label{'s' * (count > 1)} in the pass): "
-                        f"labels must lie in 0 to {classes - 1}")
-
-
-def check_class_labels(model: nn.Module, sample: torch.Tensor, labels: Iterable[torch.Tensor], loss_fn: LossFn,
-                       split: str, first_row: int = 0, output: str | None = None) -> None:
-    """Stop at class labels outside the model's outputs among ``labels`` (rows ``first_row``... of
-    ``split``, in order) before work whose loss indexes the outputs with every one of them (a
-    Hessian's products, a curve's training): the count each evaluator pass makes, made once here
-    and read back in one sync, with the same one-line error. ``sample``: inputs on the model's
-    device, whose first row tells how many outputs there are; the model must be in eval mode."""
-    ignore = class_targets(loss_fn)
-    ys = [y for y in labels if y.numel()]
-    if ignore is None or not ys or ys[0].is_floating_point():
-        return
-    with torch.inference_mode():
-        out = pick_output(model(sample[:1]), output)
-    if out.dim() != ys[0].dim() + 1:
-        return
-    flags = torch.zeros(_FLAGS, dtype=torch.int64, device=ys[0].device)
-    row = 0
-    for y in ys:
-        flag_labels(y, out.shape[-1], ignore, flags, row)
-        row += len(y)
-    check_label_flags(split, flags.tolist(), out.shape[-1], first_row)
 
 
 def _coefficients(chunk: list[tuple[float, float]], dtype: torch.dtype,

@@ -25,7 +25,8 @@ import numpy as np
 import torch
 
 from lsurf.engine.directions import tensor_generator
-from lsurf.engine.evaluate import Evaluator, pick_output
+from lsurf.engine.evaluate import Evaluator
+from lsurf.engine.losses import pick_output
 from lsurf.errors import UserError
 
 KINDS = ("average", "worst")

@@ -12,8 +12,8 @@ import torch
 from torch import nn
 
 from lsurf.engine.data import AnySplit, Split
-from lsurf.engine.evaluate import resolve_loss
 from lsurf.engine.io import atomic_write
+from lsurf.engine.losses import resolve_loss
 
 
 def _accuracy(model: nn.Module, split: Split | None) -> float:

@@ -18,10 +18,12 @@ from torch import nn
 from lsurf.engine.batches import resident_batches
 from lsurf.engine.data import AnySplit, BatchStreamSplit
 from lsurf.engine.directions import AnyDirections, Directions, load_directions, target_tensors
-from lsurf.engine.evaluate import check_class_labels, pick_output, resolve_loss, shard_starts
+from lsurf.engine.evaluate import shard_starts
 from lsurf.engine.fidelity import LANCZOS_STEPS, TRACE_SAMPLES, measure, relative_cost
 from lsurf.engine.grid import Grid
 from lsurf.engine.hessian import Extreme, Hessian, Reduce, check_spectrum, eigen_directions, spectrum
+from lsurf.engine.labels import check_class_labels
+from lsurf.engine.losses import pick_output, resolve_loss
 from lsurf.engine.models import file_sha256
 from lsurf.engine.plan import default_batch_size
 from lsurf.engine.snapshot import preserved

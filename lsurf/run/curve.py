@@ -40,11 +40,14 @@ from lsurf.engine.curve import (
 )
 from lsurf.engine.data import AnySplit, Split
 from lsurf.engine.directions import Directions, model_directions
-from lsurf.engine.evaluate import check_class_labels, check_outputs_fit, evaluator, resolve_loss
+from lsurf.engine.evaluate import evaluator
 from lsurf.engine.grid import Grid, Tile
+from lsurf.engine.labels import check_class_labels
+from lsurf.engine.losses import resolve_loss
 from lsurf.engine.metrics import metrics_for, quantity_names
 from lsurf.engine.models import file_sha256, read_state_dict
 from lsurf.engine.plan import default_batch_size
+from lsurf.engine.probes import check_outputs_fit
 from lsurf.engine.snapshot import preserved
 from lsurf.errors import UserError
 from lsurf.run.options import Options

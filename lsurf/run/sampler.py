@@ -27,13 +27,15 @@ from lsurf.engine import surface_file
 from lsurf.engine.batches import device_budget, in_process, keep_resident, size_text
 from lsurf.engine.data import AnySplit, BatchStreamSplit, max_token
 from lsurf.engine.directions import AnyDirections, save_directions, zero_directions
-from lsurf.engine.evaluate import Evaluator, check_outputs_fit, evaluator, plugin_metrics, resolve_loss
+from lsurf.engine.evaluate import Evaluator, evaluator
 from lsurf.engine.geometry import CheckedGeometry, load_geometry, model_params
 from lsurf.engine.grid import Grid, Tile, parse_tile
 from lsurf.engine.hf import vocabulary_size
+from lsurf.engine.losses import resolve_loss
 from lsurf.engine.metrics import Metric, PluginMetric, metrics_for, quantity_names
 from lsurf.engine.plan import Plan, check_pinned, default_batch_size, faster_in_channels_last
 from lsurf.engine.precision import ACCOUNTING, Precision
+from lsurf.engine.probes import check_outputs_fit, plugin_metrics
 from lsurf.engine.progress import RUN_STARTED, run_started
 from lsurf.engine.refine import STEERING, Refiner
 from lsurf.engine.snapshot import preserved

@@ -15,8 +15,10 @@ from torch import nn
 
 from lsurf.engine.data import AnySplit
 from lsurf.engine.directions import zero_directions
-from lsurf.engine.evaluate import check_outputs_fit, evaluator, resolve_loss
+from lsurf.engine.evaluate import evaluator
+from lsurf.engine.losses import resolve_loss
 from lsurf.engine.plan import default_batch_size
+from lsurf.engine.probes import check_outputs_fit
 from lsurf.engine.sharpness import Probe, check_settings, summarise
 from lsurf.engine.snapshot import preserved
 from lsurf.errors import UserError
