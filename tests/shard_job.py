@@ -23,6 +23,7 @@ CASES = {
     "linear_g2_regenerated": ("linear", 2, {"regenerate": True}),  # directions drawn per tensor, cut
     "bn_cnn_g2": ("bn_cnn", 2, {}),
     "lm_g4": ("lm", 4, {"loss": "cross_entropy"}),
+    "circle_g2": ("bn_cnn", 2, {"geometry": True}),  # a plug-in geometry's offsets, cut to each rank's rows
 }
 GRID = Grid(np.linspace(-1, 1, 3), np.linspace(-0.5, 0.5, 2))
 
@@ -48,16 +49,32 @@ def build(name: str) -> tuple[nn.Module, dict[str, Split]]:
     return model.double().eval(), {"train": Split(x.double() if x.is_floating_point() else x, y)}
 
 
-def sample(name: str, out: Path, comm=None, sharded: bool = True):
-    from lsurf.run.sampler import sample_surface
+class Circle:
+    """Five points on a circle of radius 0.5 around θ* in the plane of two directions: a geometry."""
 
-    model_name, g, extra = CASES[name]
+    def __init__(self, directions):
+        self.d, self.axes = directions, {"t": np.linspace(0, 2 * np.pi, 5)}
+
+    def offset(self, index):
+        t = self.axes["t"][index[0]]
+        return [0.5 * np.cos(t) * a + 0.5 * np.sin(t) * b for a, b in zip(self.d.x, self.d.y)]
+
+    def identity(self):
+        return {"circle": 0.5}
+
+
+def sample(name: str, out: Path, comm=None, sharded: bool = True):
+    from lsurf.run.sampler import sample_geometry, sample_surface
+
+    model_name, g, case = CASES[name]
+    extra = dict(case)  # popped below: the table stays as it is
     model, data = build(model_name)
-    directions = random_directions(model, seed=3, two=True, regenerate=extra.get("regenerate", False))
-    parallel = {"ranks_per_point": g, "shard": "fsdp"} if sharded else {}
-    return sample_surface(model, data, directions, GRID, out / f"{name}.h5", comm=comm, dtype="float64",
-                          batch_size=4, threads=1, fidelity="off", progress=False, overwrite=True,
-                          **parallel, **{k: v for k, v in extra.items() if k != "regenerate"})
+    directions = random_directions(model, seed=3, two=True, regenerate=extra.pop("regenerate", False))
+    options = {"comm": comm, "dtype": "float64", "batch_size": 4, "threads": 1, "fidelity": "off", "progress": False,
+               "overwrite": True, **({"ranks_per_point": g, "shard": "fsdp"} if sharded else {})}
+    if extra.pop("geometry", False):
+        return sample_geometry(model, data, Circle(directions), out / f"{name}.h5", **options, **extra)
+    return sample_surface(model, data, directions, GRID, out / f"{name}.h5", **options, **extra)
 
 
 if __name__ == "__main__":
