@@ -49,13 +49,14 @@ def test_sharded_runs_under_mpirun_equal_one_unsharded_process(tmp_path):
 @requires_mpi
 def test_torchrun_shards_the_command_line_job(tmp_path):
     args = ["surface", "--model", "cnn", "--data", "digits", "--subset", "40", "--x", "-1:1:3", "--dtype", "float64",
-            "--fidelity", "off", "--no-progress", "--threads", "1"]
+            "--no-progress", "--threads", "1"]
     torchrun(2, *args, "--ranks-per-point", "2", "--shard", "fsdp", "--out", tmp_path / "sharded.h5", check=True)
-    cli(*args, "--out", tmp_path / "one.h5", check=True)
+    cli(*args, "--fidelity", "off", "--out", tmp_path / "one.h5", check=True)
     one, sharded = _values(tmp_path / "one.h5"), _values(tmp_path / "sharded.h5")
     for k in QUANTITIES:
         np.testing.assert_allclose(sharded[k], one[k], rtol=1e-10, atol=0, err_msg=k)
     info = lsurf("info", tmp_path / "sharded.h5", check=True).stdout
+    assert "not measured: the model is sharded (`shard` fsdp)" in info, info  # `fidelity` auto: skipped, said
     assert "of the model (sharded 2 ways, fsdp)" in info and " 4,965 weights" in info, info  # 1/2 of 9,930
 
 
@@ -63,6 +64,7 @@ def test_torchrun_shards_the_command_line_job(tmp_path):
     ([], "lsurf: error: --shard fsdp shards the model over a rank group: it needs --ranks-per-point of 2 or more"),
     (["--ranks-per-point", "2", "--points-per-pass", "2"], "it cannot be combined with --points-per-pass > 1"),
     (["--ranks-per-point", "2", "--resident", "never"], "not with --resident never"),
+    (["--ranks-per-point", "2", "--fidelity", "on"], "--fidelity on: not with --shard fsdp"),
 ])
 def test_what_the_sharded_path_cannot_do_is_one_line(tmp_path, extra, says):
     p = cli("surface", "--shard", "fsdp", *extra, "--out", tmp_path / "s.h5")

@@ -168,6 +168,8 @@ def fidelity_skipped(options: Options, data: dict[str, AnySplit], grid: Grid, pl
     auto, a streamed or low-precision Hessian split or a cost of 5 % of the run or more."""
     if options.fidelity == "off":
         return "not measured (`fidelity` off)"
+    if options.shard:  # its Hessian-vector products would need the whole model on one device (Options refuses on)
+        return f"not measured: the model is sharded (`shard` {options.shard})"
     split = next(iter(data))
     targets = data[split].rows(0, 1)[1]
     if targets.dim() > 1 and not targets.is_floating_point():

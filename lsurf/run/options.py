@@ -184,6 +184,9 @@ class Options:
         if (self.points_per_pass or 1) > 1:
             raise UserError(f"`shard` {self.shard} evaluates one point per pass: it cannot be combined with "
                             "`points_per_pass` > 1")
+        if self.fidelity == "on":
+            raise UserError(f"`fidelity` on: not with `shard` {self.shard} (the Hessian of a sharded model is not "
+                            "measured yet); leave `fidelity` auto or off")
         if self.resident == "never" or self.layout == "channels-last":
             raise UserError(f"`shard` {self.shard} needs the splits resident and the weights contiguous: not with "
                             f"{'`resident` never' if self.resident == 'never' else '`layout` channels-last'}")

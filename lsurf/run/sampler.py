@@ -301,12 +301,13 @@ def _check_inputs(w: World, model: nn.Module, data: dict[str, AnySplit], directi
     loss_fn = resolve_loss(opts.loss, opts.ignore_index)
     parse_tile(opts.tile)
     use_parallel_hdf5(w, opts.writer)  # a writer this job cannot have: refused before any file is touched
+    probe = torch.device("cpu") if opts.shard else dev  # sharded, the whole model never goes to the device
     with preserved(model):
-        model.to(device=dev, dtype=opts.torch_dtype).eval()  # eval before any forward: BN statistics stay
+        model.to(device=probe, dtype=opts.torch_dtype).eval()  # eval before any forward: BN statistics stay
         # class labels checked on rank 0 for the built-in loss (a plug-in may use integer targets otherwise)
-        outputs = check_outputs_fit(model, next(iter(data.values())), loss_fn, dev, opts.torch_dtype, opts.output,
+        outputs = check_outputs_fit(model, next(iter(data.values())), loss_fn, probe, opts.torch_dtype, opts.output,
                                     labels=data if w.is_root and opts.loss == "cross_entropy" else None)
-        plugins = plugin_metrics(opts.metric, model, next(iter(data.values())), dev, opts.torch_dtype, opts.output)
+        plugins = plugin_metrics(opts.metric, model, next(iter(data.values())), probe, opts.torch_dtype, opts.output)
     _streamed(w, w.groups(1), data, dev, opts, opts.batch_size or default_batch_size(dev, outputs),
               _workers(opts, dev), log=None)  # a budget too small for the stream: refused before any file is touched
     fidelity_skipped(opts, data, grid, grid.num_planes, [])  # `fidelity` on where it cannot be: refused now
