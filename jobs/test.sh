@@ -23,6 +23,7 @@ export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
 "$ROOT/.venv/bin/lint-imports" --no-cache   # layer contracts: .importlinter
 "$ROOT/.venv/bin/python" -m mypy             # type check of lsurf/ (setup.cfg [mypy])
 # Two pytest workers (pytest-xdist) share the machine's cores; the Slurm tests share one worker
-# (xdist_group). The fast tier's 5 s limit counts CPU time, which sharing the cores does not grow.
+# (tests/conftest.py's ONE_WORKER). The fast tier's 5 s limit counts CPU time, which sharing the cores
+# does not grow.
 exec "$ROOT/.venv/bin/python" -m pytest -q --timeout=900 --durations=25 -m "" \
   -n "${LSURF_TEST_WORKERS:-2}" --dist loadgroup "$@"

@@ -67,6 +67,25 @@ def pytest_configure(config: pytest.Config) -> None:
     torch.set_num_threads(1)
 
 
+ONE_WORKER = {"tests/test_slurm.py::": "slurm"}  # tests that share one resource: one cluster's daemons at a time
+
+
+def pytest_xdist_make_scheduler(config: pytest.Config, log):
+    """``--dist loadgroup`` with the tests of each ``ONE_WORKER`` prefix kept on one worker. xdist's
+    own grouping (the ``xdist_group`` mark) appends the group to each test's node id, which pytest 9
+    no longer lets a plugin change: it grouped nothing, and two workers could each start a Slurm
+    cluster on the same ports. Every other test is a unit of its own, as with loadgroup."""
+    if config.getvalue("dist") != "loadgroup":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class Grouped(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return next((group for prefix, group in ONE_WORKER.items() if nodeid.startswith(prefix)), nodeid)
+
+    return Grouped(config, log)
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """The slow tiers first (system, mpi, cli, then the fast tier; within each, file order): the
     workers then end on short tests together, not one on a long job while the other waits."""

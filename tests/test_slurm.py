@@ -14,9 +14,9 @@ import slurm_cluster
 from conftest import REPO, _env, mpirun, requires_mpi, torchrun_command
 from hold_plugin import PINNED, SPEC, flags, hold_env, plugin_env, reference, wait_held
 
+# one worker runs them all, one cluster's daemons at a time: conftest's ONE_WORKER
 pytestmark = [requires_mpi, pytest.mark.skipif(slurm_cluster.missing() is not None,
-                                               reason=str(slurm_cluster.missing())),
-              pytest.mark.xdist_group("slurm")]  # one worker: one cluster's daemons at a time
+                                               reason=str(slurm_cluster.missing()))]
 TOTAL, TILE = 9 * 9, 1
 # The pre-emption drill's grid: one forward per point on every rank (tests/hold_plugin.py), tiles of TILE points
 # (as in tests/test_drills.py: coarse-first tiles of more points differ in size).
