@@ -70,6 +70,7 @@ def pytest_configure(config: pytest.Config) -> None:
 ONE_WORKER = {"tests/test_slurm.py::": "slurm"}  # tests that share one resource: one cluster's daemons at a time
 
 
+@pytest.hookimpl(optionalhook=True)  # an xdist hook: pytest -p no:xdist runs without it
 def pytest_xdist_make_scheduler(config: pytest.Config, log):
     """``--dist loadgroup`` with the tests of each ``ONE_WORKER`` prefix kept on one worker. xdist's
     own grouping (the ``xdist_group`` mark) appends the group to each test's node id, which pytest 9

@@ -1,10 +1,12 @@
 """The model sharded over a rank group (``--shard fsdp``, issue 32): under mpirun and torchrun the
 sharded runs equal one unsharded process in float64 — a linear model whose last layer has fewer
 rows than ranks, a conv net with BatchNorm, a causal transformer LM, regenerated directions —
-each rank holding 1/G of the weights; what the sharded path cannot do is one line."""
+each rank holding 1/G of the weights; a checkpoint (a torch file, a Hugging Face folder of several
+safetensors files) read by rows, no rank loading it whole; what the sharded path cannot do is one line."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -12,8 +14,11 @@ import h5py
 import numpy as np
 import pytest
 import shard_job
-from conftest import REPO, _env, lsurf, requires_mpi, torchrun
+import torch
+from conftest import REPO, _env, lsurf, mpirun, requires_mpi, torchrun
 from inprocess import cli
+
+from lsurf.engine.models import load_model
 
 QUANTITIES = ("train_loss", "train_acc")
 
@@ -21,7 +26,7 @@ QUANTITIES = ("train_loss", "train_acc")
 def _values(path) -> dict:
     with h5py.File(path, "r") as f:
         return {k: f[k][()] for k in QUANTITIES} | {"done": f["done"][()], "layout": f.attrs["rank_layout"],
-                                                   "weights": f.attrs["rank_weights"]}
+                                                   "weights": f.attrs["rank_weights"], "path": path}
 
 
 @pytest.mark.mpi
@@ -60,11 +65,70 @@ def test_torchrun_shards_the_command_line_job(tmp_path):
     assert "of the model (sharded 2 ways, fsdp)" in info and " 4,965 weights" in info, info  # 1/2 of 9,930
 
 
+def _same_surface(sharded, one) -> None:
+    """The same numbers to 1e-10 (float64), and the same identity: model, checkpoint, directions."""
+    for k in QUANTITIES:
+        np.testing.assert_allclose(sharded[k], one[k], rtol=1e-10, atol=0, err_msg=k)
+    ids = [json.loads(h5py.File(p, "r").attrs["identity"]) for p in (sharded["path"], one["path"])]
+    for k in ("checkpoint_sha256", "directions_sha256", "model_seed", "data_sha256"):
+        assert ids[0][k] == ids[1][k], k
+
+
+@pytest.mark.mpi
+@requires_mpi
+def test_a_checkpoint_is_read_by_rows_into_the_sharded_model(tmp_path):
+    """No rank loads the checkpoint whole: the model is built on the meta device, sharded, and each
+    rank reads its rows (lsurf.engine.sharding.load_sharded); the surface is the unsharded one."""
+    torch.save({"state_dict": load_model("cnn", (1, 8, 8), 10, seed=5).state_dict()}, tmp_path / "cnn.t7")
+    args = ["surface", "--model", "cnn", "--data", "digits", "--subset", "40", "--x", "-1:1:3", "--y", "-1:1:2",
+            "--dtype", "float64", "--checkpoint", tmp_path / "cnn.t7", "--no-progress", "--threads", "1"]
+    p = mpirun(4, *args, "--ranks-per-point", "2", "--shard", "fsdp", "--out", tmp_path / "s.h5", check=True)
+    assert p.stderr.count("lsurf: model: built sharded 2 ways, each rank reading its 1/2 of") == 1, p.stderr
+    cli(*args, "--fidelity", "off", "--out", tmp_path / "one.h5", check=True)
+    sharded = _values(tmp_path / "s.h5")
+    _same_surface(sharded, _values(tmp_path / "one.h5"))
+    assert list(sharded["weights"]) == [4965] * 4  # 1/2 of 9,930 on each rank
+    # the directions are held by rows: not written beside the surface (the seed draws them again)
+    assert not (tmp_path / "s.directions.h5").exists() and (tmp_path / "one.directions.h5").exists()
+
+
+@pytest.mark.mpi
+@requires_mpi
+def test_a_hugging_face_folder_of_several_files_is_read_sharded(tmp_path, gpt2, corpus):
+    """GPT-2 (its output head tied to its input embedding) saved as 4 safetensors files and their
+    index, sharded 4 ways, each rank reading its rows: the unsharded surface."""
+    from transformers import GPT2LMHeadModel
+
+    GPT2LMHeadModel.from_pretrained(gpt2).save_pretrained(tmp_path / "gpt2", max_shard_size="40KB")
+    assert len(list((tmp_path / "gpt2").glob("*.safetensors"))) > 2
+    args = ["surface", "--data", f"tokens:{corpus}", "--seq-len", "16", "--subset", "24", "--x", "-1:1:3",
+            "--y", "-1:1:2", "--dtype", "float64", "--no-progress", "--threads", "1"]
+    mpirun(4, *args, "--model", f"hf:{tmp_path / 'gpt2'}", "--ranks-per-point", "4", "--shard", "fsdp",
+           "--out", tmp_path / "s.h5", check=True)
+    cli(*args, "--model", f"hf:{gpt2}", "--fidelity", "off", "--out", tmp_path / "one.h5", check=True)
+    _same_surface(_values(tmp_path / "s.h5"), _values(tmp_path / "one.h5"))
+
+
+@pytest.mark.mpi
+@requires_mpi
+def test_a_checkpoint_that_does_not_fit_is_one_line(tmp_path):
+    torch.save(load_model("mlp", (1, 8, 8), 10, seed=5).state_dict(), tmp_path / "mlp.pt")
+    p = mpirun(2, "surface", "--model", "cnn", "--data", "digits", "--subset", "40", "--x", "-1:1:3", "--checkpoint",
+               tmp_path / "mlp.pt", "--ranks-per-point", "2", "--shard", "fsdp", "--no-progress",
+               "--out", tmp_path / "s.h5")
+    errors = [line for line in p.stderr.splitlines() if line.startswith("lsurf: error")]
+    assert p.returncode == 2 and len(errors) == 1, p.stderr
+    assert "does not fit this model: 6 missing keys, first 'conv1.weight'; 6 unexpected keys" in errors[0], errors
+    assert not (tmp_path / "s.h5").exists()
+
+
 @pytest.mark.parametrize("extra, says", [
     ([], "lsurf: error: --shard fsdp shards the model over a rank group: it needs --ranks-per-point of 2 or more"),
     (["--ranks-per-point", "2", "--points-per-pass", "2"], "it cannot be combined with --points-per-pass > 1"),
     (["--ranks-per-point", "2", "--resident", "never"], "not with --resident never"),
     (["--ranks-per-point", "2", "--fidelity", "on"], "--fidelity on: not with --shard fsdp"),
+    (["--ranks-per-point", "2", "--checkpoint", "a.pt", "--model2", "b.pt"],
+     "--shard fsdp reads each rank's part of the weights: not with --model2, which need the whole model on one rank"),
 ])
 def test_what_the_sharded_path_cannot_do_is_one_line(tmp_path, extra, says):
     p = cli("surface", "--shard", "fsdp", *extra, "--out", tmp_path / "s.h5")

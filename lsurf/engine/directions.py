@@ -12,7 +12,7 @@ import hashlib
 import itertools
 import json
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal, get_args
 
@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from lsurf.engine.io import atomic_write
+from lsurf.engine.tensor_parts import local_rows, whole
 from lsurf.errors import UserError
 
 Norm = Literal["filter", "layer", "weight", "none"]
@@ -122,19 +123,28 @@ def norm_factor(d: torch.Tensor, w: torch.Tensor, norm: str, axis: int = 0) -> t
 def _hash(tensors: Iterable[torch.Tensor]) -> str:
     h = hashlib.sha256()
     for t in tensors:
-        t = t.detach().cpu().contiguous()
-        h.update((t.view(torch.int16) if t.dtype == torch.bfloat16 else t).numpy().data)  # its bytes, not a copy
+        _hash_into(h, t)
     return h.hexdigest()
+
+
+def _hash_into(h: hashlib._Hash, t: torch.Tensor) -> None:
+    t = t.detach().cpu().contiguous()
+    h.update((t.view(torch.int16) if t.dtype == torch.bfloat16 else t).numpy().data)  # its bytes, not a copy
 
 
 @dataclass
 class Directions:
-    """One or two directions over the same list of named tensors, plus how they were made."""
+    """One or two directions over the same list of named tensors, plus how they were made.
+
+    Those of a sharded model (lsurf.engine.sharding) hold only this rank's ``rows`` of each whole
+    tensor (None: whole), and the hash of the whole ones, taken as they were drawn (``digest``)."""
 
     names: list[str]
     x: list[torch.Tensor]
     y: list[torch.Tensor] | None = None
     meta: dict = field(default_factory=dict)
+    rows: list[slice | None] | None = None
+    digest: str = ""
 
     @property
     def ndim(self) -> int:
@@ -142,13 +152,13 @@ class Directions:
 
     def sha256(self) -> str:
         """Hash of the direction values themselves, independent of where they are stored."""
-        return _hash(self.x + (self.y or []))
+        return self.digest or _hash(self.x + (self.y or []))
 
     def to(self, device: torch.device, dtype: torch.dtype) -> Directions:
         def cast(ts):
             return [t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype) for t in ts]
 
-        return Directions(self.names, cast(self.x), None if self.y is None else cast(self.y), dict(self.meta))
+        return replace(self, x=cast(self.x), y=None if self.y is None else cast(self.y), meta=dict(self.meta))
 
     def like(self, targets: list[torch.Tensor]) -> Directions:
         """The same values laid out in memory as ``targets`` (e.g. channels-last weights), so adding
@@ -157,15 +167,22 @@ class Directions:
             return [t if t.stride() == w.stride() else torch.empty_like(w, dtype=t.dtype).copy_(t)
                     for t, w in zip(ts, targets)]
 
-        return Directions(self.names, lay(self.x), None if self.y is None else lay(self.y), dict(self.meta))
+        return replace(self, x=lay(self.x), y=None if self.y is None else lay(self.y), meta=dict(self.meta))
 
     def cut(self, rows: Sequence[slice | None]) -> Directions:
         """Rows ``rows[i]`` of tensor i (None: whole), a sharded model's part (lsurf.engine.sharding):
-        copies, so the whole tensors can go; a broadcast view (zero directions) stays a view."""
+        copies, so the whole tensors can go; a broadcast view (zero directions) stays a view. Directions
+        drawn for a sharded model already are those rows."""
+        if self.rows is not None:
+            if self.rows != list(rows):
+                raise UserError("directions drawn for one sharding of the model cannot move another")
+            return self
+
         def part(ts):
             return [t if r is None else t[r].clone() if t.is_contiguous() else t[r] for t, r in zip(ts, rows)]
 
-        return Directions(self.names, part(self.x), None if self.y is None else part(self.y), dict(self.meta))
+        return Directions(self.names, part(self.x), None if self.y is None else part(self.y), dict(self.meta),
+                          list(rows), self.digest)
 
 
 def tensor_generator(seed: int, which: int, index: int) -> torch.Generator:
@@ -187,12 +204,15 @@ _Kept = torch.Tensor | tuple[torch.dtype, torch.Tensor | None]
 
 
 def _direction(targets: list[torch.Tensor], axes: list[int], seed: int, which: int, norm: str, ignore: str,
-               keep_values: bool) -> tuple[list[torch.Tensor], list[_Kept]]:
-    """Direction ``which`` tensor by tensor: the values (if ``keep_values``) and what redraws it."""
+               keep_values: bool, digest: hashlib._Hash | None = None) -> tuple[list[torch.Tensor], list[_Kept]]:
+    """Direction ``which`` tensor by tensor: the values (if ``keep_values``) and what redraws it.
+    Of a sharded model's tensor: drawn whole against the whole tensor (gathered, collective) and
+    cut to this rank's rows; ``digest`` then takes the whole values."""
     values: list[torch.Tensor] = []
     kept: list[_Kept] = []
     for i, (w, axis) in enumerate(zip(targets, axes)):
-        w = w.detach().cpu()
+        rows = local_rows(w)
+        w = whole(w).detach().cpu()
         if not w.is_floating_point():  # e.g. BatchNorm's num_batches_tracked: never moved
             d = torch.zeros(w.shape, dtype=torch.float32)
             kept.append(d)
@@ -207,8 +227,10 @@ def _direction(targets: list[torch.Tensor], axes: list[int], seed: int, which: i
                 if factor is not None:
                     d.mul_(factor)
                 kept.append((d.dtype, factor))
+        if digest is not None:
+            _hash_into(digest, d)
         if keep_values:
-            values.append(d)
+            values.append(d if rows is None else d[rows].clone())
     return values, kept
 
 
@@ -306,14 +328,22 @@ def random_directions(
     axes = filter_axes(model, names)
     meta = {"source": "random", "seed": seed, "norm": norm, "ignore": ignore, "dir_type": dir_type,
             "same_dir": same_dir}
-    x, kept_x = _direction(targets, axes, seed, 0, norm, ignore, keep_values=not regenerate)
+    rows = [local_rows(t) for t in targets]
+    sharded = any(r is not None for r in rows) and not regenerate  # regenerated ones are cut when placed
+    digest = hashlib.sha256() if sharded else None
+    x, kept_x = _direction(targets, axes, seed, 0, norm, ignore, not regenerate, digest)
     if regenerate:
         kept = [kept_x] + ([kept_x if same_dir else _direction(targets, axes, seed, 1, norm, ignore, False)[1]]
                            if two else [])
         return SeededDirections(names, [t.shape for t in targets], kept, seed, meta)
-    y = None if not two else ([t.clone() for t in x] if same_dir else
-                              _direction(targets, axes, seed, 1, norm, ignore, True)[0])
-    return Directions(names, x, y, meta)
+    if two and (sharded or not same_dir):  # sharded, a y equal to x is drawn again to hash it whole
+        y: list[torch.Tensor] | None = _direction(targets, axes, seed, 0 if same_dir else 1, norm, ignore, True,
+                                                  digest)[0]
+    else:
+        y = [t.clone() for t in x] if two else None
+    if digest is None:
+        return Directions(names, x, y, meta)
+    return Directions(names, x, y, meta, rows, digest.hexdigest())
 
 
 def save_directions(dirs: AnyDirections, path: str | Path, provenance: dict | None = None) -> None:

@@ -35,8 +35,15 @@ from lsurf.engine.metrics import (
     quantity_names,
 )
 from lsurf.engine.precision import ACCOUNTING, Precision
-from lsurf.engine.sharding import check_shardable, equal_batches, local_part, local_rows, shard_model
+from lsurf.engine.sharding import (
+    check_shardable,
+    equal_batches,
+    is_sharded_model,
+    shard_model,
+    without_grad,
+)
 from lsurf.engine.snapshot import ModelSnapshot
+from lsurf.engine.tensor_parts import local_part, local_rows
 from lsurf.errors import UserError
 
 Reduce = Callable[[np.ndarray], np.ndarray]  # sums of this rank's share -> sums of the group's
@@ -89,7 +96,8 @@ def evaluator(
     if mesh is not None:
         check_shardable(points_per_pass=points_per_pass, bn=bn, hessian_iters=hessian_iters,
                         channels_last=channels_last, streamed=bool(streamed))
-    snapshot = None if mesh is not None else ModelSnapshot(model)  # sharded, a copy is evaluated
+    # sharded, a copy is evaluated, unless the model came sharded (lsurf.engine.sharding.load_sharded)
+    snapshot = None if mesh is not None and not is_sharded_model(model) else ModelSnapshot(model)
     try:
         model = _ready(model, dev, dtype, channels_last, mesh)
         names, targets = target_tensors(model, directions.meta.get("dir_type", "weights"))
@@ -116,7 +124,12 @@ def evaluator(
 
 def _ready(model: nn.Module, dev: torch.device, dtype: torch.dtype, channels_last: bool, mesh: Any) -> nn.Module:
     """The model to evaluate, in eval mode on ``dev`` in ``dtype``: the caller's own, moved (the
-    snapshot hands it back), or a copy sharded over ``mesh``."""
+    snapshot hands it back), or a copy sharded over ``mesh``, or the caller's model, which came sharded."""
+    if is_sharded_model(model):
+        if next(model.parameters()).dtype != dtype:
+            raise UserError(f"the sharded model is in {next(model.parameters()).dtype}, the evaluation in {dtype}: "
+                            "load it in the evaluation's dtype")
+        return model.eval()
     if mesh is not None:
         return shard_model(model, mesh, dtype)
     model.to(device=dev, dtype=dtype)
@@ -435,9 +448,8 @@ class Evaluator:
         ``forward(x)`` returns (B, ...) outputs, or (k, B, ...) when k > 1. They are gathered and
         reduced (loss, argmax) a few million values at a time rather than per batch: for small models
         the per-batch loss calls cost as much as the forward itself (an MLP on digits: 1.8x the bare pass).
-        A sharded model's forward all-gathers, which inference mode breaks: no_grad there.
         """
-        with torch.no_grad() if self.sharded else torch.inference_mode():
+        with without_grad(self.sharded):
             return self._sums(split, forward, k)
 
     def _sums(self, split: str, forward, k: int) -> torch.Tensor:

@@ -46,12 +46,7 @@ def load_hf(spec: str, dtype: torch.dtype = torch.float32) -> nn.Module:
     never take float32 memory. ``use_cache`` is turned off: an evaluation never reads the cache,
     which would only cost memory.
     """
-    kind, _, raw = spec.partition(":")
-    if kind not in HF_KINDS:
-        raise UserError(f"model {spec!r}: expected one of {', '.join(k + ':PATH' for k in HF_KINDS)}")
-    path = _check_folder(spec, raw)
-    transformers = _import_transformers(spec)
-    auto = getattr(transformers, HF_KINDS[kind])
+    path, transformers, auto = _auto_class(spec)
     kwargs: dict[str, Any] = {_dtype_keyword(transformers): dtype, "local_files_only": True,
                               "output_loading_info": True, "ignore_mismatched_sizes": True}
     with _quiet(transformers):
@@ -65,6 +60,22 @@ def load_hf(spec: str, dtype: torch.dtype = torch.float32) -> nn.Module:
     model.config.use_cache = False
     model.eval()
     return model
+
+
+def build_hf(spec: str, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """The model of a ``save_pretrained`` folder as its ``config.json`` describes it, in ``dtype``,
+    in eval mode, without a KV cache — its weights not read (freshly initialised): for
+    lsurf.engine.sharding, which builds it with its parameters on the meta device and reads each
+    rank's rows of the folder's weights itself."""
+    path, transformers, auto = _auto_class(spec)
+    with _quiet(transformers):
+        try:
+            config = transformers.AutoConfig.from_pretrained(str(path), local_files_only=True)
+            model = auto.from_config(config, **{_dtype_keyword(transformers): dtype})
+        except Exception as e:
+            raise UserError(f"model {spec!r}: cannot build it from {path / 'config.json'} ({_first_line(e)})") from None
+    model.config.use_cache = False
+    return model.eval()
 
 
 def vocabulary_size(model: nn.Module) -> int | None:
@@ -89,6 +100,16 @@ def vocabulary_size(model: nn.Module) -> int | None:
         if isinstance(module, nn.Embedding):
             return int(module.num_embeddings)
     return None
+
+
+def _auto_class(spec: str) -> tuple[Path, ModuleType, Any]:
+    """The folder a spec names (checked), transformers, and the Auto class of the spec's kind."""
+    kind, _, raw = spec.partition(":")
+    if kind not in HF_KINDS:
+        raise UserError(f"model {spec!r}: expected one of {', '.join(k + ':PATH' for k in HF_KINDS)}")
+    path = _check_folder(spec, raw)
+    transformers = _import_transformers(spec)
+    return path, transformers, getattr(transformers, HF_KINDS[kind])
 
 
 def _check_folder(spec: str, raw: str) -> Path:

@@ -17,7 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lsurf.engine.hf import is_hf, load_hf
+from lsurf.engine.hf import build_hf, is_hf, load_hf
+from lsurf.engine.tensor_parts import local_part
+from lsurf.engine.weights_file import open_weights
 from lsurf.errors import UserError
 
 
@@ -210,10 +212,11 @@ def file_sha256(path: str | Path) -> str:
 def weights_fingerprint(model: nn.Module, samples: int = 4096) -> str:
     """A cheap hash of a model's state: every tensor's name, shape and dtype, and up to ``samples``
     of its values, evenly spaced (a few MB read for any model size). Enough to tell two draws or
-    two checkpoints apart, e.g. the ranks of a job that must all hold the same model."""
+    two checkpoints apart, e.g. the ranks of a job that must all hold the same model. Of a sharded
+    model: of this rank's shards."""
     h = hashlib.sha256()
     for name, t in model.state_dict().items():
-        flat = t.detach().reshape(-1)
+        flat = local_part(t).detach().reshape(-1)
         picked = flat[:: max(1, flat.numel() // samples)][:samples]
         h.update(f"{name}{tuple(t.shape)}{t.dtype}".encode())
         h.update(picked.cpu().contiguous().view(torch.uint8).numpy().tobytes())
@@ -221,23 +224,11 @@ def weights_fingerprint(model: nn.Module, samples: int = 4096) -> str:
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """The state dict of a checkpoint: a bare state dict, or ``{'state_dict': ..., ...}`` as Li et al. save."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"checkpoint {str(path)!r} does not exist")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"checkpoint {str(path)!r} is not a readable torch checkpoint ({first})") from None
-    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
-        obj = obj["state_dict"]
-    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise UserError(f"checkpoint {str(path)!r} holds no state dict of tensors")
-    # Checkpoints saved from nn.DataParallel prefix every key with "module."
-    if obj and all(k.startswith("module.") for k in obj):
-        obj = {k[len("module.") :]: v for k, v in obj.items()}
-    return obj
+    """The state dict of a checkpoint, read whole: any that :func:`~lsurf.engine.weights_file.open_weights`
+    opens (a torch file, bare or ``{'state_dict': ...}`` as Li et al. save; safetensors; a
+    ``save_pretrained`` folder)."""
+    with open_weights(path) as f:
+        return {name: f.read(name) for name in f.names()}
 
 
 def load_checkpoint(model: nn.Module, path: str | Path) -> None:
@@ -275,14 +266,18 @@ def load_model(name: str, in_shape: tuple[int, ...] | None, num_outputs: int | N
     The dtype is set before loading so a float64 checkpoint keeps its precision in a float64 run.
     ``seed`` draws the initial weights from that seed without touching torch's global generator.
     """
-    model = load_hf(name, dtype) if is_hf(name) else _fresh(name, in_shape, num_outputs, dtype, seed)
+    model = load_hf(name, dtype) if is_hf(name) else build_for(name, in_shape, num_outputs, dtype, seed)
     if checkpoint is not None:
         load_checkpoint(model, checkpoint)
     return model
 
 
-def _fresh(name: str, in_shape: tuple[int, ...] | None, num_outputs: int | None, dtype: torch.dtype,
-           seed: int | None) -> nn.Module:
+def build_for(name: str, in_shape: tuple[int, ...] | None, num_outputs: int | None, dtype: torch.dtype,
+              seed: int | None) -> nn.Module:
+    """The model ``name`` names, its weights freshly drawn (from ``seed``), none read: a Hugging Face
+    folder's as its config describes it."""
+    if is_hf(name):
+        return build_hf(name, dtype)
     if in_shape is None and is_zoo(name):
         family = "resnet" if name.startswith("resnet") else name
         if family not in DEFAULT_SHAPES:

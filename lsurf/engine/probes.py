@@ -15,6 +15,7 @@ from lsurf.engine.losses import LossFn, is_low_precision, pick_output
 from lsurf.engine.metrics import BUILT_IN_NAMES, PluginMetric, bind_plugin, check_plugin
 from lsurf.engine.models import make_plugin
 from lsurf.engine.precision import ACCOUNTING
+from lsurf.engine.sharding import is_sharded_model, without_grad
 from lsurf.errors import UserError
 
 
@@ -28,7 +29,7 @@ def check_outputs_fit(model: nn.Module, split: AnySplit, loss_fn: LossFn, device
     The model must already be in eval mode: a forward in train mode would move BatchNorm statistics.
     """
     x, y = to_device(*split.rows(0, 2), torch.device(device), dtype)
-    with torch.inference_mode():
+    with without_grad(is_sharded_model(model)):
         raw = _first_line_of_errors(lambda: model(x), device)
         out = pick_output(raw, output)
         if labels is not None and out.dim() == 2:
@@ -48,7 +49,7 @@ def plugin_metrics(specs: Sequence[str], model: nn.Module, split: AnySplit, devi
     if not specs:
         return ()
     x, y = to_device(*split.rows(0, 2), torch.device(device), dtype)
-    with torch.inference_mode():
+    with without_grad(is_sharded_model(model)):
         out = pick_output(model(x), output)
         out = out.float() if is_low_precision(out.dtype) else out
         taken = set(BUILT_IN_NAMES) | set(ACCOUNTING)

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from lsurf.engine.tensor_parts import local_part
+
 
 @dataclass
 class _Slot:
@@ -45,8 +47,8 @@ class ModelSnapshot:
         """The copy taken of ``t``'s values, if ``t`` is still the storage a slot held then (not moved
         to another device, dtype or layout since) — so an evaluator need not copy θ* a second time:
         for a model that barely fits, one copy of the weights is all the room there is."""
-        if not hasattr(self, "_by_place"):
-            self._by_place = {_place(s.data): s.values for s in self.slots}
+        if not hasattr(self, "_by_place"):  # of a sharded model: this rank's shards
+            self._by_place = {_place(local_part(s.data)): local_part(s.values) for s in self.slots}
         return self._by_place.get(_place(t))
 
     @torch.no_grad()

@@ -23,6 +23,7 @@ else:  # pragma: no cover
 from lsurf.engine.batches import Residency
 from lsurf.engine.directions import DirType, Ignore, Norm
 from lsurf.engine.grid import TileOrder
+from lsurf.engine.hf import is_hf
 from lsurf.errors import UserError
 
 Dtype = Literal["float32", "float64", "bfloat16"]
@@ -187,6 +188,12 @@ class Options:
         if self.fidelity == "on":
             raise UserError(f"`fidelity` on: not with `shard` {self.shard} (the Hessian of a sharded model is not "
                             "measured yet); leave `fidelity` auto or off")
+        if self.weights_on_disk:  # each rank reads its rows only: nothing can use the whole model
+            whole = [f"`{n}`" for n in ("geometry", "model2", "curve_plane") if getattr(self, n)]
+            whole += [f"`directions` {self.directions}"] * (self.directions != "random")
+            if whole:
+                raise UserError(f"`shard` {self.shard} reads each rank's part of the weights: not with "
+                                f"{', '.join(whole)}, which need the whole model on one rank")
         if self.resident == "never" or self.layout == "channels-last":
             raise UserError(f"`shard` {self.shard} needs the splits resident and the weights contiguous: not with "
                             f"{'`resident` never' if self.resident == 'never' else '`layout` channels-last'}")
@@ -226,6 +233,11 @@ class Options:
     def refines(self) -> bool:
         """Whether the grid is sampled coarse to fine (lsurf.engine.refine) rather than whole."""
         return self.budget is not None or self.refine_tol is not None
+
+    @property
+    def weights_on_disk(self) -> str | None:
+        """Where the model's weights are read from: the checkpoint, a Hugging Face folder, or None (drawn)."""
+        return self.checkpoint or (self.model.partition(":")[2] if is_hf(self.model) else None)
 
     @property
     def budget_bytes(self) -> int | None:

@@ -38,13 +38,14 @@ from lsurf.engine.precision import ACCOUNTING, Precision
 from lsurf.engine.probes import check_outputs_fit, plugin_metrics
 from lsurf.engine.progress import RUN_STARTED, run_started
 from lsurf.engine.refine import STEERING, Refiner
+from lsurf.engine.sharding import is_sharded_model
 from lsurf.engine.snapshot import preserved
 from lsurf.errors import UserError
 from lsurf.run.curvature import fidelity_skipped, hessian_plane, plane_fidelity
 from lsurf.run.options import Options
 from lsurf.run.provenance import RECORDED_SINCE, Provenance
 from lsurf.run.runtime import bound_device, check_device_binding, choose_device
-from lsurf.run.shard import group_mesh
+from lsurf.run.shard import group_mesh, shard_mesh
 from lsurf.run.sources import (
     check_same_inputs,
     directions_for,
@@ -67,8 +68,14 @@ def run_surface(options: Options, comm: Any = None, log: Log | None = None) -> s
     beside the output (``NAME.directions.h5``) and named in its provenance; an ensemble's are
     not saved: plane k's are those of seed ``seed`` + k."""
     w = World.of(comm)
+    log = log or (lambda m: None)
     with abort_on_failure(w):
-        grid, model, data, dirs = w.agree(lambda: _inputs(options))
+        dev = w.agree(lambda: choose_device(w, options.device))
+        with bound_device(dev):
+            mesh = w.agree(lambda: shard_mesh(w, options, dev))
+            grid, model, data, dirs = w.agree(lambda: _inputs(options, mesh))
+        if options.shard and w.is_root:
+            log(_sharded_line(options))
         geometry = None
         if options.geometry:
             spec = options.geometry
@@ -77,15 +84,25 @@ def run_surface(options: Options, comm: Any = None, log: Log | None = None) -> s
         if dirs is None:  # a Hessian plane: every rank takes part in computing it
             dirs = hessian_plane(options, model, data, comm)
         prov = Provenance.of(options)
-        save_to = None if options.dir_file or options.planes > 1 or geometry else directions_path(options.out)
-        return _sample(w, model, data, dirs, grid, Path(options.out), options, prov, save_to,
-                       log or (lambda m: None), geometry)
+        # a sharded model's directions are held by rows: its ranks draw them again from the seed
+        save_to = (None if options.dir_file or options.planes > 1 or geometry or mesh is not None
+                   else directions_path(options.out))
+        return _sample(w, model, data, dirs, grid, Path(options.out), options, prov, save_to, log, geometry)
 
 
-def _inputs(options: Options) -> tuple[Grid, nn.Module, dict[str, AnySplit], PlaneDirections | None]:
-    """Grid, model, data and the directions (None: a Hessian plane, computed collectively after)."""
+def _sharded_line(options: Options) -> str:
+    """How a sharded run's model came to its ranks, for the log."""
+    g = options.ranks_per_point
+    if options.weights_on_disk:
+        return f"model: built sharded {g} ways, each rank reading its 1/{g} of {options.weights_on_disk}"
+    return f"model: drawn whole on every rank (no checkpoint), then sharded {g} ways"
+
+
+def _inputs(options: Options, mesh: Any) -> tuple[Grid, nn.Module, dict[str, AnySplit], PlaneDirections | None]:
+    """Grid, model, data and the directions (None: a Hessian plane, computed collectively after);
+    ``mesh``: the one a sharded run's model is loaded onto."""
     grid = grid_for(options)
-    model, data = load_inputs(options)
+    model, data = load_inputs(options, mesh=mesh)
     if data is None:
         raise UserError("`data` is needed to sample a surface")
     if options.geometry:  # its points come from the geometry, made once the model is here
@@ -208,7 +225,8 @@ def _sample_in_groups(w: World, group: Group, probe: tuple[torch.device, int, An
     identity = prov.identity(planes, data, opts, fingerprints=w.is_root, device=dev)
     if geometry is not None:
         identity["geometry"] = geometry.identity()
-    w.agree(lambda: check_same_inputs(w, model, identity["directions_sha256"]))
+    place = group.rank if is_sharded_model(model) else 0  # ranks holding the same shards compare
+    w.agree(lambda: check_same_inputs(w, model, identity["directions_sha256"], place))
     with contextlib.ExitStack() as stack:
         def prepare() -> tuple[dict | None, Plan | None]:
             if not w.is_root:
@@ -301,9 +319,12 @@ def _check_inputs(w: World, model: nn.Module, data: dict[str, AnySplit], directi
     loss_fn = resolve_loss(opts.loss, opts.ignore_index)
     parse_tile(opts.tile)
     use_parallel_hdf5(w, opts.writer)  # a writer this job cannot have: refused before any file is touched
-    probe = torch.device("cpu") if opts.shard else dev  # sharded, the whole model never goes to the device
+    came_sharded = is_sharded_model(model)  # then its probe forward is collective, on the device
+    probe = torch.device("cpu") if opts.shard and not came_sharded else dev  # the whole model never goes there
     with preserved(model):
-        model.to(device=probe, dtype=opts.torch_dtype).eval()  # eval before any forward: BN statistics stay
+        if not came_sharded:
+            model.to(device=probe, dtype=opts.torch_dtype)
+        model.eval()  # before any forward: BN statistics stay
         # class labels checked on rank 0 for the built-in loss (a plug-in may use integer targets otherwise)
         outputs = check_outputs_fit(model, next(iter(data.values())), loss_fn, probe, opts.torch_dtype, opts.output,
                                     labels=data if w.is_root and opts.loss == "cross_entropy" else None)

@@ -19,7 +19,20 @@ from torch.distributed.device_mesh import DeviceMesh
 
 from lsurf.errors import UserError
 from lsurf.run.c10d import leave
+from lsurf.run.options import Options
 from lsurf.run.world import Group, World
+
+
+def shard_mesh(w: World, options: Options, dev: torch.device) -> DeviceMesh | None:
+    """The mesh a run with ``shard`` loads its model onto (collective), or None without ``shard``:
+    its rank group's, on this rank's ``dev`` (the mesh :func:`group_mesh` keeps for the run itself)."""
+    if not options.shard:
+        return None
+    group = w.groups(options.ranks_per_point)
+    try:
+        return group_mesh(w, group, dev)
+    finally:
+        group.free()
 
 
 def group_mesh(w: World, group: Group, device: torch.device) -> DeviceMesh:

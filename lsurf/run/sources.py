@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
+from typing import Any
 
 from torch import nn
 
@@ -20,40 +21,53 @@ from lsurf.engine.directions import (
     target_tensors,
 )
 from lsurf.engine.grid import Grid
-from lsurf.engine.models import file_sha256, is_zoo, load_checkpoint, load_model, weights_fingerprint
+from lsurf.engine.models import build_for, file_sha256, is_zoo, load_checkpoint, load_model, weights_fingerprint
+from lsurf.engine.sharding import load_sharded
 from lsurf.errors import UserError
 from lsurf.run.options import Options
 from lsurf.run.world import World
 
 
-def load_inputs(options: Options, seed: int | None = None) -> tuple[nn.Module, dict[str, AnySplit] | None]:
+def load_inputs(options: Options, seed: int | None = None,
+                mesh: Any = None) -> tuple[nn.Module, dict[str, AnySplit] | None]:
     """The model (at its checkpoint, in the run's dtype) and the data splits the options name.
     Without data, zoo models take the input shape they were designed for. A model's initial
     weights (all it has without a checkpoint) are drawn from ``seed`` (default: the options'
     ``seed``), never from torch's global generator: every rank of a job, and every rerun or
-    resume, must evaluate the same model."""
+    resume, must evaluate the same model. ``mesh`` (with ``shard``: the rank group's, see
+    :func:`lsurf.run.shard.shard_mesh`): a model with weights on disk comes sharded over it, each
+    rank having read its own rows alone (:func:`lsurf.engine.sharding.load_sharded`)."""
     data = load_data(options.data, options.split, options.subset, options.seq_len) if options.data else None
     first = next(iter(data.values())) if data else None
     sized = first is not None and is_zoo(options.model)  # plug-ins and HF models size themselves
-    model = load_model(options.model, first.sample_shape if first else None,
-                       first.num_outputs if first and sized else None, options.checkpoint, options.torch_dtype,
-                       seed=options.seed if seed is None else seed)
-    return model, data
+    shape, outputs = (first.sample_shape if first else None), (first.num_outputs if first and sized else None)
+    seed = options.seed if seed is None else seed
+    weights = options.weights_on_disk
+    if mesh is not None and weights is not None:
+        def build() -> nn.Module:
+            return build_for(options.model, shape, outputs, options.torch_dtype, seed)
+
+        return load_sharded(build, weights, mesh, options.torch_dtype), data
+    return load_model(options.model, shape, outputs, options.checkpoint, options.torch_dtype, seed=seed), data
 
 
-def check_same_inputs(w: World, model: nn.Module, directions_sha256: str | list[str] = "") -> None:
+def check_same_inputs(w: World, model: nn.Module, directions_sha256: str | list[str] = "", place: int = 0) -> None:
     """Refuse a job whose ranks hold different models or directions (a plug-in that draws its
     weights unseeded, a checkpoint rewritten while the job started): each rank's tiles would be
     points of another surface, all in one file, and each rank's share of a Hessian product or of
     the sharpness draws another model's. Compared by a cheap fingerprint of the weights and the
-    directions' hashes (a surface file's identity holds them anyway; "" for a job without)."""
-    seen = w.allgather((weights_fingerprint(model), directions_sha256))
-    for what, k in (("model weights", 0), ("directions", 1)):
-        other = next((r for r, s in enumerate(seen) if s[k] != seen[0][k]), None)
+    directions' hashes (a surface file's identity holds them anyway; "" for a job without); of a
+    sharded model, among the ranks at the same ``place`` in their groups (holding the same shards)."""
+    seen = w.allgather((place, weights_fingerprint(model), directions_sha256))
+    first: dict[int, int] = {}  # each place's first rank, whose weights the others there must hold
+    for r, s in enumerate(seen):
+        first.setdefault(s[0], r)
+    for what, k in (("model weights", 1), ("directions", 2)):
+        other = next((r for r, s in enumerate(seen) if s[k] != seen[first[s[0]] if k == 1 else 0][k]), None)
         if other is not None:
-            raise UserError(f"rank {other}'s {what} differ from rank 0's: every rank must load the same model and "
-                            "directions (lsurf draws a model without `checkpoint` from `seed`; a plug-in that "
-                            "draws its own weights must seed them)")
+            raise UserError(f"rank {other}'s {what} differ from rank {first[seen[other][0]] if k == 1 else 0}'s: "
+                            "every rank must load the same model and directions (lsurf draws a model without "
+                            "`checkpoint` from `seed`; a plug-in that draws its own weights must seed them)")
 
 
 def directions_for(options: Options, model: nn.Module, two: bool | None = None) -> AnyDirections:
