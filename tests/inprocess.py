@@ -16,7 +16,7 @@ process around it, ``cli(...)`` gives the same answer as conftest's subprocess `
   flags, default dtype and CUDA device, the global random states of torch, numpy and ``random``,
   warnings filters, ``sys.path``, ``sys.excepthook``, interrupt handlers, and the modules imported
   from outside the installed packages (a plug-in file of the same name in another test is imported
-  afresh). Not restorable, and left as it is: glibc's malloc tuning (``keep_freed_memory``).
+  afresh). Not restorable, and left as it is: glibc's malloc tuning (``set_malloc_policy``).
 
 What needs a real process stays a subprocess test (``@pytest.mark.cli``): ``--debug``'s traceback
 (printed by the interpreter), a reader that closes the pipe, real MPI.

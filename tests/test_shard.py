@@ -7,6 +7,7 @@ safetensors files) read by rows, no rank loading it whole; what the sharded path
 from __future__ import annotations
 
 import json
+import shlex
 import subprocess
 import sys
 
@@ -66,7 +67,8 @@ def test_torchrun_shards_the_command_line_job(tmp_path):
 
 
 def _same_surface(sharded, one) -> None:
-    """The same numbers to 1e-10 (float64), and the same identity: model, checkpoint, directions."""
+    """The same numbers to 1e-10 (what the group's float64 sums add in another order), and the same
+    identity: checkpoint, model seed, directions, data."""
     for k in QUANTITIES:
         np.testing.assert_allclose(sharded[k], one[k], rtol=1e-10, atol=0, err_msg=k)
     ids = [json.loads(h5py.File(p, "r").attrs["identity"]) for p in (sharded["path"], one["path"])]
@@ -96,13 +98,14 @@ def test_a_checkpoint_is_read_by_rows_into_the_sharded_model(tmp_path):
 @requires_mpi
 def test_a_hugging_face_folder_of_several_files_is_read_sharded(tmp_path, gpt2, corpus):
     """GPT-2 (its output head tied to its input embedding) saved as 4 safetensors files and their
-    index, sharded 4 ways, each rank reading its rows: the unsharded surface."""
+    index, sharded 4 ways, each rank reading its rows, in bfloat16 with regenerated directions (as
+    slurm/shard-70b.sh runs a large model): the unsharded surface."""
     from transformers import GPT2LMHeadModel
 
     GPT2LMHeadModel.from_pretrained(gpt2).save_pretrained(tmp_path / "gpt2", max_shard_size="40KB")
     assert len(list((tmp_path / "gpt2").glob("*.safetensors"))) > 2
     args = ["surface", "--data", f"tokens:{corpus}", "--seq-len", "16", "--subset", "24", "--x", "-1:1:3",
-            "--y", "-1:1:2", "--dtype", "float64", "--no-progress", "--threads", "1"]
+            "--y", "-1:1:2", "--dtype", "bfloat16", "--regenerate", "--no-progress", "--threads", "1"]
     mpirun(4, *args, "--model", f"hf:{tmp_path / 'gpt2'}", "--ranks-per-point", "4", "--shard", "fsdp",
            "--out", tmp_path / "s.h5", check=True)
     cli(*args, "--model", f"hf:{gpt2}", "--fidelity", "off", "--out", tmp_path / "one.h5", check=True)
@@ -134,3 +137,12 @@ def test_what_the_sharded_path_cannot_do_is_one_line(tmp_path, extra, says):
     p = cli("surface", "--shard", "fsdp", *extra, "--out", tmp_path / "s.h5")
     assert p.returncode == 2 and says in p.stderr and len(p.stderr.strip().splitlines()) == 1, p.stderr
     assert not (tmp_path / "s.h5").exists()
+
+
+def test_the_70b_example_passes_options_lsurf_takes(tmp_path):
+    """slurm/shard-70b.sh's options, checked as its job's own ``--verify`` checks them (the output is
+    only looked for: a typo in a flag or a refused combination would say so instead)."""
+    text = (REPO / "slurm" / "shard-70b.sh").read_text()
+    args = shlex.split(text[text.rindex("slurm/gpu.sbatch") + len("slurm/gpu.sbatch"):].replace("\\\n", " "))
+    p = cli("surface", "--verify", *args, cwd=tmp_path)
+    assert p.returncode == 1 and "llama70b.h5 does not exist: the run wrote nothing" in p.stderr, p.stderr

@@ -41,7 +41,7 @@ def run(args: argparse.Namespace) -> int:
         return verify(common.options_from(common.merged_values(args)).out)
     w = start_job()
     options = w.agree(lambda: common.options_from(_with_curve_inputs(common.merged_values(args))))
-    configure_job(w, options.device, options.threads, options.tf32)
+    configure_job(w, options.device, options.threads, options.tf32, keep_freed=not options.shard)
     t0 = time.time()
     surface = run_surface(options, w.comm, log=lambda m: print(f"lsurf: {m}", file=sys.stderr, flush=True))
     if surface is not None:

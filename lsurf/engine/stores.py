@@ -214,7 +214,7 @@ def empty_rows(shape: tuple[int, ...], dtype: np.dtype, pin: bool) -> tuple[torc
     pinned host memory (a copy to a GPU then overlaps its compute; torch's host cache reuses it), else
     from numpy's plain ``malloc``. Not ``torch.empty``: its aligned blocks could not reuse the holes
     freed reads left between the small tensors the evaluator holds (labels, outputs), and under
-    lsurf's malloc policy (runtime.keep_freed_memory) a pass over a store grew us by its size."""
+    lsurf's malloc policy (runtime.set_malloc_policy) a pass over a store grew us by its size."""
     if pin:
         out = torch.empty(shape, dtype=torch.from_numpy(np.empty(0, dtype)).dtype, pin_memory=True)
         return out, out.numpy()

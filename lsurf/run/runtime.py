@@ -81,20 +81,30 @@ def threads_per_rank(w: World) -> int:
     return int(env) if env.isdigit() and int(env) > 0 else w.cpus
 
 
-def keep_freed_memory() -> None:
-    """Ask glibc to keep freed activation buffers instead of returning them to the kernel.
+def set_malloc_policy(keep_freed: bool = True) -> None:
+    """How glibc hands freed memory back: kept (the default) or returned at once (``keep_freed`` False).
 
-    A forward pass allocates and frees the same multi-MB activations every batch; by default glibc
-    serves those with fresh mmap pages, and the page faults can cost more than the convolutions.
+    Kept: a forward pass allocates and frees the same multi-MB activations every batch; by default
+    glibc serves those with fresh mmap pages, and the page faults can cost more than the
+    convolutions. Returned, for a model sharded because memory is short (``shard``): FSDP2 gathers
+    and frees a whole block per layer, and drawing the directions gathers and frees whole tensors;
+    kept, those freed blocks stay in the process, interleaved with the shards it holds, and its
+    peak grows past the unsharded model's (``bench/bench_shard.py``). Allocations of 1 MB and more
+    are then mapped and unmapped one by one.
     """
     try:
         libc = ctypes.CDLL("libc.so.6")
     except OSError:
         return  # not glibc: nothing to tune
     m_trim_threshold, m_top_pad, m_mmap_threshold = -1, -2, -3
-    libc.mallopt(m_mmap_threshold, 32 << 20)  # glibc's maximum
-    libc.mallopt(m_trim_threshold, 1 << 30)
-    libc.mallopt(m_top_pad, 64 << 20)
+    if keep_freed:
+        libc.mallopt(m_mmap_threshold, 32 << 20)  # glibc's maximum
+        libc.mallopt(m_trim_threshold, 1 << 30)
+        libc.mallopt(m_top_pad, 64 << 20)
+    else:
+        libc.mallopt(m_mmap_threshold, 1 << 20)  # a fixed threshold: glibc no longer raises it
+        libc.mallopt(m_trim_threshold, 16 << 20)
+        libc.mallopt(m_top_pad, 0)
 
 
 def choose_device(w: World, spec: str = "auto") -> torch.device:
@@ -121,17 +131,17 @@ def choose_device(w: World, spec: str = "auto") -> torch.device:
 
 
 def configure_process(w: World | None = None, device: str = "auto", threads: int | None = None,
-                      tf32: bool = False) -> torch.device:
+                      tf32: bool = False, keep_freed: bool = True) -> torch.device:
     """Set this process up for evaluation and return its device: torch threads (``threads`` or the
-    CPUs this rank does not share), glibc's malloc policy, float32 precision on GPUs, and the current
-    CUDA device.
+    CPUs this rank does not share), glibc's malloc policy (:func:`set_malloc_policy`), float32
+    precision on GPUs, and the current CUDA device.
 
     torch leaves cuDNN's float32 convolutions in TF32 (10-bit mantissa), so a float32 surface on a
     GPU would differ from the CPU's at the 1e-4 level: IEEE float32 is pinned unless ``tf32``.
     """
     w = w or World.of(None)
     torch.set_num_threads(threads or threads_per_rank(w))
-    keep_freed_memory()
+    set_malloc_policy(keep_freed)
     set_float32_precision(tf32)
     dev = choose_device(w, device)
     if dev.type == "cuda":
@@ -139,12 +149,13 @@ def configure_process(w: World | None = None, device: str = "auto", threads: int
     return dev
 
 
-def configure_job(w: World, device: str = "auto", threads: int | None = None, tf32: bool = False) -> torch.device:
+def configure_job(w: World, device: str = "auto", threads: int | None = None, tf32: bool = False,
+                  keep_freed: bool = True) -> torch.device:
     """:func:`configure_process` on every rank of a job, then :func:`check_device_binding`: what
     every job's entry point calls, so none skips the one-GPU-per-rank check. Two agreed steps
     (bad input is a clean exit 2 everywhere): a rank that failed to configure never reaches the
     binding check's collective while the others wait in it."""
-    dev = w.agree(lambda: configure_process(w, device, threads, tf32))
+    dev = w.agree(lambda: configure_process(w, device, threads, tf32, keep_freed))
     w.agree(lambda: check_device_binding(w, dev))
     return dev
 
