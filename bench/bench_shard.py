@@ -7,7 +7,8 @@ language model's layers are a small part of it (FSDP2 gathers one block at a tim
 size is what a forward adds). ``lsurf surface`` then samples a 1-D curve of 3 points on 64 samples
 around it, each configuration in fresh processes:
 
-- unsharded, 1 rank (the model, θ* and the direction whole: about 3 copies of the weights);
+- unsharded, 1 rank (the model, θ* and the direction whole: about 3 copies of the weights), the
+  losses every other configuration is compared with (float32);
 - unsharded, ``--ranks-per-point 4`` (the data split four ways, the model whole on every rank);
 - ``--shard fsdp`` with G = 2 and G = 4 (each rank builds the model on the meta device and reads
   its 1/G of the checkpoint's rows; θ* and the direction by rows too).
@@ -103,6 +104,7 @@ def main() -> None:
     if a.smoke:
         configs = {k: v for k, v in configs.items() if k in ("unsharded, 1 rank", "sharded G=2")}
     import h5py
+    import numpy as np
     import torch
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -124,19 +126,26 @@ def main() -> None:
             with h5py.File(out, "r") as f:
                 per_point = float(f.attrs["wall_seconds"]) / f["done"].size
                 held = [int(x) for x in f.attrs["rank_weights"]]
+                losses = f["train_loss"][()]
+            first = next(iter(rows.values()), None)
+            differs = 0.0 if first is None else float(np.max(np.abs(losses / first["losses"] - 1)))
             rows[name] = {"ranks": ranks, "peak_per_rank": max(peaks), "seconds_per_point": per_point,
-                          "weights_held_per_rank": max(held)}
+                          "weights_held_per_rank": max(held), "losses": losses, "loss_rel_diff": differs}
     base = rows["unsharded, 1 rank"]
     print(f"MLP of {params / 1e6:.1f} M parameters ({params * 4 / 2**30:.2f} GiB in float32) from a torch "
           f"checkpoint; 64 samples, 3 points; fixed cost (imports) {fixed / 2**30:.2f} GiB per process")
     print(f"{'configuration':30s} {'ranks':>5s} {'peak/rank':>10s} {'vs 1 rank':>9s} {'beyond fixed':>12s} "
-          f"{'weights held':>12s} {'s/point':>8s}")
+          f"{'weights held':>12s} {'s/point':>8s} {'loss vs 1 rank':>14s}")
     for name, r in rows.items():
         peak = r["peak_per_rank"]
         print(f"{name:30s} {r['ranks']:5d} {peak / 2**30:8.2f} G {peak / base['peak_per_rank']:9.2f} "
               f"{(peak - fixed) / (base['peak_per_rank'] - fixed):12.2f} "
-              f"{r['weights_held_per_rank'] / params:12.2f} {r['seconds_per_point']:8.2f}")
-    print(json.dumps({"params": params, "fixed_bytes": fixed, "runs": rows}))
+              f"{r['weights_held_per_rank'] / params:12.2f} {r['seconds_per_point']:8.2f} "
+              f"{r['loss_rel_diff']:14.1e}")
+    print("loss vs 1 rank: the largest relative difference of the float32 losses from the unsharded "
+          "one-rank run's")
+    runs = {name: {k: v for k, v in r.items() if k != "losses"} for name, r in rows.items()}
+    print(json.dumps({"params": params, "fixed_bytes": fixed, "runs": runs}))
 
 
 if __name__ == "__main__":
