@@ -74,8 +74,8 @@ def contour_shift(x: np.ndarray, y: np.ndarray, exact: np.ndarray, approx: np.nd
 
 
 def coarse_to_fine(name: str, inputs: list[str], n: int, ranks: int, out: Path) -> dict:
-    from lsurf.engine.levels import default_levels
-    from lsurf.engine.surface_file import read_surface
+    from lsurf.engine.formats.surface_file import read_surface
+    from lsurf.engine.geometry.levels import default_levels
 
     grid = ["--x", f"-1:1:{n}", "--y", f"-1:1:{n}"]
     adaptive, full = out / f"{name}_adaptive.h5", out / f"{name}_full.h5"
@@ -96,7 +96,7 @@ def coarse_to_fine(name: str, inputs: list[str], n: int, ranks: int, out: Path) 
 
 
 def tolerance(name: str, inputs: list[str], n: int, ranks: int, out: Path) -> dict:
-    from lsurf.engine.surface_file import read_surface
+    from lsurf.engine.formats.surface_file import read_surface
 
     full = read_surface(out / f"{name}_full.h5")
     tol = 0.01 * float(np.ptp(full.values["train_loss"]))
@@ -118,7 +118,7 @@ def tolerance(name: str, inputs: list[str], n: int, ranks: int, out: Path) -> di
 
 def figure(out: Path, path: Path) -> None:
     """The README pair: the full grid and the adaptive surface on shared levels, computed points dotted."""
-    from lsurf.engine.surface_file import read_surface
+    from lsurf.engine.formats.surface_file import read_surface
     from lsurf.post.compare import plot_comparison
 
     full, adaptive = read_surface(out / "cnn_full.h5"), read_surface(out / "cnn_adaptive.h5")

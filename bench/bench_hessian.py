@@ -85,7 +85,7 @@ def ritz_worker(params: int, steps: int) -> None:
     import torch
     from torch import nn
 
-    from lsurf.engine.hessian import Hessian
+    from lsurf.engine.curvature.hessian import Hessian
 
     torch.set_num_threads(1)
     gen = torch.Generator().manual_seed(0)

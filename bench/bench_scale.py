@@ -41,7 +41,7 @@ def surface(args: list[str], out: Path, ranks: int = 1) -> dict:
 
 
 def streaming(tmp: Path, rows: int, points: int, cifar_subset: list[str]) -> list[dict]:
-    from lsurf.engine.stores import save_store
+    from lsurf.engine.data.stores import save_store
 
     g = np.random.default_rng(0)
     x = g.random((rows, 1, 8, 8), dtype=np.float32)

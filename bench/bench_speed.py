@@ -56,10 +56,10 @@ from torch.utils.data import DataLoader, TensorDataset
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import lsurf  # noqa: E402
-from lsurf.engine.batches import resident_batches  # noqa: E402
-from lsurf.engine.directions import target_tensors  # noqa: E402
-from lsurf.engine.evaluate import Evaluator  # noqa: E402
-from lsurf.engine.losses import resolve_loss  # noqa: E402
+from lsurf.engine.data.batches import resident_batches  # noqa: E402
+from lsurf.engine.evaluation.evaluate import Evaluator  # noqa: E402
+from lsurf.engine.evaluation.losses import resolve_loss  # noqa: E402
+from lsurf.engine.geometry.directions import target_tensors  # noqa: E402
 from lsurf.run.runtime import configure_process, threads_per_rank  # noqa: E402
 from lsurf.run.world import World  # noqa: E402
 

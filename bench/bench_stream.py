@@ -33,10 +33,10 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from lsurf.engine.batches import Streamed, resident_batches  # noqa: E402
-from lsurf.engine.data import load_data  # noqa: E402
-from lsurf.engine.models import build_model  # noqa: E402
-from lsurf.engine.stores import save_store  # noqa: E402
+from lsurf.engine.data.batches import Streamed, resident_batches  # noqa: E402
+from lsurf.engine.data.splits import load_data  # noqa: E402
+from lsurf.engine.data.stores import save_store  # noqa: E402
+from lsurf.engine.model.models import build_model  # noqa: E402
 from lsurf.run.runtime import configure_process  # noqa: E402
 
 ENV = {**os.environ, "PYTHONPATH": str(REPO)}

@@ -33,9 +33,9 @@ import torch
 from torch import nn
 
 import lsurf
-from lsurf.engine.batches import head
-from lsurf.engine.evaluate import evaluator
-from lsurf.engine.plan import default_batch_size, faster_in_channels_last
+from lsurf.engine.data.batches import head
+from lsurf.engine.evaluation.evaluate import evaluator
+from lsurf.engine.evaluation.plan import default_batch_size, faster_in_channels_last
 from lsurf.run.runtime import configure_process, float32_precision, set_float32_precision
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -19,16 +19,17 @@ The packages by layer: ``lsurf.engine`` (models, data, directions, evaluator, me
 """
 
 from lsurf._version import __version__
-from lsurf.engine.curve import Curve, read_curve
-from lsurf.engine.data import load_data
-from lsurf.engine.directions import Directions, load_directions, random_directions, save_directions
-from lsurf.engine.evaluate import Evaluator, evaluator
-from lsurf.engine.geometry import model_params
-from lsurf.engine.grid import Grid
-from lsurf.engine.models import build_model, load_checkpoint, load_model
-from lsurf.engine.plan import Plan
-from lsurf.engine.snapshot import preserved
-from lsurf.engine.surface_file import Surface, read_surface
+from lsurf.engine.data.splits import load_data
+from lsurf.engine.evaluation.evaluate import Evaluator, evaluator
+from lsurf.engine.evaluation.plan import Plan
+from lsurf.engine.formats.curve_file import read_curve
+from lsurf.engine.formats.surface_file import Surface, read_surface
+from lsurf.engine.geometry.curve import Curve
+from lsurf.engine.geometry.directions import Directions, load_directions, random_directions, save_directions
+from lsurf.engine.geometry.grid import Grid
+from lsurf.engine.geometry.plugin import model_params
+from lsurf.engine.model.models import build_model, load_checkpoint, load_model
+from lsurf.engine.model.snapshot import preserved
 from lsurf.errors import UserError
 from lsurf.post.info import describe
 from lsurf.post.plot import plot_curve, plot_surface

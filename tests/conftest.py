@@ -16,7 +16,7 @@ import torch
 from inprocess import cli
 
 from lsurf import load_data, load_model
-from lsurf.engine.train import train
+from lsurf.engine.training.train import train
 
 REPO = Path(__file__).resolve().parents[1]
 FIXTURES = REPO.parent / "shared" / "fixtures" / "loss-landscape"

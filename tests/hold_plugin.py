@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from lsurf import Options, run_surface
-from lsurf.engine.models import DigitsCNN
+from lsurf.engine.model.models import DigitsCNN
 
 HOLD_AT, HOLD_DIR, FAIL_RANK = "LSURF_TEST_HOLD_AT", "LSURF_TEST_HOLD_DIR", "LSURF_TEST_FAIL_RANK"
 PREFLIGHT = 1  # forwards a rank makes before its first point: one tiny batch proving model and data fit

@@ -13,9 +13,9 @@ import torch
 from lm_fixtures import TinyLM
 from torch import nn
 
-from lsurf.engine.data import Split
-from lsurf.engine.directions import random_directions
-from lsurf.engine.grid import Grid
+from lsurf.engine.data.splits import Split
+from lsurf.engine.geometry.directions import random_directions
+from lsurf.engine.geometry.grid import Grid
 
 # name: (model, ranks per point, options)
 CASES = {

@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from lsurf import Evaluator, load_data, load_model, random_directions
-from lsurf.engine.batches import resident_batches
-from lsurf.engine.directions import target_tensors
-from lsurf.engine.losses import resolve_loss
+from lsurf.engine.data.batches import resident_batches
+from lsurf.engine.evaluation.losses import resolve_loss
+from lsurf.engine.geometry.directions import target_tensors
 
 
 def _evaluator(model_name: str, data_spec: str, dir_type: str, k: int, loss: str = "cross_entropy") -> Evaluator:
@@ -49,9 +49,9 @@ def test_stacked_equals_per_point(model, data, dir_type, loss):
 def test_reductions_in_chunks_equal_an_independent_computation(monkeypatch, k):
     """Outputs reduced a few batches at a time (a tiny threshold forces many uneven chunks) give
     the mean cross-entropy, its standard error and the accuracy that plain torch computes."""
-    import lsurf.engine.evaluate
+    import lsurf.engine.evaluation.evaluate
 
-    monkeypatch.setattr(lsurf.engine.evaluate, "_REDUCE_EVERY", 700)  # 48 x 10 logits per batch: 2 batches a chunk
+    monkeypatch.setattr(lsurf.engine.evaluation.evaluate, "_REDUCE_EVERY", 700)  # 48 x 10 logits a batch: 2 a chunk
     ev = _evaluator("mlp", "digits", "weights", k)
     got = ev.evaluate_many(POINTS[:3])
     for (a, b), values in zip(POINTS[:3], got, strict=True):
@@ -123,7 +123,7 @@ def test_channels_last_and_bf16_autocast(tmp_path):
 
     def run(name, **kw):
         torch.manual_seed(0)
-        data = load_data("synthetic:shape=3x32x32,n=48", ("train",))
+        data = load_data("synthetic:shape=3x16x16,n=24", ("train",))  # bf16 without AVX-512: ~10x float32
         model = load_model("resnet20", None, None).eval()
         dirs = random_directions(model, seed=1)
         grid = Grid.parse("-0.5:0.5:3", "-0.5:0.5:2")

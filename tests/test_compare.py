@@ -13,8 +13,8 @@ from matplotlib.collections import QuadMesh
 from matplotlib.contour import QuadContourSet
 from test_plot import write_surface
 
-from lsurf.engine.levels import color_range
-from lsurf.engine.surface_file import read_surface
+from lsurf.engine.formats.surface_file import read_surface
+from lsurf.engine.geometry.levels import color_range
 from lsurf.errors import UserError
 from lsurf.post.compare import plot_comparison
 

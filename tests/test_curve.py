@@ -17,9 +17,10 @@ import torch.nn.functional as F
 from conftest import REPO, lsurf, mpirun, requires_mpi
 
 from lsurf import load_data, load_model, read_surface
-from lsurf.engine.curve import Curve, Progress, Training, parameters_of, train_curve, weights
-from lsurf.engine.data import Split
-from lsurf.engine.losses import resolve_loss
+from lsurf.engine.data.splits import Split
+from lsurf.engine.evaluation.losses import resolve_loss
+from lsurf.engine.geometry.curve import Curve, parameters_of, weights
+from lsurf.engine.training.curve import Progress, Training, train_curve
 
 DIGITS = ["--model", "cnn", "--data", "digits"]
 
@@ -190,7 +191,7 @@ def test_the_plane_of_the_curve_is_an_ordinary_surface(pair, tmp_path):
 
 
 def test_recorded_inputs_fill_what_is_not_given_and_a_missing_end_is_named(tmp_path):
-    from lsurf.engine.curve import save_curve
+    from lsurf.engine.formats.curve_file import save_curve
     from lsurf.errors import UserError
     from lsurf.run.curve import with_curve_inputs
 

@@ -12,8 +12,8 @@ import torch.nn.functional as F
 from conftest import lsurf, mpirun, requires_mpi
 
 from lsurf import UserError, load_data, load_model
-from lsurf.engine.directions import target_tensors
-from lsurf.engine.trajectory import pca_directions
+from lsurf.engine.geometry.directions import target_tensors
+from lsurf.engine.geometry.trajectory import pca_directions
 
 
 @pytest.fixture(scope="module")
@@ -134,9 +134,9 @@ def test_trajectory_command_then_surface(run_dir, tmp_path):
 def test_bn_recalibration_uses_training_statistics(tmp_path):
     """After recalibration at α=0, the first BN layer's statistics are those of the training data."""
     from lsurf import Evaluator, random_directions
-    from lsurf.engine.batches import resident_batches
-    from lsurf.engine.evaluate import evaluator
-    from lsurf.engine.losses import resolve_loss
+    from lsurf.engine.data.batches import resident_batches
+    from lsurf.engine.evaluation.evaluate import evaluator
+    from lsurf.engine.evaluation.losses import resolve_loss
 
     torch.manual_seed(0)
     split = load_data("synthetic:shape=3x32x32,n=64", ("train",))["train"]

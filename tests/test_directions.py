@@ -9,7 +9,7 @@ import torch
 from conftest import FIXTURES, lsurf, requires_fixtures
 
 from lsurf import UserError, load_directions, load_model, random_directions, save_directions
-from lsurf.engine.directions import target_tensors
+from lsurf.engine.geometry.directions import target_tensors
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ from conftest import FIXTURES, requires_fixtures
 from inprocess import cli
 from test_plot import write_surface
 
-from lsurf.engine.surface_file import read_surface
+from lsurf.engine.formats.surface_file import read_surface
 from lsurf.errors import UserError
 from lsurf.post import export
 from lsurf.post.export import export_surface

@@ -10,9 +10,9 @@ import torch
 from conftest import D, N, lsurf, mpirun, requires_mpi
 
 import lsurf as api
-from lsurf.engine.data import Split
-from lsurf.engine.fidelity import Fidelity, title_line, verdict
-from lsurf.engine.surface_file import Surface
+from lsurf.engine.curvature.fidelity import Fidelity, title_line, verdict
+from lsurf.engine.data.splits import Split
+from lsurf.engine.formats.surface_file import Surface
 from lsurf.errors import UserError
 from lsurf.post.plot import figure_title
 from lsurf.run.curvature import fidelity_skipped, hessian_plane

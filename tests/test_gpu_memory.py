@@ -12,13 +12,14 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import lsurf as api
 import lsurf.run.sampler as sampler
-from lsurf.engine.batches import resident_batches
-from lsurf.engine.curve import Curve, Progress, Training, parameters_of, train_curve
-from lsurf.engine.data import Split
-from lsurf.engine.evaluate import Evaluator, _coefficients, evaluator
-from lsurf.engine.grid import Grid
-from lsurf.engine.losses import resolve_loss
-from lsurf.engine.plan import default_batch_size
+from lsurf.engine.data.batches import resident_batches
+from lsurf.engine.data.splits import Split
+from lsurf.engine.evaluation.evaluate import Evaluator, _coefficients, evaluator
+from lsurf.engine.evaluation.losses import resolve_loss
+from lsurf.engine.evaluation.plan import default_batch_size
+from lsurf.engine.geometry.curve import Curve, parameters_of
+from lsurf.engine.geometry.grid import Grid
+from lsurf.engine.training.curve import Progress, Training, train_curve
 from lsurf.run.curve import curve_batch_size
 from lsurf.run.options import Options
 from lsurf.run.runtime import configure_process

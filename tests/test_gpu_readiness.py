@@ -21,8 +21,8 @@ from conftest import _env, lsurf, mpirun, requires_mpi
 from torch import nn
 
 import lsurf as api
-from lsurf.engine.evaluate import evaluator
-from lsurf.engine.stores import save_store
+from lsurf.engine.data.stores import save_store
+from lsurf.engine.evaluation.evaluate import evaluator
 from lsurf.run.runtime import configure_process, float32_precision, set_float32_precision
 from lsurf.run.sampler import run_surface
 
@@ -228,7 +228,7 @@ def test_recalibration_with_numeric_momentum_equals_the_cumulative_average():
 def test_directions_take_the_layout_of_channels_last_weights():
     model = api.load_model("resnet20", None, None, seed=0)
     dirs = api.random_directions(model, seed=0)
-    weights = api.engine.directions.target_tensors(model.to(memory_format=torch.channels_last), "weights")[1]
+    weights = api.engine.geometry.directions.target_tensors(model.to(memory_format=torch.channels_last), "weights")[1]
     laid = dirs.like(weights)
     assert all(torch.equal(a, b) for a, b in zip(dirs.x, laid.x))
     assert all(d.stride() == w.stride() for d, w in zip(laid.x + laid.y, weights + weights))
@@ -307,8 +307,8 @@ def test_cuda_pass_makes_no_host_sync_beyond_the_one_per_point():
 def test_cuda_hessian_start_vectors_match_the_cpu():
     model, data, _ = _cnn_and_data()
     split = data["train"]
-    from lsurf.engine.hessian import Hessian
-    from lsurf.engine.losses import resolve_loss
+    from lsurf.engine.curvature.hessian import Hessian
+    from lsurf.engine.evaluation.losses import resolve_loss
 
     values = []
     for dev in ("cpu", "cuda"):
@@ -320,5 +320,5 @@ def test_cuda_hessian_start_vectors_match_the_cpu():
 
 @cuda
 def test_cuda_tensors_from_a_plugin_fingerprint():
-    split = api.engine.data.Split(torch.randn(4, 3, device="cuda"), torch.arange(4, device="cuda"))
+    split = api.engine.data.splits.Split(torch.randn(4, 3, device="cuda"), torch.arange(4, device="cuda"))
     assert len(split.fingerprint()) == 64

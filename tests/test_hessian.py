@@ -15,10 +15,10 @@ from conftest import REPO, _env, lsurf, mpirun, requires_mpi
 from torch import nn
 
 from lsurf import UserError
-from lsurf.engine.batches import resident_batches
-from lsurf.engine.data import Split
-from lsurf.engine.hessian import Hessian
-from lsurf.engine.losses import resolve_loss
+from lsurf.engine.curvature.hessian import Hessian
+from lsurf.engine.data.batches import resident_batches
+from lsurf.engine.data.splits import Split
+from lsurf.engine.evaluation.losses import resolve_loss
 from lsurf.run.curvature import model_spectrum
 from lsurf.run.options import Options
 from lsurf.run.sources import load_inputs
@@ -157,7 +157,7 @@ def test_non_differentiable_model_is_refused():
 _RITZ_MEMORY = r"""
 import re, sys, torch
 from torch import nn
-from lsurf.engine.hessian import Hessian
+from lsurf.engine.curvature.hessian import Hessian
 torch.set_num_threads(1)
 P, STEPS = int(sys.argv[1]), int(sys.argv[2])
 

@@ -16,8 +16,8 @@ from conftest import REPO, _env
 from lm_fixtures import TinyLM, tiny_lm
 from torch import nn
 
-from lsurf.engine.hf import HF_KINDS, is_hf, load_hf, vocabulary_size
-from lsurf.engine.models import DigitsCNN
+from lsurf.engine.model.hf import HF_KINDS, is_hf, load_hf, vocabulary_size
+from lsurf.engine.model.models import DigitsCNN
 from lsurf.errors import UserError
 
 transformers = pytest.importorskip("transformers")
@@ -126,7 +126,7 @@ def test_weights_that_do_not_fill_the_model_are_refused(tmp_path, gpt2):
 
 def test_without_transformers_the_error_says_how_to_install_it(tmp_path):
     code = ("import sys; sys.modules['transformers'] = None\n"
-            "from lsurf.engine.hf import load_hf\n"
+            "from lsurf.engine.model.hf import load_hf\n"
             "from lsurf.errors import UserError\n"
             f"try:\n    load_hf({'hf:' + str(tmp_path)!r})\n"
             "except UserError as e:\n    print(e)\n")

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from test_plot import write_surface
 
-from lsurf.engine.surface_file import read_surface
+from lsurf.engine.formats.surface_file import read_surface
 from lsurf.errors import UserError
 
 HAVE_PLOTLY = importlib.util.find_spec("plotly") is not None

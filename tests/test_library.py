@@ -10,8 +10,8 @@ import torch
 from conftest import lsurf
 
 import lsurf as api
-from lsurf.engine.grid import Grid, Tile
-from lsurf.engine.plan import Plan
+from lsurf.engine.evaluation.plan import Plan
+from lsurf.engine.geometry.grid import Grid, Tile
 from lsurf.errors import UserError
 from lsurf.run.options import Options
 from lsurf.run.transport import TileQueue

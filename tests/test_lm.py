@@ -22,9 +22,9 @@ from lm_fixtures import sequence_loss, tiny_lm
 from torch import nn
 
 import lsurf as api
-from lsurf.engine.data import Split
-from lsurf.engine.directions import SeededDirections, filter_axes, random_directions, target_tensors
-from lsurf.engine.evaluate import evaluator
+from lsurf.engine.data.splits import Split
+from lsurf.engine.evaluation.evaluate import evaluator
+from lsurf.engine.geometry.directions import SeededDirections, filter_axes, random_directions, target_tensors
 
 transformers = pytest.importorskip("transformers")
 F64 = torch.float64

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from lsurf import UserError, load_data, load_model
-from lsurf.engine.data import CIFAR_MEAN, CIFAR_STD
+from lsurf.engine.data.splits import CIFAR_MEAN, CIFAR_STD
 
 
 @pytest.mark.parametrize("name,shape", [("mlp", (1, 8, 8)), ("cnn", (1, 8, 8)), ("linear", (5,)),

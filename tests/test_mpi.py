@@ -120,7 +120,7 @@ def _unseeded(tmp_path) -> dict:
     (tmp_path / "unseeded.py").write_text(textwrap.dedent("""
         import os
         import torch
-        from lsurf.engine.models import MLP
+        from lsurf.engine.model.models import MLP
 
         def make():
             torch.manual_seed(int(os.environ.get("OMPI_COMM_WORLD_RANK", "0")))  # a draw of its own per rank
@@ -160,7 +160,7 @@ def test_exception_on_one_rank_aborts_everything(tmp_path):
     (tmp_path / "faulty.py").write_text(textwrap.dedent("""
         import os
         import torch
-        from lsurf.engine.models import DigitsCNN
+        from lsurf.engine.model.models import DigitsCNN
 
         class Faulty(DigitsCNN):
             calls = 0

@@ -9,7 +9,7 @@ import pytest
 from conftest import lsurf, mpirun, requires_mpi
 
 from lsurf import UserError
-from lsurf.engine.surface_file import Surface, read_surface
+from lsurf.engine.formats.surface_file import Surface, read_surface
 from lsurf.post.ensemble import basin_radius, summarise, t_interval
 from lsurf.post.plot import figures
 from lsurf.run.options import Options

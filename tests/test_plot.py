@@ -12,9 +12,9 @@ matplotlib.use("Agg")
 import matplotlib.image as mpimg  # noqa: E402
 from matplotlib.collections import QuadMesh  # noqa: E402
 
-from lsurf.engine.grid import Grid, Tile  # noqa: E402
-from lsurf.engine.levels import color_range  # noqa: E402
-from lsurf.engine.surface_file import TileWriter, create, read_surface  # noqa: E402
+from lsurf.engine.formats.surface_file import TileWriter, create, read_surface  # noqa: E402
+from lsurf.engine.geometry.grid import Grid, Tile  # noqa: E402
+from lsurf.engine.geometry.levels import color_range  # noqa: E402
 from lsurf.post.plot import plot_curve, plot_surface  # noqa: E402
 
 

@@ -14,10 +14,10 @@ import pytest
 import torch
 from conftest import N, lsurf, mpirun, requires_mpi
 
-from lsurf.engine.levels import default_levels
-from lsurf.engine.models import load_model
-from lsurf.engine.refine import Refiner, coarse_stride, fill, lattice
-from lsurf.engine.surface_file import completion, read_surface
+from lsurf.engine.formats.surface_file import completion, read_surface
+from lsurf.engine.geometry.levels import default_levels
+from lsurf.engine.geometry.refine import Refiner, coarse_stride, fill, lattice
+from lsurf.engine.model.models import load_model
 from lsurf.post.info import describe
 from lsurf.post.plot import figures
 

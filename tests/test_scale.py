@@ -17,8 +17,8 @@ import torch
 from conftest import _env, lsurf, mpirun, requires_mpi
 
 import lsurf as api
-from lsurf.engine.grid import Grid
-from lsurf.engine.stores import save_store
+from lsurf.engine.data.stores import save_store
+from lsurf.engine.geometry.grid import Grid
 
 CURVE = ["--x", "-1:1:5"]
 PLANE = ["--x", "-1:1:4", "--y", "-1:1:3"]

@@ -19,7 +19,7 @@ import torch
 from conftest import REPO, _env, lsurf, mpirun, requires_mpi, torchrun
 from inprocess import cli
 
-from lsurf.engine.models import load_model
+from lsurf.engine.model.models import load_model
 
 QUANTITIES = ("train_loss", "train_acc")
 
@@ -80,7 +80,7 @@ def _same_surface(sharded, one) -> None:
 @requires_mpi
 def test_a_checkpoint_is_read_by_rows_into_the_sharded_model(tmp_path):
     """No rank loads the checkpoint whole: the model is built on the meta device, sharded, and each
-    rank reads its rows (lsurf.engine.sharding.load_sharded); the surface is the unsharded one."""
+    rank reads its rows (lsurf.engine.model.sharding.load_sharded); the surface is the unsharded one."""
     torch.save({"state_dict": load_model("cnn", (1, 8, 8), 10, seed=5).state_dict()}, tmp_path / "cnn.t7")
     args = ["surface", "--model", "cnn", "--data", "digits", "--subset", "40", "--x", "-1:1:3", "--y", "-1:1:2",
             "--dtype", "float64", "--checkpoint", tmp_path / "cnn.t7", "--no-progress", "--threads", "1"]

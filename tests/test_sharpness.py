@@ -11,8 +11,8 @@ from conftest import lsurf, mpirun, requires_mpi, write_data_plugin
 
 import lsurf as api
 from lsurf import Options, UserError
-from lsurf.engine.directions import zero_directions
-from lsurf.engine.sharpness import Probe
+from lsurf.engine.evaluation.sharpness import Probe
+from lsurf.engine.geometry.directions import zero_directions
 from lsurf.run.sharpness import sharpness
 
 N, D = 150, 4

@@ -20,7 +20,7 @@ from conftest import REPO, Batches
 from torch.utils.data import DataLoader
 
 from lsurf import UserError
-from lsurf.engine.stores import STORE_KINDS, open_store, save_store
+from lsurf.engine.data.stores import STORE_KINDS, open_store, save_store
 
 
 def _spec(kind: str, tmp_path, name: str = "store") -> str:
@@ -270,7 +270,7 @@ READER = """
 import json, sys
 import numpy as np
 import torch
-from lsurf.engine.stores import open_store
+from lsurf.engine.data.stores import open_store
 kind, target, batch = sys.argv[1], sys.argv[2], int(sys.argv[3])
 if kind == "control":  # the naive memory map, to prove the measurement sees mapped pages
     x, y = np.load(target + "/train_x.npy", mmap_mode="r"), np.load(target + "/train_y.npy", mmap_mode="r")

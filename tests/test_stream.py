@@ -11,10 +11,10 @@ import torch
 from torch.utils.data import Dataset
 
 from lsurf import UserError
-from lsurf.engine import batches as batches_mod
-from lsurf.engine.batches import Streamed, keep_resident, resident_batches
-from lsurf.engine.data import DatasetSplit, Split, load_data
-from lsurf.engine.stores import save_store
+from lsurf.engine.data import batches as batches_mod
+from lsurf.engine.data.batches import Streamed, keep_resident, resident_batches
+from lsurf.engine.data.splits import DatasetSplit, Split, load_data
+from lsurf.engine.data.stores import save_store
 
 CPU = torch.device("cpu")
 

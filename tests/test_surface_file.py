@@ -81,8 +81,8 @@ def test_rerun_resumes_nothing_and_other_grid_is_refused(surface, digits_checkpo
 
 
 def test_partial_file_has_nan_where_not_done(tmp_path):
-    from lsurf.engine.grid import Grid, Tile
-    from lsurf.engine.surface_file import TileWriter, create, read_surface
+    from lsurf.engine.formats.surface_file import TileWriter, create, read_surface
+    from lsurf.engine.geometry.grid import Grid, Tile
 
     grid = Grid(np.linspace(0, 1, 4), np.linspace(0, 1, 3))
     create(tmp_path / "p.h5", grid, ["train_loss", "train_acc"], {}, {})
@@ -128,8 +128,8 @@ class _SignalsMidWrite(dict):
 def test_an_interrupt_mid_tile_lands_after_the_whole_tile(sig, tmp_path):
     """Ctrl-C or mpirun's SIGTERM during a write: the tile is written whole, done included, and the
     interrupt then reaches the caller's handler (which is back in place)."""
-    from lsurf.engine.grid import Grid, Tile
-    from lsurf.engine.surface_file import TileWriter, create, read_surface
+    from lsurf.engine.formats.surface_file import TileWriter, create, read_surface
+    from lsurf.engine.geometry.grid import Grid, Tile
 
     grid = Grid(np.linspace(0, 1, 4), np.linspace(0, 1, 3))
     create(tmp_path / "p.h5", grid, ["train_loss", "train_acc"], {}, {})

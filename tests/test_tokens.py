@@ -14,8 +14,8 @@ from conftest import Batches
 from torch.utils.data import DataLoader
 
 from lsurf import UserError
-from lsurf.engine import tokens as tokens_mod
-from lsurf.engine.tokens import TOKEN_DTYPES, open_tokens
+from lsurf.engine.data import tokens as tokens_mod
+from lsurf.engine.data.tokens import TOKEN_DTYPES, open_tokens
 
 
 def _write(path, values, dtype=np.uint16) -> np.ndarray:

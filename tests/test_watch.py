@@ -21,9 +21,9 @@ from conftest import _env
 from inprocess import cli
 
 from lsurf.cli.watch import CtrlC
-from lsurf.engine import progress
-from lsurf.engine.grid import Grid, Tile
-from lsurf.engine.surface_file import READ_TRIES, TileWriter, _torn, create, read_surface, set_attrs
+from lsurf.engine.formats import progress
+from lsurf.engine.formats.surface_file import READ_TRIES, TileWriter, _torn, create, read_surface, set_attrs
+from lsurf.engine.geometry.grid import Grid, Tile
 from lsurf.errors import UserError
 from lsurf.post.plot import figure_title
 from lsurf.post.watch import CHARACTERS, frame, shrink, watch

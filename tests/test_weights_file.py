@@ -1,4 +1,4 @@
-"""Checkpoints read by rows (lsurf.engine.weights_file), what a rank of a sharded model loads: a
+"""Checkpoints read by rows (lsurf.engine.model.weights_file), what a rank of a sharded model loads: a
 torch file, a safetensors file and ``save_pretrained`` folders (one file, or sharded with an
 index) give the tensors ``torch.load`` gives, any rows of them alone; a bad one is one line."""
 
@@ -9,8 +9,8 @@ import json
 import pytest
 import torch
 
-from lsurf.engine.models import read_state_dict
-from lsurf.engine.weights_file import open_weights
+from lsurf.engine.model.models import read_state_dict
+from lsurf.engine.model.weights_file import open_weights
 from lsurf.errors import UserError
 
 

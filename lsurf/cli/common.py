@@ -16,8 +16,8 @@ import re
 from collections.abc import Callable
 from typing import Any, NoReturn
 
-from lsurf.engine.batches import Residency
-from lsurf.engine.directions import DIR_TYPES, IGNORES, NORMS
+from lsurf.engine.data.batches import Residency
+from lsurf.engine.geometry.directions import DIR_TYPES, IGNORES, NORMS
 from lsurf.run.options import (
     Amp,
     BatchNorm,

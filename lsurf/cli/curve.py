@@ -7,7 +7,8 @@ import argparse
 import sys
 
 from lsurf.cli import common
-from lsurf.engine.curve import CURVE_TYPES, Training
+from lsurf.engine.geometry.curve import CURVE_TYPES
+from lsurf.engine.training.curve import Training
 from lsurf.errors import UserError
 from lsurf.run.curve import CurveSpec, eval_curve_job, train_curve_job, with_curve_inputs
 from lsurf.run.runtime import configure_job, start_job

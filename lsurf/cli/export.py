@@ -6,8 +6,8 @@ from __future__ import annotations
 import argparse
 
 from lsurf.cli import common
-from lsurf.engine.progress import job_state
-from lsurf.engine.surface_file import read_surface
+from lsurf.engine.formats.progress import job_state
+from lsurf.engine.formats.surface_file import read_surface
 from lsurf.post.export import FORMATS, default_export_path, export_surface
 
 HELP = "write a surface in Li et al.'s layout (ll), as a mesh (obj) or as csv"

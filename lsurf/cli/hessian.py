@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 
 from lsurf.cli import common
-from lsurf.engine.hessian import save_results
+from lsurf.engine.curvature.hessian import save_results
 from lsurf.run.curvature import hessian_spectrum
 from lsurf.run.runtime import configure_job, start_job
 from lsurf.run.sources import save_direction_file

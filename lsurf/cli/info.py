@@ -6,8 +6,8 @@ from __future__ import annotations
 import argparse
 
 from lsurf.cli import common
-from lsurf.engine.curve import is_curve_file, read_curve
-from lsurf.engine.surface_file import read_surface
+from lsurf.engine.formats.curve_file import is_curve_file, read_curve
+from lsurf.engine.formats.surface_file import read_surface
 from lsurf.post.ensemble import summarise
 from lsurf.post.info import describe
 

@@ -8,10 +8,10 @@ import argparse
 from pathlib import Path
 
 from lsurf.cli import common
+from lsurf.engine.formats.progress import job_state
+from lsurf.engine.formats.surface_file import read_surface
+from lsurf.engine.geometry.levels import DEFAULT_LEVELS
 from lsurf.engine.io import atomic_write
-from lsurf.engine.levels import DEFAULT_LEVELS
-from lsurf.engine.progress import job_state
-from lsurf.engine.surface_file import read_surface
 from lsurf.post.compare import DIFFS, plot_comparison
 from lsurf.post.html import write_html
 from lsurf.post.plot import KINDS, figures, parse_size, read_curve_projection, read_projection

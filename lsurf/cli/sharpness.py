@@ -13,9 +13,9 @@ from pathlib import Path
 import numpy as np
 
 from lsurf.cli import common
-from lsurf.engine.directions import DIR_TYPES
-from lsurf.engine.hessian import save_results
-from lsurf.engine.sharpness import KINDS
+from lsurf.engine.curvature.hessian import save_results
+from lsurf.engine.evaluation.sharpness import KINDS
+from lsurf.engine.geometry.directions import DIR_TYPES
 from lsurf.errors import UserError
 from lsurf.run.runtime import configure_job, start_job
 from lsurf.run.sharpness import sharpness

@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 from lsurf.cli import common
-from lsurf.engine.surface_file import completion
+from lsurf.engine.formats.surface_file import completion
 from lsurf.run.curve import with_curve_inputs
 from lsurf.run.runtime import configure_job, start_job
 from lsurf.run.sampler import run_surface

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from lsurf.cli import common
-from lsurf.engine.train import train
+from lsurf.engine.training.train import train
 from lsurf.errors import UserError
 from lsurf.run.runtime import configure_process
 from lsurf.run.sources import load_inputs

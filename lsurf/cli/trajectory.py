@@ -6,9 +6,9 @@ import argparse
 from pathlib import Path
 
 from lsurf.cli import common
-from lsurf.engine.data import load_data
-from lsurf.engine.directions import DIR_TYPES, IGNORES
-from lsurf.engine.trajectory import checkpoint_paths, covering_grid, save_trajectory, trajectory_directions
+from lsurf.engine.data.splits import load_data
+from lsurf.engine.geometry.directions import DIR_TYPES, IGNORES
+from lsurf.engine.geometry.trajectory import checkpoint_paths, covering_grid, save_trajectory, trajectory_directions
 
 HELP = "PCA directions of a training trajectory and its projection"
 

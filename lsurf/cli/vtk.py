@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from lsurf.cli import common
-from lsurf.engine.surface_file import read_surface
+from lsurf.engine.formats.surface_file import read_surface
 from lsurf.post.vtkfile import write_vtk
 
 HELP = "write a VTK XML file of a surface for ParaView"

@@ -7,7 +7,7 @@ import signal
 import time
 
 from lsurf.cli import common
-from lsurf.engine.progress import UNFINISHED
+from lsurf.engine.formats.progress import UNFINISHED
 from lsurf.post.watch import watch
 
 HELP = ("draw a running job's surface file until the job ends: a text heat map with coverage, points/s and ETA "

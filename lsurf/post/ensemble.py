@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from lsurf.engine.surface_file import Surface
+from lsurf.engine.formats.surface_file import Surface
 from lsurf.errors import UserError
 from lsurf.post.plot import quantity
 

@@ -21,9 +21,9 @@ from pathlib import Path
 
 import numpy as np
 
+from lsurf.engine.formats.surface_file import Surface
+from lsurf.engine.geometry.levels import color_range
 from lsurf.engine.io import atomic_write
-from lsurf.engine.levels import color_range
-from lsurf.engine.surface_file import Surface
 from lsurf.errors import UserError
 from lsurf.post.compare import grid_text, provenance, short_names
 from lsurf.post.plot import comparable_axes, figure_title

@@ -7,9 +7,9 @@ import json
 
 import numpy as np
 
-from lsurf.engine import fidelity
-from lsurf.engine.progress import job_state
-from lsurf.engine.surface_file import Surface
+from lsurf.engine.curvature import fidelity
+from lsurf.engine.formats.progress import job_state
+from lsurf.engine.formats.surface_file import Surface
 
 
 def describe(surface: Surface) -> list[str]:

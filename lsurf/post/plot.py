@@ -14,12 +14,13 @@ from typing import cast
 
 import numpy as np
 
-from lsurf.engine.curve import coordinates, curve_plane, project, read_curve, recorded_ends
-from lsurf.engine.fidelity import title_line
-from lsurf.engine.levels import DEFAULT_LEVELS, color_range, contour_levels, is_geometric
-from lsurf.engine.models import file_sha256
-from lsurf.engine.progress import FINISHED, job_state
-from lsurf.engine.surface_file import Surface
+from lsurf.engine.curvature.fidelity import title_line
+from lsurf.engine.formats.curve_file import read_curve, recorded_ends
+from lsurf.engine.formats.progress import FINISHED, job_state
+from lsurf.engine.formats.surface_file import Surface
+from lsurf.engine.geometry.curve import coordinates, curve_plane, project
+from lsurf.engine.geometry.levels import DEFAULT_LEVELS, color_range, contour_levels, is_geometric
+from lsurf.engine.io import file_sha256
 from lsurf.errors import UserError
 
 KINDS = ("contour", "filled", "heatmap", "surface3d")
@@ -81,7 +82,7 @@ def _axis_labels(surface: Surface, projection) -> tuple[str, str]:
 
 def read_projection(path: str | Path) -> dict:
     """A projection file from ``lsurf trajectory``: ``proj_x``, ``proj_y``, labels, explained variance."""
-    from lsurf.engine.surface_file import open_h5
+    from lsurf.engine.formats.surface_file import open_h5
 
     with open_h5(path, "r") as f:
         if "proj_x" not in f or "proj_y" not in f:

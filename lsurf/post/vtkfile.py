@@ -15,8 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
+from lsurf.engine.formats.surface_file import Surface
 from lsurf.engine.io import atomic_write
-from lsurf.engine.surface_file import Surface
 from lsurf.errors import UserError
 
 

@@ -1,11 +1,11 @@
 """``lsurf watch``: a surface drawn again and again while its job fills it in, until the job ends.
 
-A long job's file holds every finished point from the start (lsurf.engine.surface_file), so the
+A long job's file holds every finished point from the start (lsurf.engine.formats.surface_file), so the
 picture can be looked at while it grows: in a terminal as a coloured text heat map (two grid rows
 per line with half blocks in ANSI 256 colours; characters where the output is no terminal), and
 optionally as the offline page of ``lsurf plot --html`` that reloads itself. The watcher only
 reads: no lock, no write to the file, so the job neither waits for it nor sees it
-(surface_file.read_surface); its state, rate and ETA come from lsurf.engine.progress.
+(surface_file.read_surface); its state, rate and ETA come from lsurf.engine.formats.progress.
 """
 
 from __future__ import annotations
@@ -20,9 +20,9 @@ from typing import Protocol, TextIO
 
 import numpy as np
 
-from lsurf.engine.levels import color_range, is_geometric
-from lsurf.engine.progress import JobState, RateMeter, job_state
-from lsurf.engine.surface_file import Surface, read_surface
+from lsurf.engine.formats.progress import JobState, RateMeter, job_state
+from lsurf.engine.formats.surface_file import Surface, read_surface
+from lsurf.engine.geometry.levels import color_range, is_geometric
 from lsurf.errors import UserError
 from lsurf.post.html import write_html
 from lsurf.post.plot import values_of

@@ -15,19 +15,19 @@ import numpy as np
 import torch
 from torch import nn
 
-from lsurf.engine.batches import resident_batches
-from lsurf.engine.data import AnySplit, BatchStreamSplit
-from lsurf.engine.directions import AnyDirections, Directions, load_directions, target_tensors
-from lsurf.engine.evaluate import shard_starts
-from lsurf.engine.fidelity import LANCZOS_STEPS, TRACE_SAMPLES, measure, relative_cost
-from lsurf.engine.grid import Grid
-from lsurf.engine.hessian import Extreme, Hessian, Reduce, check_spectrum, eigen_directions, spectrum
-from lsurf.engine.labels import check_class_labels
-from lsurf.engine.losses import pick_output, resolve_loss
-from lsurf.engine.models import file_sha256
-from lsurf.engine.plan import default_batch_size
-from lsurf.engine.snapshot import preserved
-from lsurf.engine.surface_file import open_h5
+from lsurf.engine.curvature.fidelity import LANCZOS_STEPS, TRACE_SAMPLES, measure, relative_cost
+from lsurf.engine.curvature.hessian import Extreme, Hessian, Reduce, check_spectrum, eigen_directions, spectrum
+from lsurf.engine.data.batches import resident_batches
+from lsurf.engine.data.splits import AnySplit, BatchStreamSplit
+from lsurf.engine.evaluation.evaluate import shard_starts
+from lsurf.engine.evaluation.labels import check_class_labels
+from lsurf.engine.evaluation.losses import pick_output, resolve_loss
+from lsurf.engine.evaluation.plan import default_batch_size
+from lsurf.engine.formats.surface_file import open_h5
+from lsurf.engine.geometry.directions import AnyDirections, Directions, load_directions, target_tensors
+from lsurf.engine.geometry.grid import Grid
+from lsurf.engine.io import file_sha256
+from lsurf.engine.model.snapshot import preserved
 from lsurf.errors import UserError
 from lsurf.run.options import Options
 from lsurf.run.runtime import choose_device

@@ -23,32 +23,23 @@ import torch
 from torch import nn
 
 from lsurf._version import __version__
-from lsurf.engine import surface_file
-from lsurf.engine.batches import to_device
-from lsurf.engine.curve import (
-    Curve,
-    Progress,
-    StoredCurve,
-    Training,
-    check_same_architecture,
-    check_shape,
-    curve_attrs,
-    parameters_of,
-    read_curve,
-    save_curve,
-    train_curve,
-)
-from lsurf.engine.data import AnySplit, Split
-from lsurf.engine.directions import Directions, model_directions
-from lsurf.engine.evaluate import evaluator
-from lsurf.engine.grid import Grid, Tile
-from lsurf.engine.labels import check_class_labels
-from lsurf.engine.losses import resolve_loss
-from lsurf.engine.metrics import metrics_for, quantity_names
-from lsurf.engine.models import file_sha256, read_state_dict
-from lsurf.engine.plan import default_batch_size
-from lsurf.engine.probes import check_outputs_fit
-from lsurf.engine.snapshot import preserved
+from lsurf.engine.data.batches import to_device
+from lsurf.engine.data.splits import AnySplit, Split
+from lsurf.engine.evaluation.evaluate import evaluator
+from lsurf.engine.evaluation.labels import check_class_labels
+from lsurf.engine.evaluation.losses import resolve_loss
+from lsurf.engine.evaluation.metrics import metrics_for, quantity_names
+from lsurf.engine.evaluation.plan import default_batch_size
+from lsurf.engine.evaluation.probes import check_outputs_fit
+from lsurf.engine.formats import surface_file
+from lsurf.engine.formats.curve_file import StoredCurve, curve_attrs, read_curve, save_curve
+from lsurf.engine.geometry.curve import Curve, check_same_architecture, check_shape, parameters_of
+from lsurf.engine.geometry.directions import Directions, model_directions
+from lsurf.engine.geometry.grid import Grid, Tile
+from lsurf.engine.io import file_sha256
+from lsurf.engine.model.models import read_state_dict
+from lsurf.engine.model.snapshot import preserved
+from lsurf.engine.training.curve import Progress, Training, train_curve
 from lsurf.errors import UserError
 from lsurf.run.options import Options
 from lsurf.run.provenance import RECORDED_SINCE, Provenance

@@ -20,10 +20,10 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-from lsurf.engine.batches import Residency
-from lsurf.engine.directions import DirType, Ignore, Norm
-from lsurf.engine.grid import TileOrder
-from lsurf.engine.hf import is_hf
+from lsurf.engine.data.batches import Residency
+from lsurf.engine.geometry.directions import DirType, Ignore, Norm
+from lsurf.engine.geometry.grid import TileOrder
+from lsurf.engine.model.hf import is_hf
 from lsurf.errors import UserError
 
 Dtype = Literal["float32", "float64", "bfloat16"]
@@ -78,7 +78,7 @@ class Options:
     model3: str | None = None
     curve_plane: str | None = None
     directions: DirectionSource = "random"
-    geometry: str | None = None  # a user's own set of points, pkg.module:factory (lsurf.engine.geometry)
+    geometry: str | None = None  # a user's own set of points, pkg.module:factory (lsurf.engine.geometry.plugin)
     x: str = "-1:1:51"
     y: str | None = None
     planes: int = 1
@@ -231,7 +231,7 @@ class Options:
 
     @property
     def refines(self) -> bool:
-        """Whether the grid is sampled coarse to fine (lsurf.engine.refine) rather than whole."""
+        """Whether the grid is sampled coarse to fine (lsurf.engine.geometry.refine) rather than whole."""
         return self.budget is not None or self.refine_tol is not None
 
     @property

@@ -15,9 +15,9 @@ import numpy as np
 import torch
 
 from lsurf._version import __version__
-from lsurf.engine.data import AnySplit
-from lsurf.engine.directions import AnyDirections, markers
-from lsurf.engine.models import file_sha256
+from lsurf.engine.data.splits import AnySplit
+from lsurf.engine.geometry.directions import AnyDirections, markers
+from lsurf.engine.io import file_sha256
 from lsurf.run.options import Options
 from lsurf.run.runtime import float32_precision
 

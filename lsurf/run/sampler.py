@@ -23,23 +23,23 @@ import numpy as np
 import torch
 from torch import nn
 
-from lsurf.engine import surface_file
-from lsurf.engine.batches import device_budget, in_process, keep_resident, size_text
-from lsurf.engine.data import AnySplit, BatchStreamSplit, max_token
-from lsurf.engine.directions import AnyDirections, save_directions, zero_directions
-from lsurf.engine.evaluate import Evaluator, evaluator
-from lsurf.engine.geometry import CheckedGeometry, load_geometry, model_params
-from lsurf.engine.grid import Grid, Tile, parse_tile
-from lsurf.engine.hf import vocabulary_size
-from lsurf.engine.losses import resolve_loss
-from lsurf.engine.metrics import Metric, PluginMetric, metrics_for, quantity_names
-from lsurf.engine.plan import Plan, check_pinned, default_batch_size, faster_in_channels_last
-from lsurf.engine.precision import ACCOUNTING, Precision
-from lsurf.engine.probes import check_outputs_fit, plugin_metrics
-from lsurf.engine.progress import RUN_STARTED, run_started
-from lsurf.engine.refine import STEERING, Refiner
-from lsurf.engine.sharding import is_sharded_model
-from lsurf.engine.snapshot import preserved
+from lsurf.engine.data.batches import device_budget, in_process, keep_resident, size_text
+from lsurf.engine.data.splits import AnySplit, BatchStreamSplit, max_token
+from lsurf.engine.evaluation.evaluate import Evaluator, evaluator
+from lsurf.engine.evaluation.losses import resolve_loss
+from lsurf.engine.evaluation.metrics import Metric, PluginMetric, metrics_for, quantity_names
+from lsurf.engine.evaluation.plan import Plan, check_pinned, default_batch_size, faster_in_channels_last
+from lsurf.engine.evaluation.precision import ACCOUNTING, Precision
+from lsurf.engine.evaluation.probes import check_outputs_fit, plugin_metrics
+from lsurf.engine.formats import surface_file
+from lsurf.engine.formats.progress import RUN_STARTED, run_started
+from lsurf.engine.geometry.directions import AnyDirections, save_directions, zero_directions
+from lsurf.engine.geometry.grid import Grid, Tile, parse_tile
+from lsurf.engine.geometry.plugin import CheckedGeometry, load_geometry, model_params
+from lsurf.engine.geometry.refine import STEERING, Refiner
+from lsurf.engine.model.hf import vocabulary_size
+from lsurf.engine.model.sharding import is_sharded_model
+from lsurf.engine.model.snapshot import preserved
 from lsurf.errors import UserError
 from lsurf.run.curvature import fidelity_skipped, hessian_plane, plane_fidelity
 from lsurf.run.options import Options
@@ -163,8 +163,8 @@ def sample_geometry(
     **overrides: Any,
 ) -> surface_file.Surface | None:
     """Sample loss and accuracy at the points of ``geometry`` — a user's object with ``axes``,
-    ``offset(index)`` and ``identity()`` (lsurf.engine.geometry), typically made from
-    :func:`lsurf.engine.geometry.model_params` of this model — into ``out``, exactly as
+    ``offset(index)`` and ``identity()`` (lsurf.engine.geometry.plugin), typically made from
+    :func:`lsurf.engine.geometry.plugin.model_params` of this model — into ``out``, exactly as
     :func:`sample_surface` samples a plane: the same runner, options, resume and file; the grid is
     the geometry's axes. Every rank passes its own geometry object, answering alike."""
     opts = (options or Options()).replace(**overrides)
@@ -291,7 +291,7 @@ def _evaluate_grid(w: World, groups: tuple[Group, Any], dev: torch.device, model
             k = w.bcast(ev.calibrate(points=-(-todo // group.count), log=log) if w.is_root else None)
             ev.points_per_pass = k
             plan = replace(plan, points_per_pass=k)
-        if w.is_root:  # readers tell a running job, its rate and ETA by these (lsurf.engine.progress)
+        if w.is_root:  # readers tell a running job, its rate and ETA by these (lsurf.engine.formats.progress)
             started = {RUN_STARTED: run_started(int(existing["done"].sum()) if existing else 0)}
             surface_file.set_attrs(path, {**started, **({"plan": plan.to_json()} if stored is None else {})},
                                    drop=("finished",))
@@ -503,7 +503,7 @@ def _precision(opts: Options) -> Precision | None:
 
 def _run_rounds(w: World, group: Group, points: PointSet, grid: Grid, path: Path,
                 existing: dict | None, opts: Options, log: Log) -> dict:
-    """Every point in one round, or coarse-to-fine rounds (lsurf.engine.refine) chosen on rank 0
+    """Every point in one round, or coarse-to-fine rounds (lsurf.engine.geometry.refine) chosen on rank 0
     from what the file holds after each. A resumed run replays the rounds from the start: the
     refiner reads only the points it chose, so it chooses as an uninterrupted run did."""
     if not opts.refines:

@@ -1,5 +1,5 @@
 """The torch.distributed side of a sharded run (``shard`` fsdp): a process group per rank group,
-made from the World lsurf already has, over which lsurf.engine.sharding shards the model.
+made from the World lsurf already has, over which lsurf.engine.model.sharding shards the model.
 
 Under torchrun the ranks have joined torch.distributed already (lsurf.run.c10d). Under MPI they
 join it here: rank 0 opens a TCPStore on a port the OS picks (so no other job can race for it)

@@ -13,14 +13,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from lsurf.engine.data import AnySplit
-from lsurf.engine.directions import zero_directions
-from lsurf.engine.evaluate import evaluator
-from lsurf.engine.losses import resolve_loss
-from lsurf.engine.plan import default_batch_size
-from lsurf.engine.probes import check_outputs_fit
-from lsurf.engine.sharpness import Probe, check_settings, summarise
-from lsurf.engine.snapshot import preserved
+from lsurf.engine.data.splits import AnySplit
+from lsurf.engine.evaluation.evaluate import evaluator
+from lsurf.engine.evaluation.losses import resolve_loss
+from lsurf.engine.evaluation.plan import default_batch_size
+from lsurf.engine.evaluation.probes import check_outputs_fit
+from lsurf.engine.evaluation.sharpness import Probe, check_settings, summarise
+from lsurf.engine.geometry.directions import zero_directions
+from lsurf.engine.model.snapshot import preserved
 from lsurf.errors import UserError
 from lsurf.run.options import Options
 from lsurf.run.runtime import choose_device

@@ -9,9 +9,10 @@ from typing import Any
 
 from torch import nn
 
-from lsurf.engine.curve import bend_coordinates, curve_plane, read_curve, recorded_ends
-from lsurf.engine.data import AnySplit, load_data
-from lsurf.engine.directions import (
+from lsurf.engine.data.splits import AnySplit, load_data
+from lsurf.engine.formats.curve_file import read_curve, recorded_ends
+from lsurf.engine.geometry.curve import bend_coordinates, curve_plane
+from lsurf.engine.geometry.directions import (
     AnyDirections,
     Directions,
     load_directions,
@@ -20,9 +21,10 @@ from lsurf.engine.directions import (
     save_directions,
     target_tensors,
 )
-from lsurf.engine.grid import Grid
-from lsurf.engine.models import build_for, file_sha256, is_zoo, load_checkpoint, load_model, weights_fingerprint
-from lsurf.engine.sharding import load_sharded
+from lsurf.engine.geometry.grid import Grid
+from lsurf.engine.io import file_sha256
+from lsurf.engine.model.models import build_for, is_zoo, load_checkpoint, load_model, weights_fingerprint
+from lsurf.engine.model.sharding import load_sharded
 from lsurf.errors import UserError
 from lsurf.run.options import Options
 from lsurf.run.world import World
@@ -36,7 +38,7 @@ def load_inputs(options: Options, seed: int | None = None,
     ``seed``), never from torch's global generator: every rank of a job, and every rerun or
     resume, must evaluate the same model. ``mesh`` (with ``shard``: the rank group's, see
     :func:`lsurf.run.shard.shard_mesh`): a model with weights on disk comes sharded over it, each
-    rank having read its own rows alone (:func:`lsurf.engine.sharding.load_sharded`)."""
+    rank having read its own rows alone (:func:`lsurf.engine.model.sharding.load_sharded`)."""
     data = load_data(options.data, options.split, options.subset, options.seq_len) if options.data else None
     first = next(iter(data.values())) if data else None
     sized = first is not None and is_zoo(options.model)  # plug-ins and HF models size themselves
@@ -117,7 +119,7 @@ def _towards_models(options: Options, model: nn.Module, two: bool) -> Directions
 
 def _curve_plane(options: Options, model: nn.Module, two: bool) -> Directions:
     """The plane of a curve of ``lsurf curve train``, centred on its model A (which must be the
-    checkpoint loaded): d₁ = B − A, d₂ towards the bend (see lsurf.engine.curve.curve_plane), with
+    checkpoint loaded): d₁ = B − A, d₂ towards the bend (see lsurf.engine.geometry.curve.curve_plane), with
     A, B and the bend as markers."""
     assert options.curve_plane is not None  # the caller comes here only with curve_plane set
     if not two:

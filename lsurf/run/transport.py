@@ -14,8 +14,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
-from lsurf.engine import surface_file
-from lsurf.engine.grid import Grid, Tile
+from lsurf.engine.formats import surface_file
+from lsurf.engine.geometry.grid import Grid, Tile
 from lsurf.errors import UserError
 from lsurf.run.c10d import StoreCounter, StoreRelay, TorchComm
 from lsurf.run.world import World

@@ -1,0 +1,43 @@
+"""The part of a tensor this rank holds: of a sharded model's parameter (a DTensor, see
+lsurf.engine.model.sharding), its rows; of any other tensor, the whole. Kept apart from the sharding
+itself so that what reads tensors (fingerprints, directions) needs none of its imports."""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+
+from lsurf.errors import UserError
+
+
+def is_sharded(t: torch.Tensor) -> bool:
+    """Whether ``t`` is a DTensor, without importing DTensor's module (0.5 s): none exists unless
+    something imported it."""
+    module = sys.modules.get("torch.distributed.tensor")
+    return module is not None and isinstance(t, module.DTensor)
+
+
+def local_part(t: torch.Tensor) -> torch.Tensor:
+    """The part of ``t`` this rank holds: its shard (which the model's own parameter reads) or ``t``."""
+    return t.to_local() if is_sharded(t) else t  # type: ignore[attr-defined]  # a DTensor's
+
+
+def whole(t: torch.Tensor) -> torch.Tensor:
+    """``t`` whole: a sharded tensor gathered from its group (collective: every rank of it calls), or ``t``."""
+    return t.full_tensor() if is_sharded(t) else t  # type: ignore[attr-defined]  # a DTensor's
+
+
+def local_rows(t: torch.Tensor) -> slice | None:
+    """The rows of ``t``'s whole tensor that this rank holds (None: ``t`` is whole here, e.g. a buffer)."""
+    if not is_sharded(t):
+        return None
+    from torch.distributed.tensor import DTensor, Shard
+
+    assert isinstance(t, DTensor)
+    if t.device_mesh.ndim != 1 or list(t.placements) != [Shard(0)]:
+        raise UserError(f"a sharded tensor laid out as {t.placements} over a {t.device_mesh.ndim}-D mesh: "
+                        "lsurf moves tensors sharded along dim 0 over one group")
+    n, parts, rank = t.shape[0], t.device_mesh.size(), t.device_mesh.get_local_rank()
+    start = min(rank * -(-n // parts), n)
+    return slice(start, start + t.to_local().shape[0])
