@@ -17,8 +17,8 @@ from hold_plugin import FAIL_RANK, PINNED, SPEC, flags, hold_env, plugin_env, re
 
 from lsurf.errors import UserError
 from lsurf.run.c10d import torchrun_place
+from lsurf.run.planning import use_parallel_hdf5
 from lsurf.run.runtime import check_one_launcher, launcher_comm
-from lsurf.run.sampler import use_parallel_hdf5
 from lsurf.run.world import World, mpi_launcher
 
 TINY = ["--model", "cnn", "--data", "digits", "--subset", "64", "--x", "-1:1:5", "--y", "-1:1:5", "--tile", "1x3",

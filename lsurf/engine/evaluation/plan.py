@@ -1,10 +1,12 @@
 """The run plan: the automatic choices of a run — device, threads, batch size, memory layout, points
-per pass — made once (on rank 0 under MPI), recorded in the surface file and reused on resume.
+per pass, the splits streamed rather than held, loader workers, the writer, whether plane fidelity
+is measured — made once (on rank 0 under MPI) before the surface file exists, recorded in it.
 
 Reusing the plan is what makes a resumed surface bit-identical to an uninterrupted one: batch size,
 layout and stacking change the float32 summation order, so a resume that chose afresh (calibration
-timings vary) could mix points computed two ways. A value the caller pinned must agree with the
-plan a file records; one left to the plan is taken from it.
+timings vary) could mix points computed two ways. Those three come from the file on resume; a
+value the caller pinned must agree with them. The others depend on the machine (its memory, its
+h5py) and not the numbers, so a resumed run decides them afresh and records what it used.
 """
 
 from __future__ import annotations
@@ -29,15 +31,28 @@ class Plan:
     device: str
     batch_size: int
     channels_last: bool
-    points_per_pass: int
+    points_per_pass: int  # 0: to be calibrated once the evaluator holds the data
     threads: int
+    streamed: tuple[str, ...] = ()
+    workers: int = 0
+    writer: str = "root"  # or "mpio": every rank writes its tiles to the file (parallel HDF5)
+    fidelity: str | None = None  # why plane fidelity is not measured; None: it is
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), sort_keys=True)
 
     @classmethod
     def from_json(cls, text: str) -> Plan:
-        return cls(**json.loads(text))
+        """A recorded plan; one from before a field existed takes that field's default."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        fields = {k: v for k, v in json.loads(text).items() if k in known}
+        return cls(**{**fields, "streamed": tuple(fields.get("streamed", ()))})
+
+    def resumed(self, fresh: Plan) -> Plan:
+        """The plan of a run resuming this one on ``fresh``'s machine: this plan's choices that
+        change the numbers, ``fresh``'s for the rest."""
+        return dataclasses.replace(fresh, batch_size=self.batch_size, channels_last=self.channels_last,
+                                   points_per_pass=self.points_per_pass)
 
     def conflicts(self, pinned: dict[str, object]) -> str | None:
         """Why values the caller pinned (non-None) disagree with this plan, or None."""
