@@ -1,7 +1,8 @@
 """The sharded runs of tests/test_shard.py: ``mpirun -n 4 python tests/shard_job.py OUT`` samples each
 case with the model sharded over its rank groups (``shard`` fsdp); the test samples the same cases
 in one process, unsharded, and compares. Models: a linear model, a conv net with BatchNorm, a
-causal transformer LM, each in float64 and with a layer of fewer rows than ranks (empty shards)."""
+causal transformer LM, each in float64 and with a layer of fewer rows than ranks (empty shards).
+It also writes each model's Hessian spectrum, the model held by rows over all 4 ranks (``SPECTRA``)."""
 
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ CASES = {
     "circle_g2": ("bn_cnn", 2, {"geometry": True}),  # a plug-in geometry's offsets, cut to each rank's rows
 }
 GRID = Grid(np.linspace(-1, 1, 3), np.linspace(-0.5, 0.5, 2))
+SPECTRA = ("linear", "bn_cnn", "lm")  # sharded over one group of every rank
 
 
 def build(name: str) -> tuple[nn.Module, dict[str, Split]]:
@@ -77,8 +79,26 @@ def sample(name: str, out: Path, comm=None, sharded: bool = True):
     return sample_surface(model, data, directions, GRID, out / f"{name}.h5", **options, **extra)
 
 
+def spectrum(name: str, comm=None, sharded: bool = True) -> dict[str, np.ndarray] | None:
+    """Top eigenvalues and Hutchinson's trace of model ``name``'s Hessian (rank 0's; None elsewhere)."""
+    from lsurf.run.curvature import model_spectrum
+    from lsurf.run.options import Options
+
+    model, data = build(name)
+    size = comm.Get_size() if comm is not None else 1
+    options = Options(dtype="float64", batch_size=4, seed=1, **({"ranks_per_point": size, "shard": "fsdp"}
+                                                                if sharded else {}))
+    done = model_spectrum(model, data["train"], options, torch.device("cpu"), comm, top_k=3, iters=30,
+                          trace_samples=3)
+    return None if done is None else done[0]
+
+
 if __name__ == "__main__":
     from mpi4py import MPI
 
     for case in CASES:
         sample(case, Path(sys.argv[1]), MPI.COMM_WORLD)
+    for name in SPECTRA:
+        results = spectrum(name, MPI.COMM_WORLD)
+        if results is not None:
+            np.savez(Path(sys.argv[1]) / f"{name}_spectrum.npz", **results)

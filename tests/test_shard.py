@@ -2,7 +2,8 @@
 sharded runs equal one unsharded process in float64 — a linear model whose last layer has fewer
 rows than ranks, a conv net with BatchNorm, a causal transformer LM, regenerated directions —
 each rank holding 1/G of the weights; a checkpoint (a torch file, a Hugging Face folder of several
-safetensors files) read by rows, no rank loading it whole; what the sharded path cannot do is one line."""
+safetensors files) read by rows, no rank loading it whole; the Hessian's spectrum through the sharded
+model (its products exact through the collectives); what the sharded path cannot do is one line."""
 
 from __future__ import annotations
 
@@ -49,6 +50,11 @@ def test_sharded_runs_under_mpirun_equal_one_unsharded_process(tmp_path):
         chunk = sum(-(-s[0] // g) * int(np.prod(s[1:])) for s in shapes)
         held = sharded["weights"].reshape(4 // g, g)
         assert (held.sum(1) == sum(int(np.prod(s)) for s in shapes)).all() and (held <= chunk).all(), held
+    # the Hessian with the model held by rows over all 4 ranks: exact products through the collectives
+    for name in shard_job.SPECTRA:
+        sharded, one = np.load(tmp_path / f"{name}_spectrum.npz"), shard_job.spectrum(name, sharded=False)
+        for k in ("eigenvalues", "trace"):
+            np.testing.assert_allclose(sharded[k], one[k], rtol=1e-8, atol=0, err_msg=f"{name} {k}")
 
 
 @pytest.mark.mpi
@@ -92,6 +98,28 @@ def test_a_checkpoint_is_read_by_rows_into_the_sharded_model(tmp_path):
     assert list(sharded["weights"]) == [4965] * 4  # 1/2 of 9,930 on each rank
     # the directions are held by rows: not written beside the surface (the seed draws them again)
     assert not (tmp_path / "s.directions.h5").exists() and (tmp_path / "one.directions.h5").exists()
+
+
+@pytest.mark.mpi
+@requires_mpi
+def test_the_hessian_of_a_checkpoint_read_by_rows(tmp_path):
+    """``lsurf hessian --shard fsdp``: each rank reads its rows of the checkpoint, runs its share of
+    the split through the weights gathered whole, and holds its rows of every Lanczos vector; the
+    spectrum is one unsharded process's."""
+    torch.save({"state_dict": load_model("cnn", (1, 8, 8), 10, seed=5).state_dict()}, tmp_path / "cnn.t7")
+    args = ["hessian", "--model", "cnn", "--data", "digits", "--subset", "60", "--dtype", "float64", "--checkpoint",
+            tmp_path / "cnn.t7", "--top-k", "2", "--iters", "20", "--trace-samples", "2", "--threads", "1"]
+    mpirun(2, *args, "--ranks-per-point", "2", "--shard", "fsdp", "--out", tmp_path / "s.h5", check=True)
+    cli(*args, "--out", tmp_path / "one.h5", check=True)
+    with h5py.File(tmp_path / "s.h5") as s, h5py.File(tmp_path / "one.h5") as one:
+        for k in ("eigenvalues", "trace"):
+            np.testing.assert_allclose(s[k][()], one[k][()], rtol=1e-8, atol=0, err_msg=k)
+    # one group of every rank, and the eigenvectors (held by rows) are not saved as directions
+    p = mpirun(4, *args, "--ranks-per-point", "2", "--shard", "fsdp")
+    assert p.returncode == 2 and "needs one group of all ranks: run 2 ranks, not 4" in p.stderr, p.stderr
+    p = cli(*args, "--ranks-per-point", "2", "--shard", "fsdp", "--save-directions", tmp_path / "d.h5")
+    assert p.returncode == 2 and "not saved as directions with --shard fsdp" in p.stderr, p.stderr
+    assert not (tmp_path / "d.h5").exists()
 
 
 @pytest.mark.mpi

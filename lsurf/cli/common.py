@@ -178,13 +178,18 @@ def add_fewer_passes(p: argparse.ArgumentParser) -> None:
     g.add_argument("--min-samples", type=int, default=SUPPRESS, help="samples before --tolerance may stop (256)")
 
 
-def add_run(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("distribution and output")
+def add_sharding(g: argparse._ArgumentGroup, point: str = "every grid point") -> None:
+    """Rank groups and the model sharded over them (``surface`` and ``hessian``)."""
     g.add_argument("--ranks-per-point", type=int, default=SUPPRESS,
-                   help="G ranks share every grid point, each with 1/G of every split (G divides the ranks)")
+                   help=f"G ranks share {point}, each with 1/G of every split (G divides the ranks)")
     g.add_argument("--shard", default=SUPPRESS, choices=choices(Sharding),
                    help="fsdp: each rank of a group also holds 1/G of the model (PyTorch FSDP2), for models "
                         "larger than one device")
+
+
+def add_run(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("distribution and output")
+    add_sharding(g)
     g.add_argument("--tile", default=SUPPRESS,
                    help="ROWSxCOLS of grid points per tile, counted on the coarse-first lattice it lies in "
                         "(every 4th row and column first, then the gaps; default: about 4 tiles per rank)")

@@ -30,6 +30,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="also the eigenvalue density (SLQ)")
     g.add_argument("--iters", type=int, default=argparse.SUPPRESS, help=f"Lanczos steps (default {_EXTRA['iters']})")
     g.add_argument("--seed", type=int, default=argparse.SUPPRESS, help="seed of the random start vectors (0)")
+    common.add_sharding(p.add_argument_group("a model larger than one device"), "every Hessian-vector product")
     g.add_argument("--out", default=argparse.SUPPRESS, help="HDF5 file for the results")
     g.add_argument("--save-directions", metavar="FILE", default=argparse.SUPPRESS,
                    help="write the top two eigenvectors (one with --top-k 1) as a direction file for "

@@ -17,7 +17,8 @@ from torch import nn
 
 from lsurf.engine.curvature.fidelity import LANCZOS_STEPS, TRACE_SAMPLES, measure, relative_cost
 from lsurf.engine.curvature.hessian import Extreme, Hessian, Reduce, check_spectrum, eigen_directions, spectrum
-from lsurf.engine.data.batches import resident_batches
+from lsurf.engine.curvature.sharded import ShardedHessian, chunk_rows
+from lsurf.engine.data.batches import equal_batches, resident_batches, to_device
 from lsurf.engine.data.splits import AnySplit, BatchStreamSplit
 from lsurf.engine.evaluation.evaluate import shard_starts
 from lsurf.engine.evaluation.labels import check_class_labels
@@ -27,11 +28,14 @@ from lsurf.engine.formats.surface_file import open_h5
 from lsurf.engine.geometry.directions import AnyDirections, Directions, load_directions, target_tensors
 from lsurf.engine.geometry.grid import Grid
 from lsurf.engine.io import file_sha256
+from lsurf.engine.model.sharding import is_sharded_model
 from lsurf.engine.model.snapshot import preserved
+from lsurf.engine.model.tensor_parts import is_sharded, local_part
 from lsurf.errors import UserError
 from lsurf.run.options import Options
 from lsurf.run.runtime import choose_device
-from lsurf.run.sources import check_same_inputs, directions_path, load_inputs
+from lsurf.run.shard import shard_mesh
+from lsurf.run.sources import check_same_inputs, directions_path, load_inputs, model_skeleton
 from lsurf.run.world import World, abort_on_failure
 
 Spectrum = tuple[dict[str, np.ndarray], Directions | None]
@@ -48,27 +52,41 @@ def hessian_spectrum(options: Options, device: torch.device, comm: Any = None, *
     elsewhere. The seed of the Lanczos and Hutchinson vectors is ``options.seed``."""
     w = World.of(comm)
     with abort_on_failure(w):
-        model, split = w.agree(lambda: _inputs(options))
+        _check_directions(options, directions)
+        mesh = w.agree(lambda: _one_group_mesh(w, options, device)) if options.shard else None
+        model, split, skeleton = w.agree(lambda: _inputs(options, mesh))
         return model_spectrum(model, split, options, device, comm, top_k=top_k, iters=iters,
-                              trace_samples=trace_samples, density=density, directions=directions)
+                              trace_samples=trace_samples, density=density, directions=directions,
+                              skeleton=skeleton)
 
 
-def _inputs(options: Options) -> tuple[nn.Module, AnySplit]:
+def _check_directions(options: Options, directions: bool) -> None:
+    if directions and options.shard:
+        raise UserError("the eigenvectors of a sharded Hessian are held by rows: they are not saved as directions "
+                        f"with `shard` {options.shard}")
+
+
+def _inputs(options: Options, mesh: Any) -> tuple[nn.Module, AnySplit, nn.Module]:
+    """The model (sharded over ``mesh`` if its weights are on disk), the split, and the model's
+    skeleton (lsurf.run.sources.model_skeleton)."""
     if len(options.split) != 1:
         raise UserError(f"`split` {','.join(options.split)!r}: the Hessian is of one split, train or test")
-    model, data = load_inputs(options)
+    model, data = load_inputs(options, mesh=mesh)
     if data is None:
         raise UserError("`data` is needed for the Hessian")
-    return model, data[options.split[0]]
+    return model, data[options.split[0]], model_skeleton(options, data, model)
 
 
 def model_spectrum(model: nn.Module, split: AnySplit, options: Options, device: torch.device, comm: Any = None, *,
                    top_k: int = 5, iters: int = 100, trace_samples: int = 50, density: bool = False,
-                   directions: bool = False) -> Spectrum | None:
+                   directions: bool = False, skeleton: nn.Module | None = None) -> Spectrum | None:
     """:func:`hessian_spectrum` of a model the caller holds, over ``split``, on every rank of
-    ``comm``; the model comes back exactly as it was (device, dtype, mode, weights), also on failure."""
+    ``comm``; the model comes back exactly as it was (device, dtype, mode, weights), also on failure.
+    ``skeleton``: of a sharded model, its modules and buffers (see :func:`operator_at`)."""
     w = World.of(comm)
-    with operator_at(w, model, (options.split[0], split), options, device, check=(top_k, iters, trace_samples)) as h:
+    _check_directions(options, directions)
+    with operator_at(w, model, (options.split[0], split), options, device, (top_k, iters, trace_samples),
+                     skeleton) as h:
         keep = min(top_k, 2) if directions else 0
         results, vectors = spectrum(h, top_k, iters, trace_samples, density, options.seed, keep)
         dirs = eigen_directions(model, h, results["eigenvalues"], vectors, _meta(options)) if vectors else None
@@ -123,18 +141,26 @@ def _same_plane(path: Path, want: dict) -> bool:
 
 @contextlib.contextmanager
 def operator_at(w: World, model: nn.Module, split: tuple[str, AnySplit], options: Options, device: torch.device,
-                check: tuple[int, int, int] = (1, 1, 0)) -> Iterator[Hessian]:
+                check: tuple[int, int, int] = (1, 1, 0), skeleton: nn.Module | None = None) -> Iterator[Hessian]:
     """The Hessian of the loss over ``split`` (its name and rows) at the model's weights, the split
     shared by every rank of ``w`` (one allreduce per product), in the options' dtype on ``device``;
     the model is handed back exactly as it was afterwards, also on failure. ``check``: the
-    spectrum's counts, checked on every rank before any product."""
+    spectrum's counts, checked on every rank before any product. With ``shard`` the ranks form
+    one group holding the model by rows (``skeleton``: its modules and buffers, if ``model`` is
+    sharded: lsurf.run.sources.model_skeleton)."""
     with abort_on_failure(w):
         group = w.groups(w.size)  # all ranks share the one split: its reduction is the allreduce
         shard = (group.rank, group.size)
         try:
             with preserved(model):
-                model.to(device=device, dtype=options.torch_dtype).eval()
-                w.agree(lambda: check_same_inputs(w, model))  # each rank's share of a product is of this model
+                if not is_sharded_model(model):
+                    model.to(device=device, dtype=options.torch_dtype).eval()
+                    w.agree(lambda: check_same_inputs(w, model))  # each rank's share of a product is of this model
+                if options.shard:
+                    mesh = w.agree(lambda: _one_group_mesh(w, options, device))
+                    yield w.agree(lambda: _sharded_operator(model, skeleton or model, split, options, shard,
+                                                            mesh.get_group(), check))
+                    return
                 batches = resident_batches(split[1], options.batch_size or default_batch_size(device), device,
                                            options.torch_dtype, shard=shard)
                 reduce = group.add_sums()
@@ -144,6 +170,43 @@ def operator_at(w: World, model: nn.Module, split: tuple[str, AnySplit], options
                 yield w.agree(lambda: _operator(model, batches, options, n, reduce, check, (split[0], first)))
         finally:
             group.free()
+
+
+def _one_group_mesh(w: World, options: Options, device: torch.device) -> Any:
+    """The mesh of a sharded Hessian: one group of every rank (each holds its share of the split)."""
+    if options.ranks_per_point != w.size:
+        raise UserError(f"the Hessian of a model sharded {options.ranks_per_point} ways needs one group of all "
+                        f"ranks: run {options.ranks_per_point} ranks, not {w.size}")
+    return shard_mesh(w, options, device)
+
+
+def _sharded_operator(model: nn.Module, skeleton: nn.Module, split: tuple[str, AnySplit], options: Options,
+                      shard: tuple[int, int], group: Any, counts: tuple[int, int, int]) -> ShardedHessian:
+    """The Hessian of a model held by rows over ``group`` (lsurf.engine.curvature.sharded): this
+    rank's rows of every parameter, and its share of the split's batches, as many as any rank's."""
+    check_spectrum(*counts)
+    dtype = options.torch_dtype
+    shards = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    device = next(local_part(p) for p in shards.values()).device
+    if any(p.dim() == 0 for p in shards.values()):
+        raise UserError("the sharded Hessian holds parameters by rows: this model has a scalar parameter")
+    rows = {name: (local_part(p) if is_sharded(p) else p[chunk_rows(p.shape[0], shard[1], shard[0])])
+            for name, p in shards.items()}
+    size = options.batch_size or default_batch_size(device)
+    mine = resident_batches(split[1], size, device, dtype, shard=shard)
+    batches = equal_batches(mine, split[1], size, shard, device, dtype)
+    assert not isinstance(split[1], BatchStreamSplit)  # equal_batches refuses a stream
+    loss = resolve_loss(options.loss, options.ignore_index)
+    filler = to_device(*split[1].rows(0, 1), device, dtype)
+    h = ShardedHessian(skeleton, {k: r.detach().to(dtype) for k, r in rows.items()},
+                       {k: p.shape[0] for k, p in shards.items()}, batches,
+                       lambda out, y: loss(pick_output(out, options.output), y), n=len(split[1]), group=group,
+                       filler=filler)
+    with torch.no_grad():
+        probe = h.forward(filler[0])  # collective: every rank, also one without batches
+    first = shard_starts({split[0]: split[1]}, shard).get(split[0], 0)
+    check_class_labels(lambda _: probe, filler[0], (y for _, y in mine), loss, split[0], first, output=options.output)
+    return h
 
 
 def _operator(model: nn.Module, batches: list, options: Options, n: int, reduce: Reduce | None,

@@ -186,11 +186,13 @@ class Options:
             raise UserError(f"`shard` {self.shard} evaluates one point per pass: it cannot be combined with "
                             "`points_per_pass` > 1")
         if self.fidelity == "on":
-            raise UserError(f"`fidelity` on: not with `shard` {self.shard} (the Hessian of a sharded model is not "
-                            "measured yet); leave `fidelity` auto or off")
+            raise UserError(f"`fidelity` on: not with `shard` {self.shard} (fidelity compares the planes with the "
+                            "Hessian's eigenvectors, which a sharded run holds by rows); leave `fidelity` auto or off")
+        if self.directions != "random":
+            raise UserError(f"`directions` {self.directions}: not with `shard` {self.shard} (the sharded Hessian's "
+                            "eigenvectors are held by rows; `lsurf hessian` reports the spectrum)")
         if self.weights_on_disk:  # each rank reads its rows only: nothing can use the whole model
             whole = [f"`{n}`" for n in ("geometry", "model2", "curve_plane") if getattr(self, n)]
-            whole += [f"`directions` {self.directions}"] * (self.directions != "random")
             if whole:
                 raise UserError(f"`shard` {self.shard} reads each rank's part of the weights: not with "
                                 f"{', '.join(whole)}, which need the whole model on one rank")

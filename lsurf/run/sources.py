@@ -4,6 +4,7 @@ decisions ``lsurf surface`` makes, as library calls a notebook can make too."""
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +25,7 @@ from lsurf.engine.geometry.directions import (
 from lsurf.engine.geometry.grid import Grid
 from lsurf.engine.io import file_sha256
 from lsurf.engine.model.models import build_for, is_zoo, load_checkpoint, load_model, weights_fingerprint
-from lsurf.engine.model.sharding import load_sharded
+from lsurf.engine.model.sharding import is_sharded_model, load_sharded, meta_skeleton
 from lsurf.errors import UserError
 from lsurf.run.options import Options
 from lsurf.run.world import World
@@ -40,17 +41,35 @@ def load_inputs(options: Options, seed: int | None = None,
     :func:`lsurf.run.shard.shard_mesh`): a model with weights on disk comes sharded over it, each
     rank having read its own rows alone (:func:`lsurf.engine.model.sharding.load_sharded`)."""
     data = load_data(options.data, options.split, options.subset, options.seq_len) if options.data else None
-    first = next(iter(data.values())) if data else None
-    sized = first is not None and is_zoo(options.model)  # plug-ins and HF models size themselves
-    shape, outputs = (first.sample_shape if first else None), (first.num_outputs if first and sized else None)
     seed = options.seed if seed is None else seed
     weights = options.weights_on_disk
     if mesh is not None and weights is not None:
-        def build() -> nn.Module:
-            return build_for(options.model, shape, outputs, options.torch_dtype, seed)
-
-        return load_sharded(build, weights, mesh, options.torch_dtype), data
+        return load_sharded(_builder(options, data, seed), weights, mesh, options.torch_dtype), data
+    shape, outputs = _sized(options, data)
     return load_model(options.model, shape, outputs, options.checkpoint, options.torch_dtype, seed=seed), data
+
+
+def _sized(options: Options, data: dict[str, AnySplit] | None) -> tuple[tuple[int, ...] | None, int | None]:
+    """The input shape and output count a zoo model is built for (plug-ins and HF models size
+    themselves; without data, a zoo model takes the shape it was designed for)."""
+    first = next(iter(data.values())) if data else None
+    sized = first is not None and is_zoo(options.model)
+    return (first.sample_shape if first else None), (first.num_outputs if first and sized else None)
+
+
+def _builder(options: Options, data: dict[str, AnySplit] | None, seed: int) -> Callable[[], nn.Module]:
+    """What builds the options' model (at its initial weights, drawn from ``seed``), sized for ``data``."""
+    shape, outputs = _sized(options, data)
+    return lambda: build_for(options.model, shape, outputs, options.torch_dtype, seed)
+
+
+def model_skeleton(options: Options, data: dict[str, AnySplit] | None, model: nn.Module) -> nn.Module:
+    """The modules and buffers of ``model`` without its parameters: ``model`` itself when it is
+    whole, the options' model built with its parameters on the meta device and ``model``'s buffers
+    when it is sharded (what the sharded Hessian runs its gathered weights through)."""
+    if not is_sharded_model(model):
+        return model
+    return meta_skeleton(_builder(options, data, options.seed), model)
 
 
 def check_same_inputs(w: World, model: nn.Module, directions_sha256: str | list[str] = "", place: int = 0) -> None:

@@ -16,8 +16,9 @@ process gets the same spectrum as one process holding the whole split.
 
 from __future__ import annotations
 
+import contextlib
 import json
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Literal
 
 import h5py
@@ -45,7 +46,8 @@ class Hessian:
     def __init__(self, model: nn.Module, batches: Batches, loss_fn, params: list[nn.Parameter] | None = None, *,
                  n: int | None = None, reduce: Reduce | None = None):
         self.model, self.batches, self.loss_fn, self.reduce = model, batches, loss_fn, reduce
-        self.params = [p for p in (params if params is not None else model.parameters()) if p.requires_grad]
+        self.params: list[torch.Tensor] = [p for p in (params if params is not None else model.parameters())
+                                           if p.requires_grad]
         if not self.params:
             raise UserError("Hessian needs a twice-differentiable model: it has no trainable parameters")
         self.n = n if n is not None else sum(len(x) for x, _ in batches)
@@ -57,10 +59,9 @@ class Hessian:
         """H·v for a flat vector ``v`` (double back-propagation, batch by batch; shares added once)."""
         vs = self._split(v)
         out = torch.zeros_like(v)
-        with torch.enable_grad():
+        with twice_differentiable():
             for x, y in self.batches:
-                loss = self.loss_fn(self.model(x), y).sum() / self.n
-                grads = torch.autograd.grad(loss, self.params, create_graph=True, allow_unused=True)
+                grads = torch.autograd.grad(self._batch_loss(x, y), self.params, create_graph=True, allow_unused=True)
                 live = [(g, vi) for g, vi in zip(grads, vs) if g is not None and g.grad_fn is not None]
                 if not live:
                     raise UserError("Hessian needs a twice-differentiable model: no gradient depends on the "
@@ -74,6 +75,10 @@ class Hessian:
             return out
         total = self.reduce(out.detach().to(device="cpu", dtype=torch.float64).numpy())
         return torch.from_numpy(np.asarray(total)).to(device=self.device, dtype=self.dtype)
+
+    def _batch_loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """A batch's share of the mean loss."""
+        return self.loss_fn(self.model(x), y).sum() / self.n
 
     def top_eigenvalues(self, k: int = 1, iters: int = 100, tol: float = 1e-6, seed: int = 0):
         """The k largest eigenvalues (descending) and their eigenvectors (flat, unit norm)."""
@@ -106,8 +111,8 @@ class Hessian:
         gen = torch.Generator().manual_seed(seed)  # on the CPU: the same vectors on every device
         quad = np.empty(samples)
         for i in range(samples):
-            v = (torch.randint(0, 2, (self.size,), generator=gen).to(self.dtype) * 2 - 1).to(self.device)
-            quad[i] = float(v @ self.hvp(v))
+            v = self._draw(lambda shape: torch.randint(0, 2, shape, generator=gen).to(self.dtype) * 2 - 1)
+            quad[i] = self._dot(v, self.hvp(v))
         stderr = float(quad.std(ddof=1) / np.sqrt(samples)) if samples > 1 else float("nan")
         return float(quad.mean()), stderr
 
@@ -141,7 +146,7 @@ class Hessian:
         theta, s = np.linalg.eigh(_tridiagonal(alpha, beta))
 
         def vector(i: int) -> torch.Tensor:
-            out = torch.zeros(self.size, dtype=torch.float64, device=self.device)
+            out = torch.zeros_like(basis[0], dtype=torch.float64)
             for c, q in zip(s[:, i].tolist(), basis):
                 out.add_(q, alpha=c)
             return out.to(self.dtype)
@@ -151,24 +156,35 @@ class Hessian:
     def _lanczos(self, steps: int, tol: float, seed: int):
         """α, β of the tridiagonal T = QᵀHQ and the orthonormal basis Q (fully reorthogonalised)."""
         gen = torch.Generator().manual_seed(seed)  # on the CPU: the same start on every device
-        q = torch.randn(self.size, generator=gen, dtype=self.dtype).to(self.device)
-        q /= q.norm()
+        q = self._draw(lambda shape: torch.randn(shape, generator=gen, dtype=self.dtype))
+        q /= self._dot(q, q) ** 0.5
         basis, alpha, beta = [q], [], []
         for _ in range(steps):
             w = self.hvp(basis[-1])
-            alpha.append(float(w @ basis[-1]))
+            alpha.append(self._dot(w, basis[-1]))
             for _ in range(2):  # twice is enough (Kahan): keeps Q orthogonal in floating point
                 for b in basis:
-                    w -= (w @ b) * b
-            norm = float(w.norm())
+                    w -= self._dot(w, b) * b
+            norm = self._dot(w, w) ** 0.5
             stop = len(alpha) == steps or norm <= tol * max(abs(a) for a in alpha)
-            if self.reduce is not None:  # one process stopping alone would leave the others waiting in a product
-                stop = bool(self.reduce(np.array([float(stop)]))[0] > 0)
-            if stop:
+            if self._stops_together(stop):
                 break
             beta.append(norm)
             basis.append(w / norm)
         return alpha, beta, basis[: len(alpha)]
+
+    def _stops_together(self, stop: bool) -> bool:
+        """Whether any process stops: one stopping alone would leave the others waiting in a product."""
+        return stop if self.reduce is None else bool(self.reduce(np.array([float(stop)]))[0] > 0)
+
+    def _draw(self, tensor: Callable[[tuple[int, ...]], torch.Tensor]) -> torch.Tensor:
+        """A random flat vector on the device, drawn on the CPU one parameter's tensor at a time
+        (``tensor(shape)``), so that a sharded operator can keep its rows of the same vector."""
+        return torch.cat([tensor(tuple(p.shape)).reshape(-1) for p in self.params]).to(self.device)
+
+    def _dot(self, a: torch.Tensor, b: torch.Tensor) -> float:
+        """The inner product of two flat vectors (of a sharded operator: summed over its group)."""
+        return float(a @ b)
 
     def _split(self, v: torch.Tensor) -> list[torch.Tensor]:
         out, k = [], 0
@@ -176,6 +192,16 @@ class Hessian:
             out.append(v[k : k + p.numel()].view_as(p))
             k += p.numel()
         return out
+
+
+@contextlib.contextmanager
+def twice_differentiable() -> Iterator[None]:
+    """Gradients on, and attention computed by the one kernel torch back-propagates twice (its
+    fused CPU and GPU kernels have no derivative of their backward)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with torch.enable_grad(), sdpa_kernel(SDPBackend.MATH):
+        yield
 
 
 def _tridiagonal(alpha: list[float], beta: list[float]) -> np.ndarray:

@@ -4,10 +4,10 @@ sums (on a GPU an index out of range is a device assert that ends the process's 
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
 
 import torch
-from torch import nn
 
 from lsurf.engine.data.splits import AnySplit, label_range
 from lsurf.engine.evaluation.losses import LossFn, class_targets, pick_output
@@ -55,13 +55,14 @@ def check_label_flags(split: str, flags: Sequence[float], classes: int, first_ro
                         f"labels must lie in 0 to {classes - 1}")
 
 
-def check_class_labels(model: nn.Module, sample: torch.Tensor, labels: Iterable[torch.Tensor], loss_fn: LossFn,
-                       split: str, first_row: int = 0, output: str | None = None) -> None:
+def check_class_labels(model: Callable[[torch.Tensor], Any], sample: torch.Tensor, labels: Iterable[torch.Tensor],
+                       loss_fn: LossFn, split: str, first_row: int = 0, output: str | None = None) -> None:
     """Stop at class labels outside the model's outputs among ``labels`` (rows ``first_row``... of
     ``split``, in order) before work whose loss indexes the outputs with every one of them (a
     Hessian's products, a curve's training): the count each evaluator pass makes, made once here
     and read back in one sync, with the same one-line error. ``sample``: inputs on the model's
-    device, whose first row tells how many outputs there are; the model must be in eval mode."""
+    device, whose first row tells how many outputs there are; the model (or any forward) must be in
+    eval mode."""
     ignore = class_targets(loss_fn)
     ys = [y for y in labels if y.numel()]
     if ignore is None or not ys or ys[0].is_floating_point():

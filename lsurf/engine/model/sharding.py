@@ -84,6 +84,17 @@ def load_sharded(build: Callable[[], nn.Module], checkpoint: str | Path, mesh: A
     return model
 
 
+def meta_skeleton(build: Callable[[], nn.Module], like: nn.Module) -> nn.Module:
+    """The model ``build()`` makes, with its parameters on the meta device (never read: whoever runs
+    it supplies them) and ``like``'s buffers (its BatchNorm statistics, read from the checkpoint)."""
+    with _parameters_on_meta():
+        skeleton = build()
+    buffers = dict(like.named_buffers())
+    for name, b in skeleton.named_buffers():
+        b.data = buffers[name].detach()
+    return skeleton.eval()
+
+
 @contextlib.contextmanager
 def _parameters_on_meta() -> Iterator[None]:
     """Parameters registered meanwhile go to the meta device as they are registered (before a
