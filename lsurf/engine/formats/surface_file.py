@@ -32,6 +32,7 @@ import h5py
 import numpy as np
 
 from lsurf.engine.curvature import fidelity
+from lsurf.engine.formats.view import ENSEMBLES, ONE_PLANE, View, resolve
 from lsurf.engine.geometry.grid import Grid, Tile
 from lsurf.engine.geometry.refine import fill
 from lsurf.engine.io import atomic_write
@@ -324,6 +325,14 @@ class Surface:
             raise UserError(f"{self.path!r} holds an ensemble of {self.planes} planes; {use} takes one plane: "
                             "`lsurf plot` draws the ensemble, Surface.plane(k) picks one")
         return self
+
+    def view(self, use: str | None = None, *, fill: bool = False, ensembles: bool = False) -> View:
+        """This surface as it is drawn (lsurf.engine.formats.view): its kind, its axes by name, its
+        values filled in where a coarse-to-fine run trusted interpolation (``fill``: a file not done
+        yet too, as ``lsurf plot --fill`` draws it). ``use`` (e.g. ``export``) takes one plane: a
+        three-axis grid is refused, and an ensemble unless ``use`` takes ``ensembles``; None: any."""
+        resolved = resolve(self, fill)
+        return resolved if use is None else resolved.taking(use, ONE_PLANE + ENSEMBLES if ensembles else ONE_PLANE)
 
     @property
     def axis_names(self) -> list[str]:
