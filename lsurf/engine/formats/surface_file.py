@@ -34,7 +34,6 @@ import numpy as np
 from lsurf.engine.curvature import fidelity
 from lsurf.engine.formats.view import ENSEMBLES, ONE_PLANE, View, resolve
 from lsurf.engine.geometry.grid import Grid, Tile
-from lsurf.engine.geometry.refine import fill
 from lsurf.engine.io import atomic_write
 from lsurf.errors import UserError
 
@@ -316,16 +315,6 @@ class Surface:
                        attrs, self.reference,
                        finished_at=None if self.finished_at is None else self.finished_at[k])
 
-    def single_plane(self, use: str) -> Surface:
-        """This surface, refused with a clear message where ``use`` (e.g. ``export``) needs one plane."""
-        if self.third_axis is not None:
-            raise UserError(f"{self.path!r} holds a grid of three axes ({', '.join(self.axis_names)}); {use} takes "
-                            f"one plane: pick one with `slice` {self.third_axis}=VALUE")
-        if self.planes is not None:
-            raise UserError(f"{self.path!r} holds an ensemble of {self.planes} planes; {use} takes one plane: "
-                            "`lsurf plot` draws the ensemble, Surface.plane(k) picks one")
-        return self
-
     def view(self, use: str | None = None, *, fill: bool = False, ensembles: bool = False) -> View:
         """This surface as it is drawn (lsurf.engine.formats.view): its kind, its axes by name, its
         values filled in where a coarse-to-fine run trusted interpolation (``fill``: a file not done
@@ -371,21 +360,6 @@ class Surface:
         """The state of a coarse-to-fine run (lsurf.engine.geometry.refine), or None for a whole grid."""
         raw = self.attrs.get("refinement")
         return json.loads(raw) if raw else None
-
-    def interpolated(self, unfinished: bool = False) -> Surface:
-        """A coarse-to-fine surface with the points it left out filled in by the interpolation its
-        refinement trusted; ``computed`` keeps which points were measured. With ``unfinished``, a
-        whole grid not done yet too (a running job's file drawn whole: its points not done are
-        interpolated from the done ones around them where there are, else stay NaN). Any other
-        surface comes back as it is."""
-        fills = self.refinement is not None or (unfinished and not self.done.all())
-        if not fills or self.planes is not None or self.computed is not None:
-            return self
-        plane = self.grid.plane_shape
-        known = self.done.reshape(plane)
-        values = {n: fill(v.reshape(plane), known).reshape(v.shape) for n, v in self.values.items()}
-        reached = np.isfinite(fill(np.ones(plane), known)).reshape(self.done.shape)
-        return replace(self, values=values, done=reached, computed=self.done)
 
     def accounting(self) -> list[str]:
         """What the file holds besides whole passes: computed vs interpolated points, and the
