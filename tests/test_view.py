@@ -8,8 +8,7 @@ import h5py
 import numpy as np
 import pytest
 
-from lsurf.engine.formats.surface_file import create, read_surface
-from lsurf.engine.formats.view import CURVE, CURVES, GRID, PLANE, PLANES
+from lsurf.engine.formats.surface_file import CURVE, CURVES, GRID, PLANE, PLANES, create, read_surface
 from lsurf.engine.geometry.grid import Grid
 from lsurf.engine.geometry.refine import fill
 from lsurf.errors import UserError

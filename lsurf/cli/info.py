@@ -7,8 +7,7 @@ import argparse
 
 from lsurf.cli import common
 from lsurf.engine.formats.curve_file import is_curve_file, read_curve
-from lsurf.engine.formats.surface_file import read_surface
-from lsurf.engine.formats.view import ENSEMBLES
+from lsurf.engine.formats.surface_file import ENSEMBLES, read_surface
 from lsurf.post.ensemble import summarise
 from lsurf.post.info import describe
 

@@ -21,8 +21,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from lsurf.engine.formats.surface_file import Surface, describe_grid
-from lsurf.engine.formats.view import CURVE, View
+from lsurf.engine.formats.surface_file import CURVE, Surface, View, describe_grid
 from lsurf.engine.geometry.levels import DEFAULT_LEVELS, color_range, contour_levels
 from lsurf.errors import UserError
 from lsurf.post.plot import comparable_axes, draw_overlay, values_of

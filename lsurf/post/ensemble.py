@@ -15,8 +15,7 @@ from functools import reduce
 
 import numpy as np
 
-from lsurf.engine.formats.surface_file import Surface
-from lsurf.engine.formats.view import CURVES, View
+from lsurf.engine.formats.surface_file import CURVES, Surface, View
 from lsurf.errors import UserError
 from lsurf.post.plot import quantity
 

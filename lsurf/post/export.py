@@ -24,8 +24,7 @@ from typing import Literal
 import h5py
 import numpy as np
 
-from lsurf.engine.formats.surface_file import Surface
-from lsurf.engine.formats.view import CURVE, View
+from lsurf.engine.formats.surface_file import CURVE, Surface, View
 from lsurf.engine.io import atomic_write
 from lsurf.errors import UserError
 from lsurf.post.plot import values_of

@@ -21,8 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lsurf.engine.formats.surface_file import Surface
-from lsurf.engine.formats.view import CURVE, View
+from lsurf.engine.formats.surface_file import CURVE, Surface, View
 from lsurf.engine.geometry.levels import color_range
 from lsurf.engine.io import atomic_write
 from lsurf.errors import UserError

@@ -9,8 +9,7 @@ import numpy as np
 
 from lsurf.engine.curvature import fidelity
 from lsurf.engine.formats.progress import job_state
-from lsurf.engine.formats.surface_file import Surface
-from lsurf.engine.formats.view import View
+from lsurf.engine.formats.surface_file import Surface, View
 
 
 def describe(surface: Surface) -> list[str]:

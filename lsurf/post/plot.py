@@ -17,8 +17,7 @@ import numpy as np
 from lsurf.engine.curvature.fidelity import title_line
 from lsurf.engine.formats.curve_file import read_curve, recorded_ends
 from lsurf.engine.formats.progress import FINISHED, job_state
-from lsurf.engine.formats.surface_file import Surface
-from lsurf.engine.formats.view import CURVE, CURVES, ENSEMBLES, View
+from lsurf.engine.formats.surface_file import CURVE, CURVES, ENSEMBLES, Surface, View
 from lsurf.engine.geometry.curve import coordinates, curve_plane, project
 from lsurf.engine.geometry.levels import DEFAULT_LEVELS, color_range, contour_levels, is_geometric
 from lsurf.engine.io import file_sha256

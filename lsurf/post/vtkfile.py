@@ -15,8 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lsurf.engine.formats.surface_file import Surface
-from lsurf.engine.formats.view import PLANE, View
+from lsurf.engine.formats.surface_file import PLANE, Surface, View
 from lsurf.engine.io import atomic_write
 from lsurf.errors import UserError
 

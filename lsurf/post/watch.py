@@ -21,8 +21,7 @@ from typing import Protocol, TextIO
 import numpy as np
 
 from lsurf.engine.formats.progress import JobState, RateMeter, job_state
-from lsurf.engine.formats.surface_file import Surface, read_surface
-from lsurf.engine.formats.view import View
+from lsurf.engine.formats.surface_file import Surface, View, read_surface
 from lsurf.engine.geometry.levels import color_range, is_geometric
 from lsurf.errors import UserError
 from lsurf.post.html import write_html
