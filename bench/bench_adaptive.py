@@ -84,7 +84,7 @@ def coarse_to_fine(name: str, inputs: list[str], n: int, ranks: int, out: Path) 
     shutil.copy(adaptive, full)
     t_rest = surface(ranks, [*inputs, *grid, "--out", str(full)])  # resumes: only the points left out
     a, f = read_surface(adaptive), read_surface(full)
-    filled = a.interpolated()
+    filled = a.view().surface
     row = {"case": name, "grid": f"{n}x{n}", "budget": budget, "computed": int(a.done.sum()), "points": n * n,
            "computed_share": float(a.done.mean()), "seconds_adaptive": t_adaptive,
            "seconds_full_estimate": t_adaptive + t_rest, "same_values": bool(np.array_equal(
@@ -123,7 +123,7 @@ def figure(out: Path, path: Path) -> None:
 
     full, adaptive = read_surface(out / "cnn_full.h5"), read_surface(out / "cnn_adaptive.h5")
     fig = plot_comparison([full, adaptive], "train_loss", kind="contour", size=(11.0, 5.0))
-    filled = adaptive.interpolated()
+    filled = adaptive.view().surface
     X, Y = np.meshgrid(filled.x, filled.y)
     fig.axes[1].plot(X[filled.computed], Y[filled.computed], ".", color="black", markersize=1.2)
     fig.axes[0].set_title(f"full grid: {full.done.size} points", fontsize=10)

@@ -187,7 +187,7 @@ def test_three_axes_are_planes_of_the_third_and_slice(regression, tmp_path):
     with pytest.raises(UserError, match="expected c=VALUE"):
         surface.slice("z=1")
     with pytest.raises(UserError, match="pick one with `slice` c=VALUE"):
-        surface.single_plane("export")
+        surface.view("export")
     other = Cube(dirs, third, xs, ys, zs + 1)
     with pytest.raises(UserError, match="another grid"):
         api.sample_geometry(model, data, other, out, loss="mse", dtype=torch.float64, progress=False)

@@ -142,7 +142,7 @@ def test_plots_and_vtk_fill_an_adaptive_surface_and_mark_what_was_computed(mlp, 
     out = tmp_path / "ad.h5"
     lsurf("surface", *mlp, "--budget", "100", "--out", out, check=True, timeout=600)
     surface = read_surface(out)
-    filled = surface.interpolated()
+    filled = surface.view().surface
     assert filled.done.all() and (filled.computed == surface.done).all()
     np.testing.assert_array_equal(filled.values["train_loss"][surface.done], surface.values["train_loss"][surface.done])
     assert np.isfinite(filled.values["train_loss"]).all()

@@ -255,8 +255,8 @@ def test_fill_draws_a_running_grid_whole_from_its_coarse_points(tmp_path):
     w.close()
     open(f"{path}.lock", "w").close()
     s = read_surface(path)
-    assert s.interpolated() is s  # unasked, a whole grid not done is drawn as it is
-    filled = s.interpolated(unfinished=True)
+    assert s.view().surface is s  # unasked, a whole grid not done is drawn as it is
+    filled = s.view(fill=True).surface
     np.testing.assert_allclose(filled.values["train_loss"], plane, rtol=0, atol=1e-12)
     assert int(filled.computed.sum()) == 25 and filled.done.all()
     assert progress.job_state(filled).line().startswith("running: 31 % done (25 of 81 points)")

@@ -7,7 +7,7 @@ import argparse
 
 from lsurf.cli import common
 from lsurf.engine.formats.curve_file import is_curve_file, read_curve
-from lsurf.engine.formats.surface_file import read_surface
+from lsurf.engine.formats.surface_file import ENSEMBLES, read_surface
 from lsurf.post.ensemble import summarise
 from lsurf.post.info import describe
 
@@ -30,7 +30,7 @@ def run(args: argparse.Namespace) -> int:
     surface = read_surface(args.file)
     for line in describe(surface):
         print(line)
-    if surface.planes is not None and surface.third_axis is None:  # an ensemble, not a geometry's third axis
+    if surface.view().kind in ENSEMBLES:  # an ensemble, not a geometry's third axis
         for line in summarise(surface, args.quantity, args.basin_threshold).describe():
             print(line)
     return 0

@@ -55,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"state: {job_state(s).line()}")
         for line in s.accounting():
             print(" ".join(line.split()))
-    surfaces = [s.interpolated(unfinished=True) if args.fill else s for s in read]
+    surfaces = [s.view(fill=True).surface if args.fill else s for s in read]  # drawn whole, as filled
     kinds = tuple(k.strip() for k in args.kind.split(",") if k.strip())
     style = {"vmin": args.vmin, "vmax": args.vmax, "levels": args.levels, "log": args.log, "size": size}
     stem = Path(args.files[0]).stem if len(surfaces) == 1 else "compare"

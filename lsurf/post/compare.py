@@ -21,8 +21,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from lsurf.engine.formats.surface_file import Surface, describe_grid
-from lsurf.engine.geometry.grid import Grid
+from lsurf.engine.formats.surface_file import CURVE, Surface, View, describe_grid
 from lsurf.engine.geometry.levels import DEFAULT_LEVELS, color_range, contour_levels
 from lsurf.errors import UserError
 from lsurf.post.plot import comparable_axes, draw_overlay, values_of
@@ -74,25 +73,23 @@ def panel_title(surface: Surface, name: str) -> str:
     return f"{name}\n{prov}" if prov else name
 
 
-def grid_text(surface: Surface) -> str:
+def grid_text(view: View) -> str:
     """The grid in the syntax of the options, e.g. ``x -1:1:51, y -1:1:51``."""
-    return describe_grid(Grid(surface.x, surface.y))
+    return describe_grid(view.source.grid)
 
 
-def same_grid(a: Surface, b: Surface) -> bool:
-    if not np.array_equal(a.x, b.x) or a.y is None or b.y is None:
-        return np.array_equal(a.x, b.x) and a.y is None and b.y is None
-    return np.array_equal(a.y, b.y)
+def same_grid(a: View, b: View) -> bool:
+    """The same kind of grid with the very same coordinates on every axis."""
+    return a.kind == b.kind and all(np.array_equal(p.coords, q.coords) for p, q in zip(a.axes, b.axes))
 
 
-def _check(surfaces: list[Surface], kind: str, diff: str | None, levels: int) -> None:
+def _check(surfaces: list[Surface], kind: str, diff: str | None, levels: int) -> list[View]:
+    """The surfaces' views, each one plane and all of one kind; the options checked."""
     if not surfaces:
         raise UserError("`surfaces` is empty: give at least one surface")
-    for s in surfaces:
-        s.single_plane("a comparison")
-    dims = {s.ndim for s in surfaces}
-    if len(dims) > 1:
-        listing = ", ".join(f"{n} ({s.ndim}-D)" for n, s in zip(short_names(surfaces), surfaces))
+    views = [s.view("a comparison") for s in surfaces]
+    if len({v.kind for v in views}) > 1:
+        listing = ", ".join(f"{n} ({len(v.axes)}-D)" for n, v in zip(short_names(surfaces), views))
         raise UserError(f"`surfaces` mixes 1-D and 2-D files: {listing}")
     if kind not in COMPARE_KINDS:
         raise UserError(f"`kind` {kind!r}: expected one of {', '.join(COMPARE_KINDS)}")
@@ -102,16 +99,17 @@ def _check(surfaces: list[Surface], kind: str, diff: str | None, levels: int) ->
         raise UserError("`diff` needs at least two surfaces: B − A compares each to the first")
     if int(levels) < 2:
         raise UserError(f"`levels` {levels}: need at least 2")
+    return views
 
 
-def differences(surfaces: list[Surface], zs: list[np.ndarray], diff: str) -> list[np.ndarray]:
+def differences(views: list[View], zs: list[np.ndarray], diff: str) -> list[np.ndarray]:
     """B − A or B / A for every surface B after the first, A; refuses grids that differ at all."""
-    names = short_names(surfaces)
-    for s, n in zip(surfaces[1:], names[1:]):
-        if not same_grid(surfaces[0], s):
-            raise UserError(f"`diff` needs surfaces on the same grid: {names[0]} has {grid_text(surfaces[0])}, "
-                            f"{n} has {grid_text(s)}" + (" (same size, other coordinates)"
-                                                       if grid_text(s) == grid_text(surfaces[0]) else ""))
+    names = short_names([v.surface for v in views])
+    for v, n in zip(views[1:], names[1:]):
+        if not same_grid(views[0], v):
+            raise UserError(f"`diff` needs surfaces on the same grid: {names[0]} has {grid_text(views[0])}, "
+                            f"{n} has {grid_text(v)}" + (" (same size, other coordinates)"
+                                                       if grid_text(v) == grid_text(views[0]) else ""))
     with np.errstate(divide="ignore", invalid="ignore"):
         return [z - zs[0] if diff == "difference" else z / zs[0] for z in zs[1:]]
 
@@ -161,26 +159,26 @@ def plot_comparison(surfaces: list[Surface], quantity: str = "train_loss", *, ki
     ``diff="difference"`` draws each surface minus the first, ``diff="ratio"`` each divided by the
     first; both need identical grids. ``vmin``/``vmax`` fix the shared colour limits.
     """
-    _check(surfaces, kind, diff, levels)
+    views = _check(surfaces, kind, diff, levels)
     names = short_names(surfaces)
-    zs = [values_of(s, quantity) for s in surfaces]
+    zs = [values_of(v, quantity) for v in views]
     if diff is not None:
-        zs = differences(surfaces, zs, diff)
+        zs = differences(views, zs, diff)
         op = " − " if diff == "difference" else " / "
         titles = [f"{n}{op}{names[0]}" for n in names[1:]]
-        shown = surfaces[1:]
+        shown = views[1:]
         label = f"{quantity} {'difference' if diff == 'difference' else 'ratio'}"
     else:
-        titles, shown, label = names, surfaces, quantity
+        titles, shown, label = names, views, quantity
     if diff == "difference" and log:
         raise UserError("`log` does not apply to `diff='difference'` (differences change sign)")
     scale = shared_scale(zs, quantity, diff, levels, log, vmin, vmax)
-    if surfaces[0].ndim == 1:
+    if views[0].kind == CURVE:
         return _curves(shown, zs, titles, scale, label, log, diff, size)
     return _panels(shown, zs, titles, scale, kind, label, size)
 
 
-def _panels(shown: list[Surface], zs: list[np.ndarray], titles: list[str], scale: Scale, kind: str,
+def _panels(shown: list[View], zs: list[np.ndarray], titles: list[str], scale: Scale, kind: str,
             label: str, size: tuple[float, float] | None) -> Figure:
     rows, cols = _layout(len(zs))
     from matplotlib.figure import Figure
@@ -188,10 +186,8 @@ def _panels(shown: list[Surface], zs: list[np.ndarray], titles: list[str], scale
     fig = Figure(figsize=size or (4.0 * cols + 1.2, 3.6 * rows), layout="constrained")
     axes = fig.subplots(rows, cols, sharex=True, sharey=True, squeeze=False).ravel()
     mappable = None
-    for ax, s, z, title in zip(axes, shown, zs, titles):
-        y = s.y
-        assert y is not None  # panels are drawn for 2-D surfaces only
-        X, Y = np.meshgrid(s.x, y)  # z[j, i] sits at (x[i], y[j])
+    for ax, v, z, title in zip(axes, shown, zs, titles):
+        X, Y = np.meshgrid(v.x, v.y)  # z[j, i] sits at (x[i], y[j])
         masked = np.ma.masked_invalid(z if kind == "contour" else np.clip(z, scale.lo, scale.hi))
         if kind == "heatmap":
             art = ax.pcolormesh(X, Y, masked, cmap=scale.cmap, norm=scale.norm, shading="nearest")
@@ -199,9 +195,9 @@ def _panels(shown: list[Surface], zs: list[np.ndarray], titles: list[str], scale
             draw = ax.contour if kind == "contour" else ax.contourf
             art = draw(X, Y, masked, levels=scale.levels, cmap=scale.cmap, norm=scale.norm, extend=scale.extend)
         mappable = mappable or art
-        draw_overlay(ax, s, None)
-        ax.set_title(panel_title(s, title), fontsize=9)
-        if comparable_axes(s.x, y):
+        draw_overlay(ax, v.surface, None)
+        ax.set_title(panel_title(v.surface, title), fontsize=9)
+        if comparable_axes(v.x, v.y):
             ax.set_aspect("equal", adjustable="box")
     for ax in axes[len(zs):]:
         ax.set_visible(False)
@@ -216,15 +212,15 @@ def _panels(shown: list[Surface], zs: list[np.ndarray], titles: list[str], scale
     return fig
 
 
-def _curves(shown: list[Surface], zs: list[np.ndarray], titles: list[str], scale: Scale, label: str,
+def _curves(shown: list[View], zs: list[np.ndarray], titles: list[str], scale: Scale, label: str,
             log: bool, diff: str | None, size: tuple[float, float] | None) -> Figure:
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=size or (6.5, 4.2), layout="constrained")
     ax = fig.add_subplot()
-    for s, z, title in zip(shown, zs, titles):
-        prov = provenance(s)
-        ax.plot(s.x, z, "-o", markersize=2.5, linewidth=1.4, label=f"{title} ({prov})" if prov else title)
+    for v, z, title in zip(shown, zs, titles):
+        prov = provenance(v.surface)
+        ax.plot(v.x, z, "-o", markersize=2.5, linewidth=1.4, label=f"{title} ({prov})" if prov else title)
     if diff is not None:
         ax.axhline(0.0 if diff == "difference" else 1.0, color="gray", linewidth=0.8)
     if log and scale.lo > 0:  # as plot_curve: curves stay linear unless asked
@@ -236,5 +232,5 @@ def _curves(shown: list[Surface], zs: list[np.ndarray], titles: list[str], scale
     ax.set_xlabel("α")
     ax.set_ylabel(label)
     ax.legend(fontsize=8)
-    ax.set_title(label if len(shown) > 1 else panel_title(shown[0], titles[0]), fontsize=10)
+    ax.set_title(label if len(shown) > 1 else panel_title(shown[0].surface, titles[0]), fontsize=10)
     return fig

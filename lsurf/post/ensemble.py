@@ -11,26 +11,26 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from functools import reduce
 
 import numpy as np
 
-from lsurf.engine.formats.surface_file import Surface
+from lsurf.engine.formats.surface_file import CURVES, Surface, View
 from lsurf.errors import UserError
 from lsurf.post.plot import quantity
 
 
-def _ensemble(surface: Surface, name: str) -> np.ndarray:
-    if surface.planes is None:
+def _ensemble(surface: Surface) -> View:
+    view = surface.view()
+    if view.planes is None:
         raise UserError(f"{surface.path!r} holds one plane: an ensemble needs a run with `planes` > 1")
-    return quantity(surface, name)
+    return view
 
 
-def _distances(surface: Surface) -> np.ndarray:
-    """Distance of every grid point from the centre (α, β) = (0, 0), in the grid's shape."""
-    if surface.y is None:
-        return np.abs(surface.x)
-    xx, yy = np.meshgrid(surface.x, surface.y)
-    return np.hypot(xx, yy)
+def _distances(view: View) -> np.ndarray:
+    """Distance of every grid point from the centre (α, β) = (0, 0), in the grid's shape: |α| on
+    a curve (hypot(0, α)), hypot(α, β) on a plane."""
+    return reduce(np.hypot, np.meshgrid(*(a.coords for a in view.plane_axes)), np.zeros(()))
 
 
 def basin_radius(distance: np.ndarray, values: np.ndarray, threshold: float) -> float:
@@ -39,21 +39,27 @@ def basin_radius(distance: np.ndarray, values: np.ndarray, threshold: float) -> 
     return float(distance[above].min()) if above.any() else float("inf")
 
 
-def value_at_radius(surface: Surface, values: np.ndarray, r: float) -> float:
-    """A curve's value at ±r (interpolated, the mean of both sides); a plane's mean over the ring of
-    grid points within half a grid step of radius r."""
-    if surface.y is None:
-        ok = np.isfinite(values)
-        return float(np.mean([np.interp(s * r, surface.x[ok], values[ok]) for s in (-1, 1)]))
-    step = max(np.ptp(surface.x) / max(len(surface.x) - 1, 1), np.ptp(surface.y) / max(len(surface.y) - 1, 1))
-    ring = (np.abs(_distances(surface) - r) <= step / 2) & np.isfinite(values)
+def value_at_radius(view: View, values: np.ndarray, r: float) -> float:
+    """A quantity's value at distance r from the centre: :func:`_on_curve` or :func:`_on_ring`."""
+    return (_on_curve if view.kind == CURVES else _on_ring)(view, values, r)
+
+
+def _on_curve(view: View, values: np.ndarray, r: float) -> float:
+    """A curve's value at ±r (interpolated, the mean of both sides)."""
+    ok = np.isfinite(values)
+    return float(np.mean([np.interp(s * r, view.x[ok], values[ok]) for s in (-1, 1)]))
+
+
+def _on_ring(view: View, values: np.ndarray, r: float) -> float:
+    """A plane's mean over the ring of grid points within half a grid step of radius r."""
+    step = max(np.ptp(a.coords) / max(len(a.coords) - 1, 1) for a in view.plane_axes)
+    ring = (np.abs(_distances(view) - r) <= step / 2) & np.isfinite(values)
     return float(values[ring].mean()) if ring.any() else float("nan")
 
 
-def _centre(surface: Surface, values: np.ndarray) -> float:
+def _centre(distances: np.ndarray, values: np.ndarray) -> float:
     """The value at the grid point nearest the centre."""
-    d = _distances(surface)
-    return float(values.flat[int(np.argmin(d))])
+    return float(values.flat[int(np.argmin(distances))])
 
 
 def t_interval(samples: np.ndarray, level: float = 0.95) -> tuple[float, float, float]:
@@ -119,17 +125,18 @@ def summarise(surface: Surface, name: str = "train_loss", basin_threshold: float
     """Per-plane centre value, values at ``radii`` (default ¼, ½ and all of the largest radius the
     grid covers in every direction) and basin radius: where ``name`` first exceeds
     ``basin_threshold`` (default: twice the plane's centre value)."""
-    z = _ensemble(surface, name)
-    reach = float(min(np.abs(surface.x).max(), np.inf if surface.y is None else np.abs(surface.y).max()))
+    view = _ensemble(surface)
+    z = quantity(view.surface, name)
+    reach = float(min(np.abs(a.coords).max() for a in view.plane_axes))
     radii_arr = np.asarray(radii if radii is not None else (reach / 4, reach / 2, reach), dtype=float)
     if np.any(radii_arr < 0):
         raise UserError(f"`radii` {tuple(radii_arr)}: must not be negative")
-    d = _distances(surface)
-    centre = np.array([_centre(surface, z[k]) for k in range(len(z))])
+    d = _distances(view)
+    centre = np.array([_centre(d, z[k]) for k in range(len(z))])
     thresholds = np.full(len(z), basin_threshold) if basin_threshold is not None else 2 * centre
     return EnsembleSummary(
         quantity=name, seeds=_seeds(surface), centre=centre, radii=radii_arr,
-        at_radii=np.array([[value_at_radius(surface, z[k], r) for r in radii_arr] for k in range(len(z))]),
+        at_radii=np.array([[value_at_radius(view, z[k], r) for r in radii_arr] for k in range(len(z))]),
         basin=np.array([basin_radius(d, z[k], thresholds[k]) for k in range(len(z))]),
         thresholds=thresholds, reach=reach)
 

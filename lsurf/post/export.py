@@ -24,7 +24,7 @@ from typing import Literal
 import h5py
 import numpy as np
 
-from lsurf.engine.formats.surface_file import Surface
+from lsurf.engine.formats.surface_file import CURVE, Surface, View
 from lsurf.engine.io import atomic_write
 from lsurf.errors import UserError
 from lsurf.post.plot import values_of
@@ -40,27 +40,27 @@ def export_surface(surface: Surface, path: str | Path, fmt: Literal["ll", "obj",
     quantity (``ll``: only losses and accuracies, the reference's quantities).
     """
     path = Path(path)
-    surface.single_plane("export")
+    view = surface.view("export")
     if fmt not in FORMATS:
         raise UserError(f"`fmt` {fmt!r}: expected one of {', '.join(FORMATS)}")
-    if fmt == "obj" and surface.ndim != 2:
+    if fmt == "obj" and view.kind == CURVE:
         raise UserError(f"`fmt` 'obj' needs a 2-D surface: {surface.path!r} is 1-D (use csv for curves)")
     if not path.parent.is_dir():
         raise UserError(f"`path`: folder {str(path.parent)!r} does not exist")
     if path.exists() and path.resolve() == Path(surface.path).resolve():
         raise UserError(f"`path` {str(path)!r} is the source file itself: choose another name")
     if fmt == "ll":
-        return _atomic(path, lambda tmp: _write_ll(surface, tmp))
+        return _atomic(path, lambda tmp: _write_ll(view, tmp))
     if fmt == "obj":
-        height = values_of(surface, quantity)
+        height = values_of(view, quantity)
         if log:
             with np.errstate(divide="ignore", invalid="ignore"):
                 height = np.where(height > 0, np.log10(height), np.nan)
         if not np.isfinite(height).any():
             raise UserError(f"`quantity` {quantity!r}: no finite {'positive ' if log else ''}values to mesh")
         label = f"log10 {quantity}" if log else quantity
-        return _atomic(path, lambda tmp: _write_obj(surface, height, label, tmp))
-    return _atomic(path, lambda tmp: _write_csv(surface, tmp))
+        return _atomic(path, lambda tmp: _write_obj(view, height, label, tmp))
+    return _atomic(path, lambda tmp: _write_csv(view, tmp))
 
 
 def default_export_path(source: str | Path, fmt: str) -> Path:
@@ -81,28 +81,28 @@ def reference_layout(a: np.ndarray) -> np.ndarray:
     return a if a.ndim == 1 else a.ravel().reshape(a.shape[1], a.shape[0])
 
 
-def _write_ll(surface: Surface, tmp: Path) -> None:
+def _write_ll(view: View, tmp: Path) -> None:
+    """The file as stored (the reference has no interpolated points: those left out stay −1)."""
+    surface = view.source
     names = [n for n in surface.values if n.endswith(("_loss", "_acc"))]
     if not names:
         raise UserError(f"`fmt` 'll': {surface.path!r} has no *_loss or *_acc quantity to export")
     with h5py.File(tmp, "w") as f:
-        f.create_dataset("xcoordinates", data=np.asarray(surface.x, dtype=np.float64))
-        if surface.y is not None:
-            f.create_dataset("ycoordinates", data=np.asarray(surface.y, dtype=np.float64))
+        for label, axis in zip(("xcoordinates", "ycoordinates"), view.axes):  # a curve has no ycoordinates
+            f.create_dataset(label, data=np.asarray(axis.coords, dtype=np.float64))
         for name in names:
             arr = np.where(surface.done, np.asarray(surface.values[name], dtype=np.float64), -1.0)
             f.create_dataset(name, data=reference_layout(arr))
         f["dir_file"] = str(surface.attrs.get("dir_file", ""))
 
 
-def _write_obj(surface: Surface, height: np.ndarray, label: str, tmp: Path) -> None:
+def _write_obj(view: View, height: np.ndarray, label: str, tmp: Path) -> None:
     ny, nx = height.shape
     ok = np.isfinite(height)
     # Every grid point is a vertex (indices stay j * nx + i + 1); points without a height sit at the
     # lowest height and belong to no face.
     h = np.where(ok, height, np.nanmin(np.where(ok, height, np.nan)))
-    assert surface.y is not None  # export_surface refuses 1-D meshes
-    X, Y = np.meshgrid(surface.x, surface.y)
+    X, Y = np.meshgrid(view.x, view.y)
     vertices = np.column_stack([X.ravel(), Y.ravel(), h.ravel()])
     idx = np.arange(ny * nx).reshape(ny, nx) + 1
     a, b, c, d = idx[:-1, :-1], idx[:-1, 1:], idx[1:, 1:], idx[1:, :-1]  # counter-clockwise seen from +z
@@ -110,24 +110,23 @@ def _write_obj(surface: Surface, height: np.ndarray, label: str, tmp: Path) -> N
     a, b, c, d = (v.ravel()[cell_ok] for v in (a, b, c, d))
     faces = np.column_stack([a, b, c, a, c, d]).reshape(-1, 3)
     with open(tmp, "w", encoding="utf-8") as f:
-        f.write(f"# lsurf surface {Path(surface.path).name}: vertices (alpha, beta, {label}), "
+        f.write(f"# lsurf surface {Path(view.path).name}: vertices (alpha, beta, {label}), "
                 f"{nx} x {ny} grid, {len(faces)} triangles\n")
-        f.write(f"o {Path(surface.path).stem}\n")
+        f.write(f"o {Path(view.path).stem}\n")
         np.savetxt(f, vertices, fmt="v %.9g %.9g %.9g")
         np.savetxt(f, faces, fmt="f %d %d %d")
 
 
-def _write_csv(surface: Surface, tmp: Path) -> None:
+def _write_csv(view: View, tmp: Path) -> None:
+    """The file as stored, a row a point: its coordinates (x, and y of a plane), each quantity, done."""
+    surface = view.source
     names = list(surface.values)
     done = surface.done.ravel()
-    if surface.y is None:
-        coords = [surface.x.ravel()]
-    else:
-        X, Y = np.meshgrid(surface.x, surface.y)  # row j * nx + i is the point (x[i], y[j])
-        coords = [X.ravel(), Y.ravel()]
+    # row j * nx + i is the point (x[i], y[j]); a curve's one axis is its own grid
+    coords = [c.ravel() for c in np.meshgrid(*(a.coords for a in view.axes))]
     columns = coords + [np.asarray(surface.values[n], dtype=np.float64).ravel() for n in names]
     with open(tmp, "w", encoding="utf-8", newline="") as f:
-        f.write(",".join(["x"] + (["y"] if surface.y is not None else []) + names + ["done"]) + "\n")
+        f.write(",".join(["x", "y"][:len(coords)] + names + ["done"]) + "\n")
         for k in range(done.size):
             cells = [repr(float(c[k])) for c in coords]
             # points not computed have empty cells: spreadsheets and pandas read them as missing

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lsurf.engine.formats.surface_file import Surface
+from lsurf.engine.formats.surface_file import CURVE, Surface, View
 from lsurf.engine.geometry.levels import color_range
 from lsurf.engine.io import atomic_write
 from lsurf.errors import UserError
@@ -69,20 +69,23 @@ def _json_array(a: np.ndarray) -> list:
 
 
 def page_data(surfaces: list[Surface], quantities: list[str]) -> dict:
-    """What the page embeds: per file its grid, every quantity (masked where not done) and colour limits."""
+    """What the page embeds: per file its grid, every quantity (masked where not done) and colour
+    limits. The values are the view's (a coarse-to-fine file filled in, as its plots are); the
+    title and ``done`` are the surface's as given."""
     out = []
     for s, name in zip(surfaces, short_names(surfaces)):
         names = list(s.values) + [q for q in quantities if q not in s.values]
-        filled = s.interpolated()  # a coarse-to-fine file filled in, as its plots are
-        values = {n: _quantity(filled, n) for n in names}
+        view = s.view("the interactive page")
+        values = {n: _quantity(view.surface, n) for n in names}
         ranges: dict[str, list[float] | None] = {}
         for q in quantities:
             try:
                 ranges[q] = list(color_range(values[q], None, None, False))
             except UserError:  # nothing computed yet
                 ranges[q] = None
+        coords = {a: _json_array(axis.coords) for a, axis in zip(("x", "y"), view.plane_axes)}  # a curve: no y
         out.append({"name": name, "path": str(s.path), "title": figure_title(s, name), "provenance": provenance(s),
-                    "grid": grid_text(s), "x": _json_array(s.x), "y": None if s.y is None else _json_array(s.y),
+                    "grid": grid_text(view), "x": coords["x"], "y": coords.get("y"),
                     "done": np.asarray(s.done, dtype=int).tolist(),
                     "values": {n: _json_array(v) for n, v in values.items()}, "ranges": ranges})
     return {"format": "lsurf-page-1", "quantities": quantities, "surfaces": out}
@@ -95,16 +98,15 @@ def write_html(surfaces: list[Surface], path: str | Path, quantities: list[str] 
     go, make_subplots = _plotly()
     if not surfaces:
         raise UserError("`surfaces` is empty: give at least one surface")
-    for s in surfaces:
-        s.single_plane("the interactive page")
-    if len({s.ndim for s in surfaces}) > 1:
+    views = [s.view("the interactive page") for s in surfaces]
+    if len({v.kind for v in views}) > 1:
         raise UserError("`surfaces` mixes 1-D and 2-D files: write one page for each")
     path = Path(path)
     if not path.parent.is_dir():
         raise UserError(f"`path`: folder {str(path.parent)!r} does not exist")
     quantities = _choose_quantities(surfaces, quantities)
     data = page_data(surfaces, quantities)
-    fig = _figure(go, make_subplots, surfaces)
+    fig = _figure(go, make_subplots, views)
     plot = fig.to_html(full_html=False, include_plotlyjs=True, div_id=PLOT_ID, post_script=_SCRIPT,
                        default_width="100%", default_height="82vh", config={"responsive": True})
     page = _page(data, plot, refresh)
@@ -113,11 +115,11 @@ def write_html(surfaces: list[Surface], path: str | Path, quantities: list[str] 
     return path
 
 
-def _figure(go, make_subplots, surfaces: list[Surface]):
+def _figure(go, make_subplots, views: list[View]):
     """The layout and empty traces; the page's script puts the selected data in."""
-    if surfaces[0].ndim == 1:
+    if views[0].kind == CURVE:
         fig = go.Figure([go.Scatter(x=[], y=[], mode="lines+markers", name=n, hovertemplate="%{text}<extra></extra>")
-                         for n in short_names(surfaces)])
+                         for n in short_names([v.surface for v in views])])
         fig.update_layout(xaxis_title="α", hovermode="closest", legend={"orientation": "h", "y": -0.15})
         return fig
     fig = make_subplots(rows=1, cols=2, specs=[[{"type": "surface"}, {"type": "xy"}]],
@@ -129,13 +131,9 @@ def _figure(go, make_subplots, surfaces: list[Surface]):
                              connectgaps=False), row=1, col=2)
     fig.update_layout(scene={"xaxis_title": "α", "yaxis_title": "β", "aspectmode": "cube"},
                       xaxis_title="α", yaxis_title="β", margin={"l": 10, "r": 10, "t": 30, "b": 40})
-    if all(_comparable(s) for s in surfaces):  # filter-normalised axes: equal lengths look equal
+    if all(comparable_axes(v.x, v.y) for v in views):  # filter-normalised axes: equal lengths look equal
         fig.update_yaxes(scaleanchor="x", scaleratio=1, row=1, col=2)
     return fig
-
-
-def _comparable(s: Surface) -> bool:
-    return s.y is not None and comparable_axes(s.x, s.y)
 
 
 def _page(data: dict, plot: str, refresh: float | None = None) -> str:

@@ -9,23 +9,15 @@ import numpy as np
 
 from lsurf.engine.curvature import fidelity
 from lsurf.engine.formats.progress import job_state
-from lsurf.engine.formats.surface_file import Surface
+from lsurf.engine.formats.surface_file import Surface, View
 
 
 def describe(surface: Surface) -> list[str]:
     """Human-readable provenance and coverage of ``surface``, one line per item (what ``lsurf info`` prints)."""
-    shape = f"{len(surface.x)}" if surface.y is None else f"{len(surface.x)} x {len(surface.y)}"
-    shape += " points" + ("" if surface.planes is None else f" in each of {surface.planes} planes")
-    names = surface.axis_names
-    ranges = f"{names[0]} [{surface.x.min():g}, {surface.x.max():g}]"
-    if surface.y is not None:
-        ranges += f", {names[1]} [{surface.y.min():g}, {surface.y.max():g}]"
-    if surface.third_axis is not None and surface.z is not None:
-        ranges += f", {names[2]} [{surface.z.min():g}, {surface.z.max():g}] (the planes)"
     done = int(surface.done.sum())
     lines = [
         f"{'file:':<20}{surface.path}" + ("  (written by Li et al.'s loss-landscape)" if surface.reference else ""),
-        f"{'grid:':<20}{shape}, {ranges}",
+        f"{'grid:':<20}{_grid_line(surface.view())}",
         f"{'coverage:':<20}{done}/{surface.done.size} points done ({100 * done / surface.done.size:.1f} %)",
         f"{'state:':<20}{job_state(surface).line()}",
         *surface.accounting(),
@@ -57,6 +49,16 @@ def describe(surface: Surface) -> list[str]:
     if "config" in surface.attrs:
         lines.append(f"{'config:':<20}{json.dumps(json.loads(surface.attrs['config']), sort_keys=True)}")
     return lines
+
+
+def _grid_line(view: View) -> str:
+    """``17 x 13 points in each of 3 planes, x [-1, 1], y [-1, 1]``: each axis's size and range."""
+    planes = view.planes
+    shape = " x ".join(str(len(a.coords)) for a in view.plane_axes) + " points"
+    shape += "" if planes is None else f" in each of {planes} planes"
+    ranges = (f"{a.name} [{a.coords.min():g}, {a.coords.max():g}]" + " (the planes)" * (k == 2)  # a grid's third
+              for k, a in enumerate(view.axes))
+    return f"{shape}, {', '.join(ranges)}"
 
 
 def _fidelity_lines(surface: Surface) -> list[str]:

@@ -17,7 +17,7 @@ import numpy as np
 from lsurf.engine.curvature.fidelity import title_line
 from lsurf.engine.formats.curve_file import read_curve, recorded_ends
 from lsurf.engine.formats.progress import FINISHED, job_state
-from lsurf.engine.formats.surface_file import Surface
+from lsurf.engine.formats.surface_file import CURVE, CURVES, ENSEMBLES, Surface, View
 from lsurf.engine.geometry.curve import coordinates, curve_plane, project
 from lsurf.engine.geometry.levels import DEFAULT_LEVELS, color_range, contour_levels, is_geometric
 from lsurf.engine.io import file_sha256
@@ -38,14 +38,14 @@ def quantity(surface: Surface, name: str) -> np.ndarray:
     return np.where(surface.done, surface.values[name], np.nan)
 
 
-
-def values_of(surface: Surface, name: str) -> np.ndarray:
-    """A quantity with points not yet computed as NaN (a coarse-to-fine surface filled in, as its
-    own plots are); an unknown name is a `quantity` error."""
+def values_of(view: View, name: str) -> np.ndarray:
+    """A quantity as drawn (a coarse-to-fine surface filled in, as its own plots are), NaN where
+    nothing stands; an unknown name is a `quantity` error."""
     try:
-        return quantity(surface.interpolated(), name)
+        return quantity(view.surface, name)
     except UserError as e:
         raise UserError(f"`quantity`: {e}") from None
+
 
 def figure_title(surface: Surface, name: str) -> str:
     a = surface.attrs
@@ -97,23 +97,31 @@ def plot_surface(surface: Surface, name: str = "train_loss", kind: str = "filled
                  curve: dict | None = None, dots: bool = False):
     """One figure of a 2-D surface: ``kind`` in contour, filled, heatmap, surface3d; ``projection``
     (a training path) and ``curve`` (see :func:`read_curve_projection`) are drawn over it. A
-    coarse-to-fine surface is drawn filled in (:meth:`Surface.interpolated`), its computed points
-    as dots with ``dots``."""
-    surface = surface.interpolated()
+    coarse-to-fine surface is drawn filled in (:meth:`Surface.view`), its computed points as dots
+    with ``dots``."""
+    view = surface.view("plot_surface")
+    if view.kind == CURVE:
+        raise UserError(f"{surface.path!r} is 1-D: use plot_curve")
+    return _plane_figure(view, name, kind, vmin=vmin, vmax=vmax, levels=levels, log=log, size=size,
+                         projection=projection, curve=curve, dots=dots)
+
+
+def _plane_figure(view: View, name: str, kind: str, *, vmin=None, vmax=None, levels: int = DEFAULT_LEVELS,
+                  log: bool = False, size=(6.0, 5.0), projection: dict | None = None, curve: dict | None = None,
+                  dots: bool = False):
+    """:func:`plot_surface` of a plane's view (a figure of ``figures``, which resolved the view once)."""
     from matplotlib.colors import LogNorm, Normalize
     from matplotlib.figure import Figure
 
-    if surface.ndim != 2:
-        raise UserError(f"{surface.path!r} is 1-D: use plot_curve")
     if kind not in KINDS:
         raise UserError(f"`kind` {kind!r}: expected one of {', '.join(KINDS)}")
+    surface = view.surface
     z = quantity(surface, name)
     lo, hi = color_range(z, vmin, vmax, log)
     geometric = is_geometric(name, lo, log)
     norm = LogNorm(lo, hi) if geometric else Normalize(lo, hi)
-    y = surface.y
-    assert y is not None  # ndim == 2
-    X, Y = np.meshgrid(surface.x, y)  # Z[j, i] sits at (x[i], y[j])
+    x, y = view.x, view.y
+    X, Y = np.meshgrid(x, y)  # Z[j, i] sits at (x[i], y[j])
     masked = np.ma.masked_invalid(np.clip(z, lo, hi) if kind != "contour" else z)
     fig = Figure(figsize=size, layout="constrained")
     xlabel, ylabel = _axis_labels(surface, projection)
@@ -137,9 +145,9 @@ def plot_surface(surface: Surface, name: str = "train_loss", kind: str = "filled
             mesh = ax.pcolormesh(X, Y, masked, cmap="viridis", norm=norm, shading="nearest")
             fig.colorbar(mesh, ax=ax, label=name)
         draw_overlay(ax, surface, projection, curve)
-        if dots and surface.computed is not None:
-            ax.plot(X[surface.computed], Y[surface.computed], ".", color="black", markersize=1.5)
-        if comparable_axes(surface.x, y):
+        if dots and view.computed is not None:
+            ax.plot(X[view.computed], Y[view.computed], ".", color="black", markersize=1.5)
+        if comparable_axes(x, y):
             ax.set_aspect("equal")
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
@@ -188,11 +196,17 @@ def draw_overlay(ax, surface: Surface, projection: dict | None, curve: dict | No
 
 def plot_curve(surface: Surface, *, log: bool = False, size=(6.0, 4.0), vmax=None):
     """Loss (left axis) and accuracy (right axis) against α, every split of a 1-D file."""
+    view = surface.view("plot_curve")
+    if view.kind != CURVE:
+        raise UserError(f"{surface.path!r} is 2-D: use plot_surface")
+    return _curve_figure(view, log=log, size=size, vmax=vmax)
+
+
+def _curve_figure(view: View, *, log: bool = False, size=(6.0, 4.0), vmax=None):
+    """:func:`plot_curve` of a curve's view (a figure of ``figures``, which resolved the view once)."""
     from matplotlib.figure import Figure
 
-    surface = surface.interpolated()
-    if surface.ndim != 1:
-        raise UserError(f"{surface.path!r} is 2-D: use plot_surface")
+    surface, x = view.surface, view.x
     fig = Figure(figsize=size, layout="constrained")
     ax = fig.subplots()
     twin = ax.twinx()
@@ -204,10 +218,10 @@ def plot_curve(surface: Surface, *, log: bool = False, size=(6.0, 4.0), vmax=Non
         for split in splits:
             style = styles.get(split, ":")
             if f"{prefix}{split}_loss" in surface.values:
-                ax.plot(surface.x, quantity(surface, f"{prefix}{split}_loss"), style, color=loss_colour,
+                ax.plot(x, quantity(surface, f"{prefix}{split}_loss"), style, color=loss_colour,
                         label=f"{split} loss{what}")
             if f"{prefix}{split}_acc" in surface.values:
-                twin.plot(surface.x, quantity(surface, f"{prefix}{split}_acc"), style, color=acc_colour,
+                twin.plot(x, quantity(surface, f"{prefix}{split}_acc"), style, color=acc_colour,
                           label=f"{split} accuracy{what}")
     losses = np.concatenate([quantity(surface, n).ravel() for n in surface.values if n.endswith("_loss")])
     lo, hi = color_range(losses, None, vmax, log)
@@ -234,41 +248,50 @@ def plot_ensemble(surface: Surface, name: str = "train_loss", *, log: bool = Fal
     """An ensemble's picture. A curve: the median over planes with its 10–90 % band and each
     plane's curve faint. A plane: contours of the mean surface over a map of the standard
     deviation across planes (where the pictures disagree)."""
+    view = surface.view()
+    if view.planes is None:
+        raise UserError(f"{surface.path!r} holds one plane: use plot_surface or plot_curve")
+    return _ensemble_figure(view, name, log=log, levels=levels, size=size, vmin=vmin, vmax=vmax)
+
+
+def _ensemble_figure(view: View, name: str, *, log: bool = False, levels: int = 12, size=(6.0, 5.0), vmin=None,
+                     vmax=None):
+    """:func:`plot_ensemble` of an ensemble's view: its K curves as a band, its K planes as mean over spread."""
     from matplotlib.figure import Figure
 
-    if surface.planes is None:
-        raise UserError(f"{surface.path!r} holds one plane: use plot_surface or plot_curve")
-    z = quantity(surface, name)
+    z = quantity(view.surface, name)
     fig = Figure(figsize=size, layout="constrained")
     ax = fig.add_subplot()
-    k = len(z)
-    if surface.y is None:
-        for curve in z:
-            ax.plot(surface.x, curve, color="tab:blue", alpha=0.25, linewidth=0.8)
-        lo10, med, hi90 = np.nanpercentile(z, [10, 50, 90], axis=0)
-        ax.fill_between(surface.x, lo10, hi90, color="tab:blue", alpha=0.25, label="10–90 % of planes")
-        ax.plot(surface.x, med, color="tab:blue", linewidth=2, label="median")
-        lo, hi = color_range(z, vmin, vmax, log)
-        ax.set_ylim(lo * 0.9 if log else lo - 0.05 * (hi - lo), hi * 1.1 if log else hi + 0.05 * (hi - lo))
-        if log:
-            ax.set_yscale("log")
-        ax.set_xlabel("α")
-        ax.set_ylabel(name)
-        ax.legend(fontsize=8)
-    else:
-        _mean_over_spread(fig, ax, surface, z, name, log, levels, vmin, vmax)
-    ax.set_title(figure_title(surface, name) + f" ({k} planes)", fontsize=10)
+    draw = _band_of_curves if view.kind == CURVES else _mean_over_spread
+    draw(fig, ax, view, z, name, log, levels, vmin, vmax)
+    ax.set_title(figure_title(view.surface, name) + f" ({len(z)} planes)", fontsize=10)
     return fig
 
 
-def _mean_over_spread(fig, ax, surface: Surface, z: np.ndarray, name: str, log: bool, levels: int, vmin, vmax):
+def _band_of_curves(_fig, ax, view: View, z: np.ndarray, name: str, log: bool, _levels: int, vmin, vmax) -> None:
+    """Each plane's curve faint, the median over planes with its 10–90 % band."""
+    x = view.x
+    for curve in z:
+        ax.plot(x, curve, color="tab:blue", alpha=0.25, linewidth=0.8)
+    lo10, med, hi90 = np.nanpercentile(z, [10, 50, 90], axis=0)
+    ax.fill_between(x, lo10, hi90, color="tab:blue", alpha=0.25, label="10–90 % of planes")
+    ax.plot(x, med, color="tab:blue", linewidth=2, label="median")
+    lo, hi = color_range(z, vmin, vmax, log)
+    ax.set_ylim(lo * 0.9 if log else lo - 0.05 * (hi - lo), hi * 1.1 if log else hi + 0.05 * (hi - lo))
+    if log:
+        ax.set_yscale("log")
+    ax.set_xlabel("α")
+    ax.set_ylabel(name)
+    ax.legend(fontsize=8)
+
+
+def _mean_over_spread(fig, ax, view: View, z: np.ndarray, name: str, log: bool, levels: int, vmin, vmax) -> None:
     """Mean contours (labelled) over the across-plane standard deviation as a colour map."""
     from matplotlib.colors import LogNorm, Normalize
 
     with np.errstate(invalid="ignore"):
         mean, sd = np.nanmean(z, axis=0), np.nanstd(z, axis=0, ddof=1)
-    assert surface.y is not None  # a plane
-    X, Y = np.meshgrid(surface.x, surface.y)
+    X, Y = np.meshgrid(view.x, view.y)
     mesh = ax.pcolormesh(X, Y, np.ma.masked_invalid(sd), cmap="magma", shading="nearest")
     fig.colorbar(mesh, ax=ax, label=f"{name}: sd across planes")
     lo, hi = color_range(mean, vmin, vmax, log)
@@ -276,7 +299,7 @@ def _mean_over_spread(fig, ax, surface: Surface, z: np.ndarray, name: str, log: 
     cs = ax.contour(X, Y, np.ma.masked_invalid(mean), levels=contour_levels(lo, hi, levels, geometric),
                     colors="white", linewidths=0.9, norm=LogNorm(lo, hi) if geometric else Normalize(lo, hi))
     ax.clabel(cs, inline=True, fontsize=7, fmt="%.3g")
-    if comparable_axes(surface.x, surface.y):
+    if comparable_axes(view.x, view.y):
         ax.set_aspect("equal")
     ax.set_xlabel("α")
     ax.set_ylabel("β")
@@ -287,16 +310,15 @@ def figures(surface: Surface, quantity_name: str = "train_loss", kinds: tuple[st
             **style) -> dict:
     """``{file stem: Figure}`` of what ``lsurf plot`` draws: the loss/accuracy curve of a 1-D file,
     one figure per kind of a 2-D file, the spread of an ensemble of planes. ``style``: vmin, vmax,
-    levels, log, size."""
-    if surface.third_axis is not None:
-        surface.single_plane("a picture")  # refused: a three-axis grid is drawn a slice at a time
-    if surface.planes is not None:
-        return {f"{stem}_{quantity_name}_ensemble": plot_ensemble(surface, quantity_name, **style)}
-    if surface.ndim == 1:
+    levels, log, size. A three-axis grid is refused: it is drawn a slice at a time."""
+    view = surface.view("a picture", ensembles=True)
+    if view.kind in ENSEMBLES:
+        return {f"{stem}_{quantity_name}_ensemble": _ensemble_figure(view, quantity_name, **style)}
+    if view.kind == CURVE:
         keep = {k: v for k, v in style.items() if k in ("log", "size", "vmax")}
-        return {f"{stem}_curve": plot_curve(surface, **keep)}
-    return {f"{stem}_{quantity_name}_{k}": plot_surface(surface, quantity_name, k, projection=projection, curve=curve,
-                                                        dots=dots, **style) for k in kinds}
+        return {f"{stem}_curve": _curve_figure(view, **keep)}
+    return {f"{stem}_{quantity_name}_{k}": _plane_figure(view, quantity_name, k, projection=projection, curve=curve,
+                                                         dots=dots, **style) for k in kinds}
 
 
 def parse_size(spec: str) -> tuple[float, float]:

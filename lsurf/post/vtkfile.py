@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lsurf.engine.formats.surface_file import Surface
+from lsurf.engine.formats.surface_file import PLANE, Surface, View
 from lsurf.engine.io import atomic_write
 from lsurf.errors import UserError
 
@@ -31,21 +31,13 @@ def refine(x: np.ndarray, values: np.ndarray, k: int, axis: int) -> tuple[np.nda
 def write_vtk(surface: Surface, path: str | Path | None = None, quantity: str = "train_loss", *, log: bool = False,
               zmax: float | None = None, interp: int = 1) -> Path:
     """Write the ``.vts`` file (default: beside the surface file, ``NAME.vts``) and return its path."""
-    surface.single_plane("VTK")
+    view = surface.view("VTK")
     path = Path(surface.path).with_suffix(".vts") if path is None else Path(path)
     if quantity not in surface.values:
         raise UserError(f"{surface.path!r} has no quantity {quantity!r} (it has: {', '.join(sorted(surface.values))})")
     if interp < 1:
         raise UserError(f"`interp` {interp}: must be at least 1")
-    surface = surface.interpolated()  # a coarse-to-fine surface filled in; `computed` marks what was measured
-    fields = {n: np.where(surface.done, v, np.nan).astype(float) for n, v in surface.values.items()}
-    fields["done"] = surface.done.astype(float)
-    if surface.computed is not None:
-        fields["computed"] = surface.computed.astype(float)
-    x = surface.x
-    y = np.array([0.0]) if surface.y is None else surface.y
-    if surface.ndim == 1:
-        fields = {n: v[None, :] for n, v in fields.items()}
+    x, y, fields = _rows(view)
     if interp > 1:
         for axis, coords in ((1, "x"), (0, "y")):
             if (len(x) if coords == "x" else len(y)) < 2:
@@ -65,6 +57,18 @@ def write_vtk(surface: Surface, path: str | Path | None = None, quantity: str = 
     with atomic_write(path) as tmp, open(tmp, "w") as f:
         f.write(_xml(len(x), len(y), points, fields))
     return path
+
+
+def _rows(view: View) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
+    """x, y and every field as (ny, nx) rows: a curve is one row at y = 0. A coarse-to-fine surface
+    is filled in; ``computed`` marks what was measured."""
+    fields = {n: np.where(view.done, v, np.nan).astype(float) for n, v in view.values.items()}
+    fields["done"] = view.done.astype(float)
+    if view.computed is not None:
+        fields["computed"] = view.computed.astype(float)
+    x = view.x
+    y = view.y if view.kind == PLANE else np.array([0.0])  # a curve is the row β = 0, as inside lsurf (Grid)
+    return x, y, {n: v.reshape(len(y), len(x)) for n, v in fields.items()}
 
 
 def _xml(nx: int, ny: int, points: np.ndarray, fields: dict[str, np.ndarray]) -> str:

@@ -21,7 +21,7 @@ from typing import Protocol, TextIO
 import numpy as np
 
 from lsurf.engine.formats.progress import JobState, RateMeter, job_state
-from lsurf.engine.formats.surface_file import Surface, read_surface
+from lsurf.engine.formats.surface_file import Surface, View, read_surface
 from lsurf.engine.geometry.levels import color_range, is_geometric
 from lsurf.errors import UserError
 from lsurf.post.html import write_html
@@ -105,8 +105,8 @@ def heat_map(steps: np.ndarray, colour: bool) -> list[str]:
 def frame(surface: Surface, state: JobState, name: str, colour: bool, size: tuple[int, int], where: str = "") -> str:
     """One screenful: what is drawn, the job's state, the map, its colour scale and axes. ``surface``
     is the plane drawn (``where``: which, of an ensemble); ``size`` the terminal's (columns, lines)."""
-    z = values_of(surface, name)
-    z = z[None, :] if z.ndim == 1 else z[::-1]  # β grows upwards
+    view = surface.view()
+    z = values_of(view, name).reshape(-1, len(view.x))[::-1]  # β grows upwards; a curve is one row
     n = len(COLOURS) if colour else len(CHARACTERS)
     cols, lines = max(size[0] - 1, 8), max(size[1] - 6, 2) * (2 if colour else 1)
     head = [f"{surface.path}: {name}{where}", state.line()]
@@ -117,17 +117,17 @@ def frame(surface: Surface, state: JobState, name: str, colour: bool, size: tupl
     geometric = is_geometric(name, lo)
     cells = shrink(np.clip(z, lo, hi), lines, cols)  # clipped first: an overflow counts as the top colour
     scale = "".join(heat_map(np.arange(n)[None, :], colour)) if colour else CHARACTERS
-    x = f"α {surface.x[0]:g} … {surface.x[-1]:g} left to right"
-    y = "" if surface.y is None else f", β {surface.y[0]:g} … {surface.y[-1]:g} bottom to top"
+    axes = ", ".join(f"{symbol} {a.coords[0]:g} … {a.coords[-1]:g} {way}" for symbol, a, way
+                     in zip(("α", "β"), view.plane_axes, ("left to right", "bottom to top")))
     return "\n".join([*head, *heat_map(levels(cells, lo, hi, geometric, n), colour),
-                      f"{lo:.4g} {scale} {hi:.4g}{' (log scale)' if geometric else ''}{_blanks(surface)}", x + y])
+                      f"{lo:.4g} {scale} {hi:.4g}{' (log scale)' if geometric else ''}{_blanks(view)}", axes])
 
 
-def _blanks(surface: Surface) -> str:
+def _blanks(view: View) -> str:
     """What the map's gaps are: points not done, or (``fill``) not reached by the interpolation."""
-    if surface.computed is not None and not surface.computed.all():
-        return "; between computed points interpolated" + ("" if surface.done.all() else ", blank: not reached yet")
-    return "" if surface.done.all() else "; blank: not done yet"
+    if view.computed is not None and not view.computed.all():
+        return "; between computed points interpolated" + ("" if view.done.all() else ", blank: not reached yet")
+    return "" if view.done.all() else "; blank: not done yet"
 
 
 def watch(path: str | Path, *, quantity: str | None = None, plane: int | None = None, interval: float = 2.0,
@@ -136,7 +136,7 @@ def watch(path: str | Path, *, quantity: str | None = None, plane: int | None = 
     """Draw ``path`` every ``interval`` seconds until its job ends (``once``: one drawing now), and
     keep the page ``html`` up to date; returns the last state (None if interrupted before the file
     appeared). ``colour``: ANSI colours (default: when ``out`` is a terminal and NO_COLOR unset);
-    ``fill``: points not done drawn interpolated from done ones (Surface.interpolated). Ctrl-C ends
+    ``fill``: points not done drawn interpolated from done ones (Surface.view). Ctrl-C ends
     the watch, not the job; so does ``stop`` once set (the CLI's, from SIGINT, so the signal never
     lands inside an HDF5 call, after which h5py's lock can hang the interpreter's exit)."""
     stop = stop or threading.Event()
@@ -153,13 +153,13 @@ def watch(path: str | Path, *, quantity: str | None = None, plane: int | None = 
             now = time.time()
             state = job_state(surface, now=now)
             state = state.measured(meter.observe(now, state.done))
-            view = _plane(surface, plane).interpolated(unfinished=fill)
-            name = quantity or first_loss(view)
+            drawn = _plane(surface, plane).view(fill=fill).surface
+            name = quantity or first_loss(drawn)
             if html is not None and (state.done, state.state) != shown:  # the page first: a frame drawn is on it
-                write_html([view], html, refresh=interval if state.running else None)
+                write_html([drawn], html, refresh=interval if state.running else None)
             if terminal or (state.done, state.state) != shown:  # a log gets a frame when something changed
                 where = "" if surface.planes is None else f", plane {plane or 0} of {surface.planes}"
-                text = frame(view, state, name, colour, shutil.get_terminal_size((100, 40)), where)
+                text = frame(drawn, state, name, colour, shutil.get_terminal_size((100, 40)), where)
                 out.write(("\x1b[H\x1b[J" if terminal else "") + text + "\n")
                 out.flush()
             shown = (state.done, state.state)
