@@ -105,7 +105,7 @@ def test_a_checkpoint_is_read_by_rows_into_the_sharded_model(tmp_path):
 def test_the_hessian_of_a_checkpoint_read_by_rows(tmp_path):
     """``lsurf hessian --shard fsdp``: each rank reads its rows of the checkpoint, runs its share of
     the split through the weights gathered whole, and holds its rows of every Lanczos vector; the
-    spectrum is one unsharded process's."""
+    spectrum, and a surface on the Hessian plane, are one unsharded process's."""
     torch.save({"state_dict": load_model("cnn", (1, 8, 8), 10, seed=5).state_dict()}, tmp_path / "cnn.t7")
     args = ["hessian", "--model", "cnn", "--data", "digits", "--subset", "60", "--dtype", "float64", "--checkpoint",
             tmp_path / "cnn.t7", "--top-k", "2", "--iters", "20", "--trace-samples", "2", "--threads", "1"]
@@ -114,6 +114,15 @@ def test_the_hessian_of_a_checkpoint_read_by_rows(tmp_path):
     with h5py.File(tmp_path / "s.h5") as s, h5py.File(tmp_path / "one.h5") as one:
         for k in ("eigenvalues", "trace"):
             np.testing.assert_allclose(s[k][()], one[k][()], rtol=1e-8, atol=0, err_msg=k)
+    # a Hessian plane of the sharded model: each rank's rows of the eigenvectors move its rows of the weights
+    plane = ["surface", *args[1:11], "--x", "-1:1:3", "--y", "-1:1:3", "--directions", "hessian:max,min",
+             "--threads", "1", "--no-progress", "--fidelity", "off"]
+    mpirun(2, *plane, "--ranks-per-point", "2", "--shard", "fsdp", "--out", tmp_path / "hs.h5", check=True)
+    cli(*plane, "--out", tmp_path / "h1.h5", check=True)
+    with h5py.File(tmp_path / "hs.h5") as s, h5py.File(tmp_path / "h1.h5") as one:
+        np.testing.assert_allclose(s["train_loss"][()], one["train_loss"][()], rtol=1e-8, atol=0)
+        values = [json.loads(f.attrs["directions"])["eigenvalues"] for f in (s, one)]
+        np.testing.assert_allclose(*values, rtol=1e-8)
     # one group of every rank, and the eigenvectors (held by rows) are not saved as directions
     p = mpirun(4, *args, "--ranks-per-point", "2", "--shard", "fsdp")
     assert p.returncode == 2 and "needs one group of all ranks: run 2 ranks, not 4" in p.stderr, p.stderr

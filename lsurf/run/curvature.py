@@ -94,15 +94,19 @@ def model_spectrum(model: nn.Module, split: AnySplit, options: Options, device: 
 
 
 def hessian_directions(model: nn.Module, split: AnySplit, options: Options, device: torch.device, comm: Any,
-                       which: Sequence[Extreme], iters: int = 100) -> Directions:
+                       which: Sequence[Extreme], iters: int = 100, skeleton: nn.Module | None = None) -> Directions:
     """The eigenvectors ``which`` names (``max``, ``max2``, ``min``) of the Hessian at the model's
     weights, as directions (unit norm, ``norm`` none), on every rank of ``comm``: a Hessian plane
     (``max``, ``max2``: the two sharpest directions; ``max``, ``min``: the plane that shows a
-    saddle if there is one). The eigenvalues go into the directions' metadata."""
+    saddle if there is one). The eigenvalues go into the directions' metadata. With ``shard``,
+    each rank's rows of them (see :func:`operator_at` for ``skeleton``)."""
     w = World.of(comm)
-    with operator_at(w, model, (options.split[0], split), options, device) as h:
+    with operator_at(w, model, (options.split[0], split), options, device, skeleton=skeleton) as h:
         values, vectors = h.eigenpairs(which, iters, seed=options.seed)
-        return eigen_directions(model, h, values, vectors, {**_meta(options), "which": list(which)})
+        meta = {**_meta(options), "which": list(which)}
+        if isinstance(h, ShardedHessian):
+            return h.directions(model, values, vectors, meta)
+        return eigen_directions(model, h, values, vectors, meta)
 
 
 def _meta(options: Options) -> dict:
@@ -116,18 +120,20 @@ def hessian_plane(options: Options, model: nn.Module, data: dict[str, AnySplit],
     """The directions ``options.directions`` names (e.g. ``hessian:max,min``) at the model's
     weights, over the first of ``options.split``, on every rank of ``comm``. A direction file
     beside the output (``NAME.directions.h5``) made the same way from the same checkpoint is
-    reused (a resumed run then walks exactly the stored plane); ``overwrite`` recomputes."""
+    reused (a resumed run then walks exactly the stored plane); ``overwrite`` recomputes. A sharded
+    run computes its rows of the plane again (the same numbers: the same products, in order)."""
     w = World.of(comm)
     which = cast(list[Extreme], options.directions.removeprefix("hessian:").split(","))
     path = directions_path(options.out)
     names, targets = target_tensors(model, "weights")
     want = {**_meta(options), "which": which, "source": "hessian",
             "checkpoint_sha256": file_sha256(options.checkpoint) if options.checkpoint else ""}
-    if not options.overwrite and w.agree(lambda: _same_plane(path, want)):
+    if not options.shard and not options.overwrite and w.agree(lambda: _same_plane(path, want)):
         return w.agree(lambda: load_directions(path, names, targets, len(which) == 2))
     device = w.agree(lambda: choose_device(w, options.device))
     split = data[options.split[0]]
-    return hessian_directions(model, split, options, device, comm, which)
+    skeleton = w.agree(lambda: model_skeleton(options, data, model))
+    return hessian_directions(model, split, options, device, comm, which, skeleton=skeleton)
 
 
 def _same_plane(path: Path, want: dict) -> bool:

@@ -188,9 +188,6 @@ class Options:
         if self.fidelity == "on":
             raise UserError(f"`fidelity` on: not with `shard` {self.shard} (fidelity compares the planes with the "
                             "Hessian's eigenvectors, which a sharded run holds by rows); leave `fidelity` auto or off")
-        if self.directions != "random":
-            raise UserError(f"`directions` {self.directions}: not with `shard` {self.shard} (the sharded Hessian's "
-                            "eigenvectors are held by rows; `lsurf hessian` reports the spectrum)")
         if self.weights_on_disk:  # each rank reads its rows only: nothing can use the whole model
             whole = [f"`{n}`" for n in ("geometry", "model2", "curve_plane") if getattr(self, n)]
             if whole:

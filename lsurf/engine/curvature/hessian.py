@@ -238,8 +238,7 @@ def eigen_directions(model: nn.Module, h: Hessian, values: np.ndarray, vectors: 
     """Eigenvectors of ``h`` as an ordinary direction file's directions (``dir_type`` weights: one
     tensor per ``model.named_parameters()``), so ``lsurf surface`` can walk along them. Parameters
     the Hessian does not cover (frozen ones) are zeros: the eigenvectors do not move them."""
-    if not 1 <= len(vectors) <= 2:
-        raise UserError(f"a direction file holds one or two directions, not {len(vectors)}")
+    info = eigen_meta(values, len(vectors), meta)
     offsets, k = {}, 0
     for p in h.params:
         offsets[id(p)] = k
@@ -252,9 +251,15 @@ def eigen_directions(model: nn.Module, h: Hessian, values: np.ndarray, vectors: 
                 else torch.zeros(p.shape, dtype=v.dtype) for _, p in named]
 
     dirs = [unflatten(v) for v in vectors]
-    info = {"source": "hessian", "kind": "hessian", "eigenvalues": [float(x) for x in values[: len(vectors)]],
-            "dir_type": "weights", "norm": "none", **(meta or {})}
     return Directions([n for n, _ in named], dirs[0], dirs[1] if len(dirs) > 1 else None, info)
+
+
+def eigen_meta(values: np.ndarray, count: int, meta: dict | None) -> dict:
+    """What a direction file of Hessian eigenvectors records: their eigenvalues, unnormalised weights."""
+    if not 1 <= count <= 2:
+        raise UserError(f"a direction file holds one or two directions, not {count}")
+    return {"source": "hessian", "kind": "hessian", "eigenvalues": [float(x) for x in values[:count]],
+            "dir_type": "weights", "norm": "none", **(meta or {})}
 
 
 def save_results(results: dict[str, np.ndarray], path: str, config: dict) -> None:

@@ -17,6 +17,7 @@ same graph, which a model without data-dependent control flow gives.
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Callable, Iterable
 
@@ -24,7 +25,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from lsurf.engine.curvature.hessian import Hessian
+from lsurf.engine.curvature.hessian import Hessian, eigen_meta
+from lsurf.engine.geometry.directions import Directions, hash_into
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 
@@ -147,3 +149,23 @@ class ShardedHessian(Hessian):
         t = torch.from_numpy(np.asarray(values, dtype=np.float64)).to(self.device)
         dist.all_reduce(t, group=self.group)
         return t.cpu().numpy()
+
+    def directions(self, model: nn.Module, values: np.ndarray, vectors: list[torch.Tensor],
+                   meta: dict | None = None) -> Directions:
+        """Eigenvectors (this rank's rows, flat) as the directions of a sharded surface: this rank's
+        rows of one tensor per ``model.named_parameters()`` (zeros where the Hessian has none), and
+        the hash of the whole ones, each gathered in turn (collective: every rank calls)."""
+        info = eigen_meta(values, len(vectors), meta)
+        mine = dict(zip(self.names, zip(*(self._split(v) for v in vectors))))
+        named = list(model.named_parameters())
+        rows = [chunk_rows(p.shape[0], self.parts, self.rank) for _, p in named]
+        parts: list[list[torch.Tensor]] = [[], []]
+        digest = hashlib.sha256()
+        for k in range(len(vectors)):
+            for (name, p), r in zip(named, rows):
+                part = mine[name][k] if name in mine else torch.zeros((r.stop - r.start, *p.shape[1:]),
+                                                                       dtype=self.dtype, device=self.device)
+                hash_into(digest, _all_gather(part.detach(), p.shape[0], self.group))
+                parts[k].append(part.detach().cpu().clone())
+        return Directions([n for n, _ in named], parts[0], parts[1] or None, info, rows=list(rows),
+                          digest=digest.hexdigest())

@@ -123,11 +123,11 @@ def norm_factor(d: torch.Tensor, w: torch.Tensor, norm: str, axis: int = 0) -> t
 def _hash(tensors: Iterable[torch.Tensor]) -> str:
     h = hashlib.sha256()
     for t in tensors:
-        _hash_into(h, t)
+        hash_into(h, t)
     return h.hexdigest()
 
 
-def _hash_into(h: hashlib._Hash, t: torch.Tensor) -> None:
+def hash_into(h: hashlib._Hash, t: torch.Tensor) -> None:
     t = t.detach().cpu().contiguous()
     h.update((t.view(torch.int16) if t.dtype == torch.bfloat16 else t).numpy().data)  # its bytes, not a copy
 
@@ -228,7 +228,7 @@ def _direction(targets: list[torch.Tensor], axes: list[int], seed: int, which: i
                     d.mul_(factor)
                 kept.append((d.dtype, factor))
         if digest is not None:
-            _hash_into(digest, d)
+            hash_into(digest, d)
         if keep_values:
             values.append(d if rows is None else d[rows].clone())
     return values, kept
