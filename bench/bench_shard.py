@@ -13,6 +13,10 @@ around it, each configuration in fresh processes:
 - ``--shard fsdp`` with G = 2 and G = 4 (each rank builds the model on the meta device and reads
   its 1/G of the checkpoint's rows; θ* and the direction by rows too).
 
+Then ``lsurf hessian`` (``--iters 2``: two Hessian-vector products, float32) unsharded on 1 rank
+and sharded with G = 2 and 4 (one group of all ranks, each reading its rows): peak per rank and the
+command's seconds (loading included), and the top eigenvalue against the unsharded one.
+
 Each rank runs lsurf in-process under a wrapper that prints its peak resident set (VmHWM: pages of
 the memory-mapped checkpoint it touched included); a process that only imports gives the fixed
 cost. Seconds per point are the file's wall seconds over its points. Four ranks share this
@@ -32,6 +36,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -131,6 +136,8 @@ def main() -> None:
             differs = 0.0 if first is None else float(np.max(np.abs(losses / first["losses"] - 1)))
             rows[name] = {"ranks": ranks, "peak_per_rank": max(peaks), "seconds_per_point": per_point,
                           "weights_held_per_rank": max(held), "losses": losses, "loss_rel_diff": differs}
+        hessians = hessian_runs(
+            {k: v for k, v in configs.items() if k != "unsharded, 4 ranks per point"}, d / "mlp.pt", env)
     base = rows["unsharded, 1 rank"]
     print(f"MLP of {params / 1e6:.1f} M parameters ({params * 4 / 2**30:.2f} GiB in float32) from a torch "
           f"checkpoint; 64 samples, 3 points; fixed cost (imports) {fixed / 2**30:.2f} GiB per process")
@@ -144,8 +151,34 @@ def main() -> None:
               f"{r['loss_rel_diff']:14.1e}")
     print("loss vs 1 rank: the largest relative difference of the float32 losses from the unsharded "
           "one-rank run's")
+    print(f"{'lsurf hessian (2 products)':30s} {'ranks':>5s} {'peak/rank':>10s} {'vs 1 rank':>9s} {'seconds':>8s} "
+          f"{'λ vs 1 rank':>12s}")
+    for name, r in hessians.items():
+        print(f"{name:30s} {r['ranks']:5d} {r['peak_per_rank'] / 2**30:8.2f} G "
+              f"{r['peak_per_rank'] / hessians['unsharded, 1 rank']['peak_per_rank']:9.2f} {r['seconds']:8.1f} "
+              f"{r['top_rel_diff']:12.1e}")
     runs = {name: {k: v for k, v in r.items() if k != "losses"} for name, r in rows.items()}
-    print(json.dumps({"params": params, "fixed_bytes": fixed, "runs": runs}))
+    print(json.dumps({"params": params, "fixed_bytes": fixed, "runs": runs, "hessian": hessians}))
+
+
+def hessian_runs(configs: dict[str, tuple[int, list[str]]], checkpoint: Path, env: dict) -> dict[str, dict]:
+    """``lsurf hessian`` (two products) per configuration: peak per rank, seconds, top eigenvalue."""
+    import h5py
+
+    rows: dict[str, dict] = {}
+    for name, (ranks, extra) in configs.items():
+        out = checkpoint.with_name("h.h5")
+        start = time.perf_counter()
+        peaks = run(ranks, ["run", "hessian", "--model", "bench_shard:wide_mlp", "--data", "bench_shard:samples",
+                            "--checkpoint", str(checkpoint), "--batch-size", "64", "--threads", "1", "--top-k", "1",
+                            "--iters", "2", "--trace-samples", "0", "--out", str(out), *extra], env)
+        seconds = time.perf_counter() - start
+        with h5py.File(out, "r") as f:
+            top = float(f["eigenvalues"][0])
+        first = next(iter(rows.values()), None)
+        rows[name] = {"ranks": ranks, "peak_per_rank": max(peaks), "seconds": seconds, "top": top,
+                      "top_rel_diff": 0.0 if first is None else abs(top / first["top"] - 1)}
+    return rows
 
 
 if __name__ == "__main__":

@@ -88,8 +88,8 @@ def spectrum(name: str, comm=None, sharded: bool = True) -> dict[str, np.ndarray
     size = comm.Get_size() if comm is not None else 1
     options = Options(dtype="float64", batch_size=4, seed=1, **({"ranks_per_point": size, "shard": "fsdp"}
                                                                 if sharded else {}))
-    done = model_spectrum(model, data["train"], options, torch.device("cpu"), comm, top_k=3, iters=30,
-                          trace_samples=3)
+    done = model_spectrum(model, data["train"], options, torch.device("cpu"), comm, top_k=2, iters=8,
+                          trace_samples=1)
     return None if done is None else done[0]
 
 
