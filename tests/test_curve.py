@@ -15,6 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import REPO, lsurf, mpirun, requires_mpi
+from test_metric_plugins import METRICS
 
 from lsurf import load_data, load_model, read_surface
 from lsurf.engine.data.splits import Split
@@ -139,6 +140,38 @@ def test_two_ranks_train_and_evaluate_the_curve_one_process_does(pair, tmp_path)
     assert shared.attrs["mpi_ranks"] == 2 and shared.done.all()
     for name, values in alone.values.items():
         np.testing.assert_allclose(shared.values[name], values, rtol=1e-9, err_msg=name)
+
+
+@pytest.mark.mpi
+@requires_mpi
+def test_the_evaluation_runs_on_the_surfaces_runner(pair, tmp_path):
+    """``curve eval`` is sampled by the surfaces' runner: a plug-in metric along the curve and the line
+    (top-1 accuracy by another road: equal to the built-in), a rank group of 2 equal to one process, a
+    finished file run again left as it is (nothing to do), one asked for other points refused, untouched."""
+    a, b = pair
+    (tmp_path / "hitsmetric.py").write_text(METRICS)  # hits(): top-1 accuracy as a plug-in
+    env = {"PYTHONPATH": f"{tmp_path}:{REPO}", "OMP_NUM_THREADS": "1"}
+    lsurf("curve", "train", *DIGITS, "--subset", "300", *_ends(a, b), "--epochs", "1", "--out", tmp_path / "c.h5",
+          check=True)
+    evaluate = ["curve", "eval", tmp_path / "c.h5", "--subset", "300", "--points", "5", "--dtype", "float64",
+                "--metric", "hitsmetric:hits", "--no-progress"]
+    lsurf(*evaluate, "--out", tmp_path / "one.h5", env=env, check=True)
+    mpirun(2, *evaluate, "--ranks-per-point", "2", "--out", tmp_path / "group.h5", env=env, check=True)
+    one, group = read_surface(tmp_path / "one.h5"), read_surface(tmp_path / "group.h5")
+    for prefix in ("", "line_"):
+        for split in ("train", "test"):
+            np.testing.assert_array_equal(one.values[f"{prefix}{split}_hits"], one.values[f"{prefix}{split}_acc"])
+    assert group.attrs["rank_layout"].startswith("2 ranks in 1 groups of 2")
+    assert json.loads(one.attrs["plan"])["batch_size"] == 128  # a surface's plan: its default batch size here
+    assert one.values.keys() == group.values.keys()
+    for name, values in one.values.items():
+        np.testing.assert_allclose(group.values[name], values, rtol=1e-12, err_msg=name)
+    again = lsurf(*evaluate, "--out", tmp_path / "one.h5", env=env, check=True)
+    assert "0 of 5 points to do" in again.stderr and "barrier" in again.stdout
+    np.testing.assert_array_equal(read_surface(tmp_path / "one.h5").values["train_loss"], one.values["train_loss"])
+    other = lsurf(*evaluate, "--points", "7", "--out", tmp_path / "one.h5", env=env)
+    assert other.returncode == 2 and "--overwrite" in other.stderr, other.stderr
+    np.testing.assert_array_equal(read_surface(tmp_path / "one.h5").x, np.linspace(0, 1, 5))
 
 
 @pytest.mark.cli

@@ -16,12 +16,9 @@ from lsurf.engine.data.batches import resident_batches
 from lsurf.engine.data.splits import Split
 from lsurf.engine.evaluation.evaluate import Evaluator, _coefficients, evaluator
 from lsurf.engine.evaluation.losses import resolve_loss
-from lsurf.engine.evaluation.plan import default_batch_size
 from lsurf.engine.geometry.curve import Curve, parameters_of
 from lsurf.engine.geometry.grid import Grid
 from lsurf.engine.training.curve import Progress, Training, train_curve
-from lsurf.run.curve import curve_batch_size
-from lsurf.run.options import Options
 from lsurf.run.runtime import configure_process
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -116,18 +113,3 @@ def test_one_process_trains_a_curve_without_float64_copies_of_its_gradients():
                     Training(epochs=1, batch_size=16), Progress(), loss_fn=resolve_loss("cross_entropy"))
     # the epoch's draws of t are float64; the per-step gradient buffer is made only to add the ranks' sums
     assert [f for f, _ in made if "rand" not in f] == []
-
-
-def test_curve_evaluation_takes_the_surfaces_default_batch_size():
-    class Wide(torch.nn.Module):  # 2^20 outputs per sample: a surface takes batches of 16 on the CPU
-        def __init__(self):
-            super().__init__()
-            self.lin = torch.nn.Linear(64, 1 << 20)
-
-        def forward(self, x):
-            return self.lin(x.flatten(1))
-
-    data = {"train": Split(torch.randn(8, 1, 8, 8), torch.randn(8, 1 << 20))}
-    opts = Options(loss="mse")
-    assert curve_batch_size(Wide(), data, opts, torch.device("cpu")) == default_batch_size(torch.device("cpu"), 1 << 20)
-    assert default_batch_size(torch.device("cpu"), 1 << 20) == 16

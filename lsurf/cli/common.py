@@ -187,7 +187,8 @@ def add_sharding(g: argparse._ArgumentGroup, point: str = "every grid point") ->
                         "larger than one device")
 
 
-def add_run(p: argparse.ArgumentParser) -> None:
+def add_run(p: argparse.ArgumentParser, out_help: str | None = None) -> None:
+    """Distribution and output; ``out_help``: ``--out`` is required, said so (else it defaults to surface.h5)."""
     g = p.add_argument_group("distribution and output")
     add_sharding(g)
     g.add_argument("--tile", default=SUPPRESS,
@@ -196,7 +197,10 @@ def add_run(p: argparse.ArgumentParser) -> None:
     g.add_argument("--schedule", default=SUPPRESS, choices=choices(Schedule), help="(default dynamic)")
     g.add_argument("--writer", default=SUPPRESS, choices=choices(Writer),
                    help="mpio: every rank writes via parallel HDF5; root: tiles are sent to rank 0")
-    g.add_argument("--out", default=SUPPRESS, help="the surface file (resumed if it matches; default surface.h5)")
+    if out_help:
+        g.add_argument("--out", required=True, help=out_help)
+    else:
+        g.add_argument("--out", default=SUPPRESS, help="the surface file (resumed if it matches; default surface.h5)")
     g.add_argument("--overwrite", action="store_true", default=SUPPRESS,
                    help="replace an existing output made differently")
     g.add_argument("--no-progress", dest="progress", action="store_false", default=SUPPRESS)

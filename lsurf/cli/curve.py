@@ -25,7 +25,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                        description="Train the bends of a curve from --checkpoint (A) to --model2 (B) on the "
                        "train split; the curve file is rewritten after every epoch and the same command "
                        "continues it.")
-    _add_inputs(t, "the curve file to write (continued if it was made the same way)")
+    _add_inputs(t)
+    t.add_argument("--out", required=True, help="the curve file to write (continued if it was made the same way)")
+    t.add_argument("--overwrite", action="store_true", default=SUPPRESS,
+                   help="replace an existing output made differently")
     g = t.add_argument_group("curve")
     g.add_argument("--bends", type=int, default=SUPPRESS,
                    help=f"K bends: a Bezier of degree K+1, or a chain of K+1 segments (default {CurveSpec.bends})")
@@ -41,19 +44,23 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                        "and the straight line, into a 1-D surface file; prints both barriers. The models and "
                        "data are the curve's (as `curve train` recorded them) unless given.")
     e.add_argument("curve_file", metavar="CURVE", help="a file of `lsurf curve train`")
-    _add_inputs(e, "the 1-D surface file to write (axis t)")
+    _add_inputs(e)
     e.add_argument("--points", type=int, default=SUPPRESS, help=f"values of t in [0, 1] (default {_POINTS})")
+    common.add_data_feed(e)
+    g = e.add_argument_group("evaluation")
+    g.add_argument("--points-per-pass", type=int, default=SUPPRESS,
+                   help="values of t per vmap-ed forward (1 = per point; default: calibrated at start)")
+    g.add_argument("--metric", action="append", default=SUPPRESS, metavar="PKG.MODULE:FACTORY",
+                   help="also your own additive metric, along the curve and the line (repeatable; see README)")
+    common.add_run(e, out_help="the 1-D surface file to write (axis t; resumed if it was made the same way)")
 
 
-def _add_inputs(p: argparse.ArgumentParser, out_help: str) -> None:
+def _add_inputs(p: argparse.ArgumentParser) -> None:
     common.add_common(p)
     common.add_model(p)
     p.add_argument("--model2", default=SUPPRESS, help="model B: the other end of the curve")
     common.add_data(p)
     common.add_device(p)
-    p.add_argument("--out", required=True, help=out_help)
-    p.add_argument("--overwrite", action="store_true", default=SUPPRESS,
-                   help="replace an existing output made differently")
 
 
 def run(args: argparse.Namespace) -> int:

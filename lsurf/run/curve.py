@@ -25,25 +25,24 @@ from torch import nn
 from lsurf._version import __version__
 from lsurf.engine.data.batches import to_device
 from lsurf.engine.data.splits import AnySplit, Split
-from lsurf.engine.evaluation.evaluate import evaluator
+from lsurf.engine.evaluation.evaluate import Evaluator
 from lsurf.engine.evaluation.labels import check_class_labels
 from lsurf.engine.evaluation.losses import resolve_loss
-from lsurf.engine.evaluation.metrics import metrics_for, quantity_names
-from lsurf.engine.evaluation.plan import default_batch_size
-from lsurf.engine.evaluation.probes import check_outputs_fit
 from lsurf.engine.formats import surface_file
 from lsurf.engine.formats.curve_file import StoredCurve, curve_attrs, read_curve, save_curve
 from lsurf.engine.geometry.curve import Curve, check_same_architecture, check_shape, parameters_of
-from lsurf.engine.geometry.directions import Directions, model_directions
-from lsurf.engine.geometry.grid import Grid, Tile
+from lsurf.engine.geometry.directions import AnyDirections, Directions, model_directions
+from lsurf.engine.geometry.grid import Grid
 from lsurf.engine.io import file_sha256
 from lsurf.engine.model.models import read_state_dict
 from lsurf.engine.model.snapshot import preserved
 from lsurf.engine.training.curve import Progress, Training, train_curve
 from lsurf.errors import UserError
 from lsurf.run.options import Options
-from lsurf.run.provenance import RECORDED_SINCE, Provenance
+from lsurf.run.points import PointSet
+from lsurf.run.provenance import Provenance
 from lsurf.run.runtime import choose_device
+from lsurf.run.sampler import sample_points
 from lsurf.run.sources import check_same_inputs, load_inputs
 from lsurf.run.world import World, abort_on_failure
 
@@ -215,45 +214,79 @@ def eval_curve_job(options: Options, curve_path: str, points: int = 21, comm: An
     ``train_loss``, ...) and along the straight line (``line_train_loss``, ...) into the 1-D surface
     file ``options.out``, with the barriers (highest train loss along the path minus the mean of
     the ends') as attributes ``barrier_curve`` and ``barrier_line``. Returns the surface on rank 0.
-    An existing output made the same way is computed afresh (a curve's few points need no resume);
-    one made otherwise is refused unless ``overwrite``."""
+    The points are sampled by the surfaces' runner (lsurf.run.sampler): tiles over the ranks, the
+    file's lock, identity and resume; one made otherwise is refused unless ``overwrite``."""
     w = World.of(comm)
     log = log or (lambda m: None)
     with abort_on_failure(w):
-        model, data, curve, dirs, stored = w.agree(lambda: _eval_inputs(options, curve_path, points))
-        dev = w.agree(lambda: choose_device(w, options.device))
+        model, data, path = w.agree(lambda: _eval_inputs(options, curve_path, points))
         opts = options.replace(bn="recalibrate" if _has_batchnorm(model) else options.bn)
-        grid = Grid(np.linspace(0.0, 1.0, points))
-        prov = Provenance.of(opts)
-        identity = {**prov.identity([dirs], data, opts, fingerprints=w.is_root, device=dev),
-                    "curve_sha256": file_sha256(curve_path)}
-        w.agree(lambda: check_same_inputs(w, model, identity["directions_sha256"]))
-        with contextlib.ExitStack() as stack:
-            def prepare() -> None:
-                if w.is_root:
-                    stack.enter_context(surface_file.exclusive_lock(opts.out))
-                    # refuses a file made otherwise
-                    surface_file.accept(opts.out, grid, identity, opts.overwrite, RECORDED_SINCE)
+        surface = sample_points(w, model, data, path, Path(opts.out), opts, Provenance.of(opts), None, log)
+        if surface is None:
+            return None
+        barriers = _barriers(opts, surface.values)
+        surface_file.set_attrs(opts.out, barriers)
+        b = barriers
+        log(f"barrier ({b['barrier_split']} loss): line {b['barrier_line']:.4g}, curve {b['barrier_curve']:.4g}")
+        return surface_file.read_surface(opts.out)
 
-            w.agree(prepare)
-            ordered = _evaluate(w, model, data, (curve, dirs), [float(t) for t in grid.x], opts, dev)
-            if ordered is not None:  # rank 0
-                attrs = {**prov.attrs([dirs], w.size), "launcher": w.launcher, "world_size": w.size,
-                         **_eval_attrs(opts, curve_path, stored, ordered)}
-                _write(opts.out, grid, _quantities(data, opts), identity, attrs, ordered)
-                log(f"barrier (train loss): line {attrs['barrier_line']:.4g}, curve {attrs['barrier_curve']:.4g}")
-        return surface_file.read_surface(opts.out) if w.is_root else None
+
+class CurvePoints:
+    """The points t of a curve and of the straight line between its ends, evaluated alike: the
+    curve's by its offsets (θ(t) − A), the line's along its direction B − A (its ``line_`` values)."""
+
+    def __init__(self, ev: Evaluator, curve: Curve, grid: Grid):
+        self.first, self.curve, self.grid = ev, curve, grid
+
+    @property
+    def quantities(self) -> list[str]:
+        return self.first.quantities + [f"line_{n}" for n in self.first.quantities]
+
+    def evaluate(self, plane: int, cells: list[tuple[int, int]]) -> list[dict[str, float]]:
+        bent = self.first.evaluate_offsets(self.curve.offset(float(self.grid.x[i])) for _, i in cells)
+        line = self.first.evaluate_many([self.grid.coords(j, i) for j, i in cells])
+        return [{**b, **{f"line_{k}": v for k, v in s.items()}} for b, s in zip(bent, line)]
+
+
+@dataclass(frozen=True)
+class CurvePath:
+    """A curve between two models and the straight line between them, at ``grid``'s values of t
+    (lsurf.run.points): the evaluator holds the line's direction, the curve gives offsets."""
+
+    curve: Curve
+    line: Directions
+    grid: Grid
+    stored: StoredCurve
+    model2: str
+    fidelity_note: str | None = "not measured: a curve's points lie on no plane"
+
+    @property
+    def planes(self) -> list[AnyDirections]:
+        return [self.line]
+
+    def identity(self) -> dict[str, Any]:
+        return {"curve_sha256": file_sha256(self.stored.path)}
+
+    def attrs(self) -> dict[str, Any]:
+        return {"curve": self.stored.path, "curve_sha256": file_sha256(self.stored.path),
+                "curve_type": self.stored.kind, "bends": len(self.stored.bends), "model2": self.model2,
+                "model2_sha256": file_sha256(self.model2),
+                "markers": json.dumps([{"label": "model A", "x": 0.0, "y": 0.0},
+                                       {"label": "model B", "x": 1.0, "y": 0.0}])}
+
+    def quantities(self, names: list[str]) -> list[str]:
+        return names + [f"line_{n}" for n in names]
+
+    def points(self, ev: Evaluator) -> PointSet:
+        return CurvePoints(ev, self.curve, self.grid)
 
 
 def _eval_inputs(options: Options, curve_path: str, points: int
-                 ) -> tuple[nn.Module, dict[str, AnySplit], Curve, Directions, StoredCurve]:
-    """Model A, the data, the curve read from ``curve_path`` and the line's direction B − A; the
-    curve must have been trained between these very checkpoints."""
+                 ) -> tuple[nn.Module, dict[str, AnySplit], CurvePath]:
+    """Model A, the data and the path: the curve read from ``curve_path`` and the line's direction
+    B − A at ``points`` values of t; the curve must have been trained between these very checkpoints."""
     if points < 2:
         raise UserError(f"`points` {points}: must be at least 2 (the two ends)")
-    if options.metric:
-        raise UserError("`metric`: plug-in metrics are sampled by `lsurf surface`; a curve's evaluation takes "
-                        "the built-in ones only")
     stored = read_curve(curve_path)
     model, data = load_inputs(options)
     if data is None:
@@ -264,8 +297,9 @@ def _eval_inputs(options: Options, curve_path: str, points: int
         if file_sha256(path) != stored.attrs.get(f"{key}_sha256"):
             raise UserError(f"`{key}` {path!r} is not the model curve {curve_path!r} was trained from "
                             f"(that was {stored.attrs.get(key)!r}; the sha256 differs)")
-    dirs = model_directions(model, [dict(zip(names, b))], "weights", [str(options.model2)])
-    return model, data, stored.curve(names, a, b), dirs, stored
+    line = model_directions(model, [dict(zip(names, b))], "weights", [str(options.model2)])
+    grid = Grid(np.linspace(0.0, 1.0, points))
+    return model, data, CurvePath(stored.curve(names, a, b), line, grid, stored, str(options.model2))
 
 
 def _has_batchnorm(model: nn.Module) -> bool:
@@ -274,55 +308,13 @@ def _has_batchnorm(model: nn.Module) -> bool:
     return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
 
 
-def _evaluate(w: World, model: nn.Module, data: dict[str, AnySplit], path: tuple[Curve, Directions],
-              ts: list[float], opts: Options, dev: torch.device) -> list[dict[str, float]] | None:
-    """The curve's values (by their names) and the line's (``line_`` names) at each t of ``ts``,
-    spread over the ranks, on rank 0 (None elsewhere). ``path``: the curve and the line's direction."""
-    curve, dirs = path
-    batch_size = opts.batch_size or curve_batch_size(model, data, opts, dev)
-    with evaluator(model, data, dirs, device=dev, dtype=opts.torch_dtype, batch_size=batch_size,
-                   loss=opts.loss, bn=opts.bn, output=opts.output, ignore_index=opts.ignore_index) as ev:
-        return w.spread(ts, lambda t: {**ev.evaluate_offset(curve.offset(t)),
-                                       **{f"line_{k}": v for k, v in ev.evaluate(t).items()}})
-
-
-def curve_batch_size(model: nn.Module, data: dict[str, AnySplit], opts: Options, dev: torch.device) -> int:
-    """The batch size a surface would take on ``dev`` (1024 on a GPU, 128 on the CPU, fewer when
-    one sample's outputs are large), measured by one tiny forward as a surface measures it."""
-    with preserved(model):
-        model.to(device=dev, dtype=opts.torch_dtype).eval()
-        outputs = check_outputs_fit(model, next(iter(data.values())), resolve_loss(opts.loss, opts.ignore_index), dev,
-                                    opts.torch_dtype, opts.output)
-    return default_batch_size(dev, outputs)
-
-
-def _quantities(data: dict[str, AnySplit], opts: Options) -> list[str]:
-    names = quantity_names(data, False, metrics_for(next(iter(data.values())).rows(0, 1)[1], opts.ignore_index))
-    return names + [f"line_{n}" for n in names]
-
-
 def barrier(losses: np.ndarray) -> float:
     """The highest loss along a path minus the mean of its two ends' (Garipov et al.'s barrier)."""
     return float(np.max(losses) - (losses[0] + losses[-1]) / 2)
 
 
-def _eval_attrs(opts: Options, curve_path: str, stored: StoredCurve, rows: list[dict[str, float]]) -> dict[str, Any]:
+def _barriers(opts: Options, values: dict[str, np.ndarray]) -> dict[str, Any]:
+    """The curve's and the line's barriers on the train split's loss (else the first split's)."""
     split = "train" if "train" in opts.split else opts.split[0]
-    curve = np.array([r[f"{split}_loss"] for r in rows])
-    line = np.array([r[f"line_{split}_loss"] for r in rows])
-    assert opts.model2 is not None
-    return {"curve": curve_path, "curve_sha256": file_sha256(curve_path), "curve_type": stored.kind,
-            "bends": len(stored.bends), "model2": opts.model2, "model2_sha256": file_sha256(opts.model2),
-            "barrier_split": split, "barrier_curve": barrier(curve), "barrier_line": barrier(line),
-            "markers": json.dumps([{"label": "model A", "x": 0.0, "y": 0.0}, {"label": "model B", "x": 1.0, "y": 0.0}])}
-
-
-def _write(path: str, grid: Grid, quantities: list[str], identity: dict, attrs: dict,
-           rows: list[dict[str, float]]) -> None:
-    """The 1-D surface file, created whole (atomically, as every surface file) and then filled."""
-    surface_file.create(path, grid, quantities, identity, attrs)
-    writer = surface_file.TileWriter(path, grid)
-    try:
-        writer.write(Tile(0, 0, 1, 0, len(grid.x)), {q: np.array([r[q] for r in rows]) for q in quantities})
-    finally:
-        writer.close()
+    return {"barrier_split": split, "barrier_curve": barrier(values[f"{split}_loss"]),
+            "barrier_line": barrier(values[f"line_{split}_loss"])}

@@ -28,7 +28,7 @@ from lsurf.engine.evaluation.plan import Plan
 from lsurf.engine.evaluation.precision import ACCOUNTING
 from lsurf.engine.formats import surface_file
 from lsurf.engine.formats.progress import RUN_STARTED, run_started
-from lsurf.engine.geometry.directions import AnyDirections, save_directions, zero_directions
+from lsurf.engine.geometry.directions import AnyDirections, save_directions
 from lsurf.engine.geometry.grid import Grid
 from lsurf.engine.geometry.plugin import CheckedGeometry, load_geometry, model_params
 from lsurf.engine.geometry.refine import Refiner
@@ -37,6 +37,7 @@ from lsurf.errors import UserError
 from lsurf.run.curvature import hessian_plane, plane_fidelity
 from lsurf.run.options import Options
 from lsurf.run.planning import check_inputs, make_plan, precision_of, refiner_for
+from lsurf.run.points import GeometrySet, Planes, Sampled
 from lsurf.run.provenance import RECORDED_SINCE, Provenance
 from lsurf.run.runtime import bound_device, check_device_binding, choose_device
 from lsurf.run.shard import group_mesh, shard_mesh
@@ -48,12 +49,11 @@ from lsurf.run.sources import (
     load_inputs,
     plane_directions,
 )
-from lsurf.run.tiles import GeometryPoints, PlanePoints, PointSet, existing_points, layout_line, run_rounds
+from lsurf.run.tiles import existing_points, layout_line, run_rounds
 from lsurf.run.world import Group, World, abort_on_failure
 
 Log = Callable[[str], None]
 PlaneDirections = AnyDirections | Sequence[AnyDirections]  # one plane's, or each plane's of an ensemble
-Points = tuple[list[AnyDirections], CheckedGeometry | None]  # each plane's directions, and a geometry if any
 
 
 def run_surface(options: Options, comm: Any = None, log: Log | None = None) -> surface_file.Surface | None:
@@ -70,18 +70,19 @@ def run_surface(options: Options, comm: Any = None, log: Log | None = None) -> s
             grid, model, data, dirs = w.agree(lambda: _inputs(options, mesh))
         if options.shard and w.is_root:
             log(_sharded_line(options))
-        geometry = None
+        sampled: Sampled
         if options.geometry:
             spec = options.geometry
-            geometry = w.agree(lambda: load_geometry(spec, model_params(model)))
-            grid, dirs = geometry.grid(), _held_still(model, geometry)
-        if dirs is None:  # a Hessian plane: every rank takes part in computing it
-            dirs = hessian_plane(options, model, data, comm)
+            sampled = GeometrySet.of(model, w.agree(lambda: load_geometry(spec, model_params(model))))
+        else:
+            if dirs is None:  # a Hessian plane: every rank takes part in computing it
+                dirs = hessian_plane(options, model, data, comm)
+            sampled = w.agree(lambda: Planes(_planes(dirs, grid), grid))
         prov = Provenance.of(options)
         # a sharded model's directions are held by rows: its ranks draw them again from the seed
-        save_to = (None if options.dir_file or options.planes > 1 or geometry or mesh is not None
+        save_to = (None if options.dir_file or options.planes > 1 or options.geometry or mesh is not None
                    else directions_path(options.out))
-        return _sample(w, model, data, dirs, grid, Path(options.out), options, prov, save_to, log, geometry)
+        return sample_points(w, model, data, sampled, Path(options.out), options, prov, save_to, log)
 
 
 def _sharded_line(options: Options) -> str:
@@ -140,8 +141,9 @@ def sample_surface(
     opts = (options or Options()).replace(**overrides)
     w = World.of(comm)
     with abort_on_failure(w):
-        return _sample(w, model, data, directions, grid, Path(out), opts,
-                       provenance or Provenance(config=opts.as_dict()), save_directions_to, log or (lambda m: None))
+        sampled = w.agree(lambda: Planes(_planes(directions, grid), grid))
+        return sample_points(w, model, data, sampled, Path(out), opts, provenance or Provenance(config=opts.as_dict()),
+                             save_directions_to, log or (lambda m: None))
 
 
 def sample_geometry(
@@ -166,32 +168,25 @@ def sample_geometry(
     name = f"{type(geometry).__module__}.{type(geometry).__qualname__}"
     with abort_on_failure(w):
         checked = w.agree(lambda: CheckedGeometry.of(geometry, list(model.parameters()), name))
-        return _sample(w, model, data, _held_still(model, checked), checked.grid(), Path(out), opts,
-                       provenance or Provenance(config=opts.as_dict()), None, log or (lambda m: None), checked)
+        return sample_points(w, model, data, GeometrySet.of(model, checked), Path(out), opts,
+                             provenance or Provenance(config=opts.as_dict()), None, log or (lambda m: None))
 
 
-def _held_still(model: nn.Module, geometry: CheckedGeometry) -> PlaneDirections:
-    """The directions the evaluator holds on a geometry's run: zeros of its dimensions, one set per
-    plane of a third axis (never moved along: the geometry gives the points)."""
-    zeros = zero_directions(model, "weights", two=len(geometry.axes) > 1)
-    return zeros if len(geometry.axes) < 3 else [zeros] * geometry.grid().num_planes
-
-
-def _sample(w: World, model: nn.Module, data: dict[str, AnySplit], directions: PlaneDirections, grid: Grid,
-            path: Path, opts: Options, prov: Provenance, save_to: str | Path | None,
-            log: Log, geometry: CheckedGeometry | None = None) -> surface_file.Surface | None:
-    """The run on every rank: the points of ``geometry`` where there is one (``directions``: zeros of
-    its dimensions, which the evaluator holds but never moves along), else of the planes."""
-    planes = w.agree(lambda: _planes(directions, grid))
+def sample_points(w: World, model: nn.Module, data: dict[str, AnySplit], sampled: Sampled, path: Path,
+                  opts: Options, prov: Provenance, save_to: str | Path | None, log: Log) -> surface_file.Surface | None:
+    """The one runner, on every rank of ``w``, for any kind of points (lsurf.run.points): inputs
+    checked, the file accepted or created, the plan made, the tiles evaluated and written. Returns
+    the surface on rank 0 (None elsewhere); the caller handles failures (:func:`abort_on_failure`)."""
+    grid = sampled.grid
     dev = w.agree(lambda: choose_device(w, opts.device))
     with bound_device(dev):
-        outputs, plugins = w.agree(lambda: check_inputs(w, model, data, planes[0], grid, opts, dev))
+        outputs, plugins = w.agree(lambda: check_inputs(w, model, data, sampled.planes[0], grid, opts, dev))
         w.agree(lambda: check_device_binding(w, dev))
         metrics = (*metrics_for(next(iter(data.values())).rows(0, 1)[1], opts.ignore_index), *plugins)
         group = w.groups(opts.ranks_per_point)
         try:
             mesh = group_mesh(w, group, dev) if opts.shard else None
-            return _sample_in_groups(w, group, (dev, outputs, mesh), model, data, (planes, geometry), grid, path,
+            return _sample_in_groups(w, group, (dev, outputs, mesh), model, data, sampled, grid, path,
                                      opts, prov, save_to, metrics, log)
         finally:
             group.free()
@@ -206,18 +201,16 @@ def _planes(directions: PlaneDirections, grid: Grid) -> list[AnyDirections]:
 
 
 def _sample_in_groups(w: World, group: Group, probe: tuple[torch.device, int, Any], model: nn.Module,
-                      data: dict[str, AnySplit], points: Points, grid: Grid, path: Path, opts: Options,
+                      data: dict[str, AnySplit], sampled: Sampled, grid: Grid, path: Path, opts: Options,
                       prov: Provenance, save_to: str | Path | None, metrics: Sequence[Metric],
                       log: Log) -> surface_file.Surface | None:
     """The run once the inputs are checked: ``probe`` is this rank's device, the output values
     one sample gives (for the default batch size) and the group's mesh if the model is sharded
     (lsurf.run.shard); ``metrics``: the built-in ones for the targets and the user's own;
-    ``points``: the planes' directions and the geometry, if any."""
+    ``sampled``: what the points are."""
     dev, outputs, mesh = probe
-    planes, geometry = points
-    identity = prov.identity(planes, data, opts, fingerprints=w.is_root, device=dev)
-    if geometry is not None:
-        identity["geometry"] = geometry.identity()
+    planes = sampled.planes
+    identity = {**prov.identity(planes, data, opts, fingerprints=w.is_root, device=dev), **sampled.identity()}
     place = group.rank if is_sharded_model(model) else 0  # ranks holding the same shards compare
     w.agree(lambda: check_same_inputs(w, model, identity["directions_sha256"], place))
     with contextlib.ExitStack() as stack:
@@ -232,16 +225,16 @@ def _sample_in_groups(w: World, group: Group, probe: tuple[torch.device, int, An
             plan = make_plan(w, group, model, data, grid, (dev, outputs), opts, stored, log)
             if not resuming:
                 attrs = _save_directions(planes[0], save_to, prov).attrs(planes, w.size)
-                _create(path, grid, identity, points, data, metrics, opts, attrs)
+                _create(path, grid, identity, sampled, data, metrics, opts, attrs)
             return existing, plan, refiner
 
         existing, plan, refiner = w.bcast(w.agree(prepare))
-        stats, plan = _evaluate_grid(w, (group, mesh), dev, model, data, points, grid, path, opts, existing, plan,
+        stats, plan = _evaluate_grid(w, (group, mesh), dev, model, data, sampled, path, opts, existing, plan,
                                      refiner if w.is_root else None, metrics, log)
         gathered = w.gather(stats)
         # after the evaluator is gone: its device copies (splits, θ*, directions) are freed, so the
         # Hessian's products have the room the points had
-        fidelity = _fidelity_attrs(w, model, data, points, opts, dev, plan, path, log)
+        fidelity = _fidelity_attrs(w, model, data, sampled, opts, dev, plan, path, log)
         if w.is_root:
             assert gathered is not None  # gather returns the list on rank 0
             surface_file.set_attrs(path, {**_run_attrs(gathered, plan), "launcher": w.launcher, "world_size": w.size,
@@ -251,29 +244,27 @@ def _sample_in_groups(w: World, group: Group, probe: tuple[torch.device, int, An
     return surface_file.read_surface(path) if w.is_root else None
 
 
-def _create(path: Path, grid: Grid, identity: dict, points: Points, data: dict[str, AnySplit],
+def _create(path: Path, grid: Grid, identity: dict, sampled: Sampled, data: dict[str, AnySplit],
             metrics: Sequence[Metric], opts: Options, attrs: dict) -> None:
     """A fresh surface file: every quantity allocated, identity and ``attrs`` (provenance) recorded."""
-    geometry = points[1]
-    if geometry is not None:  # no directions: the geometry says what the points are
-        attrs.update(geometry=json.dumps(geometry.identity()), axis_names=json.dumps(geometry.names),
-                     directions=json.dumps({"geometry": geometry.name}))
+    attrs.update(sampled.attrs())
     if opts.tolerance:  # what the samples a point used are a share of
         attrs["split_sizes"] = json.dumps({s: len(split) for s, split in data.items()
                                            if not isinstance(split, BatchStreamSplit)})
-    names = quantity_names(data, opts.hessian_iters > 0, metrics, ACCOUNTING if opts.tolerance else ())
+    names = sampled.quantities(quantity_names(data, opts.hessian_iters > 0, metrics,
+                                              ACCOUNTING if opts.tolerance else ()))
     surface_file.create(path, grid, names, identity, attrs)
 
 
 def _evaluate_grid(w: World, groups: tuple[Group, Any], dev: torch.device, model: nn.Module, data: dict[str, AnySplit],
-                   points: Points, grid: Grid, path: Path, opts: Options, existing: dict | None, plan: Plan,
+                   sampled: Sampled, path: Path, opts: Options, existing: dict | None, plan: Plan,
                    refiner: Refiner | None, metrics: Sequence[Metric], log: Log) -> tuple[dict, Plan]:
     """Every point of the grid this rank takes part in, and the run plan with its points per pass.
     The evaluator lives only in here: once this returns, nothing holds its copies on the device
     any more. ``groups``: this rank's group and, if the model is sharded over it, its mesh."""
     group, mesh = groups
-    planes, geometry = points
-    with evaluator(model, data, planes[0], device=dev, dtype=opts.torch_dtype, batch_size=plan.batch_size,
+    grid = sampled.grid
+    with evaluator(model, data, sampled.planes[0], device=dev, dtype=opts.torch_dtype, batch_size=plan.batch_size,
                    channels_last=plan.channels_last, loss=opts.loss, bn=opts.bn,
                    points_per_pass=plan.points_per_pass or 1, amp=opts.amp == "bf16",
                    hessian_iters=opts.hessian_iters, metrics=metrics, output=opts.output,
@@ -293,8 +284,7 @@ def _evaluate_grid(w: World, groups: tuple[Group, Any], dev: torch.device, model
         w.barrier()  # rank 0 has closed the file again before the writers open it
         log(f"rank {w.rank}/{w.size} (local {w.local_rank}/{w.local_size}, group {group.index}/{group.count}) "
             f"on {dev}, {torch.get_num_threads()} threads")
-        at: PointSet = GeometryPoints(ev, geometry) if geometry is not None else PlanePoints(ev, planes, grid)
-        stats = run_rounds(w, group, at, grid, path, existing, opts, plan, refiner, log)
+        stats = run_rounds(w, group, sampled.points(ev), grid, path, existing, opts, plan, refiner, log)
         return {**stats, "weights": ev.held_weights}, plan
 
 
@@ -309,13 +299,12 @@ def _save_directions(directions: AnyDirections, path: str | Path | None, prov: P
     return prov.with_dir_file(path)
 
 
-def _fidelity_attrs(w: World, model: nn.Module, data: dict[str, AnySplit], points: Points, opts: Options,
+def _fidelity_attrs(w: World, model: nn.Module, data: dict[str, AnySplit], sampled: Sampled, opts: Options,
                     dev: torch.device, plan: Plan, path: Path, log: Log) -> dict[str, str]:
     """The planes' projection fidelity (``fidelity``) or why it was not measured (``fidelity_note``,
     the plan's), measured by every rank once the points are done; a resumed file that has it keeps it."""
-    planes, geometry = points
-    if geometry is not None:
-        return {"fidelity_note": "not measured: a plug-in geometry has no plane directions"}
+    if sampled.fidelity_note is not None:
+        return {"fidelity_note": sampled.fidelity_note}
 
     def measured() -> bool:
         with surface_file.open_h5(path) as f:
@@ -326,7 +315,7 @@ def _fidelity_attrs(w: World, model: nn.Module, data: dict[str, AnySplit], point
         log(f"fidelity: {plan.fidelity or 'the curvature each plane sees vs the Hessian extremes at the centre'}")
     if plan.fidelity is not None:
         return {"fidelity_note": plan.fidelity}
-    return {"fidelity": plane_fidelity(w, model, data, planes, opts, dev)}
+    return {"fidelity": plane_fidelity(w, model, data, sampled.planes, opts, dev)}
 
 
 def _run_attrs(gathered: list[dict], plan: Plan) -> dict:

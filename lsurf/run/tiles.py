@@ -2,8 +2,8 @@
 the coarse-to-fine rounds over it, for any set of points — the built-in planes or a geometry.
 
 In a rank group only the leader takes tiles and writes; every rank of the group evaluates every
-point on its share of the data. What the loop evaluates is a :data:`PointSet`: cells of a plane in,
-one result per cell out.
+point on its share of the data. What the loop evaluates is a :class:`lsurf.run.points.PointSet`:
+cells of a plane in, one result per cell out.
 """
 
 from __future__ import annotations
@@ -16,47 +16,16 @@ from pathlib import Path
 
 import numpy as np
 
-from lsurf.engine.evaluation.evaluate import Evaluator
 from lsurf.engine.evaluation.plan import Plan
 from lsurf.engine.formats import surface_file
-from lsurf.engine.geometry.directions import AnyDirections
 from lsurf.engine.geometry.grid import Grid, Tile, parse_tile
-from lsurf.engine.geometry.plugin import CheckedGeometry
 from lsurf.engine.geometry.refine import STEERING, Refiner
 from lsurf.run.options import Options
+from lsurf.run.points import PointSet
 from lsurf.run.transport import TileQueue, TileSink
 from lsurf.run.world import Group, World
 
 Log = Callable[[str], None]
-
-
-class PlanePoints:
-    """The points of the built-in planes: grid coordinates (α, β) along each plane's directions,
-    the run's own evaluator for plane 0, a twin moving along plane k's directions otherwise. Tiles
-    come plane after plane, so only the current twin is kept (its directions on the device)."""
-
-    def __init__(self, ev: Evaluator, planes: list[AnyDirections], grid: Grid):
-        self.first, self.planes, self.grid = ev, planes, grid
-        self.current: tuple[int, Evaluator] = (0, ev)
-
-    def evaluate(self, plane: int, cells: list[tuple[int, int]]) -> list[dict[str, float]]:
-        """Results at grid cells (j, i) of ``plane``."""
-        if self.current[0] != plane:
-            self.current = (plane, self.first if plane == 0 else self.first.with_directions(self.planes[plane]))
-        return self.current[1].evaluate_many([self.grid.coords(j, i) for j, i in cells])
-
-
-class GeometryPoints:
-    """The points of a user's geometry: its offset at each cell, applied by the evaluator (θ* + δ)."""
-
-    def __init__(self, ev: Evaluator, geometry: CheckedGeometry):
-        self.first, self.geometry = ev, geometry
-
-    def evaluate(self, plane: int, cells: list[tuple[int, int]]) -> list[dict[str, float]]:
-        return self.first.evaluate_offsets(self.geometry.offsets(plane, cells))
-
-
-PointSet = PlanePoints | GeometryPoints  # what the tile loop evaluates: cells of a plane -> results
 
 
 def run_rounds(w: World, group: Group, points: PointSet, grid: Grid, path: Path, existing: dict | None,
@@ -151,11 +120,11 @@ def _evaluate_tile(points: PointSet, grid: Grid, t: Tile, done: np.ndarray,
     """Values of every quantity over the tile (shaped as its lattice, ``Tile.shape``), and which
     points hold one: points already done keep their stored values (and finish times, under
     ``finished_at``), those ``done`` marks but the file does not (left out of a round) stay NaN."""
-    ev, at = points.first, t.index_in_stack
-    vals = {n: np.full(t.shape, np.nan) for n in ev.quantities}
+    at, names = t.index_in_stack, points.quantities
+    vals = {n: np.full(t.shape, np.nan) for n in names}
     held = np.zeros(t.shape, dtype=bool)
     if existing is not None:
-        for n in ev.quantities:
+        for n in names:
             vals[n][:] = grid.as_stack(existing["values"][n])[at]
         held[:] = grid.as_stack(existing["done"])[at]
         if existing["finished_at"] is not None:
