@@ -43,6 +43,7 @@ def worker(args: argparse.Namespace) -> None:
     """One rank of the measured job: load, synchronise, time the distributed top eigenpair."""
     from mpi4py import MPI
 
+    from lsurf.engine.curvature.hessian import SpectrumSpec
     from lsurf.run.curvature import model_spectrum
     from lsurf.run.options import Options
     from lsurf.run.runtime import configure_process
@@ -56,8 +57,8 @@ def worker(args: argparse.Namespace) -> None:
     assert data is not None
     comm.Barrier()
     t0 = time.perf_counter()
-    done = model_spectrum(model, data["train"], options, device, comm, top_k=1, iters=args.iters, trace_samples=0,
-                          directions=True)
+    done = model_spectrum(model, data["train"], options, SpectrumSpec(top_k=1, iters=args.iters, trace_samples=0,
+                                                                      directions=True), device, comm)
     seconds = comm.allreduce(time.perf_counter() - t0, op=MPI.MAX)
     if done is not None:
         results, _ = done

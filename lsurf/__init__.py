@@ -19,9 +19,11 @@ The packages by layer: ``lsurf.engine`` (models, data, directions, evaluator, me
 """
 
 from lsurf._version import __version__
+from lsurf.engine.curvature.hessian import SpectrumSpec
 from lsurf.engine.data.splits import load_data
 from lsurf.engine.evaluation.evaluate import Evaluator, evaluator
 from lsurf.engine.evaluation.plan import Plan
+from lsurf.engine.evaluation.sharpness import SharpnessSpec
 from lsurf.engine.formats.curve_file import read_curve
 from lsurf.engine.formats.surface_file import Surface, read_surface
 from lsurf.engine.geometry.curve import Curve
@@ -34,18 +36,20 @@ from lsurf.errors import UserError
 from lsurf.post.info import describe
 from lsurf.post.plot import plot_curve, plot_surface
 from lsurf.post.vtkfile import write_vtk
-from lsurf.run.curve import CurveSpec, eval_curve_job, train_curve_job, with_curve_inputs
+from lsurf.run.curvature import hessian_spectrum
+from lsurf.run.curve import CurveEval, CurveSpec, eval_curve_job, train_curve_job, with_curve_inputs
 from lsurf.run.options import Options
 from lsurf.run.provenance import Provenance
 from lsurf.run.runtime import configure_process
 from lsurf.run.sampler import run_surface, sample_geometry, sample_surface
+from lsurf.run.sharpness import sharpness
 from lsurf.run.sources import directions_for, load_inputs
 
 __all__ = [
-    "__version__", "Curve", "CurveSpec", "Directions", "Evaluator", "Grid", "Options", "Plan", "Provenance", "Surface",
-    "UserError", "build_model", "configure_process", "describe", "directions_for", "eval_curve_job", "evaluator",
-    "load_checkpoint", "load_data", "load_directions", "load_inputs", "load_model", "model_params", "plot_curve",
-    "plot_surface", "preserved", "random_directions", "read_curve", "read_surface", "run_surface", "sample_geometry",
-    "sample_surface",
-    "save_directions", "train_curve_job", "with_curve_inputs", "write_vtk",
+    "__version__", "Curve", "CurveEval", "CurveSpec", "Directions", "Evaluator", "Grid", "Options", "Plan",
+    "Provenance", "SharpnessSpec", "SpectrumSpec", "Surface", "UserError", "build_model", "configure_process",
+    "describe", "directions_for", "eval_curve_job", "evaluator", "hessian_spectrum", "load_checkpoint", "load_data",
+    "load_directions", "load_inputs", "load_model", "model_params", "plot_curve", "plot_surface", "preserved",
+    "random_directions", "read_curve", "read_surface", "run_surface", "sample_geometry", "sample_surface",
+    "save_directions", "sharpness", "train_curve_job", "with_curve_inputs", "write_vtk",
 ]

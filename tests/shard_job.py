@@ -81,6 +81,7 @@ def sample(name: str, out: Path, comm=None, sharded: bool = True):
 
 def spectrum(name: str, comm=None, sharded: bool = True) -> dict[str, np.ndarray] | None:
     """Top eigenvalues and Hutchinson's trace of model ``name``'s Hessian (rank 0's; None elsewhere)."""
+    from lsurf.engine.curvature.hessian import SpectrumSpec
     from lsurf.run.curvature import model_spectrum
     from lsurf.run.options import Options
 
@@ -88,8 +89,8 @@ def spectrum(name: str, comm=None, sharded: bool = True) -> dict[str, np.ndarray
     size = comm.Get_size() if comm is not None else 1
     options = Options(dtype="float64", batch_size=4, seed=1, **({"ranks_per_point": size, "shard": "fsdp"}
                                                                 if sharded else {}))
-    done = model_spectrum(model, data["train"], options, torch.device("cpu"), comm, top_k=2, iters=8,
-                          trace_samples=1)
+    done = model_spectrum(model, data["train"], options, SpectrumSpec(top_k=2, iters=8, trace_samples=1),
+                          torch.device("cpu"), comm)
     return None if done is None else done[0]
 
 

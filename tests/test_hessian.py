@@ -15,7 +15,7 @@ from conftest import REPO, _env, lsurf, mpirun, requires_mpi
 from torch import nn
 
 from lsurf import UserError
-from lsurf.engine.curvature.hessian import Hessian
+from lsurf.engine.curvature.hessian import Hessian, SpectrumSpec
 from lsurf.engine.data.batches import resident_batches
 from lsurf.engine.data.splits import Split
 from lsurf.engine.evaluation.losses import resolve_loss
@@ -54,7 +54,7 @@ def regression_spectrum(comm, out) -> None:
         model.bias.fill_(float(solution[D]))
     before = [t.clone() for t in model.state_dict().values()]
     done = model_spectrum(model, Split(x, y), Options(loss="mse", dtype="float64", batch_size=7),
-                          torch.device("cpu"), comm, top_k=2, trace_samples=10, directions=True)
+                          SpectrumSpec(top_k=2, trace_samples=10, directions=True), torch.device("cpu"), comm)
     assert all(torch.equal(b, t) for b, t in zip(before, model.state_dict().values()))  # left as it was
     if done is not None:
         results, dirs = done

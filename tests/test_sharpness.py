@@ -11,7 +11,7 @@ from conftest import lsurf, mpirun, requires_mpi, write_data_plugin
 
 import lsurf as api
 from lsurf import Options, UserError
-from lsurf.engine.evaluation.sharpness import Probe
+from lsurf.engine.evaluation.sharpness import Probe, SharpnessSpec
 from lsurf.engine.geometry.directions import zero_directions
 from lsurf.run.sharpness import sharpness
 
@@ -38,7 +38,7 @@ def regression(tmp_path, monkeypatch):
 
 def test_worst_case_is_half_rho_squared_lambda_max(regression):
     options, h, _ = regression
-    r = sharpness(options, radius=RHO, kind="worst")
+    r = sharpness(options, SharpnessSpec(radius=RHO, kind="worst"))
     assert r is not None and r["values"].shape == (3,)
     exact = 0.5 * RHO**2 * np.linalg.eigvalsh(h)[-1]
     assert float(r["sharpness"]) == pytest.approx(exact, rel=1e-6)
@@ -48,7 +48,7 @@ def test_worst_case_is_half_rho_squared_lambda_max(regression):
 
 def test_average_case_is_half_rho_squared_mean_eigenvalue(regression):
     options, h, _ = regression
-    r = sharpness(options, radius=RHO, kind="average", samples=2000)
+    r = sharpness(options, SharpnessSpec(radius=RHO, kind="average", samples=2000))
     assert r is not None and r["values"].shape == (2000,)
     exact = 0.5 * RHO**2 * np.trace(h) / len(h)  # E[uuᵀ] = ρ²I/p on the sphere
     se = float(r["sharpness_stderr"])
@@ -63,11 +63,11 @@ def test_average_case_is_half_rho_squared_mean_eigenvalue(regression):
 def test_adaptive_worst_case_is_in_scaled_coordinates(regression):
     options, h, theta = regression
     d = np.diag(np.abs(theta))
-    r = sharpness(options, radius=RHO, kind="worst", adaptive=True)
+    r = sharpness(options, SharpnessSpec(radius=RHO, kind="worst", adaptive=True))
     assert r is not None
     exact = 0.5 * RHO**2 * np.linalg.eigvalsh(d @ h @ d)[-1]
     assert float(r["sharpness"]) == pytest.approx(exact, rel=1e-6)
-    avg = sharpness(options, radius=RHO, kind="average", adaptive=True, samples=500)
+    avg = sharpness(options, SharpnessSpec(radius=RHO, kind="average", adaptive=True, samples=500))
     assert avg is not None
     assert abs(float(avg["sharpness"]) - 0.5 * RHO**2 * np.trace(d @ h @ d) / len(h)) < 4 * float(
         avg["sharpness_stderr"])
@@ -93,10 +93,9 @@ def test_probe_hands_the_model_back_and_draws_depend_on_the_index_alone(regressi
                                         ({"radius": 0.1, "samples": 0}, "samples"),
                                         ({"radius": 0.1, "kind": "worst", "steps": 0}, "steps"),
                                         ({"radius": 0.1, "kind": "median"}, "kind")])
-def test_bad_settings_name_the_parameter(regression, bad, param):
-    options, _, _ = regression
+def test_bad_settings_name_the_parameter(bad, param):
     with pytest.raises(UserError) as e:
-        sharpness(options, **bad)
+        SharpnessSpec(**bad)
     assert e.value.params[0] == param
 
 

@@ -13,6 +13,7 @@ import argparse
 import dataclasses
 import inspect
 import re
+import sys
 from collections.abc import Callable
 from typing import Any, NoReturn
 
@@ -209,6 +210,11 @@ def add_run(p: argparse.ArgumentParser, out_help: str | None = None) -> None:
 def add_slice(p: argparse.ArgumentParser) -> None:
     p.add_argument("--slice", metavar="AXIS=VALUE",
                    help="a grid of three axes (a geometry's): the plane at this value of its third axis")
+
+
+def stderr_log(message: str) -> None:
+    """A job's progress line, on standard error (its results go to standard output)."""
+    print(f"lsurf: {message}", file=sys.stderr, flush=True)
 
 
 def keyword_defaults(fn: Callable, names: tuple[str, ...]) -> dict[str, Any]:

@@ -4,19 +4,18 @@ data-parallel, resumable); ``eval`` compares it with the straight line between t
 from __future__ import annotations
 
 import argparse
-import sys
 
 from lsurf.cli import common
 from lsurf.engine.geometry.curve import CURVE_TYPES
 from lsurf.engine.training.curve import Training
 from lsurf.errors import UserError
-from lsurf.run.curve import CurveSpec, eval_curve_job, train_curve_job, with_curve_inputs
+from lsurf.run.curve import CurveEval, CurveSpec, eval_curve_job, train_curve_job, with_curve_inputs
 from lsurf.run.runtime import configure_job, start_job
 
 HELP = "mode connectivity: train a low-loss curve between two models (train), compare it with the line (eval)"
 SUPPRESS = argparse.SUPPRESS  # as for the options: a job file's value is not overridden by a default
 _TRAIN = ("bends", "curve_type", "epochs", "lr", "weight_decay")
-_POINTS = common.keyword_defaults(eval_curve_job, ("points",))["points"]
+_POINTS = common.keyword_defaults(CurveEval, ("points",))["points"]
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -66,7 +65,7 @@ def _add_inputs(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     command = vars(args).pop("curve_command")
     w = start_job()
-    log = (lambda m: print(f"lsurf: {m}", file=sys.stderr, flush=True)) if w.is_root else None
+    log = common.stderr_log if w.is_root else None
     if command == "train":
         values = w.agree(lambda: common.merged_values(args, extra=_TRAIN))
         extra = {k: values.pop(k) for k in _TRAIN if k in values}
@@ -82,16 +81,16 @@ def run(args: argparse.Namespace) -> int:
                   f"last train loss {done.train_loss[-1]:.4f}")
         return 0
     values = w.agree(lambda: common.merged_values(args, extra=("curve_file", "points")))
-    path, points = values.pop("curve_file"), values.pop("points", _POINTS)
-    values = w.agree(lambda: with_curve_inputs(path, values))  # the curve's models and data unless told otherwise
+    spec = w.agree(lambda: CurveEval(values.pop("curve_file"), values.pop("points", _POINTS)))
+    values = w.agree(lambda: with_curve_inputs(spec.curve, values))  # the curve's models and data unless told so
     options = w.agree(lambda: common.options_from({"split": ("train", "test"), **values}))
     configure_job(w, options.device, options.threads, options.tf32)
-    surface = eval_curve_job(options, path, points, w.comm, log)
+    surface = eval_curve_job(options, spec, w.comm, log)
     if surface is not None:
         line, curve = float(surface.attrs["barrier_line"]), float(surface.attrs["barrier_curve"])
         print(f"barrier ({surface.attrs['barrier_split']} loss): line {line:.4g}, curve {curve:.4g}"
               + (f", curve/line {curve / line:.3g}" if line > 0 else ""))
-        print(f"wrote {options.out} ({points} points)")
+        print(f"wrote {options.out} ({spec.points} points)")
     return 0
 
 

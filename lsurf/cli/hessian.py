@@ -6,14 +6,14 @@ from __future__ import annotations
 import argparse
 
 from lsurf.cli import common
-from lsurf.engine.curvature.hessian import save_results
+from lsurf.engine.curvature.hessian import SpectrumSpec, save_results
 from lsurf.run.curvature import hessian_spectrum
 from lsurf.run.runtime import configure_job, start_job
 from lsurf.run.sources import save_direction_file
 
 HELP = "top Hessian eigenvalues, trace and eigenvalue density at the checkpoint"
-_EXTRA = {**common.keyword_defaults(hessian_spectrum, ("top_k", "trace_samples", "density", "iters")),
-          "out": None, "save_directions": None}
+_SPEC = common.keyword_defaults(SpectrumSpec, ("top_k", "trace_samples", "density", "iters"))
+_EXTRA = {**_SPEC, "out": None, "save_directions": None}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -42,13 +42,14 @@ def run(args: argparse.Namespace) -> int:
     values = common.merged_values(args, extra=tuple(_EXTRA))
     extra = {k: values.pop(k, default) for k, default in _EXTRA.items()}
     options = w.agree(lambda: common.options_from(values))
-    device = configure_job(w, options.device, options.threads, options.tf32)
     out, save_to = extra.pop("out"), extra.pop("save_directions")
-    done = hessian_spectrum(options, device, w.comm, directions=bool(save_to), **extra)
+    spec = w.agree(lambda: SpectrumSpec(**extra, directions=bool(save_to)))
+    configure_job(w, options.device, options.threads, options.tf32)
+    done = hessian_spectrum(options, spec, w.comm, common.stderr_log if w.is_root else None)
     if done is None:  # not rank 0
         return 0
     results, dirs = done
-    report(results, extra["trace_samples"])
+    report(results, spec.trace_samples)
     if out:
         save_results(results, out, {**options.as_dict(), **extra, "out": out, "ranks": w.size})
         print(f"wrote {out}")

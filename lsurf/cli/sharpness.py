@@ -8,21 +8,23 @@ L(θ* + δ) − L(θ*) per draw or restart) and ``centre_loss``, with the option
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from pathlib import Path
 
 import numpy as np
 
 from lsurf.cli import common
 from lsurf.engine.curvature.hessian import save_results
-from lsurf.engine.evaluation.sharpness import KINDS
+from lsurf.engine.evaluation.sharpness import KINDS, SharpnessSpec
 from lsurf.engine.geometry.directions import DIR_TYPES
 from lsurf.errors import UserError
+from lsurf.run.options import Options
 from lsurf.run.runtime import configure_job, start_job
 from lsurf.run.sharpness import sharpness
 
 HELP = "average- or worst-case sharpness: the loss rise within radius rho of the checkpoint (MPI-aware)"
-_EXTRA = {"radius": None, **common.keyword_defaults(sharpness, ("kind", "adaptive", "samples", "steps", "restarts")),
-          "out": None}
+_SPEC = common.keyword_defaults(SharpnessSpec, ("kind", "adaptive", "samples", "steps", "restarts"))
+_EXTRA = {"radius": None, **_SPEC, "out": None}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -51,36 +53,33 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     w = start_job()
-    options, extra = w.agree(lambda: _settings(args))
+    options, spec, out = w.agree(lambda: _settings(args))
     configure_job(w, options.device, options.threads, options.tf32)
-    out = extra.pop("out")
-    results = sharpness(options, w.comm, **extra)
+    results = sharpness(options, spec, w.comm, common.stderr_log if w.is_root else None)
     if results is not None:
-        save_results(results, out, {**options.as_dict(), **extra, "out": out})
-        print(f"{_summary(results, extra)}; wrote {out}", flush=True)
+        save_results(results, out, {**options.as_dict(), **dataclasses.asdict(spec), "out": out})
+        print(f"{_summary(results, spec)}; wrote {out}", flush=True)
     return 0
 
 
-def _settings(args: argparse.Namespace) -> tuple:
-    """The options and this command's own settings (flags over the job file), ``radius`` and ``out``
+def _settings(args: argparse.Namespace) -> tuple[Options, SharpnessSpec, str]:
+    """The options, the spec and the output (flags over the job file), ``radius`` and ``out``
     required and the output folder checked before any work."""
     values = common.merged_values(args, extra=tuple(_EXTRA))
-    extra = {k: values.pop(k, default) for k, default in _EXTRA.items()}
+    extra = {k: values.pop(k) for k in _EXTRA if k in values}
     options = common.options_from(values)
     for name in ("radius", "out"):
-        if extra[name] is None:
+        if extra.get(name) is None:
             raise UserError(f"`{name}` is required")
-    if not Path(extra["out"]).resolve().parent.is_dir():
-        raise UserError(f"`out` {extra['out']!r}: the folder {str(Path(extra['out']).parent)!r} does not exist")
-    return options, extra
+    out = extra.pop("out")
+    if not Path(out).resolve().parent.is_dir():
+        raise UserError(f"`out` {out!r}: the folder {str(Path(out).parent)!r} does not exist")
+    return options, SharpnessSpec(**extra), out
 
 
-def _summary(results: dict[str, np.ndarray], extra: dict) -> str:
+def _summary(results: dict[str, np.ndarray], spec: SharpnessSpec) -> str:
     """One line: the kind and its settings, the value (± its standard error) and the centre loss."""
-    kind = ("adaptive " if extra["adaptive"] else "") + extra["kind"]
-    if extra["kind"] == "average":
-        settings, error = f"{extra['samples']} samples", f" ± {float(results['sharpness_stderr']):.4g}"
-    else:
-        settings, error = f"{extra['restarts']} restarts x {extra['steps']} steps", ""
-    return (f"sharpness ({kind}, rho {extra['radius']:g}, {settings}): {float(results['sharpness']):.6g}{error} "
+    kind = ("adaptive " if spec.adaptive else "") + spec.kind
+    error = f" ± {float(results['sharpness_stderr']):.4g}" if spec.kind == "average" else ""
+    return (f"sharpness ({kind}, rho {spec.radius:g}, {spec.settings}): {float(results['sharpness']):.6g}{error} "
             f"(centre loss {float(results['centre_loss']):.6g})")

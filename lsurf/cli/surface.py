@@ -43,7 +43,7 @@ def run(args: argparse.Namespace) -> int:
     options = w.agree(lambda: common.options_from(_with_curve_inputs(common.merged_values(args))))
     configure_job(w, options.device, options.threads, options.tf32, keep_freed=not options.shard)
     t0 = time.time()
-    surface = run_surface(options, w.comm, log=lambda m: print(f"lsurf: {m}", file=sys.stderr, flush=True))
+    surface = run_surface(options, w.comm, log=common.stderr_log)
     if surface is not None:
         print(f"wrote {options.out} ({int(surface.done.sum())}/{surface.done.size} points done) "
               f"in {time.time() - t0:.1f} s")

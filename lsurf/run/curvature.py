@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, cast
 
@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from lsurf.engine.curvature.fidelity import LANCZOS_STEPS, TRACE_SAMPLES, measure, relative_cost
-from lsurf.engine.curvature.hessian import Extreme, Hessian, Reduce, check_spectrum, eigen_directions, spectrum
+from lsurf.engine.curvature.hessian import Extreme, Hessian, Reduce, SpectrumSpec, eigen_directions, spectrum
 from lsurf.engine.curvature.sharded import ShardedHessian, chunk_rows
 from lsurf.engine.data.batches import equal_batches, resident_batches, to_device
 from lsurf.engine.data.splits import AnySplit, BatchStreamSplit
@@ -39,12 +39,13 @@ from lsurf.run.sources import check_same_inputs, directions_path, load_inputs, m
 from lsurf.run.world import World, abort_on_failure
 
 Spectrum = tuple[dict[str, np.ndarray], Directions | None]
+Log = Callable[[str], None]
 
 
-def hessian_spectrum(options: Options, device: torch.device, comm: Any = None, *, top_k: int = 5, iters: int = 100,
-                     trace_samples: int = 50, density: bool = False, directions: bool = False) -> Spectrum | None:
+def hessian_spectrum(options: Options, spec: SpectrumSpec, comm: Any = None,
+                     log: Log | None = None) -> Spectrum | None:
     """Top eigenvalues, trace (with its standard error) and (optionally) density of the mean loss
-    over ``options.split`` (one split) at the checkpoint, and with ``directions`` the top two
+    over ``options.split`` (one split) at the checkpoint, and with ``spec.directions`` the top two
     eigenvectors (one if ``top_k`` is 1) as directions for ``lsurf surface``.
 
     Call it on every rank with the same ``comm`` (None: one process): each rank loads the inputs
@@ -52,16 +53,24 @@ def hessian_spectrum(options: Options, device: torch.device, comm: Any = None, *
     elsewhere. The seed of the Lanczos and Hutchinson vectors is ``options.seed``."""
     w = World.of(comm)
     with abort_on_failure(w):
-        _check_directions(options, directions)
+        _check_directions(options, spec)
+        device = w.agree(lambda: choose_device(w, options.device))
         mesh = w.agree(lambda: _one_group_mesh(w, options, device)) if options.shard else None
         model, split, skeleton = w.agree(lambda: _inputs(options, mesh))
-        return model_spectrum(model, split, options, device, comm, top_k=top_k, iters=iters,
-                              trace_samples=trace_samples, density=density, directions=directions,
-                              skeleton=skeleton)
+        if log is not None and w.is_root:
+            log(_plan_line(spec, w.size, options))
+        return model_spectrum(model, split, options, spec, device, comm, skeleton=skeleton)
 
 
-def _check_directions(options: Options, directions: bool) -> None:
-    if directions and options.shard:
+def _plan_line(spec: SpectrumSpec, ranks: int, options: Options) -> str:
+    trace = f", trace from {spec.trace_samples} samples" if spec.trace_samples else ""
+    sharded = f", the model sharded {ranks} ways" if options.shard else ""
+    return (f"hessian: {spec.top_k} eigenvalue{'s' * (spec.top_k > 1)} by {spec.iters} Lanczos steps{trace}"
+            f"{', density' if spec.density else ''} on {ranks} rank{'s' * (ranks > 1)}{sharded}")
+
+
+def _check_directions(options: Options, spec: SpectrumSpec) -> None:
+    if spec.directions and options.shard:
         raise UserError("the eigenvectors of a sharded Hessian are held by rows: they are not saved as directions "
                         f"with `shard` {options.shard}")
 
@@ -77,18 +86,16 @@ def _inputs(options: Options, mesh: Any) -> tuple[nn.Module, AnySplit, nn.Module
     return model, data[options.split[0]], model_skeleton(options, data, model)
 
 
-def model_spectrum(model: nn.Module, split: AnySplit, options: Options, device: torch.device, comm: Any = None, *,
-                   top_k: int = 5, iters: int = 100, trace_samples: int = 50, density: bool = False,
-                   directions: bool = False, skeleton: nn.Module | None = None) -> Spectrum | None:
+def model_spectrum(model: nn.Module, split: AnySplit, options: Options, spec: SpectrumSpec, device: torch.device,
+                   comm: Any = None, *, skeleton: nn.Module | None = None) -> Spectrum | None:
     """:func:`hessian_spectrum` of a model the caller holds, over ``split``, on every rank of
     ``comm``; the model comes back exactly as it was (device, dtype, mode, weights), also on failure.
     ``skeleton``: of a sharded model, its modules and buffers (see :func:`operator_at`)."""
     w = World.of(comm)
-    _check_directions(options, directions)
-    with operator_at(w, model, (options.split[0], split), options, device, (top_k, iters, trace_samples),
-                     skeleton) as h:
-        keep = min(top_k, 2) if directions else 0
-        results, vectors = spectrum(h, top_k, iters, trace_samples, density, options.seed, keep)
+    _check_directions(options, spec)
+    with operator_at(w, model, (options.split[0], split), options, device, skeleton) as h:
+        keep = min(spec.top_k, 2) if spec.directions else 0
+        results, vectors = spectrum(h, spec, options.seed, keep)
         dirs = eigen_directions(model, h, results["eigenvalues"], vectors, _meta(options)) if vectors else None
     return (results, dirs) if w.is_root else None
 
@@ -147,11 +154,10 @@ def _same_plane(path: Path, want: dict) -> bool:
 
 @contextlib.contextmanager
 def operator_at(w: World, model: nn.Module, split: tuple[str, AnySplit], options: Options, device: torch.device,
-                check: tuple[int, int, int] = (1, 1, 0), skeleton: nn.Module | None = None) -> Iterator[Hessian]:
+                skeleton: nn.Module | None = None) -> Iterator[Hessian]:
     """The Hessian of the loss over ``split`` (its name and rows) at the model's weights, the split
     shared by every rank of ``w`` (one allreduce per product), in the options' dtype on ``device``;
-    the model is handed back exactly as it was afterwards, also on failure. ``check``: the
-    spectrum's counts, checked on every rank before any product. With ``shard`` the ranks form
+    the model is handed back exactly as it was afterwards, also on failure. With ``shard`` the ranks form
     one group holding the model by rows (``skeleton``: its modules and buffers, if ``model`` is
     sharded: lsurf.run.sources.model_skeleton)."""
     with abort_on_failure(w):
@@ -165,7 +171,7 @@ def operator_at(w: World, model: nn.Module, split: tuple[str, AnySplit], options
                 if options.shard:
                     mesh = w.agree(lambda: _one_group_mesh(w, options, device))
                     yield w.agree(lambda: _sharded_operator(model, skeleton or model, split, options, shard,
-                                                            mesh.get_group(), check))
+                                                            mesh.get_group()))
                     return
                 batches = resident_batches(split[1], options.batch_size or default_batch_size(device), device,
                                            options.torch_dtype, shard=shard)
@@ -173,7 +179,7 @@ def operator_at(w: World, model: nn.Module, split: tuple[str, AnySplit], options
                 local = np.array([sum(len(x) for x, _ in batches)], dtype=np.float64)
                 n = int((reduce(local) if reduce else local)[0])
                 first = shard_starts({split[0]: split[1]}, shard).get(split[0], 0)
-                yield w.agree(lambda: _operator(model, batches, options, n, reduce, check, (split[0], first)))
+                yield w.agree(lambda: _operator(model, batches, options, n, reduce, (split[0], first)))
         finally:
             group.free()
 
@@ -187,10 +193,9 @@ def _one_group_mesh(w: World, options: Options, device: torch.device) -> Any:
 
 
 def _sharded_operator(model: nn.Module, skeleton: nn.Module, split: tuple[str, AnySplit], options: Options,
-                      shard: tuple[int, int], group: Any, counts: tuple[int, int, int]) -> ShardedHessian:
+                      shard: tuple[int, int], group: Any) -> ShardedHessian:
     """The Hessian of a model held by rows over ``group`` (lsurf.engine.curvature.sharded): this
     rank's rows of every parameter, and its share of the split's batches, as many as any rank's."""
-    check_spectrum(*counts)
     dtype = options.torch_dtype
     shards = {name: p for name, p in model.named_parameters() if p.requires_grad}
     device = next(local_part(p) for p in shards.values()).device
@@ -216,11 +221,10 @@ def _sharded_operator(model: nn.Module, skeleton: nn.Module, split: tuple[str, A
 
 
 def _operator(model: nn.Module, batches: list, options: Options, n: int, reduce: Reduce | None,
-              counts: tuple[int, int, int], rows: tuple[str, int]) -> Hessian:
+              rows: tuple[str, int]) -> Hessian:
     """The Hessian, once its inputs are known good (asked on every rank, before any product): the
     labels of this rank's ``rows`` (the split's name, the row its share starts at) among them, since
     every product's loss indexes the outputs with each one."""
-    check_spectrum(*counts)
     loss = resolve_loss(options.loss, options.ignore_index)
     if batches:
         check_class_labels(model, batches[0][0], (y for _, y in batches), loss, *rows, output=options.output)

@@ -62,6 +62,19 @@ class CurveSpec:
         check_shape(self.curve_type, self.bends)
 
 
+@dataclass(frozen=True)
+class CurveEval:
+    """What ``lsurf curve eval`` adds to the options: the curve file and the ``points`` values of t
+    in [0, 1] it is evaluated at."""
+
+    curve: str
+    points: int = 21
+
+    def __post_init__(self) -> None:
+        if isinstance(self.points, bool) or not isinstance(self.points, int) or self.points < 2:
+            raise UserError(f"`points` {self.points!r}: must be a whole number, at least 2 (the two ends)")
+
+
 def ends(model: nn.Module, options: Options) -> Ends:
     """The parameters' names and values at model A (the model as loaded, at ``checkpoint``) and at
     model B (``model2``), refused unless both are the same architecture."""
@@ -208,9 +221,9 @@ def _start(path: str | None, spec: CurveSpec, names: list[str], a: list[torch.Te
     return stored.curve(names, a, b), stored.progress
 
 
-def eval_curve_job(options: Options, curve_path: str, points: int = 21, comm: Any = None,
+def eval_curve_job(options: Options, spec: CurveEval, comm: Any = None,
                    log: Log | None = None) -> surface_file.Surface | None:
-    """Loss and accuracy at ``points`` values of t in [0, 1] along the curve (quantities
+    """Loss and accuracy at ``spec.points`` values of t in [0, 1] along the curve (quantities
     ``train_loss``, ...) and along the straight line (``line_train_loss``, ...) into the 1-D surface
     file ``options.out``, with the barriers (highest train loss along the path minus the mean of
     the ends') as attributes ``barrier_curve`` and ``barrier_line``. Returns the surface on rank 0.
@@ -219,7 +232,7 @@ def eval_curve_job(options: Options, curve_path: str, points: int = 21, comm: An
     w = World.of(comm)
     log = log or (lambda m: None)
     with abort_on_failure(w):
-        model, data, path = w.agree(lambda: _eval_inputs(options, curve_path, points))
+        model, data, path = w.agree(lambda: _eval_inputs(options, spec))
         opts = options.replace(bn="recalibrate" if _has_batchnorm(model) else options.bn)
         surface = sample_points(w, model, data, path, Path(opts.out), opts, Provenance.of(opts), None, log)
         if surface is None:
@@ -281,12 +294,10 @@ class CurvePath:
         return CurvePoints(ev, self.curve, self.grid)
 
 
-def _eval_inputs(options: Options, curve_path: str, points: int
-                 ) -> tuple[nn.Module, dict[str, AnySplit], CurvePath]:
-    """Model A, the data and the path: the curve read from ``curve_path`` and the line's direction
-    B − A at ``points`` values of t; the curve must have been trained between these very checkpoints."""
-    if points < 2:
-        raise UserError(f"`points` {points}: must be at least 2 (the two ends)")
+def _eval_inputs(options: Options, spec: CurveEval) -> tuple[nn.Module, dict[str, AnySplit], CurvePath]:
+    """Model A, the data and the path: the curve read from ``spec.curve`` and the line's direction
+    B − A at its values of t; the curve must have been trained between these very checkpoints."""
+    curve_path = spec.curve
     stored = read_curve(curve_path)
     model, data = load_inputs(options)
     if data is None:
@@ -298,7 +309,7 @@ def _eval_inputs(options: Options, curve_path: str, points: int
             raise UserError(f"`{key}` {path!r} is not the model curve {curve_path!r} was trained from "
                             f"(that was {stored.attrs.get(key)!r}; the sha256 differs)")
     line = model_directions(model, [dict(zip(names, b))], "weights", [str(options.model2)])
-    grid = Grid(np.linspace(0.0, 1.0, points))
+    grid = Grid(np.linspace(0.0, 1.0, spec.points))
     return model, data, CurvePath(stored.curve(names, a, b), line, grid, stored, str(options.model2))
 
 

@@ -7,6 +7,7 @@ of ranks; rank 0 gathers them in order. Every rank holds the whole split.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -18,7 +19,7 @@ from lsurf.engine.evaluation.evaluate import evaluator
 from lsurf.engine.evaluation.losses import resolve_loss
 from lsurf.engine.evaluation.plan import default_batch_size
 from lsurf.engine.evaluation.probes import check_outputs_fit
-from lsurf.engine.evaluation.sharpness import Probe, check_settings, summarise
+from lsurf.engine.evaluation.sharpness import Probe, SharpnessSpec, summarise
 from lsurf.engine.geometry.directions import zero_directions
 from lsurf.engine.model.snapshot import preserved
 from lsurf.errors import UserError
@@ -27,12 +28,13 @@ from lsurf.run.runtime import choose_device
 from lsurf.run.sources import check_same_inputs, load_inputs
 from lsurf.run.world import World, abort_on_failure
 
+Log = Callable[[str], None]
 
-def sharpness(options: Options, comm: Any = None, *, radius: float, kind: str = "average", adaptive: bool = False,
-              samples: int = 100, steps: int = 20, restarts: int = 3) -> dict[str, np.ndarray] | None:
-    """Sharpness of the mean loss over ``options.split`` (one split) within radius ``radius`` of the
-    checkpoint: ``kind`` average (``samples`` draws on the sphere) or worst (``restarts`` ascents of
-    ``steps`` steps), in |θ*|-scaled coordinates with ``adaptive``.
+
+def sharpness(options: Options, spec: SharpnessSpec, comm: Any = None,
+              log: Log | None = None) -> dict[str, np.ndarray] | None:
+    """Sharpness of the mean loss over ``options.split`` (one split) within radius ``spec.radius`` of
+    the checkpoint, as ``spec`` says (lsurf.engine.evaluation.sharpness.SharpnessSpec).
 
     Call it on every rank with the same ``comm`` (None: one process). Rank 0 gets ``sharpness``,
     ``sharpness_stderr`` (sd/√N for average; 0 for worst, whose per-restart values show the spread),
@@ -41,15 +43,14 @@ def sharpness(options: Options, comm: Any = None, *, radius: float, kind: str = 
     """
     w = World.of(comm)
     with abort_on_failure(w):
-        w.agree(lambda: check_settings(radius, kind, samples, steps, restarts))
         split, model, data = w.agree(lambda: _inputs(options))
         w.agree(lambda: check_same_inputs(w, model))  # each rank's draws must be of the one model
-        count = samples if kind == "average" else restarts
-        centre, values = _values(w, options, model, data, split, count,
-                                 radius=float(radius), kind=kind, adaptive=adaptive, steps=steps)
+        if log is not None and w.is_root:
+            log(f"sharpness: {spec.kind}, {spec.settings} on {w.size} rank{'s' * (w.size > 1)}")
+        centre, values = _values(w, options, model, data, split, spec)
     if values is None:
         return None
-    value, stderr = summarise(values, kind)
+    value, stderr = summarise(values, spec.kind)
     return {"sharpness": np.array(value), "sharpness_stderr": np.array(stderr),
             "values": np.array(values, dtype=np.float64), "centre_loss": np.array(centre)}
 
@@ -68,16 +69,17 @@ def _inputs(options: Options) -> tuple[str, nn.Module, dict[str, AnySplit]]:
 
 
 def _values(w: World, options: Options, model: nn.Module, data: dict[str, AnySplit], split: str,
-            count: int, *, radius: float, kind: str, adaptive: bool, steps: int) -> tuple[float, list | None]:
-    """(centre loss, the rise of each of ``count`` draws or restarts on rank 0, None elsewhere),
-    spread over the ranks; the model handed back after."""
+            spec: SharpnessSpec) -> tuple[float, list | None]:
+    """(centre loss, the rise of each draw or restart on rank 0, None elsewhere), spread over the
+    ranks; the model handed back after."""
     device, outputs = w.agree(lambda: _check_fit(w, options, model, data))
     batch_size = options.batch_size or default_batch_size(device, outputs)
     with evaluator(model, data, zero_directions(model, options.dir_type), device=device, dtype=options.torch_dtype,
                    batch_size=batch_size, loss=options.loss, output=options.output,
                    ignore_index=options.ignore_index) as ev:
-        probe = Probe(ev, split, radius, adaptive, options.seed)
-        rises = w.spread(range(count), lambda i: probe.worst(i, steps) if kind == "worst" else probe.average(i))
+        probe = Probe(ev, split, float(spec.radius), spec.adaptive, options.seed)
+        worst = spec.kind == "worst"
+        rises = w.spread(range(spec.count), lambda i: probe.worst(i, spec.steps) if worst else probe.average(i))
         return probe.centre, rises
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import json
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import Literal
 
 import h5py
@@ -209,27 +210,39 @@ def _tridiagonal(alpha: list[float], beta: list[float]) -> np.ndarray:
     return np.diag(alpha) + np.diag(beta[: k - 1], 1) + np.diag(beta[: k - 1], -1)
 
 
-def check_spectrum(top_k: int, iters: int, trace_samples: int) -> None:
-    """Refuse counts :func:`spectrum` cannot use (callers on many ranks check before any product)."""
-    if top_k < 1 or iters < 1 or trace_samples < 0:
-        raise UserError(f"`top_k` {top_k}, `iters` {iters}, `trace_samples` {trace_samples}: "
-                        "need top_k >= 1, iters >= 1, trace_samples >= 0")
+@dataclass(frozen=True)
+class SpectrumSpec:
+    """What ``lsurf hessian`` computes: the ``top_k`` eigenvalues by ``iters`` Lanczos steps,
+    Hutchinson's trace from ``trace_samples`` vectors (0: none), the SLQ density if asked, and with
+    ``directions`` the top two eigenvectors (one if ``top_k`` is 1) as directions. Refused on
+    construction where the counts cannot be used, so a job on many ranks fails before any product."""
+
+    top_k: int = 5
+    iters: int = 100
+    trace_samples: int = 50
+    density: bool = False
+    directions: bool = False
+
+    def __post_init__(self) -> None:
+        for name, least in (("top_k", 1), ("iters", 1), ("trace_samples", 0)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise UserError(f"`{name}` {value!r}: must be a whole number, at least {least}")
 
 
-def spectrum(h: Hessian, top_k: int = 5, iters: int = 100, trace_samples: int = 50, density: bool = False,
-             seed: int = 0, vectors: int = 0) -> tuple[dict[str, np.ndarray], list[torch.Tensor]]:
-    """What ``lsurf hessian`` reports: the ``top_k`` eigenvalues, Hutchinson's trace and its
+def spectrum(h: Hessian, spec: SpectrumSpec, seed: int = 0, vectors: int = 0
+             ) -> tuple[dict[str, np.ndarray], list[torch.Tensor]]:
+    """What ``lsurf hessian`` reports (``spec``): the eigenvalues, Hutchinson's trace and its
     standard error (``trace``, ``trace_stderr``; when ``trace_samples`` > 0) and the SLQ density
     (``density_grid``, ``density``) when asked for; and the eigenvectors of the first ``vectors``
     eigenvalues (flat, unit norm), which come with the eigenvalues at no extra products."""
-    check_spectrum(top_k, iters, trace_samples)
-    values, vecs = h.top_eigenvalues(top_k, iters, seed=seed)
+    values, vecs = h.top_eigenvalues(spec.top_k, spec.iters, seed=seed)
     results: dict[str, np.ndarray] = {"eigenvalues": values}
-    if trace_samples:
-        trace, stderr = h.trace_and_error(trace_samples, seed)
+    if spec.trace_samples:
+        trace, stderr = h.trace_and_error(spec.trace_samples, seed)
         results["trace"], results["trace_stderr"] = np.array(trace), np.array(stderr)
-    if density:
-        results["density_grid"], results["density"] = h.density(steps=min(iters, 80), seed=seed)
+    if spec.density:
+        results["density_grid"], results["density"] = h.density(steps=min(spec.iters, 80), seed=seed)
     return results, vecs[:vectors]
 
 

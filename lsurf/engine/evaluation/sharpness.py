@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -37,15 +38,40 @@ Objective = Callable[[Tensors, bool], tuple[float, Tensors]]
 _FIRST_DRAW = 2
 
 
-def check_settings(radius: float, kind: str, samples: int, steps: int, restarts: int) -> None:
-    """Refuse settings that would give no value or a meaningless one, naming the parameter."""
-    if isinstance(radius, bool) or not isinstance(radius, (int, float)) or not radius > 0 or not math.isfinite(radius):
-        raise UserError(f"`radius` {radius!r}: must be a positive number")
-    if kind not in KINDS:
-        raise UserError(f"`kind` {kind!r}: expected {' or '.join(KINDS)}")
-    for name, value in (("samples", samples), ("steps", steps), ("restarts", restarts)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise UserError(f"`{name}` {value!r}: must be a whole number, at least 1")
+@dataclass(frozen=True)
+class SharpnessSpec:
+    """What ``lsurf sharpness`` measures within ``radius`` ρ of θ*: ``kind`` average (``samples``
+    draws on the sphere) or worst (``restarts`` ascents of ``steps`` steps), in |θ*|-scaled
+    coordinates with ``adaptive``. Refused on construction, naming the setting, where it would
+    give no value or a meaningless one."""
+
+    radius: float
+    kind: str = "average"
+    adaptive: bool = False
+    samples: int = 100
+    steps: int = 20
+    restarts: int = 3
+
+    def __post_init__(self) -> None:
+        r = self.radius
+        if isinstance(r, bool) or not isinstance(r, (int, float)) or not r > 0 or not math.isfinite(r):
+            raise UserError(f"`radius` {r!r}: must be a positive number")
+        if self.kind not in KINDS:
+            raise UserError(f"`kind` {self.kind!r}: expected {' or '.join(KINDS)}")
+        for name in ("samples", "steps", "restarts"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise UserError(f"`{name}` {value!r}: must be a whole number, at least 1")
+
+    @property
+    def settings(self) -> str:
+        """The settings of its kind, for people: "100 samples", "3 restarts x 20 steps"."""
+        return f"{self.samples} samples" if self.kind == "average" else f"{self.restarts} restarts x {self.steps} steps"
+
+    @property
+    def count(self) -> int:
+        """Draws (average) or restarts (worst): the independent pieces of work."""
+        return self.samples if self.kind == "average" else self.restarts
 
 
 def global_norm(tensors: Sequence[torch.Tensor]) -> float:
