@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from lsurf.engine.evaluation.quantities import is_error
 from lsurf.engine.formats.surface_file import CURVE, Surface, View
 from lsurf.engine.geometry.levels import color_range
 from lsurf.engine.io import atomic_write
@@ -45,7 +46,7 @@ def _plotly():
 def _choose_quantities(surfaces: list[Surface], quantities: list[str] | None) -> list[str]:
     """The selectable quantities: those asked for, or every non-stderr quantity all files share."""
     if quantities is None:
-        common = [n for n in surfaces[0].values if not n.endswith("_stderr")
+        common = [n for n in surfaces[0].values if not is_error(n)
                   and all(n in s.values for s in surfaces)]
         if not common:
             raise UserError("`surfaces` share no quantity: pass `quantities` explicitly")

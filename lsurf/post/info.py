@@ -8,6 +8,7 @@ import json
 import numpy as np
 
 from lsurf.engine.curvature import fidelity
+from lsurf.engine.evaluation.quantities import is_error
 from lsurf.engine.formats.progress import job_state
 from lsurf.engine.formats.surface_file import Surface, View
 
@@ -23,7 +24,7 @@ def describe(surface: Surface) -> list[str]:
         *surface.accounting(),
     ]
     for name, v in sorted(surface.values.items()):
-        if name.endswith("_stderr"):
+        if is_error(name):
             continue
         ok = v[surface.done]
         bad = int((~np.isfinite(ok)).sum())

@@ -15,6 +15,7 @@ from typing import cast
 import numpy as np
 
 from lsurf.engine.curvature.fidelity import title_line
+from lsurf.engine.evaluation.quantities import PROBES
 from lsurf.engine.formats.curve_file import read_curve, recorded_ends
 from lsurf.engine.formats.progress import FINISHED, job_state
 from lsurf.engine.formats.surface_file import CURVE, CURVES, ENSEMBLES, Surface, View
@@ -29,7 +30,7 @@ KINDS = ("contour", "filled", "heatmap", "surface3d")
 def quantity(surface: Surface, name: str) -> np.ndarray:
     """A stored quantity, or ``hessian_ratio`` = |λ_min / λ_max| (Li et al.'s convexity map)."""
     if name == "hessian_ratio":
-        hi, lo = quantity(surface, "hessian_max"), quantity(surface, "hessian_min")
+        hi, lo = (quantity(surface, name) for name in PROBES)
         with np.errstate(divide="ignore", invalid="ignore"):
             return np.abs(lo / hi)
     if name not in surface.values:

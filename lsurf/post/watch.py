@@ -20,6 +20,7 @@ from typing import Protocol, TextIO
 
 import numpy as np
 
+from lsurf.engine.evaluation.quantities import is_error
 from lsurf.engine.formats.progress import JobState, RateMeter, job_state
 from lsurf.engine.formats.surface_file import Surface, View, read_surface
 from lsurf.engine.geometry.levels import color_range, is_geometric
@@ -54,7 +55,7 @@ _RESET = "\x1b[0m"
 
 def first_loss(surface: Surface) -> str:
     """The quantity drawn by default: the first loss of the file (else its first quantity)."""
-    names = [n for n in surface.values if not n.endswith("_stderr")]
+    names = [n for n in surface.values if not is_error(n)]
     return next((n for n in names if n.endswith("_loss")), names[0])
 
 

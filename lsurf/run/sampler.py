@@ -23,9 +23,9 @@ from torch import nn
 
 from lsurf.engine.data.splits import AnySplit, BatchStreamSplit
 from lsurf.engine.evaluation.evaluate import evaluator
-from lsurf.engine.evaluation.metrics import Metric, metrics_for, quantity_names
+from lsurf.engine.evaluation.metrics import Metric, metrics_for
 from lsurf.engine.evaluation.plan import Plan
-from lsurf.engine.evaluation.precision import ACCOUNTING
+from lsurf.engine.evaluation.quantities import Quantities
 from lsurf.engine.formats import surface_file
 from lsurf.engine.formats.progress import RUN_STARTED, run_started
 from lsurf.engine.geometry.directions import AnyDirections, save_directions
@@ -251,8 +251,7 @@ def _create(path: Path, grid: Grid, identity: dict, sampled: Sampled, data: dict
     if opts.tolerance:  # what the samples a point used are a share of
         attrs["split_sizes"] = json.dumps({s: len(split) for s, split in data.items()
                                            if not isinstance(split, BatchStreamSplit)})
-    names = sampled.quantities(quantity_names(data, opts.hessian_iters > 0, metrics,
-                                              ACCOUNTING if opts.tolerance else ()))
+    names = sampled.quantities(Quantities.of(data, metrics, opts.hessian_iters > 0, bool(opts.tolerance)).names)
     surface_file.create(path, grid, names, identity, attrs)
 
 

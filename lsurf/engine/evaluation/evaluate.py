@@ -26,8 +26,9 @@ from lsurf.engine.data.batches import Feed, Streamed, equal_batches, head, resid
 from lsurf.engine.data.splits import AnySplit, BatchStreamSplit
 from lsurf.engine.evaluation.labels import FLAGS, check_label_flags, flag_labels
 from lsurf.engine.evaluation.losses import LossFn, class_targets, is_low_precision, pick_output, resolve_loss
-from lsurf.engine.evaluation.metrics import METRICS, MeanLoss, Metric, metrics_for, quantity_names
-from lsurf.engine.evaluation.precision import ACCOUNTING, Precision
+from lsurf.engine.evaluation.metrics import METRICS, MeanLoss, Metric, metrics_for
+from lsurf.engine.evaluation.precision import Precision
+from lsurf.engine.evaluation.quantities import Quantities
 from lsurf.engine.geometry.directions import AnyDirections, Directions, SeededDirections, target_tensors
 from lsurf.engine.model.sharding import check_shardable, is_sharded_model, shard_model, without_grad
 from lsurf.engine.model.snapshot import ModelSnapshot
@@ -297,8 +298,7 @@ class Evaluator:
     @property
     def quantities(self) -> list[str]:
         """Names of the values each point yields, e.g. ``train_loss``, ``test_acc_stderr``."""
-        return quantity_names(self.batches, self.hessian_iters > 0, self.metrics,
-                              ACCOUNTING if self.precision else ())
+        return Quantities.of(self.batches, self.metrics, self.hessian_iters > 0, self.precision is not None).names
 
     def evaluate(self, a: float, b: float = 0.0) -> dict[str, float]:
         """``{quantity: value}`` at (a, b), e.g. ``{"train_loss": 0.08, "train_acc": 97.9, ...}``."""

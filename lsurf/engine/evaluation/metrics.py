@@ -2,14 +2,14 @@
 
 Every metric reduces a pass to additive sums on the device (so chunks, batches, points and later
 rank groups can be added up) and turns those sums into statistics on the host once per point.
-``quantity_names`` gives the datasets a file holds: ``{split}_{name}`` for every metric name.
+A file stores each as ``{split}_{name}`` (lsurf.engine.evaluation.quantities names every quantity).
 """
 
 from __future__ import annotations
 
 import math
 import re
-from collections.abc import Collection, Iterable, Sequence
+from collections.abc import Collection, Sequence
 from typing import Any, Protocol
 
 import numpy as np
@@ -136,7 +136,6 @@ class TokenAccuracy:
 
 
 METRICS: tuple[Metric, ...] = (MeanLoss(), Accuracy())
-BUILT_IN_NAMES = frozenset(n for m in (MeanLoss, Accuracy, TokenLoss, TokenAccuracy) for n in m.names)
 
 
 class PluginMetric:
@@ -211,13 +210,3 @@ def metrics_for(y: torch.Tensor, ignore_index: int = -100) -> tuple[Metric, ...]
     if y.dim() >= 2 and not y.is_floating_point():
         return TokenLoss(ignore_index), TokenAccuracy(ignore_index)
     return METRICS
-CURVATURE = ("hessian_max", "hessian_min")  # per point, not per split: λ_max and λ_min of the Hessian
-
-
-def quantity_names(splits: Iterable[str], hessian: bool = False, metrics: Sequence[Metric] = METRICS,
-                   accounting: Sequence[str] = ()) -> list[str]:
-    """Dataset names of the statistics of these splits, e.g. ``train_loss``, ``test_acc_stderr``,
-    each split's ``accounting`` values of a pass stopped early (lsurf.engine.evaluation.precision), and the
-    curvature maps when asked for."""
-    names = [f"{s}_{name}" for s in splits for name in [n for m in metrics for n in m.names] + list(accounting)]
-    return names + (list(CURVATURE) if hessian else [])

@@ -18,10 +18,6 @@ import torch
 from lsurf.engine.data.splits import AnySplit, Split
 from lsurf.errors import UserError
 
-# The extra quantities of each split: samples the point used, and the standard error of its mean
-# loss against the whole split's (0 when it used them all).
-ACCOUNTING = ("samples", "loss_error")
-
 
 def subset_error(total: float, squares: float, n: int, size: int) -> float:
     """Standard error of the mean of ``n`` of ``size`` values drawn without replacement, from
@@ -59,5 +55,6 @@ class Precision:
         return n >= size or (n >= self.min_samples and subset_error(total, squares, n, size) <= self.tolerance)
 
     def accounting(self, total: float, squares: float, n: int, size: int) -> list[float]:
-        """The values of :data:`ACCOUNTING` for a split's pass."""
+        """The values of the accounting quantities (lsurf.engine.evaluation.quantities.ACCOUNTING) for a
+        split's pass: the samples it used and the standard error of its mean loss against the whole split's."""
         return [float(n), subset_error(total, squares, n, size)]

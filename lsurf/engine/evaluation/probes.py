@@ -12,8 +12,8 @@ from lsurf.engine.data.batches import to_device
 from lsurf.engine.data.splits import AnySplit
 from lsurf.engine.evaluation.labels import check_labels
 from lsurf.engine.evaluation.losses import LossFn, is_low_precision, pick_output
-from lsurf.engine.evaluation.metrics import BUILT_IN_NAMES, PluginMetric, bind_plugin, check_plugin
-from lsurf.engine.evaluation.precision import ACCOUNTING
+from lsurf.engine.evaluation.metrics import PluginMetric, bind_plugin, check_plugin
+from lsurf.engine.evaluation.quantities import reserved_names
 from lsurf.engine.io import make_plugin
 from lsurf.engine.model.sharding import is_sharded_model, without_grad
 from lsurf.errors import UserError
@@ -52,7 +52,7 @@ def plugin_metrics(specs: Sequence[str], model: nn.Module, split: AnySplit, devi
     with without_grad(is_sharded_model(model)):
         out = pick_output(model(x), output)
         out = out.float() if is_low_precision(out.dtype) else out
-        taken = set(BUILT_IN_NAMES) | set(ACCOUNTING)
+        taken = reserved_names()
         bound = []
         for spec in specs:
             metric = make_plugin(spec, "metric")
