@@ -20,7 +20,7 @@ from lsurf.engine.geometry.grid import Grid
 
 # name: (model, ranks per point, options)
 CASES = {
-    "linear_g4": ("linear", 4, {}),
+    "linear_g4": ("linear", 4, {"fidelity": "on"}),  # the planes' fidelity: the sharded Hessian, one group
     "linear_g2_regenerated": ("linear", 2, {"regenerate": True}),  # directions drawn per tensor, cut
     "bn_cnn_g2": ("bn_cnn", 2, {}),
     "lm_g4": ("lm", 4, {"loss": "cross_entropy"}),
@@ -72,11 +72,12 @@ def sample(name: str, out: Path, comm=None, sharded: bool = True):
     extra = dict(case)  # popped below: the table stays as it is
     model, data = build(model_name)
     directions = random_directions(model, seed=3, two=True, regenerate=extra.pop("regenerate", False))
+    geometry = extra.pop("geometry", False)
     options = {"comm": comm, "dtype": "float64", "batch_size": 4, "threads": 1, "fidelity": "off", "progress": False,
-               "overwrite": True, **({"ranks_per_point": g, "shard": "fsdp"} if sharded else {})}
-    if extra.pop("geometry", False):
-        return sample_geometry(model, data, Circle(directions), out / f"{name}.h5", **options, **extra)
-    return sample_surface(model, data, directions, GRID, out / f"{name}.h5", **options, **extra)
+               "overwrite": True, **({"ranks_per_point": g, "shard": "fsdp"} if sharded else {}), **extra}
+    if geometry:
+        return sample_geometry(model, data, Circle(directions), out / f"{name}.h5", **options)
+    return sample_surface(model, data, directions, GRID, out / f"{name}.h5", **options)
 
 
 def spectrum(name: str, comm=None, sharded: bool = True) -> dict[str, np.ndarray] | None:

@@ -89,6 +89,12 @@ def test_auto_measures_only_where_it_is_cheap():
     assert "token targets" in fidelity_skipped(fine, tokens, grid_for(fine), 1, [])
     with pytest.raises(UserError, match="`fidelity` on"):
         fidelity_skipped(fine.replace(fidelity="on"), tokens, grid_for(fine), 1, [])
+    sharded = fine.replace(ranks_per_point=2, shard="fsdp")  # measured where one group holds every rank
+    assert fidelity_skipped(sharded, data, grid_for(fine), 1, [], groups=1) is None
+    assert "one group of every rank; this run has 2 groups" in fidelity_skipped(sharded, data, grid_for(fine), 1, [],
+                                                                                groups=2)
+    with pytest.raises(UserError, match="`fidelity` on: the Hessian of a sharded model takes one group"):
+        fidelity_skipped(sharded.replace(fidelity="on"), data, grid_for(fine), 1, [], groups=2)
 
 
 def test_an_ensemble_title_shows_the_median_and_each_plane_its_own():

@@ -28,7 +28,8 @@ QUANTITIES = ("train_loss", "train_acc")
 def _values(path) -> dict:
     with h5py.File(path, "r") as f:
         return {k: f[k][()] for k in QUANTITIES} | {"done": f["done"][()], "layout": f.attrs["rank_layout"],
-                                                   "weights": f.attrs["rank_weights"], "path": path}
+                                                   "weights": f.attrs["rank_weights"], "path": path,
+                                                   "fidelity": f.attrs.get("fidelity")}
 
 
 @pytest.mark.mpi
@@ -39,17 +40,25 @@ def test_sharded_runs_under_mpirun_equal_one_unsharded_process(tmp_path):
                        env=_env({"OMP_NUM_THREADS": "1", "PYTHONPATH": f"{REPO}:{REPO / 'tests'}"}))
     assert p.returncode == 0, p.stdout + p.stderr
     (tmp_path / "one").mkdir()
+    fidelities = 0
     for case, (name, g, _) in shard_job.CASES.items():
         shard_job.sample(case, tmp_path / "one", sharded=False)
         one, sharded = _values(tmp_path / "one" / f"{case}.h5"), _values(tmp_path / f"{case}.h5")
         assert sharded["done"].all() and f"sharded {g} ways, fsdp" in sharded["layout"], sharded["layout"]
         for k in QUANTITIES:
             np.testing.assert_allclose(sharded[k], one[k], rtol=1e-10, atol=0, err_msg=f"{case} {k}")
+        if sharded["fidelity"] is not None:  # measured by the sharded Hessian: the unsharded numbers
+            a, b = (json.loads(s["fidelity"]) for s in (sharded, one))
+            assert a["parameters"] == b["parameters"] and np.isfinite(a["quotients"]).all(), (a, b)
+            fidelities += 1
+            for key in ("lambda_max", "lambda_min", "mean_eigenvalue", "quotients", "norms2"):
+                np.testing.assert_allclose(a[key], b[key], rtol=1e-8, atol=1e-12, err_msg=key)
         # each rank of a group holds its rows of every weight (FSDP2's dim-0 chunks): 1/G, and together all
         shapes = [p.shape for p in shard_job.build(name)[0].parameters()]
         chunk = sum(-(-s[0] // g) * int(np.prod(s[1:])) for s in shapes)
         held = sharded["weights"].reshape(4 // g, g)
         assert (held.sum(1) == sum(int(np.prod(s)) for s in shapes)).all() and (held <= chunk).all(), held
+    assert fidelities == 1  # linear_g4's
     # the Hessian with the model held by rows over all 4 ranks: exact products through the collectives
     for name in shard_job.SPECTRA:
         sharded, one = np.load(tmp_path / f"{name}_spectrum.npz"), shard_job.spectrum(name, sharded=False)
@@ -62,13 +71,17 @@ def test_sharded_runs_under_mpirun_equal_one_unsharded_process(tmp_path):
 def test_torchrun_shards_the_command_line_job(tmp_path):
     args = ["surface", "--model", "cnn", "--data", "digits", "--subset", "40", "--x", "-1:1:3", "--dtype", "float64",
             "--no-progress", "--threads", "1"]
+    args += ["--fidelity", "on"]  # the plane's fidelity by the sharded Hessian (the model drawn whole, then sharded)
     torchrun(2, *args, "--ranks-per-point", "2", "--shard", "fsdp", "--out", tmp_path / "sharded.h5", check=True)
-    cli(*args, "--fidelity", "off", "--out", tmp_path / "one.h5", check=True)
+    cli(*args, "--out", tmp_path / "one.h5", check=True)
     one, sharded = _values(tmp_path / "one.h5"), _values(tmp_path / "sharded.h5")
     for k in QUANTITIES:
         np.testing.assert_allclose(sharded[k], one[k], rtol=1e-10, atol=0, err_msg=k)
+    a, b = (json.loads(s["fidelity"]) for s in (sharded, one))
+    for key in ("lambda_max", "lambda_min", "mean_eigenvalue"):
+        assert a[key] == pytest.approx(b[key], rel=1e-8), key
+    assert a["quotients"][0][0] == pytest.approx(b["quotients"][0][0], rel=1e-8)
     info = lsurf("info", tmp_path / "sharded.h5", check=True).stdout
-    assert "not measured: the model is sharded (`shard` fsdp)" in info, info  # `fidelity` auto: skipped, said
     assert "of the model (sharded 2 ways, fsdp)" in info and " 4,965 weights" in info, info  # 1/2 of 9,930
 
 
@@ -167,7 +180,6 @@ def test_a_checkpoint_that_does_not_fit_is_one_line(tmp_path):
     ([], "lsurf: error: --shard fsdp shards the model over a rank group: it needs --ranks-per-point of 2 or more"),
     (["--ranks-per-point", "2", "--points-per-pass", "2"], "it cannot be combined with --points-per-pass > 1"),
     (["--ranks-per-point", "2", "--resident", "never"], "not with --resident never"),
-    (["--ranks-per-point", "2", "--fidelity", "on"], "--fidelity on: not with --shard fsdp"),
     (["--ranks-per-point", "2", "--checkpoint", "a.pt", "--model2", "b.pt"],
      "--shard fsdp reads each rank's part of the weights: not with --model2, which need the whole model on one rank"),
 ])

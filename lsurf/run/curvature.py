@@ -236,13 +236,18 @@ AUTO_FIDELITY_SHARE = 0.05
 
 
 def fidelity_skipped(options: Options, data: dict[str, AnySplit], grid: Grid, planes: int,
-                     streamed: Sequence[str]) -> str | None:
-    """Why the planes' fidelity is not measured (None: it is): ``fidelity`` off, or, where it is
-    auto, a streamed or low-precision Hessian split or a cost of 5 % of the run or more."""
+                     streamed: Sequence[str], groups: int = 1) -> str | None:
+    """Why the planes' fidelity is not measured (None: it is): ``fidelity`` off, a model sharded
+    over more than one of the run's ``groups`` (its Hessian takes one group of every rank), or,
+    where it is auto, a streamed or low-precision Hessian split or a cost of 5 % of the run or more."""
     if options.fidelity == "off":
         return "not measured (`fidelity` off)"
-    if options.shard:  # its Hessian-vector products would need the whole model on one device (Options refuses on)
-        return f"not measured: the model is sharded (`shard` {options.shard})"
+    if options.shard and groups > 1:
+        why = (f"the Hessian of a sharded model takes one group of every rank; this run has {groups} groups "
+               f"(`ranks_per_point` {options.ranks_per_point})")
+        if options.fidelity == "on":
+            raise UserError(f"`fidelity` on: {why}")
+        return f"not measured: {why}"
     split = next(iter(data))
     targets = data[split].rows(0, 1)[1]
     if targets.dim() > 1 and not targets.is_floating_point():
@@ -271,5 +276,6 @@ def plane_fidelity(w: World, model: nn.Module, data: dict[str, AnySplit], planes
     """The fidelity of ``planes`` at the model's weights over the first split, on every rank of
     ``w`` (the split shared as for the spectrum), as the JSON of the file's ``fidelity`` attribute."""
     split = next(iter(data))
-    with operator_at(w, model, (split, data[split]), options, device) as h:
+    skeleton = w.agree(lambda: model_skeleton(options, data, model))
+    with operator_at(w, model, (split, data[split]), options, device, skeleton) as h:
         return measure(h, model, planes, split, options.seed).to_json()

@@ -185,9 +185,6 @@ class Options:
         if (self.points_per_pass or 1) > 1:
             raise UserError(f"`shard` {self.shard} evaluates one point per pass: it cannot be combined with "
                             "`points_per_pass` > 1")
-        if self.fidelity == "on":
-            raise UserError(f"`fidelity` on: not with `shard` {self.shard} (fidelity compares the planes with the "
-                            "Hessian's eigenvectors, which a sharded run holds by rows); leave `fidelity` auto or off")
         if self.weights_on_disk:  # each rank reads its rows only: nothing can use the whole model
             whole = [f"`{n}`" for n in ("geometry", "model2", "curve_plane") if getattr(self, n)]
             if whole:

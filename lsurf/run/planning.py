@@ -102,7 +102,7 @@ def make_plan(w: World, group: Group, model: nn.Module, data: dict[str, AnySplit
     streamed = _streamed(w, group, data, dev, opts, batch_size, workers, said.append)
     fresh = Plan(dev.type, batch_size, bool(pinned_layout), opts.points_per_pass or 0, torch.get_num_threads(),
                  tuple(streamed), workers, "mpio" if use_parallel_hdf5(w, opts.writer) else "root",
-                 fidelity_skipped(opts, data, grid, grid.num_planes, streamed))
+                 fidelity_skipped(opts, data, grid, grid.num_planes, streamed, group.count))
     for line in said:
         log(line)
     return stored.resumed(fresh) if stored is not None else fresh

@@ -67,23 +67,10 @@ class Fidelity:
         return cls(**raw)
 
 
-def flat_direction(h: Hessian, model: nn.Module, names: Sequence[str], tensors: Sequence[torch.Tensor]) -> torch.Tensor:
-    """A direction over named tensors as a flat vector over the Hessian's parameters (the order of
-    ``h.params``): parameters the direction does not move are zeros, buffers are dropped."""
-    by_name = dict(zip(names, range(len(names))))
-    params = {id(p): name for name, p in model.named_parameters()}
-    parts = []
-    for p in h.params:
-        k = by_name.get(params.get(id(p), ""))
-        t = tensors[k] if k is not None else torch.zeros_like(p)
-        parts.append(t.detach().to(device=h.device, dtype=h.dtype).reshape(-1))
-    return torch.cat(parts)
-
-
 def quotient(h: Hessian, v: torch.Tensor) -> tuple[float, float]:
     """(vᵀHv/|v|², |v|²); a zero direction sees no curvature (0, 0)."""
-    norm2 = float(v @ v)
-    return (float(v @ h.hvp(v)) / norm2 if norm2 > 0 else 0.0), norm2
+    norm2 = h.dot(v, v)
+    return (h.dot(v, h.hvp(v)) / norm2 if norm2 > 0 else 0.0), norm2
 
 
 def measure(h: Hessian, model: nn.Module, planes: Sequence[AnyDirections], split: str, seed: int = 0,
@@ -94,8 +81,8 @@ def measure(h: Hessian, model: nn.Module, planes: Sequence[AnyDirections], split
     trace, stderr = h.trace_and_error(samples, seed)
     quotients, norms = [], []
     for d in planes:
-        qx, nx = quotient(h, flat_direction(h, model, d.names, d.x))
-        qy, ny = quotient(h, flat_direction(h, model, d.names, d.y)) if d.y is not None else (None, None)
+        qx, nx = quotient(h, h.flat(model, d.names, d.x))
+        qy, ny = quotient(h, h.flat(model, d.names, d.y)) if d.y is not None else (None, None)
         quotients.append((qx, qy))
         norms.append((nx, ny))
     # Every Rayleigh quotient lies in [λ_min, λ_max]: a short Lanczos run that has not yet reached

@@ -113,7 +113,7 @@ class Hessian:
         quad = np.empty(samples)
         for i in range(samples):
             v = self._draw(lambda shape: torch.randint(0, 2, shape, generator=gen).to(self.dtype) * 2 - 1)
-            quad[i] = self._dot(v, self.hvp(v))
+            quad[i] = self.dot(v, self.hvp(v))
         stderr = float(quad.std(ddof=1) / np.sqrt(samples)) if samples > 1 else float("nan")
         return float(quad.mean()), stderr
 
@@ -158,15 +158,15 @@ class Hessian:
         """α, β of the tridiagonal T = QᵀHQ and the orthonormal basis Q (fully reorthogonalised)."""
         gen = torch.Generator().manual_seed(seed)  # on the CPU: the same start on every device
         q = self._draw(lambda shape: torch.randn(shape, generator=gen, dtype=self.dtype))
-        q /= self._dot(q, q) ** 0.5
+        q /= self.dot(q, q) ** 0.5
         basis, alpha, beta = [q], [], []
         for _ in range(steps):
             w = self.hvp(basis[-1])
-            alpha.append(self._dot(w, basis[-1]))
+            alpha.append(self.dot(w, basis[-1]))
             for _ in range(2):  # twice is enough (Kahan): keeps Q orthogonal in floating point
                 for b in basis:
-                    w -= self._dot(w, b) * b
-            norm = self._dot(w, w) ** 0.5
+                    w -= self.dot(w, b) * b
+            norm = self.dot(w, w) ** 0.5
             stop = len(alpha) == steps or norm <= tol * max(abs(a) for a in alpha)
             if self._stops_together(stop):
                 break
@@ -183,9 +183,17 @@ class Hessian:
         (``tensor(shape)``), so that a sharded operator can keep its rows of the same vector."""
         return torch.cat([tensor(tuple(p.shape)).reshape(-1) for p in self.params]).to(self.device)
 
-    def _dot(self, a: torch.Tensor, b: torch.Tensor) -> float:
+    def dot(self, a: torch.Tensor, b: torch.Tensor) -> float:
         """The inner product of two flat vectors (of a sharded operator: summed over its group)."""
         return float(a @ b)
+
+    def flat(self, model: nn.Module, names: Sequence[str], tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+        """A direction over named tensors of ``model`` as a flat vector over this operator's
+        parameters (their order): parameters it does not move are zeros, buffers are dropped."""
+        by_name = dict(zip(names, tensors))
+        params = {id(p): name for name, p in model.named_parameters()}
+        parts = [by_name.get(params.get(id(p), ""), torch.zeros_like(p)) for p in self.params]
+        return torch.cat([t.detach().to(device=self.device, dtype=self.dtype).reshape(-1) for t in parts])
 
     def _split(self, v: torch.Tensor) -> list[torch.Tensor]:
         out, k = [], 0

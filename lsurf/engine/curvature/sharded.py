@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -136,10 +136,24 @@ class ShardedHessian(Hessian):
             parts.append(tensor((self.sizes[k], *p.shape[1:]))[rows].reshape(-1))
         return torch.cat(parts).to(self.device)
 
+    def flat(self, model: nn.Module, names: Sequence[str], tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+        """This rank's rows of a direction over named tensors, flat: each tensor given whole (cut
+        here) or as this rank's rows already (a sharded run's directions); zeros where it has none."""
+        by_name = dict(zip(names, tensors))
+        parts = []
+        for k, p in zip(self.names, self.params):
+            t = by_name.get(k)
+            if t is None:
+                t = torch.zeros_like(p)
+            elif t.shape[0] == self.sizes[k] and t.shape != p.shape:  # whole: this rank's rows of it
+                t = t[chunk_rows(self.sizes[k], self.parts, self.rank)]
+            parts.append(t.detach().to(device=self.device, dtype=self.dtype).reshape(-1))
+        return torch.cat(parts)
+
     def _stops_together(self, stop: bool) -> bool:
         return bool(self._group_sum(np.array([float(stop)]))[0] > 0)
 
-    def _dot(self, a: torch.Tensor, b: torch.Tensor) -> float:
+    def dot(self, a: torch.Tensor, b: torch.Tensor) -> float:
         return float(self._group_sum(np.array([float(a.double() @ b.double())]))[0])
 
     def _group_sum(self, values: np.ndarray) -> np.ndarray:

@@ -108,7 +108,7 @@ def check_same_architecture(own: dict[str, torch.Tensor], other: dict[str, torch
         raise UserError(f"`model2` {other_path!r} is not the architecture of `checkpoint`: {why}")
 
 
-def _dot(u: list[torch.Tensor], v: list[torch.Tensor]) -> float:
+def dot(u: list[torch.Tensor], v: list[torch.Tensor]) -> float:
     return float(sum((x.double() * y.double()).sum() for x, y in zip(u, v)))
 
 
@@ -125,9 +125,9 @@ def curve_plane(curve: Curve) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     the bend lies at β = 1."""
     d1 = [b - a for a, b in zip(curve.a, curve.b)]
     v = [p - a for p, a in zip(plane_point(curve), curve.a)]
-    c = _dot(v, d1) / _dot(d1, d1)
+    c = dot(v, d1) / dot(d1, d1)
     d2 = [x - c * y for x, y in zip(v, d1)]
-    if _dot(d2, d2) <= 1e-12 * _dot(v, v):
+    if dot(d2, d2) <= 1e-12 * dot(v, v):
         raise UserError("the curve is straight (its bend lies on the line from A to B): it spans no plane")
     return d1, d2
 
@@ -135,8 +135,8 @@ def curve_plane(curve: Curve) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
 @torch.no_grad()
 def coordinates(offsets: list[list[torch.Tensor]], d1: list[torch.Tensor], d2: list[torch.Tensor]) -> np.ndarray:
     """(α, β) of each offset from A along orthogonal ``d1``, ``d2``: one row per offset."""
-    n1, n2 = _dot(d1, d1), _dot(d2, d2)
-    return np.array([[_dot(off, d1) / n1, _dot(off, d2) / n2] for off in offsets])
+    n1, n2 = dot(d1, d1), dot(d2, d2)
+    return np.array([[dot(off, d1) / n1, dot(off, d2) / n2] for off in offsets])
 
 
 def project(curve: Curve, d1: list[torch.Tensor], d2: list[torch.Tensor], ts: list[float]) -> np.ndarray:
