@@ -11,9 +11,10 @@ for model in cnn mlp; do
         --threads 1 --no-progress --overwrite --out "$work/$model.h5" 2> /dev/null
     for kind in average worst; do
         "${ranks[@]}" sharpness --model "$model" --data digits --checkpoint "$ckpt" --kind "$kind" \
-            --radius 0.05 --samples 200 --threads 1 --out "$work/$model.$kind.h5" > /dev/null
+            --radius 0.05 --samples 200 --threads 1 --no-progress --overwrite --out "$work/$model.$kind.h5" > /dev/null
         "${ranks[@]}" sharpness --model "$model" --data digits --checkpoint "$ckpt" --kind "$kind" --adaptive \
-            --radius 0.05 --samples 200 --threads 1 --out "$work/$model.$kind.adaptive.h5" > /dev/null
+            --radius 0.05 --samples 200 --threads 1 --no-progress --overwrite --out "$work/$model.$kind.adaptive.h5" \
+            > /dev/null
     done
 done
 lsurf plot "$work/cnn.h5" --out-dir "$work" > /dev/null
@@ -28,7 +29,7 @@ for model in ("cnn", "mlp"):
     cells = []
     for name in ("average", "worst", "average.adaptive", "worst.adaptive"):
         with h5py.File(f"{work}/{model}.{name}.h5") as f:
-            centre, s, se = float(f["centre_loss"][()]), float(f["sharpness"][()]), float(f["sharpness_stderr"][()])
+            centre, s, se = (float(f.attrs[k]) for k in ("centre_loss", "sharpness", "sharpness_stderr"))
         cells.append(f"{s:.3g} ± {se:.1g}" if name.startswith("average") else f"{s:.3g}")
     print(f"| {model} | {centre:.3g} | " + " | ".join(cells) + " |")
 EOF

@@ -3,7 +3,8 @@ end to end: one process against two MPI ranks, bad input, an existing file left 
 
 from __future__ import annotations
 
-import h5py
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -32,7 +33,8 @@ def regression(tmp_path, monkeypatch):
     torch.save({"net.0.weight": torch.tensor(theta[None, :D]), "net.0.bias": torch.tensor(theta[D:])},
                tmp_path / "lstsq.pt")
     options = Options(model="linear", data="sharpdata:make", checkpoint=str(tmp_path / "lstsq.pt"), loss="mse",
-                      dtype="float64", device="cpu", batch_size=64)
+                      dtype="float64", device="cpu", batch_size=64, out=str(tmp_path / "s.h5"), overwrite=True,
+                      progress=False)
     return options, 2 * a.T @ a / N, theta
 
 
@@ -113,16 +115,21 @@ def test_two_ranks_give_what_one_process_gives(tmp_path, digits_checkpoint, kind
     for p in (p1, p2):
         lines = p.stdout.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith(f"sharpness ({kind}, rho 0.05"), p.stdout
-    with h5py.File(one) as f, h5py.File(two) as g:
-        assert f["values"].shape == ((5,) if kind == "average" else (3,))
-        np.testing.assert_allclose(g["values"][()], f["values"][()], rtol=1e-6, atol=1e-9)
-        for name in ("sharpness", "sharpness_stderr", "centre_loss"):
-            assert g[name][()] == pytest.approx(f[name][()], rel=1e-6, abs=1e-9)
-        assert f.attrs["lsurf_version"] == api.__version__
-        assert '"radius": 0.05' in f.attrs["config"] and f'"kind": "{kind}"' in f.attrs["config"]
-    with h5py.File(one) as f:
-        if kind == "worst":  # a trained net rises more at the worst point than at random ones
-            assert (f["values"][()] > 0).all()
+    f, g = api.read_surface(one), api.read_surface(two)  # 1-D files of the one runner: draws or restarts
+    assert f.done.all() and g.done.all() and f.values["rise"].shape == ((5,) if kind == "average" else (3,))
+    np.testing.assert_allclose(g.values["rise"], f.values["rise"], rtol=1e-6, atol=1e-9)
+    for name in ("sharpness", "sharpness_stderr", "centre_loss"):
+        assert float(g.attrs[name]) == pytest.approx(float(f.attrs[name]), rel=1e-6, abs=1e-9)
+    np.testing.assert_allclose(f.values["train_loss"] - f.values["rise"], float(f.attrs["centre_loss"]), rtol=1e-9)
+    assert json.loads(f.attrs["versions"])["lsurf"] == api.__version__ and g.attrs["mpi_ranks"] == 2
+    assert json.loads(f.attrs["sharpness_spec"])["radius"] == 0.05 and json.loads(f.attrs["axis_names"]) == [
+        "draw" if kind == "average" else "restart"]
+    if kind == "worst":  # a trained net rises more at the worst point than at random ones
+        assert (f.values["rise"] > 0).all()
+    again = lsurf("sharpness", *CNN, "--checkpoint", digits_checkpoint, *settings, "--out", one, check=True)
+    assert again.stdout == p1.stdout and "0 of" in again.stderr  # a finished file: resumed, nothing to do
+    other = lsurf("sharpness", *CNN, "--checkpoint", digits_checkpoint, *settings, "--radius", "0.1", "--out", one)
+    assert other.returncode == 2 and "--overwrite" in other.stderr, other.stderr
 
 
 @pytest.mark.cli

@@ -1,20 +1,19 @@
 """``lsurf sharpness``: average- or worst-case loss rise within radius ρ of the checkpoint (MPI-aware).
 
-The file (HDF5, written atomically by rank 0) holds ``sharpness``, ``sharpness_stderr`` (sd/√N for
-average; 0 for worst, a maximum: the restarts' spread is in ``values``), ``values`` (the rise
-L(θ* + δ) − L(θ*) per draw or restart) and ``centre_loss``, with the options in ``config``.
+The file is a 1-D surface file (axis ``draw`` or ``restart``): ``rise`` (L(θ* + δ) − L(θ*)) and the
+split's loss at each draw or restart, with ``sharpness``, ``sharpness_stderr`` (sd/√N for average;
+0 for worst, a maximum: the restarts' spread is in ``rise``) and ``centre_loss`` as attributes;
+the same command run again resumes it.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 from pathlib import Path
 
 import numpy as np
 
 from lsurf.cli import common
-from lsurf.engine.curvature.hessian import save_results
 from lsurf.engine.evaluation.sharpness import KINDS, SharpnessSpec
 from lsurf.engine.geometry.directions import DIR_TYPES
 from lsurf.errors import UserError
@@ -24,7 +23,7 @@ from lsurf.run.sharpness import sharpness
 
 HELP = "average- or worst-case sharpness: the loss rise within radius rho of the checkpoint (MPI-aware)"
 _SPEC = common.keyword_defaults(SharpnessSpec, ("kind", "adaptive", "samples", "steps", "restarts"))
-_EXTRA = {"radius": None, **_SPEC, "out": None}
+_EXTRA = {"radius": None, **_SPEC}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -48,33 +47,34 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", type=int, default=argparse.SUPPRESS, help="seed of the random points (default 0)")
     g.add_argument("--dir-type", default=argparse.SUPPRESS, choices=DIR_TYPES,
                    help="tensors perturbed: parameters (weights, the default) or the whole state dict")
-    g.add_argument("--out", default=argparse.SUPPRESS, help="HDF5 file for the results (required)")
+    g.add_argument("--out", default=argparse.SUPPRESS,
+                   help="the file of the draws and the result (required; resumed if it was made the same way)")
+    g.add_argument("--overwrite", action="store_true", default=argparse.SUPPRESS,
+                   help="replace an existing output made differently")
+    g.add_argument("--no-progress", dest="progress", action="store_false", default=argparse.SUPPRESS)
 
 
 def run(args: argparse.Namespace) -> int:
     w = start_job()
-    options, spec, out = w.agree(lambda: _settings(args))
+    options, spec = w.agree(lambda: _settings(args))
     configure_job(w, options.device, options.threads, options.tf32)
     results = sharpness(options, spec, w.comm, common.stderr_log if w.is_root else None)
     if results is not None:
-        save_results(results, out, {**options.as_dict(), **dataclasses.asdict(spec), "out": out})
-        print(f"{_summary(results, spec)}; wrote {out}", flush=True)
+        print(f"{_summary(results, spec)}; wrote {options.out}", flush=True)
     return 0
 
 
-def _settings(args: argparse.Namespace) -> tuple[Options, SharpnessSpec, str]:
-    """The options, the spec and the output (flags over the job file), ``radius`` and ``out``
-    required and the output folder checked before any work."""
+def _settings(args: argparse.Namespace) -> tuple[Options, SharpnessSpec]:
+    """The options and the spec (flags over the job file), ``radius`` and ``out`` required and the
+    output folder checked before any work."""
     values = common.merged_values(args, extra=tuple(_EXTRA))
     extra = {k: values.pop(k) for k in _EXTRA if k in values}
-    options = common.options_from(values)
-    for name in ("radius", "out"):
-        if extra.get(name) is None:
+    for name, given in (("radius", extra.get("radius")), ("out", values.get("out"))):
+        if given is None:
             raise UserError(f"`{name}` is required")
-    out = extra.pop("out")
-    if not Path(out).resolve().parent.is_dir():
-        raise UserError(f"`out` {out!r}: the folder {str(Path(out).parent)!r} does not exist")
-    return options, SharpnessSpec(**extra), out
+    if not Path(values["out"]).resolve().parent.is_dir():
+        raise UserError(f"`out` {values['out']!r}: the folder {str(Path(values['out']).parent)!r} does not exist")
+    return common.options_from(values), SharpnessSpec(**extra)
 
 
 def _summary(results: dict[str, np.ndarray], spec: SharpnessSpec) -> str:

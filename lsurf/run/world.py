@@ -13,15 +13,12 @@ import os
 import socket
 import sys
 import traceback
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any
 
 from lsurf.errors import UserError
 from lsurf.run.c10d import TorchComm
-
-Item = TypeVar("Item")
-Result = TypeVar("Result")
 
 
 @dataclass
@@ -99,17 +96,6 @@ class World:
             err.rank = self.rank  # rank 0 alone reports it
             raise err
         return result
-
-    def spread(self, items: Sequence[Item], fn: Callable[[Item], Result]) -> list[Result] | None:
-        """``[fn(item) for item in items]``, item k computed by rank k % size, the results gathered on
-        rank 0 in the items' order (None elsewhere; collective). For a few costly items of about one
-        cost each (a curve's points, sharpness's draws); a grid's many points go through the tile
-        queue, which balances unequal ranks."""
-        mine = [(k, fn(item)) for k, item in enumerate(items) if k % self.size == self.rank]
-        gathered = self.gather(mine)
-        if gathered is None:
-            return None
-        return [result for _, result in sorted((pair for part in gathered for pair in part), key=lambda p: p[0])]
 
     def groups(self, size: int) -> Group:
         """This rank's group of ``size`` consecutive ranks, which share every grid point."""
