@@ -13,14 +13,15 @@ from lsurf.run.world import World
 
 HELP = "train a small model with SGD, saving a checkpoint per epoch"
 
+_DEFAULTS = common.keyword_defaults(train, ("epochs", "lr", "batch_size"))  # the library's, not a copy
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     common.add_common(p)
     common.add_model(p)
     common.add_data(p)
     common.add_device(p)
-    p.add_argument("--epochs", type=int, default=10)
-    p.add_argument("--lr", type=float, default=0.1)
+    p.add_argument("--epochs", type=int, default=_DEFAULTS["epochs"])
+    p.add_argument("--lr", type=float, default=_DEFAULTS["lr"])
     p.add_argument("--seed", type=int, default=argparse.SUPPRESS, help="seed of the shuffling order (default 0)")
     p.add_argument("--out-dir", required=True)
 
@@ -33,7 +34,7 @@ def run(args: argparse.Namespace) -> int:
     model, data = load_inputs(options, seed=options.seed)
     if data is None:
         raise UserError("`data` is needed to train")
-    paths = train(model, data, out_dir, epochs=epochs, lr=lr, batch_size=options.batch_size or 64,
+    paths = train(model, data, out_dir, epochs=epochs, lr=lr, batch_size=options.batch_size or _DEFAULTS["batch_size"],
                   seed=options.seed, loss=options.loss, device=device)
     print(f"wrote {len(paths)} checkpoints to {out_dir} (last: {paths[-1]})")
     return 0

@@ -173,7 +173,7 @@ def operator_at(w: World, model: nn.Module, split: tuple[str, AnySplit], options
                     yield w.agree(lambda: _sharded_operator(model, skeleton or model, split, options, shard,
                                                             mesh.get_group()))
                     return
-                batches = resident_batches(split[1], options.batch_size or default_batch_size(device), device,
+                batches = resident_batches(split[1], _batch_size(options, device), device,
                                            options.torch_dtype, shard=shard)
                 reduce = group.add_sums()
                 local = np.array([sum(len(x) for x, _ in batches)], dtype=np.float64)
@@ -182,6 +182,11 @@ def operator_at(w: World, model: nn.Module, split: tuple[str, AnySplit], options
                 yield w.agree(lambda: _operator(model, batches, options, n, reduce, (split[0], first)))
         finally:
             group.free()
+
+
+def _batch_size(options: Options, device: torch.device) -> int:
+    """Samples per Hessian-vector product's batch: the options', else the device's default."""
+    return options.batch_size or default_batch_size(device)
 
 
 def _one_group_mesh(w: World, options: Options, device: torch.device) -> Any:
@@ -203,7 +208,7 @@ def _sharded_operator(model: nn.Module, skeleton: nn.Module, split: tuple[str, A
         raise UserError("the sharded Hessian holds parameters by rows: this model has a scalar parameter")
     rows = {name: (local_part(p) if is_sharded(p) else p[chunk_rows(p.shape[0], shard[1], shard[0])])
             for name, p in shards.items()}
-    size = options.batch_size or default_batch_size(device)
+    size = _batch_size(options, device)
     mine = resident_batches(split[1], size, device, dtype, shard=shard)
     batches = equal_batches(mine, split[1], size, shard, device, dtype)
     assert not isinstance(split[1], BatchStreamSplit)  # equal_batches refuses a stream

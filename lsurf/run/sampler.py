@@ -1,10 +1,12 @@
 """The distributed sampling run: tiles of the grid -> evaluator -> one shared surface file.
 
-Every rank calls :func:`sample_surface` with the same communicator (``comm=None``: one process).
-Rank 0 checks (or creates) the file, makes the run plan (or takes the one the file records) and
-broadcasts both; tiles are taken from a shared queue, evaluated, and written as soon as they
-finish (see lsurf.run.transport). :func:`run_surface` is the whole ``lsurf surface`` job from
-:class:`Options`: inputs by name, directions, provenance, then :func:`sample_surface`.
+:func:`sample_points` is the one runner every job's points go through (lsurf.run.points: a
+surface's planes or geometry, a curve and its line, sharpness's draws). Every rank calls it with
+the same world. Rank 0 checks (or creates) the file, makes the run plan (or takes the one the file
+records) and broadcasts both; tiles are taken from a shared queue, evaluated, and written as soon
+as they finish (see lsurf.run.transport). :func:`sample_surface` and :func:`sample_geometry` are its
+library calls on a model the caller holds; :func:`run_surface` is the whole ``lsurf surface`` job
+from :class:`Options`: inputs by name, directions, provenance, then the runner.
 """
 
 from __future__ import annotations
@@ -186,8 +188,8 @@ def sample_points(w: World, model: nn.Module, data: dict[str, AnySplit], sampled
         group = w.groups(opts.ranks_per_point)
         try:
             mesh = group_mesh(w, group, dev) if opts.shard else None
-            return _sample_in_groups(w, group, (dev, outputs, mesh), model, data, sampled, grid, path,
-                                     opts, prov, save_to, metrics, log)
+            return _sample_in_groups(w, group, (dev, outputs, mesh), model, data, sampled, path, opts, prov,
+                                     save_to, metrics, log)
         finally:
             group.free()
 
@@ -201,7 +203,7 @@ def _planes(directions: PlaneDirections, grid: Grid) -> list[AnyDirections]:
 
 
 def _sample_in_groups(w: World, group: Group, probe: tuple[torch.device, int, Any], model: nn.Module,
-                      data: dict[str, AnySplit], sampled: Sampled, grid: Grid, path: Path, opts: Options,
+                      data: dict[str, AnySplit], sampled: Sampled, path: Path, opts: Options,
                       prov: Provenance, save_to: str | Path | None, metrics: Sequence[Metric],
                       log: Log) -> surface_file.Surface | None:
     """The run once the inputs are checked: ``probe`` is this rank's device, the output values
@@ -209,7 +211,7 @@ def _sample_in_groups(w: World, group: Group, probe: tuple[torch.device, int, An
     (lsurf.run.shard); ``metrics``: the built-in ones for the targets and the user's own;
     ``sampled``: what the points are."""
     dev, outputs, mesh = probe
-    planes = sampled.planes
+    planes, grid = sampled.planes, sampled.grid
     identity = {**prov.identity(planes, data, opts, fingerprints=w.is_root, device=dev), **sampled.identity()}
     place = group.rank if is_sharded_model(model) else 0  # ranks holding the same shards compare
     w.agree(lambda: check_same_inputs(w, model, identity["directions_sha256"], place))

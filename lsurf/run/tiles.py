@@ -1,5 +1,5 @@
 """A surface run's points, tile by tile: the tile loop (queue, evaluation, writes, progress) and
-the coarse-to-fine rounds over it, for any set of points — the built-in planes or a geometry.
+the coarse-to-fine rounds over it, for any kind of points (lsurf.run.points).
 
 In a rank group only the leader takes tiles and writes; every rank of the group evaluates every
 point on its share of the data. What the loop evaluates is a :class:`lsurf.run.points.PointSet`:
