@@ -22,7 +22,7 @@ from lsurf.engine.geometry.grid import Grid
 CASES = {
     "linear_g4": ("linear", 4, {"fidelity": "on"}),  # the planes' fidelity: the sharded Hessian, one group
     "linear_g2_regenerated": ("linear", 2, {"regenerate": True}),  # directions drawn per tensor, cut
-    "bn_cnn_g2": ("bn_cnn", 2, {}),
+    "bn_cnn_g2": ("bn_cnn", 2, {"hessian_iters": 4}),  # λ_max, λ_min at every point: the sharded Hessian
     "lm_g4": ("lm", 4, {"loss": "cross_entropy"}),
     "circle_g2": ("bn_cnn", 2, {"geometry": True}),  # a plug-in geometry's offsets, cut to each rank's rows
 }

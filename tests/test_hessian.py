@@ -215,19 +215,21 @@ def test_hessian_command(tmp_path):
 @pytest.mark.mpi
 @requires_mpi
 def test_curvature_maps_of_a_quadratic_under_mpi(tmp_path):
-    """Per-point λ_max and λ_min of linear regression are the same everywhere, on 2 ranks."""
-    out = tmp_path / "hq.h5"
-    mpirun(2, "surface", "--model", "linear", "--data", "synthetic:shape=4,n=60,task=regression", "--loss", "mse",
-           "--dtype", "float64", "--x", "-1:1:3", "--y", "-1:1:3", "--hessian", "--hessian-iters", "5",
-           "--out", out, "--no-progress", check=True)
+    """Per-point λ_max and λ_min of linear regression are the same everywhere, on 2 ranks each
+    taking points, and on a group of 2 sharing every point (each its half of the split)."""
     from lsurf import load_data
 
     x = load_data("synthetic:shape=4,n=60,task=regression", ("train",))["train"].x.double().numpy()
     a = np.hstack([x, np.ones((len(x), 1))])
     exact = np.linalg.eigvalsh(2 * a.T @ a / len(x))
-    with h5py.File(out) as f:
-        np.testing.assert_allclose(f["hessian_max"][()], exact[-1], rtol=1e-6)
-        np.testing.assert_allclose(f["hessian_min"][()], exact[0], rtol=1e-6)
+    for group in ("1", "2"):
+        out = tmp_path / f"hq{group}.h5"
+        mpirun(2, "surface", "--model", "linear", "--data", "synthetic:shape=4,n=60,task=regression", "--loss", "mse",
+               "--dtype", "float64", "--x", "-1:1:3", "--y", "-1:1:3", "--hessian", "--hessian-iters", "5",
+               "--ranks-per-point", group, "--out", out, "--no-progress", check=True)
+        with h5py.File(out) as f:
+            np.testing.assert_allclose(f["hessian_max"][()], exact[-1], rtol=1e-6)
+            np.testing.assert_allclose(f["hessian_min"][()], exact[0], rtol=1e-6)
     lsurf("plot", out, "--quantity", "hessian_ratio", "--kind", "heatmap", "--out-dir", tmp_path, check=True)
 
 

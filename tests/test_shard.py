@@ -23,13 +23,14 @@ from inprocess import cli
 from lsurf.engine.model.models import load_model
 
 QUANTITIES = ("train_loss", "train_acc")
+CURVATURE = ("hessian_max", "hessian_min")  # where a case asks for them
 
 
 def _values(path) -> dict:
     with h5py.File(path, "r") as f:
-        return {k: f[k][()] for k in QUANTITIES} | {"done": f["done"][()], "layout": f.attrs["rank_layout"],
-                                                   "weights": f.attrs["rank_weights"], "path": path,
-                                                   "fidelity": f.attrs.get("fidelity")}
+        values = {k: f[k][()] for k in (*QUANTITIES, *CURVATURE) if k in f}
+        return values | {"done": f["done"][()], "layout": f.attrs["rank_layout"], "weights": f.attrs["rank_weights"],
+                         "path": path, "fidelity": f.attrs.get("fidelity")}
 
 
 @pytest.mark.mpi
@@ -47,6 +48,11 @@ def test_sharded_runs_under_mpirun_equal_one_unsharded_process(tmp_path):
         assert sharded["done"].all() and f"sharded {g} ways, fsdp" in sharded["layout"], sharded["layout"]
         for k in QUANTITIES:
             np.testing.assert_allclose(sharded[k], one[k], rtol=1e-10, atol=0, err_msg=f"{case} {k}")
+        for k in CURVATURE:  # the Hessian at every point, the model held by rows in each group of 2
+            assert (k in sharded) == (k in one) == ("hessian_iters" in shard_job.CASES[case][2]), case
+            if k in one:
+                assert np.isfinite(one[k]).all()
+                np.testing.assert_allclose(sharded[k], one[k], rtol=1e-8, atol=1e-12, err_msg=f"{case} {k}")
         if sharded["fidelity"] is not None:  # measured by the sharded Hessian: the unsharded numbers
             a, b = (json.loads(s["fidelity"]) for s in (sharded, one))
             assert a["parameters"] == b["parameters"] and np.isfinite(a["quotients"]).all(), (a, b)

@@ -17,7 +17,7 @@ from torch import nn
 
 from lsurf.engine.curvature.fidelity import LANCZOS_STEPS, TRACE_SAMPLES, measure, relative_cost
 from lsurf.engine.curvature.hessian import Extreme, Hessian, Reduce, SpectrumSpec, eigen_directions, spectrum
-from lsurf.engine.curvature.sharded import ShardedHessian, chunk_rows
+from lsurf.engine.curvature.sharded import ShardedHessian
 from lsurf.engine.data.batches import equal_batches, resident_batches, to_device
 from lsurf.engine.data.splits import AnySplit, BatchStreamSplit
 from lsurf.engine.evaluation.evaluate import shard_starts
@@ -30,7 +30,7 @@ from lsurf.engine.geometry.grid import Grid
 from lsurf.engine.io import file_sha256
 from lsurf.engine.model.sharding import is_sharded_model
 from lsurf.engine.model.snapshot import preserved
-from lsurf.engine.model.tensor_parts import is_sharded, local_part
+from lsurf.engine.model.tensor_parts import local_part
 from lsurf.errors import UserError
 from lsurf.run.options import Options
 from lsurf.run.runtime import choose_device
@@ -202,22 +202,15 @@ def _sharded_operator(model: nn.Module, skeleton: nn.Module, split: tuple[str, A
     """The Hessian of a model held by rows over ``group`` (lsurf.engine.curvature.sharded): this
     rank's rows of every parameter, and its share of the split's batches, as many as any rank's."""
     dtype = options.torch_dtype
-    shards = {name: p for name, p in model.named_parameters() if p.requires_grad}
-    device = next(local_part(p) for p in shards.values()).device
-    if any(p.dim() == 0 for p in shards.values()):
-        raise UserError("the sharded Hessian holds parameters by rows: this model has a scalar parameter")
-    rows = {name: (local_part(p) if is_sharded(p) else p[chunk_rows(p.shape[0], shard[1], shard[0])])
-            for name, p in shards.items()}
+    device = local_part(next(model.parameters())).device
     size = _batch_size(options, device)
     mine = resident_batches(split[1], size, device, dtype, shard=shard)
     batches = equal_batches(mine, split[1], size, shard, device, dtype)
     assert not isinstance(split[1], BatchStreamSplit)  # equal_batches refuses a stream
     loss = resolve_loss(options.loss, options.ignore_index)
     filler = to_device(*split[1].rows(0, 1), device, dtype)
-    h = ShardedHessian(skeleton, {k: r.detach().to(dtype) for k, r in rows.items()},
-                       {k: p.shape[0] for k, p in shards.items()}, batches,
-                       lambda out, y: loss(pick_output(out, options.output), y), n=len(split[1]), group=group,
-                       filler=filler)
+    h = ShardedHessian.of(model, skeleton, batches, lambda out, y: loss(pick_output(out, options.output), y),
+                          n=len(split[1]), group=group, filler=filler)
     with torch.no_grad():
         probe = h.forward(filler[0])  # collective: every rank, also one without batches
     first = shard_starts({split[0]: split[1]}, shard).get(split[0], 0)

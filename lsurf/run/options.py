@@ -149,8 +149,8 @@ class Options:
         if one_point and (self.points_per_pass or 1) > 1:
             raise UserError(f"`points_per_pass` > 1 cannot be combined with {one_point}: it evaluates one point "
                             "at a time")
-        if one_point and self.ranks_per_point > 1:
-            raise UserError(f"`ranks_per_point` > 1 cannot be combined with {one_point}: it needs the whole "
+        if self.bn == "recalibrate" and self.ranks_per_point > 1:
+            raise UserError("`ranks_per_point` > 1 cannot be combined with `bn` recalibrate: it needs the whole "
                             "split in one process")
         if self.regenerate and (self.dir_file or self.model2):
             raise UserError("`regenerate` redraws seeded random directions: it cannot be combined with "

@@ -49,6 +49,7 @@ from lsurf.run.sources import (
     directions_path,
     grid_for,
     load_inputs,
+    model_skeleton,
     plane_directions,
 )
 from lsurf.run.tiles import existing_points, layout_line, run_rounds
@@ -265,12 +266,15 @@ def _evaluate_grid(w: World, groups: tuple[Group, Any], dev: torch.device, model
     any more. ``groups``: this rank's group and, if the model is sharded over it, its mesh."""
     group, mesh = groups
     grid = sampled.grid
+    # the Hessian at each point of a model that came sharded runs its gathered weights through this
+    skeleton = model_skeleton(opts, data, model) if opts.hessian_iters and is_sharded_model(model) else None
     with evaluator(model, data, sampled.planes[0], device=dev, dtype=opts.torch_dtype, batch_size=plan.batch_size,
                    channels_last=plan.channels_last, loss=opts.loss, bn=opts.bn,
                    points_per_pass=plan.points_per_pass or 1, amp=opts.amp == "bf16",
                    hessian_iters=opts.hessian_iters, metrics=metrics, output=opts.output,
                    ignore_index=opts.ignore_index, streamed=plan.streamed, precision=precision_of(opts),
-                   workers=plan.workers, shard=(group.rank, group.size), reduce=group.add_sums(), mesh=mesh) as ev:
+                   workers=plan.workers, shard=(group.rank, group.size), reduce=group.add_sums(), mesh=mesh,
+                   skeleton=skeleton) as ev:
         if not plan.points_per_pass:
             if mesh is None:  # Rank 0 calibrates and decides, so every rank takes the same path. The others
                 # wait meanwhile, so calibration is weighed against one rank's share of the points.

@@ -27,6 +27,8 @@ from torch import nn
 
 from lsurf.engine.curvature.hessian import Hessian, eigen_meta
 from lsurf.engine.geometry.directions import Directions, hash_into
+from lsurf.engine.model.tensor_parts import is_sharded, local_part
+from lsurf.errors import UserError
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 
@@ -112,6 +114,23 @@ class ShardedHessian(Hessian):
         self.size = sum(sizes[k] * math.prod(t.shape[1:]) for k, t in shards.items())  # of the whole model
         self.device, self.dtype = self.params[0].device, self.params[0].dtype
         self.reduce = None  # each product is already the group's (and rows of it): nothing to add
+
+    @classmethod
+    def of(cls, model: nn.Module, skeleton: nn.Module, batches: Iterable[Batch], loss_fn: Callable, *, n: int,
+           group, filler: Batch) -> ShardedHessian:
+        """The Hessian at ``model``'s weights held by rows over ``group``: an FSDP2 model's own shards
+        (their local rows, as they are now: a point's), or a whole model's rows cut here; run through
+        ``skeleton`` (the model's modules and buffers, its parameters never read)."""
+        import torch.distributed as dist
+
+        rank, parts = dist.get_rank(group), dist.get_world_size(group)
+        params = {name: p for name, p in model.named_parameters() if p.requires_grad}
+        if any(p.dim() == 0 for p in params.values()):
+            raise UserError("the sharded Hessian holds parameters by rows: this model has a scalar parameter")
+        rows = {name: local_part(p) if is_sharded(p) else p[chunk_rows(p.shape[0], parts, rank)]
+                for name, p in params.items()}
+        return cls(skeleton, rows, {name: p.shape[0] for name, p in params.items()}, batches, loss_fn, n=n,
+                   group=group, filler=filler)
 
     def _batch_loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """A batch's share of the mean loss; of an empty batch, the filler's times 0 (same graph,

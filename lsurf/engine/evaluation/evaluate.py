@@ -22,7 +22,8 @@ import torch
 from torch import nn
 
 from lsurf.engine.curvature.hessian import Hessian
-from lsurf.engine.data.batches import Feed, Streamed, equal_batches, head, resident_batches, shard_range
+from lsurf.engine.curvature.sharded import ShardedHessian
+from lsurf.engine.data.batches import Feed, Streamed, equal_batches, head, resident_batches, shard_range, to_device
 from lsurf.engine.data.splits import AnySplit, BatchStreamSplit
 from lsurf.engine.evaluation.labels import FLAGS, check_label_flags, flag_labels
 from lsurf.engine.evaluation.losses import LossFn, class_targets, is_low_precision, pick_output, resolve_loss
@@ -30,7 +31,7 @@ from lsurf.engine.evaluation.metrics import METRICS, MeanLoss, Metric, metrics_f
 from lsurf.engine.evaluation.precision import Precision
 from lsurf.engine.evaluation.quantities import Quantities
 from lsurf.engine.geometry.directions import AnyDirections, Directions, SeededDirections, target_tensors
-from lsurf.engine.model.sharding import check_shardable, is_sharded_model, shard_model, without_grad
+from lsurf.engine.model.sharding import check_shardable, copy_skeleton, is_sharded_model, shard_model, without_grad
 from lsurf.engine.model.snapshot import ModelSnapshot
 from lsurf.engine.model.tensor_parts import local_part, local_rows
 from lsurf.errors import UserError
@@ -64,6 +65,7 @@ def evaluator(
     reduce: Reduce | None = None,
     precision: Precision | None = None,
     mesh: Any = None,
+    skeleton: nn.Module | None = None,
 ) -> Iterator[Evaluator]:
     """``with evaluator(model, data, directions, ...) as ev:`` — the model moved to ``device`` and
     ``dtype`` (and NHWC with ``channels_last``) in eval mode, the splits resident there in batches
@@ -75,7 +77,9 @@ def evaluator(
     names the entry of a dict-like model output to score (default ``logits``). ``precision``: stop
     each split's pass once its loss is known to a tolerance (lsurf.engine.evaluation.precision), the splits'
     samples in its seeded order. ``mesh``: the group's DeviceMesh to shard the model over
-    (lsurf.engine.model.sharding; ``shard`` is then this rank's place in it): a sharded copy is evaluated."""
+    (lsurf.engine.model.sharding; ``shard`` is then this rank's place in it): a sharded copy is evaluated.
+    ``skeleton``: a model that came sharded, its modules and buffers, for ``hessian_iters`` (the
+    sharded Hessian runs its gathered weights through it; of a whole model, a copy is made)."""
     dev = torch.device(device)
     if precision is not None:
         if streamed or shard[1] > 1:
@@ -83,12 +87,11 @@ def evaluator(
                             "resident and whole in each process (not streamed, `ranks_per_point` 1)")
         data = {s: precision.ordered(split) for s, split in data.items()}
     if mesh is not None:
-        check_shardable(points_per_pass=points_per_pass, bn=bn, hessian_iters=hessian_iters,
-                        channels_last=channels_last, streamed=bool(streamed))
+        check_shardable(points_per_pass=points_per_pass, bn=bn, channels_last=channels_last, streamed=bool(streamed))
     # sharded, a copy is evaluated, unless the model came sharded (lsurf.engine.model.sharding.load_sharded)
     snapshot = None if mesh is not None and not is_sharded_model(model) else ModelSnapshot(model)
     try:
-        model = _ready(model, dev, dtype, channels_last, mesh)
+        whole, model = model, _ready(model, dev, dtype, channels_last, mesh)
         names, targets = target_tensors(model, directions.meta.get("dir_type", "weights"))
         rows = [local_rows(t) for t in targets]
         targets = [local_part(t) for t in targets]
@@ -98,6 +101,7 @@ def evaluator(
         if mesh is not None:  # a sharded forward is collective: as many batches on every rank
             batches = {s: equal_batches(list(b), data[s], batch_size, shard, dev, dtype) for s, b in batches.items()}
         loss_fn = resolve_loss(loss, ignore_index) if isinstance(loss, str) else loss
+        curvature = _sharded_curvature(whole, model, skeleton, data, (dev, dtype), mesh) if hessian_iters else None
         if metrics is None:
             metrics = metrics_for(next(iter(data.values())).rows(0, 1)[1], ignore_index)
         perturb = torch.float32 if is_low_precision(dtype) else dtype
@@ -105,7 +109,7 @@ def evaluator(
                         points_per_pass,
                         amp, hessian_iters, metrics, reduce, output,
                         origin=None if snapshot is None else [snapshot.copy_of(t) for t in targets],
-                        precision=precision, row_offsets=shard_starts(data, shard), rows=rows)
+                        precision=precision, row_offsets=shard_starts(data, shard), rows=rows, curvature=curvature)
     finally:
         if snapshot is not None:
             snapshot.restore()
@@ -125,6 +129,20 @@ def _ready(model: nn.Module, dev: torch.device, dtype: torch.dtype, channels_las
     if channels_last:  # before taking the target tensors: .to() gives parameters new storage
         model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]  # valid; not in torch stubs
     return model.eval()
+
+
+def _sharded_curvature(whole: nn.Module, model: nn.Module, skeleton: nn.Module | None, data: dict[str, AnySplit],
+                       place: tuple[torch.device, torch.dtype], mesh: Any) -> tuple | None:
+    """What the sharded Hessian at each point takes (None: the model is not sharded): the model's
+    skeleton (a copy's, of a ``whole`` one), the group, and one sample to run where a rank has none."""
+    if mesh is None:
+        return None
+    if skeleton is None:
+        if is_sharded_model(whole):
+            raise UserError("`skeleton`: the Hessian at each point of a model that came sharded runs its gathered "
+                            "weights through the model's modules: pass them (lsurf.run.sources.model_skeleton)")
+        skeleton = copy_skeleton(whole, model)
+    return skeleton, mesh.get_group(), to_device(*next(iter(data.values())).rows(0, 1), *place)
 
 
 def shard_starts(data: dict[str, AnySplit], shard: tuple[int, int]) -> dict[str, int]:
@@ -175,6 +193,7 @@ class Evaluator:
         precision: Precision | None = None,
         row_offsets: dict[str, int] | None = None,
         rows: Sequence[slice | None] | None = None,
+        curvature: tuple[nn.Module, Any, tuple[torch.Tensor, torch.Tensor]] | None = None,
     ):
         self.model = model.eval()
         self.output = output
@@ -212,6 +231,7 @@ class Evaluator:
         if hessian_iters and points_per_pass > 1:
             raise UserError("`hessian_iters` evaluates one point at a time: drop `points_per_pass`")
         self.hessian_iters = hessian_iters  # Lanczos steps for λ_max, λ_min per point (0: none)
+        self.sharded_curvature = curvature  # of a sharded model: the skeleton, group and filler it takes
         self._hold_precision(precision)
 
     def _hold_precision(self, precision: Precision | None) -> None:
@@ -379,7 +399,11 @@ class Evaluator:
         loss = lambda out, y: self.loss_fn(pick_output(out, self.output), y)  # noqa: E731  # dict-like outputs too
         n = sum(len(x) for x, _ in batches)
         n = int(self.reduce(np.array([n], dtype=np.float64))[0]) if self.reduce is not None else n
-        h = Hessian(self.model, batches, loss, n=n, reduce=self.reduce)
+        if self.sharded_curvature is not None:  # the shards at this point, gathered differentiably
+            skeleton, group, filler = self.sharded_curvature
+            h: Hessian = ShardedHessian.of(self.model, skeleton, batches, loss, n=n, group=group, filler=filler)
+        else:
+            h = Hessian(self.model, batches, loss, n=n, reduce=self.reduce)
         return h.extreme_eigenvalues(self.hessian_iters)
 
     def _single(self, a: float, b: float) -> torch.Tensor:

@@ -95,6 +95,17 @@ def meta_skeleton(build: Callable[[], nn.Module], like: nn.Module) -> nn.Module:
     return skeleton.eval()
 
 
+def copy_skeleton(model: nn.Module, like: nn.Module) -> nn.Module:
+    """A copy of whole ``model``'s modules with its parameters on the meta device (never copied)
+    and ``like``'s buffers (a sharded copy's, on its device and in its dtype)."""
+    on_meta = {id(p): nn.Parameter(p.detach().to("meta"), requires_grad=p.requires_grad) for p in model.parameters()}
+    skeleton = copy.deepcopy(model, on_meta)
+    buffers = dict(like.named_buffers())
+    for name, b in skeleton.named_buffers():
+        b.data = buffers[name].detach()
+    return skeleton.eval()
+
+
 @contextlib.contextmanager
 def _parameters_on_meta() -> Iterator[None]:
     """Parameters registered meanwhile go to the meta device as they are registered (before a
@@ -142,12 +153,11 @@ def _tied_name(model: nn.Module, name: str, f: WeightsFile) -> str | None:
                  if p is target and other != name and other in f), None)
 
 
-def check_shardable(*, points_per_pass: int, bn: str, hessian_iters: int, channels_last: bool,
-                    streamed: bool) -> None:
+def check_shardable(*, points_per_pass: int, bn: str, channels_last: bool, streamed: bool) -> None:
     """Refuse what the sharded path cannot do, naming it."""
     refused = {"`points_per_pass` > 1 (stacked points call the model functionally, outside FSDP)": points_per_pass > 1,
-               "`bn` recalibrate": bn == "recalibrate", "`hessian_iters`": hessian_iters > 0,
-               "channels-last": channels_last, "streamed splits (`resident` never)": streamed}
+               "`bn` recalibrate": bn == "recalibrate", "channels-last": channels_last,
+               "streamed splits (`resident` never)": streamed}
     bad = [what for what, on in refused.items() if on]
     if bad:
         raise UserError(f"`shard` fsdp cannot be combined with {', '.join(bad)}")
