@@ -138,8 +138,8 @@ def test_two_ranks_train_and_evaluate_the_curve_one_process_does(pair, tmp_path)
     mpirun(2, *evaluate, "--out", tmp_path / "along2.h5", check=True, env={"OMP_NUM_THREADS": "1"})
     alone, shared = read_surface(tmp_path / "along1.h5"), read_surface(tmp_path / "along2.h5")
     assert shared.attrs["mpi_ranks"] == 2 and shared.done.all()
-    for name, values in alone.values.items():
-        np.testing.assert_allclose(shared.values[name], values, rtol=1e-9, err_msg=name)
+    for name, values in alone.values.items():  # float32: each run's plan measures its faster layout
+        np.testing.assert_allclose(shared.values[name], values, rtol=1e-6, err_msg=name)
 
 
 @pytest.mark.mpi

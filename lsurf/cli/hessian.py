@@ -44,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
     options = w.agree(lambda: common.options_from(values))
     out, save_to = extra.pop("out"), extra.pop("save_directions")
     spec = w.agree(lambda: SpectrumSpec(**extra, directions=bool(save_to)))
-    configure_job(w, options.device, options.threads, options.tf32)
+    configure_job(w, options.device, options.threads, options.tf32, keep_freed=not options.shard)
     done = hessian_spectrum(options, spec, w.comm, common.stderr_log if w.is_root else None)
     if done is None:  # not rank 0
         return 0

@@ -7,8 +7,9 @@ a leaf tensor, made whole for the forward by an all-gather whose backward is a r
 backward is the all-gather again, so autograd differentiates through the collectives as often as
 asked. The reduce-scatter sums the ranks' gradients: each rank back-propagates its own batches and
 gets its rows of the group's product, with no further reduction. Inner products add the ranks'
-parts. While a product runs a rank holds the gathered weights its graph keeps (about the whole
-model); at rest, θ* and every Lanczos vector are 1/G.
+parts. While a product runs a rank holds what its graph keeps — the gathered weights and
+whole-size gradient terms, a few times the whole model's size at its peak; at rest, θ* and every
+Lanczos vector are 1/G.
 
 Every rank must run the same collectives in the same order: as many batches each (an empty one
 runs a one-sample ``filler`` whose loss counts zero: some double backwards fail on 0 rows) and the
