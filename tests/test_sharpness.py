@@ -126,6 +126,8 @@ def test_two_ranks_give_what_one_process_gives(tmp_path, digits_checkpoint, kind
         "draw" if kind == "average" else "restart"]
     if kind == "worst":  # a trained net rises more at the worst point than at random ones
         assert (f.values["rise"] > 0).all()
+    info = lsurf("info", one, check=True).stdout
+    assert f"sharpness:          {f.attrs['sharpness']}" in info and '"kind": "' + kind in info, info
     again = lsurf("sharpness", *CNN, "--checkpoint", digits_checkpoint, *settings, "--out", one, check=True)
     assert again.stdout == p1.stdout and "0 of" in again.stderr  # a finished file: resumed, nothing to do
     other = lsurf("sharpness", *CNN, "--checkpoint", digits_checkpoint, *settings, "--radius", "0.1", "--out", one)

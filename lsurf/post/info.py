@@ -34,11 +34,12 @@ def describe(surface: Surface) -> list[str]:
         lines.append(f"{name + ':':<19} {rng}{flag}")  # a space after the longest names too
     lines += _fidelity_lines(surface)
     for key in ("model", "data", "checkpoint", "checkpoint_sha256", "model_seed", "model2", "curve", "barrier_line",
-                "barrier_curve", "dir_file", "dir_file_sha256", "mpi_ranks", "launcher", "world_size", "rank_layout",
-                "streamed", "created", "finished", "eval_seconds_total", "eval_seconds_per_point"):
+                "barrier_curve", "sharpness", "sharpness_stderr", "centre_loss", "dir_file", "dir_file_sha256",
+                "mpi_ranks", "launcher", "world_size", "rank_layout", "streamed", "created", "finished",
+                "eval_seconds_total", "eval_seconds_per_point"):
         if key in surface.attrs and surface.attrs[key] != "":
             lines.append(f"{key + ':':<19} {surface.attrs[key]}")
-    for key in ("geometry", "directions", "plan", "versions"):
+    for key in ("geometry", "sharpness_spec", "directions", "plan", "versions"):
         if key in surface.attrs:
             lines.append(f"{key + ':':<19} {surface.attrs[key]}")
     if "rank_points" in surface.attrs:
