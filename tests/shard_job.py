@@ -1,7 +1,8 @@
 """The sharded runs of tests/test_shard.py: ``mpirun -n 4 python tests/shard_job.py OUT`` samples each
 case with the model sharded over its rank groups (``shard`` fsdp); the test samples the same cases
 in one process, unsharded, and compares. Models: a linear model, a conv net with BatchNorm, a
-causal transformer LM, each in float64 and with a layer of fewer rows than ranks (empty shards).
+causal transformer LM, each in float64 and with a layer of fewer rows than ranks (empty shards);
+BatchNorm recalibrated at every point, sharded and in unsharded groups; a split streamed.
 It also writes each model's Hessian spectrum, the model held by rows over all 4 ranks (``SPECTRA``)."""
 
 from __future__ import annotations
@@ -25,6 +26,11 @@ CASES = {
     "bn_cnn_g2": ("bn_cnn", 2, {"hessian_iters": 4}),  # λ_max, λ_min at every point: the sharded Hessian
     "lm_g4": ("lm", 4, {"loss": "cross_entropy"}),
     "circle_g2": ("bn_cnn", 2, {"geometry": True}),  # a plug-in geometry's offsets, cut to each rank's rows
+    # BatchNorm statistics at every point: each rank's whole batches of the one process's, pooled
+    "bn_cnn_g2_recalibrated": ("bn_cnn", 2, {"bn": "recalibrate"}),
+    "bn_cnn_groups_recalibrated": ("bn_cnn", 2, {"bn": "recalibrate", "shard": None}),  # groups, not sharded
+    # read afresh at every point: 10 batches over 4 ranks, so two ranks run an empty one (a collective forward)
+    "bn_cnn_g4_streamed": ("bn_cnn", 4, {"bn": "recalibrate", "resident": "never"}),
 }
 GRID = Grid(np.linspace(-1, 1, 3), np.linspace(-0.5, 0.5, 2))
 SPECTRA = ("linear", "bn_cnn", "lm")  # sharded over one group of every rank

@@ -30,7 +30,7 @@ def _values(path) -> dict:
     with h5py.File(path, "r") as f:
         values = {k: f[k][()] for k in (*QUANTITIES, *CURVATURE) if k in f}
         return values | {"done": f["done"][()], "layout": f.attrs["rank_layout"], "weights": f.attrs["rank_weights"],
-                         "path": path, "fidelity": f.attrs.get("fidelity")}
+                         "path": path, "fidelity": f.attrs.get("fidelity"), "plan": json.loads(f.attrs["plan"])}
 
 
 @pytest.mark.mpi
@@ -45,7 +45,11 @@ def test_sharded_runs_under_mpirun_equal_one_unsharded_process(tmp_path):
     for case, (name, g, _) in shard_job.CASES.items():
         shard_job.sample(case, tmp_path / "one", sharded=False)
         one, sharded = _values(tmp_path / "one" / f"{case}.h5"), _values(tmp_path / f"{case}.h5")
-        assert sharded["done"].all() and f"sharded {g} ways, fsdp" in sharded["layout"], sharded["layout"]
+        split_only = "shard" in shard_job.CASES[case][2]  # groups that split the data, the model whole on each rank
+        layout = f"{4 // g} groups of {g}" if split_only else f"sharded {g} ways, fsdp"
+        assert sharded["done"].all() and layout in sharded["layout"], sharded["layout"]
+        streamed = shard_job.CASES[case][2].get("resident") == "never"
+        assert sharded["plan"]["streamed"] == ["train"] * streamed, sharded["plan"]
         for k in QUANTITIES:
             np.testing.assert_allclose(sharded[k], one[k], rtol=1e-10, atol=0, err_msg=f"{case} {k}")
         for k in CURVATURE:  # the Hessian at every point, the model held by rows in each group of 2
@@ -59,6 +63,8 @@ def test_sharded_runs_under_mpirun_equal_one_unsharded_process(tmp_path):
             fidelities += 1
             for key in ("lambda_max", "lambda_min", "mean_eigenvalue", "quotients", "norms2"):
                 np.testing.assert_allclose(a[key], b[key], rtol=1e-8, atol=1e-12, err_msg=key)
+        if split_only:
+            continue
         # each rank of a group holds its rows of every weight (FSDP2's dim-0 chunks): 1/G, and together all
         shapes = [p.shape for p in shard_job.build(name)[0].parameters()]
         chunk = sum(-(-s[0] // g) * int(np.prod(s[1:])) for s in shapes)
@@ -185,7 +191,7 @@ def test_a_checkpoint_that_does_not_fit_is_one_line(tmp_path):
 @pytest.mark.parametrize("extra, says", [
     ([], "lsurf: error: --shard fsdp shards the model over a rank group: it needs --ranks-per-point of 2 or more"),
     (["--ranks-per-point", "2", "--points-per-pass", "2"], "it cannot be combined with --points-per-pass > 1"),
-    (["--ranks-per-point", "2", "--resident", "never"], "not with --resident never"),
+    (["--ranks-per-point", "2", "--layout", "channels-last"], "not with --layout channels-last"),
     (["--ranks-per-point", "2", "--checkpoint", "a.pt", "--model2", "b.pt"],
      "--shard fsdp reads each rank's part of the weights: not with --model2, which need the whole model on one rank"),
 ])

@@ -149,9 +149,6 @@ class Options:
         if one_point and (self.points_per_pass or 1) > 1:
             raise UserError(f"`points_per_pass` > 1 cannot be combined with {one_point}: it evaluates one point "
                             "at a time")
-        if self.bn == "recalibrate" and self.ranks_per_point > 1:
-            raise UserError("`ranks_per_point` > 1 cannot be combined with `bn` recalibrate: it needs the whole "
-                            "split in one process")
         if self.regenerate and (self.dir_file or self.model2):
             raise UserError("`regenerate` redraws seeded random directions: it cannot be combined with "
                             f"`{'dir_file' if self.dir_file else 'model2'}`")
@@ -190,9 +187,8 @@ class Options:
             if whole:
                 raise UserError(f"`shard` {self.shard} reads each rank's part of the weights: not with "
                                 f"{', '.join(whole)}, which need the whole model on one rank")
-        if self.resident == "never" or self.layout == "channels-last":
-            raise UserError(f"`shard` {self.shard} needs the splits resident and the weights contiguous: not with "
-                            f"{'`resident` never' if self.resident == 'never' else '`layout` channels-last'}")
+        if self.layout == "channels-last":
+            raise UserError(f"`shard` {self.shard} needs the weights contiguous: not with `layout` channels-last")
 
     def _check_geometry(self) -> None:
         """A geometry brings its own points: options that make directions or a grid contradict it."""

@@ -45,18 +45,24 @@ def to_device(x: torch.Tensor, y: torch.Tensor, device: torch.device, dtype: tor
     return x, y
 
 
-def shard_range(n: int, shard: tuple[int, int]) -> tuple[int, int]:
-    """Rows [start, stop) of rank r of G: contiguous, sizes differing by at most one."""
+def shard_range(n: int, shard: tuple[int, int], unit: int = 1) -> tuple[int, int]:
+    """Rows [start, stop) of rank r of G: contiguous, in runs of ``unit`` rows whose counts differ by
+    at most one. Unit 1 balances rows; a batch size deals the one process's batches out whole, which
+    a pass in train mode needs (BatchNorm's statistics are per batch) to see the same batches on any
+    number of ranks."""
     r, g = shard
-    return r * n // g, (r + 1) * n // g
+    units = -(-n // unit)
+    return min(n, r * units // g * unit), min(n, (r + 1) * units // g * unit)
 
 
 def resident_batches(split: AnySplit, batch_size: int, device: torch.device, dtype: torch.dtype,
-                     channels_last: bool = False, shard: tuple[int, int] = (0, 1)) -> list[Batch]:
-    """This rank's rows of the split on ``device`` once, cut into ``batch_size`` samples."""
+                     channels_last: bool = False, shard: tuple[int, int] = (0, 1),
+                     whole_batches: bool = False) -> list[Batch]:
+    """This rank's rows of the split on ``device`` once, cut into ``batch_size`` samples (with
+    ``whole_batches``, the rank's rows are whole batches of the one process's: :func:`shard_range`)."""
     if isinstance(split, BatchStreamSplit):
         return list(Streamed(split, batch_size, device, dtype, channels_last, shard=shard))
-    start, stop = shard_range(len(split), shard)
+    start, stop = shard_range(len(split), shard, batch_size if whole_batches else 1)
     x, y = (split.x[start:stop], split.y[start:stop]) if isinstance(split, Split) else _read(split, start, stop)
     if channels_last and x.dim() == 4:
         x = _channels_last_on(device, x, dtype)
@@ -111,10 +117,12 @@ class Streamed:
     """A split's batches read afresh at every pass, in order: in this process (:func:`in_process`),
     ``read_unit`` batches per read, or by ``workers`` loader processes that persist across points (0:
     the loader reads in this process). A stream of batches (an iterable Dataset, a DataLoader factory)
-    is read as it comes; rank r of a group keeps every G-th batch of it."""
+    is read as it comes; rank r of a group keeps every G-th batch of it (whole batches of the one
+    process's, as ``whole_batches`` asks of the others)."""
 
     def __init__(self, split: AnySplit, batch_size: int, device: torch.device, dtype: torch.dtype,
-                 channels_last: bool = False, workers: int = 0, shard: tuple[int, int] = (0, 1)):
+                 channels_last: bool = False, workers: int = 0, shard: tuple[int, int] = (0, 1),
+                 whole_batches: bool = False):
         self.split, self.batch_size, self.shard = split, batch_size, shard
         self.pin = device.type == "cuda"
         self.convert = lambda x, y: to_device(x, y, device, dtype, channels_last)
@@ -122,7 +130,7 @@ class Streamed:
         self.unit = 0  # batches per in-process read (0: not read in process)
         if isinstance(split, BatchStreamSplit):
             return
-        self.start, self.stop = shard_range(len(split), shard)
+        self.start, self.stop = shard_range(len(split), shard, batch_size if whole_batches else 1)
         if in_process(split):
             self.unit = read_unit(split, batch_size, dtype)
         else:
@@ -159,7 +167,21 @@ class Streamed:
         return self._count
 
 
-Feed = Sequence[Batch] | Streamed
+class Padded:
+    """A stream's batches, then ``count`` in all with empty ones (see :func:`equal_batches`)."""
+
+    def __init__(self, feed: Streamed | Padded, count: int, empty: Batch):
+        self.feed, self.count, self.empty = feed, count, empty
+
+    def __iter__(self) -> Iterator[Batch]:
+        yield from self.feed
+        yield from [self.empty] * (self.count - len(self.feed))
+
+    def __len__(self) -> int:
+        return self.count
+
+
+Feed = Sequence[Batch] | Streamed | Padded
 
 
 def head(feed: Feed, n: int) -> list[Batch]:
@@ -233,16 +255,19 @@ def size_text(n: float) -> str:
     return f"{n:.1f} TiB"
 
 
-def equal_batches(batches: list[Batch], split: AnySplit, batch_size: int, shard: tuple[int, int],
-                  device: torch.device, dtype: torch.dtype) -> list[Batch]:
-    """This rank's batches, then empty ones up to the most any rank of the group has: a sharded
-    forward is collective, so every rank runs as many."""
+def equal_batches(feed: Feed, split: AnySplit, batch_size: int, shard: tuple[int, int],
+                  device: torch.device, dtype: torch.dtype, whole_batches: bool = False) -> Feed:
+    """This rank's batches (held or streamed), then empty ones up to the most any rank of the group
+    has: a sharded forward is collective, so every rank runs as many."""
     _, parts = shard
     if isinstance(split, BatchStreamSplit):
         raise UserError("`shard` fsdp needs splits of known length: not a stream of batches")
-    most = max(-(-(stop - start) // batch_size) for start, stop in (shard_range(len(split), (r, parts))
+    unit = batch_size if whole_batches else 1
+    most = max(-(-(stop - start) // batch_size) for start, stop in (shard_range(len(split), (r, parts), unit)
                                                                    for r in range(parts)))
-    if len(batches) == most:
-        return batches
+    if len(feed) == most:
+        return feed
     x, y = to_device(*split.rows(0, 1), device, dtype)
-    return batches + [(x[:0], y[:0])] * (most - len(batches))
+    if isinstance(feed, Sequence):
+        return list(feed) + [(x[:0], y[:0])] * (most - len(feed))
+    return Padded(feed, most, (x[:0], y[:0]))

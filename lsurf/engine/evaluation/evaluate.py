@@ -87,7 +87,7 @@ def evaluator(
                             "resident and whole in each process (not streamed, `ranks_per_point` 1)")
         data = {s: precision.ordered(split) for s, split in data.items()}
     if mesh is not None:
-        check_shardable(points_per_pass=points_per_pass, bn=bn, channels_last=channels_last, streamed=bool(streamed))
+        check_shardable(points_per_pass=points_per_pass, channels_last=channels_last)
     # sharded, a copy is evaluated, unless the model came sharded (lsurf.engine.model.sharding.load_sharded)
     snapshot = None if mesh is not None and not is_sharded_model(model) else ModelSnapshot(model)
     try:
@@ -95,21 +95,24 @@ def evaluator(
         names, targets = target_tensors(model, directions.meta.get("dir_type", "weights"))
         rows = [local_rows(t) for t in targets]
         targets = [local_part(t) for t in targets]
+        by_batch = bn == "recalibrate"  # train-mode passes see the one process's batches (lsurf.engine.data.batches)
         batches: dict[str, Feed] = {
-            s: Streamed(split, batch_size, dev, dtype, channels_last, workers, shard) if s in streamed
-            else resident_batches(split, batch_size, dev, dtype, channels_last, shard) for s, split in data.items()}
+            s: Streamed(split, batch_size, dev, dtype, channels_last, workers, shard, by_batch) if s in streamed
+            else resident_batches(split, batch_size, dev, dtype, channels_last, shard, by_batch)
+            for s, split in data.items()}
         if mesh is not None:  # a sharded forward is collective: as many batches on every rank
-            batches = {s: equal_batches(list(b), data[s], batch_size, shard, dev, dtype) for s, b in batches.items()}
+            batches = {s: equal_batches(b, data[s], batch_size, shard, dev, dtype, by_batch)
+                       for s, b in batches.items()}
         loss_fn = resolve_loss(loss, ignore_index) if isinstance(loss, str) else loss
         curvature = _sharded_curvature(whole, model, skeleton, data, (dev, dtype), mesh) if hessian_iters else None
         if metrics is None:
             metrics = metrics_for(next(iter(data.values())).rows(0, 1)[1], ignore_index)
         perturb = torch.float32 if is_low_precision(dtype) else dtype
         yield Evaluator(model, names, targets, _placed(directions, targets, perturb, rows), batches, loss_fn, bn,
-                        points_per_pass,
-                        amp, hessian_iters, metrics, reduce, output,
+                        points_per_pass, amp, hessian_iters, metrics, reduce, output,
                         origin=None if snapshot is None else [snapshot.copy_of(t) for t in targets],
-                        precision=precision, row_offsets=shard_starts(data, shard), rows=rows, curvature=curvature)
+                        precision=precision, row_offsets=shard_starts(data, shard, batch_size if by_batch else 1),
+                        rows=rows, curvature=curvature)
     finally:
         if snapshot is not None:
             snapshot.restore()
@@ -145,9 +148,9 @@ def _sharded_curvature(whole: nn.Module, model: nn.Module, skeleton: nn.Module |
     return skeleton, mesh.get_group(), to_device(*next(iter(data.values())).rows(0, 1), *place)
 
 
-def shard_starts(data: dict[str, AnySplit], shard: tuple[int, int]) -> dict[str, int]:
+def shard_starts(data: dict[str, AnySplit], shard: tuple[int, int], unit: int = 1) -> dict[str, int]:
     """The row of each split where this rank's share starts (a stream's rows are not numbered)."""
-    return {s: shard_range(len(split), shard)[0] for s, split in data.items()
+    return {s: shard_range(len(split), shard, unit)[0] for s, split in data.items()
             if not isinstance(split, BatchStreamSplit)}
 
 
@@ -626,19 +629,38 @@ class Evaluator:
     def _recalibrate_bn(self) -> None:
         """Re-estimate BatchNorm running statistics on the training batches at this point: their
         cumulative average, with momentum 1/(i+1) at batch i — what ``momentum=None`` computes, bit for
-        bit, without reading the batch counter back from the device at every layer and batch."""
+        bit, without reading the batch counter back from the device at every layer and batch. In a
+        group each rank averages its whole batches (an empty one, a sharded rank's filler, changes
+        nothing) and the group weighs the ranks' averages by their counts: the one process's average."""
         bns = [m for m in self.model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
         momenta = [m.momentum for m in bns]
         for m in bns:
             m.reset_running_stats()
         self.model.train()
-        for i, (x, _) in enumerate(self.batches.get("train") or next(iter(self.batches.values()))):
+        seen = 0
+        for x, _ in self.batches.get("train") or next(iter(self.batches.values())):
             for m in bns:
-                m.momentum = 1.0 / (i + 1)
+                m.momentum = 1.0 / (seen + 1)
             self.model(x)
+            seen += len(x) > 0
         self.model.eval()
         for m, mom in zip(bns, momenta):
             m.momentum = mom
+        if self.reduce is not None:
+            self._pool_statistics([m for m in bns if m.running_mean is not None], seen)
+
+    def _pool_statistics(self, bns: list[nn.modules.batchnorm._BatchNorm], seen: int) -> None:
+        """The group's running statistics: each rank's averages over its ``seen`` batches, weighted."""
+        assert self.reduce is not None
+        stats = [t for m in bns for t in (m.running_mean, m.running_var) if t is not None]
+        local = torch.cat([t.double().flatten() * seen for t in stats]).cpu().numpy()
+        pooled = self.reduce(np.concatenate([local, [seen]]))
+        total = torch.from_numpy(pooled[:-1] / max(pooled[-1], 1.0))
+        for t, part in zip(stats, total.split([t.numel() for t in stats])):
+            t.copy_(part.view_as(t))
+        for m in bns:
+            if m.num_batches_tracked is not None:
+                m.num_batches_tracked.fill_(int(pooled[-1]))
 
 
 def _rows_of(t: torch.Tensor, rows: slice | None) -> torch.Tensor:

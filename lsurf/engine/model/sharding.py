@@ -153,11 +153,10 @@ def _tied_name(model: nn.Module, name: str, f: WeightsFile) -> str | None:
                  if p is target and other != name and other in f), None)
 
 
-def check_shardable(*, points_per_pass: int, bn: str, channels_last: bool, streamed: bool) -> None:
+def check_shardable(*, points_per_pass: int, channels_last: bool) -> None:
     """Refuse what the sharded path cannot do, naming it."""
     refused = {"`points_per_pass` > 1 (stacked points call the model functionally, outside FSDP)": points_per_pass > 1,
-               "`bn` recalibrate": bn == "recalibrate", "channels-last": channels_last,
-               "streamed splits (`resident` never)": streamed}
+               "channels-last": channels_last}
     bad = [what for what, on in refused.items() if on]
     if bad:
         raise UserError(f"`shard` fsdp cannot be combined with {', '.join(bad)}")
