@@ -134,6 +134,29 @@ def test_two_ranks_give_what_one_process_gives(tmp_path, digits_checkpoint, kind
     assert other.returncode == 2 and "--overwrite" in other.stderr, other.stderr
 
 
+@pytest.mark.mpi
+@requires_mpi
+@pytest.mark.parametrize("kind", ["average", "worst"])
+def test_rank_groups_sharded_or_not_give_what_one_process_gives(tmp_path, digits_checkpoint, kind):
+    """A group of 2 shares each draw or restart (the split's sums and the ascent's gradients added
+    over it); with ``--shard fsdp`` each rank also holds half of the model, of every draw and of the
+    ascent, by rows. In float64 the rises are the one process's to 1e-10."""
+    settings = [*CNN, "--checkpoint", digits_checkpoint, "--dtype", "float64", "--kind", kind, "--radius", "0.05",
+                "--samples", "3", "--steps", "3", "--restarts", "2", "--no-progress"]
+    one, groups, sharded = (tmp_path / f"{n}.h5" for n in ("one", "groups", "sharded"))
+    lsurf("sharpness", *settings, "--out", one, check=True)
+    mpirun(4, "sharpness", *settings, "--ranks-per-point", 2, "--out", groups, check=True)
+    mpirun(2, "sharpness", *settings, "--ranks-per-point", 2, "--shard", "fsdp", "--out", sharded, check=True)
+    f = api.read_surface(one)
+    assert f.done.all() and np.isfinite(f.values["rise"]).all() and (f.values["rise"] != 0).all()
+    for other in (groups, sharded):
+        g = api.read_surface(other)
+        np.testing.assert_allclose(g.values["rise"], f.values["rise"], rtol=1e-10, atol=1e-14, err_msg=other.name)
+        assert float(g.attrs["centre_loss"]) == pytest.approx(float(f.attrs["centre_loss"]), rel=1e-12)
+    info = lsurf("info", sharded, check=True).stdout
+    assert "in 1 groups of 2" in info and "sharded 2 ways, fsdp" in info, info
+
+
 @pytest.mark.cli
 @pytest.mark.parametrize("flags, flag", [(("--radius", "0"), "--radius"), (("--radius", "0.1", "--samples", "0"),
                                                                              "--samples"),

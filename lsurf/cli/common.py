@@ -180,7 +180,7 @@ def add_fewer_passes(p: argparse.ArgumentParser) -> None:
 
 
 def add_sharding(g: argparse._ArgumentGroup, point: str = "every grid point") -> None:
-    """Rank groups and the model sharded over them (``surface`` and ``hessian``)."""
+    """Rank groups and the model sharded over them (``surface``, ``hessian`` and ``sharpness``)."""
     g.add_argument("--ranks-per-point", type=int, default=SUPPRESS,
                    help=f"G ranks share {point}, each with 1/G of every split (G divides the ranks)")
     g.add_argument("--shard", default=SUPPRESS, choices=choices(Sharding),

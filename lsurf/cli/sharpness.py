@@ -52,12 +52,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--overwrite", action="store_true", default=argparse.SUPPRESS,
                    help="replace an existing output made differently")
     g.add_argument("--no-progress", dest="progress", action="store_false", default=argparse.SUPPRESS)
+    common.add_sharding(p.add_argument_group("rank groups and a model larger than one device"),
+                        "every draw or restart")
 
 
 def run(args: argparse.Namespace) -> int:
     w = start_job()
     options, spec = w.agree(lambda: _settings(args))
-    configure_job(w, options.device, options.threads, options.tf32)
+    configure_job(w, options.device, options.threads, options.tf32, keep_freed=not options.shard)
     results = sharpness(options, spec, w.comm, common.stderr_log if w.is_root else None)
     if results is not None:
         print(f"{_summary(results, spec)}; wrote {options.out}", flush=True)

@@ -267,7 +267,7 @@ def _evaluate_grid(w: World, groups: tuple[Group, Any], dev: torch.device, model
     group, mesh = groups
     grid = sampled.grid
     # the Hessian at each point of a model that came sharded runs its gathered weights through this
-    skeleton = model_skeleton(opts, data, model) if opts.hessian_iters and is_sharded_model(model) else None
+    skeleton = model_skeleton(opts, data, model) if is_sharded_model(model) else None  # gradients, Hessians
     with evaluator(model, data, sampled.planes[0], device=dev, dtype=opts.torch_dtype, batch_size=plan.batch_size,
                    channels_last=plan.channels_last, loss=opts.loss, bn=opts.bn,
                    points_per_pass=plan.points_per_pass or 1, amp=opts.amp == "bf16",

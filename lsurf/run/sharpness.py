@@ -3,7 +3,8 @@ one split, its draws (average) or restarts (worst) the points of a 1-D file samp
 runner (lsurf.run.sampler): tiles over the ranks, progress, the file's lock, identity and resume.
 
 Draw or restart i depends on (``options.seed``, i) alone, so the values are the same on any number
-of ranks. Every rank holds the whole split (a restart's ascent takes gradients over all of it).
+of ranks. In rank groups (``ranks_per_point``) a group shares each draw or restart, its ranks
+holding 1/G of the split (and with ``shard`` of the model): sums and gradients are the group's.
 """
 
 from __future__ import annotations
@@ -28,7 +29,9 @@ from lsurf.errors import UserError
 from lsurf.run.options import Options
 from lsurf.run.points import PointSet
 from lsurf.run.provenance import Provenance
+from lsurf.run.runtime import bound_device, choose_device
 from lsurf.run.sampler import sample_points
+from lsurf.run.shard import shard_mesh
 from lsurf.run.sources import load_inputs
 from lsurf.run.world import World, abort_on_failure
 
@@ -51,7 +54,10 @@ def sharpness(options: Options, spec: SharpnessSpec, comm: Any = None,
     """
     w = World.of(comm)
     with abort_on_failure(w):
-        split, model, data = w.agree(lambda: _inputs(options))
+        dev = w.agree(lambda: choose_device(w, options.device))
+        with bound_device(dev):
+            mesh = w.agree(lambda: shard_mesh(w, options, dev))
+            split, model, data = w.agree(lambda: _inputs(options, mesh))
         if log is not None and w.is_root:
             log(f"sharpness: {spec.kind}, {spec.settings} on {w.size} rank{'s' * (w.size > 1)}")
         draws = SharpnessDraws(spec, split, options.seed, [zero_directions(model, options.dir_type, two=False)])
@@ -68,17 +74,14 @@ def sharpness(options: Options, spec: SharpnessSpec, comm: Any = None,
         return results
 
 
-def _inputs(options: Options) -> tuple[str, nn.Module, dict[str, AnySplit]]:
-    """The split, the model at its checkpoint and that split's data (refusing more than one split,
-    and rank groups: a restart's gradient is of the whole split, held by one rank). A model without
-    a checkpoint starts from ``options.seed`` (as ``lsurf train`` does): every rank, and every
-    rerun, must measure the same centre."""
+def _inputs(options: Options, mesh: Any) -> tuple[str, nn.Module, dict[str, AnySplit]]:
+    """The split, the model at its checkpoint (sharded over ``mesh`` as it is read, with ``shard``)
+    and that split's data (refusing more than one split). A model without a checkpoint starts from
+    ``options.seed`` (as ``lsurf train`` does): every rank, and every rerun, must measure the same
+    centre."""
     if len(options.split) != 1:
         raise UserError(f"`split` {','.join(options.split)!r}: sharpness is of one split, train or test")
-    if options.ranks_per_point > 1:
-        raise UserError(f"`ranks_per_point` {options.ranks_per_point}: sharpness deals whole draws to the ranks, "
-                        "each holding the whole split")
-    model, data = load_inputs(options, seed=options.seed)
+    model, data = load_inputs(options, seed=options.seed, mesh=mesh)
     if data is None:
         raise UserError("`data` is needed for sharpness")
     split = options.split[0]

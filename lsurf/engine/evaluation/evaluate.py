@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from lsurf.engine.curvature.hessian import Hessian
-from lsurf.engine.curvature.sharded import ShardedHessian
+from lsurf.engine.curvature.sharded import ShardedHessian, gather_rows
 from lsurf.engine.data.batches import Feed, Streamed, equal_batches, head, resident_batches, shard_range, to_device
 from lsurf.engine.data.splits import AnySplit, BatchStreamSplit
 from lsurf.engine.evaluation.labels import FLAGS, check_label_flags, flag_labels
@@ -104,7 +104,7 @@ def evaluator(
             batches = {s: equal_batches(b, data[s], batch_size, shard, dev, dtype, by_batch)
                        for s, b in batches.items()}
         loss_fn = resolve_loss(loss, ignore_index) if isinstance(loss, str) else loss
-        curvature = _sharded_curvature(whole, model, skeleton, data, (dev, dtype), mesh) if hessian_iters else None
+        curvature = _sharded_curvature(whole, model, skeleton, data, (dev, dtype), mesh, bool(hessian_iters))
         if metrics is None:
             metrics = metrics_for(next(iter(data.values())).rows(0, 1)[1], ignore_index)
         perturb = torch.float32 if is_low_precision(dtype) else dtype
@@ -134,16 +134,22 @@ def _ready(model: nn.Module, dev: torch.device, dtype: torch.dtype, channels_las
     return model.eval()
 
 
+_NO_SKELETON = ("`skeleton`: the Hessian or gradient at a point of a model that came sharded runs its gathered "
+                "weights through the model's modules: pass them (lsurf.run.sources.model_skeleton)")
+
+
 def _sharded_curvature(whole: nn.Module, model: nn.Module, skeleton: nn.Module | None, data: dict[str, AnySplit],
-                       place: tuple[torch.device, torch.dtype], mesh: Any) -> tuple | None:
-    """What the sharded Hessian at each point takes (None: the model is not sharded): the model's
-    skeleton (a copy's, of a ``whole`` one), the group, and one sample to run where a rank has none."""
+                       place: tuple[torch.device, torch.dtype], mesh: Any, needed: bool) -> tuple | None:
+    """What gradients and the Hessian of a sharded model take (None: the model is not sharded, or
+    came sharded with no ``skeleton`` while not ``needed``): the model's skeleton (a copy's, of a
+    ``whole`` one), the group, and one sample to run where a rank has none."""
     if mesh is None:
         return None
     if skeleton is None:
         if is_sharded_model(whole):
-            raise UserError("`skeleton`: the Hessian at each point of a model that came sharded runs its gathered "
-                            "weights through the model's modules: pass them (lsurf.run.sources.model_skeleton)")
+            if needed:
+                raise UserError(_NO_SKELETON)
+            return None
         skeleton = copy_skeleton(whole, model)
     return skeleton, mesh.get_group(), to_device(*next(iter(data.values())).rows(0, 1), *place)
 
@@ -331,6 +337,31 @@ class Evaluator:
         """``{quantity: value}`` at θ* + δ for any offset δ off the plane (one tensor per moved
         tensor, in the order of the directions' names): for sharpness and other probes."""
         return self.evaluate_offsets([delta])[0]
+
+    def evaluate_held(self, delta: Sequence[torch.Tensor]) -> dict[str, float]:
+        """``{quantity: value}`` at θ* + δ, δ given as this rank holds the moved tensors (one per
+        entry of ``names``: of a sharded model, its rows), on their device in ``perturb_dtype``."""
+        self._set_offset(list(delta))
+        return self._results(1, self._measure())[0]
+
+    def forward_at(self, weights: Sequence[torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
+        """The model's forward with the moved tensors replaced by ``weights`` (held as this rank
+        holds them, one per entry of ``names``), differentiable in them. Of a sharded model the rows
+        are gathered whole through a differentiable all-gather (lsurf.engine.curvature.sharded:
+        collective, so every rank of the group calls it as often) and run through its skeleton."""
+        if not self.sharded:
+            return lambda x: pick_output(torch.func.functional_call(self.model, dict(zip(self.names, weights)), (x,)),
+                                         self.output)
+        if self.sharded_curvature is None:
+            raise UserError(_NO_SKELETON)
+        skeleton, group, _ = self.sharded_curvature
+        sizes = [self.model.get_parameter(n).shape[0] if r is not None else 0
+                 for n, r in zip(self.names, (self.rows[i] for i in self.idx))]
+
+        def forward(x: torch.Tensor) -> torch.Tensor:
+            whole = {n: gather_rows(w, k, group) if k else w for n, w, k in zip(self.names, weights, sizes)}
+            return pick_output(torch.func.functional_call(skeleton, whole, (x,)), self.output)
+        return forward
 
     def evaluate_offsets(self, offsets: Iterable[Sequence[torch.Tensor]]) -> list[dict[str, float]]:
         """Results at θ* + δ for each offset δ (a geometry's points), ``points_per_pass`` per

@@ -26,7 +26,6 @@ import numpy as np
 import torch
 
 from lsurf.engine.evaluation.evaluate import Evaluator
-from lsurf.engine.evaluation.losses import pick_output
 from lsurf.engine.geometry.directions import tensor_generator
 from lsurf.errors import UserError
 
@@ -79,7 +78,8 @@ def global_norm(tensors: Sequence[torch.Tensor]) -> float:
     return math.sqrt(sum(float(t.double().square().sum()) for t in tensors))
 
 
-def ascend(objective: Objective, start: Tensors, radius: float, steps: int) -> Tensors:
+def ascend(objective: Objective, start: Tensors, radius: float, steps: int,
+           norm: Callable[[Sequence[torch.Tensor]], float] = global_norm) -> Tensors:
     """The best of ``steps`` + 1 iterates of projected normalised-gradient ascent in the ball |u| ≤ ρ.
 
     Each step moves to u ← ρ·g/|g|, where g is the gradient at the current u: the point of the ball
@@ -88,6 +88,7 @@ def ascend(objective: Objective, start: Tensors, radius: float, steps: int) -> T
     L(v) ≥ L(u) + gᵀ(v − u) ≥ L(u); on a quadratic ½uᵀMu it is power iteration on M, which converges
     to ρ·v_max, the maximiser, with value error shrinking like (λ₂/λ₁)^(2k). The best iterate is
     kept, so a non-convex loss that makes the iterates oscillate still gives its best point.
+    ``norm``: of tensors held by rows over a group, the group's.
     """
     u, best_u, best = start, start, -math.inf
     for k in range(steps + 1):
@@ -95,10 +96,10 @@ def ascend(objective: Objective, start: Tensors, radius: float, steps: int) -> T
         value, g = objective(u, not last)
         if value > best:
             best_u, best = u, value
-        norm = 0.0 if last else global_norm(g)
-        if norm == 0.0 or not math.isfinite(norm):  # the last iterate, or a critical point: nowhere to go
+        size = 0.0 if last else norm(g)
+        if size == 0.0 or not math.isfinite(size):  # the last iterate, or a critical point: nowhere to go
             break
-        u = [t * (radius / norm) for t in g]
+        u = [t * (radius / size) for t in g]
     return best_u
 
 
@@ -119,6 +120,8 @@ class Probe:
 
     The evaluator's weights are rewritten from θ* at every value; gradients are taken through a
     functional call on θ* + δ, never by writing the model, so nothing needs restoring in between.
+    In a rank group the split's sums and gradients are the group's; of a sharded model every
+    tensor here is this rank's rows, drawn whole and cut, its norms the group's.
     """
 
     def __init__(self, ev: Evaluator, split: str, radius: float, adaptive: bool = False, seed: int = 0):
@@ -126,15 +129,35 @@ class Probe:
         self.dtype = ev.perturb_dtype  # what offsets are computed in
         self.scale = [o.to(self.dtype).abs() for o in ev.origin] if adaptive else None
         self.batches = ev.batches[split]
-        self.n = sum(len(y) for _, y in self.batches)
+        self.n = int(self._group_sum([sum(len(y) for _, y in self.batches)])[0])
         self.centre = ev.evaluate(0.0)[f"{split}_loss"]
 
+    def _group_sum(self, values: Sequence[float] | np.ndarray) -> np.ndarray:
+        values = np.asarray(values, dtype=np.float64)
+        return values if self.ev.reduce is None else np.asarray(self.ev.reduce(values))
+
+    def norm(self, tensors: Sequence[torch.Tensor]) -> float:
+        """The norm of all tensors as one vector: of rows held over a group, the group's."""
+        if not self.ev.sharded:
+            return global_norm(tensors)
+        rows = [self.ev.rows[i] is not None for i in self.ev.idx]
+        squares = [float(t.double().square().sum()) for t in tensors]
+        held = sum(q for q, r in zip(squares, rows) if r)  # this rank's rows: the group adds them
+        return math.sqrt(float(self._group_sum([held])[0]) + sum(q for q, r in zip(squares, rows) if not r))
+
     def sphere(self, index: int) -> Tensors:
-        """Draw ``index``: a Gaussian per tensor from (seed, 2 + index, tensor index), drawn on the CPU
-        and scaled jointly to norm ρ (uniform on the sphere), then moved to the device."""
-        parts = [torch.randn(o.shape, generator=tensor_generator(self.seed, _FIRST_DRAW + index, i), dtype=self.dtype)
-                 for i, o in zip(self.ev.idx, self.ev.origin)]
-        factor = self.radius / global_norm(parts)
+        """Draw ``index``: a Gaussian per tensor from (seed, 2 + index, tensor index), drawn whole on
+        the CPU and scaled jointly to norm ρ (uniform on the sphere), then this rank's rows of it
+        moved to the device."""
+        parts: Tensors = []
+        squares = 0.0
+        for name, i, o in zip(self.ev.names, self.ev.idx, self.ev.origin):
+            rows = self.ev.rows[i]
+            shape = o.shape if rows is None else self.ev.model.get_parameter(name).shape
+            whole = torch.randn(shape, generator=tensor_generator(self.seed, _FIRST_DRAW + index, i), dtype=self.dtype)
+            squares += float(whole.double().square().sum())
+            parts.append(whole if rows is None else whole[rows])
+        factor = self.radius / math.sqrt(squares)
         return [(p * factor).to(o.device) for p, o in zip(parts, self.ev.origin)]
 
     def offset(self, u: Tensors) -> Tensors:
@@ -143,10 +166,7 @@ class Probe:
 
     def rise(self, delta: Tensors) -> float:
         """L(θ* + δ) − L(θ*), the loss as the evaluator reports it."""
-        full: list[torch.Tensor] = [torch.empty(0)] * (self.ev.idx[-1] + 1)  # indexed as the targets
-        for i, d in zip(self.ev.idx, delta):
-            full[i] = d
-        return self.ev.evaluate_offset(full)[f"{self.split}_loss"] - self.centre
+        return self.ev.evaluate_held(delta)[f"{self.split}_loss"] - self.centre
 
     def average(self, index: int) -> float:
         """The rise at draw ``index`` of the (adaptive) sphere."""
@@ -154,7 +174,7 @@ class Probe:
 
     def worst(self, index: int, steps: int) -> float:
         """The rise at the best point of a ``steps``-step ascent started at draw ``index``."""
-        return self.rise(self.offset(ascend(self._objective, self.sphere(index), self.radius, steps)))
+        return self.rise(self.offset(ascend(self._objective, self.sphere(index), self.radius, steps, self.norm)))
 
     def _objective(self, u: Tensors, grad: bool) -> tuple[float, Tensors]:
         value, g = self.loss_and_gradient(self.offset(u), grad)
@@ -162,20 +182,41 @@ class Probe:
 
     def loss_and_gradient(self, delta: Tensors, grad: bool = True) -> tuple[float, Tensors]:
         """The mean per-sample loss over the split's batches at θ* + δ and its gradient in δ (empty
-        without ``grad``), batch by batch. Token losses are summed per sequence: a constant multiple of
-        the token mean, which changes neither the ascent's direction nor which iterate is best."""
+        without ``grad``), batch by batch, the group's. Token losses are summed per sequence: a
+        constant multiple of the token mean, which changes neither the ascent's direction nor which
+        iterate is best. A sharded rank runs the one-sample filler where its batches are empty (its
+        loss counted zero): the gathers are collective."""
         ev = self.ev
         ws = [(o.to(d.dtype) + d).to(o.dtype).requires_grad_(grad) for o, d in zip(ev.origin, delta)]
+        forward = ev.forward_at(ws)
+        filler = ev.sharded_curvature[2] if ev.sharded_curvature is not None else None
         grads = [torch.zeros_like(d) for d in delta] if grad else []
         total = 0.0
         with torch.set_grad_enabled(grad):
             for x, y in self.batches:
-                out = pick_output(torch.func.functional_call(ev.model, dict(zip(ev.names, ws)), (x,)), ev.output)
-                loss = ev.loss_fn(out.float() if ev.low_precision else out, y).sum() / self.n
+                empty = len(x) == 0 and filler is not None
+                if filler is not None and empty:
+                    x, y = filler
+                out = forward(x)
+                loss = ev.loss_fn(out.float() if ev.low_precision else out, y).sum()
+                loss = loss * 0.0 if empty else loss / self.n
                 total += float(loss.detach())
                 if grad:
                     parts = torch.autograd.grad(loss, ws, allow_unused=True)
                     for acc, p in zip(grads, parts):
                         if p is not None:
                             acc += p.to(acc.dtype)
-        return total, grads
+        return self._group_total(total, grads)
+
+    def _group_total(self, total: float, grads: Tensors) -> tuple[float, Tensors]:
+        """The group's loss and gradient from this rank's shares (a sharded rank's gradient rows are
+        the group's already: the gathers' backward added them; tensors it holds whole are added here)."""
+        if self.ev.reduce is None:
+            return total, grads
+        shares = [k for k, i in enumerate(self.ev.idx) if self.ev.rows[i] is None] if grads else []
+        summed = self._group_sum(np.concatenate([[total], *(grads[k].double().flatten().cpu().numpy()
+                                                             for k in shares)]))
+        out = list(grads)
+        for k, part in zip(shares, torch.from_numpy(summed[1:]).split([grads[k].numel() for k in shares])):
+            out[k] = part.view_as(grads[k]).to(grads[k])
+        return float(summed[0]), out
