@@ -127,6 +127,24 @@ def test_a_checkpoint_is_read_by_rows_into_the_sharded_model(tmp_path):
 
 @pytest.mark.mpi
 @requires_mpi
+def test_the_plane_through_three_checkpoints_read_by_rows(tmp_path):
+    """``--model2 B --model3 C`` sharded: each rank reads its rows of A, B and C, so its directions
+    are its rows of B − A and C − A; their hash (each tensor gathered in turn) and the surface are
+    the unsharded ones."""
+    for name, seed in (("a", 5), ("b", 6), ("c", 7)):
+        torch.save({"state_dict": load_model("cnn", (1, 8, 8), 10, seed=seed).state_dict()}, tmp_path / f"{name}.t7")
+    args = ["surface", "--model", "cnn", "--data", "digits", "--subset", "40", "--x", "-0.5:1.5:3", "--y", "0:1:2",
+            "--dtype", "float64", "--checkpoint", tmp_path / "a.t7", "--model2", tmp_path / "b.t7",
+            "--model3", tmp_path / "c.t7", "--no-progress", "--threads", "1"]
+    mpirun(2, *args, "--ranks-per-point", "2", "--shard", "fsdp", "--out", tmp_path / "s.h5", check=True)
+    cli(*args, "--fidelity", "off", "--out", tmp_path / "one.h5", check=True)
+    sharded = _values(tmp_path / "s.h5")
+    _same_surface(sharded, _values(tmp_path / "one.h5"))
+    assert list(sharded["weights"]) == [4965] * 2
+
+
+@pytest.mark.mpi
+@requires_mpi
 def test_the_hessian_of_a_checkpoint_read_by_rows(tmp_path):
     """``lsurf hessian --shard fsdp``: each rank reads its rows of the checkpoint, runs its share of
     the split through the weights gathered whole, and holds its rows of every Lanczos vector; the
@@ -192,8 +210,9 @@ def test_a_checkpoint_that_does_not_fit_is_one_line(tmp_path):
     ([], "lsurf: error: --shard fsdp shards the model over a rank group: it needs --ranks-per-point of 2 or more"),
     (["--ranks-per-point", "2", "--points-per-pass", "2"], "it cannot be combined with --points-per-pass > 1"),
     (["--ranks-per-point", "2", "--layout", "channels-last"], "not with --layout channels-last"),
-    (["--ranks-per-point", "2", "--checkpoint", "a.pt", "--model2", "b.pt"],
-     "--shard fsdp reads each rank's part of the weights: not with --model2, which need the whole model on one rank"),
+    (["--ranks-per-point", "2", "--checkpoint", "a.pt", "--geometry", "circles:make"],
+     "--shard fsdp reads each rank's part of the weights: not with --geometry, which need the whole model on "
+     "one rank"),
 ])
 def test_what_the_sharded_path_cannot_do_is_one_line(tmp_path, extra, says):
     p = cli("surface", "--shard", "fsdp", *extra, "--out", tmp_path / "s.h5")

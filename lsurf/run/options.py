@@ -183,7 +183,7 @@ class Options:
             raise UserError(f"`shard` {self.shard} evaluates one point per pass: it cannot be combined with "
                             "`points_per_pass` > 1")
         if self.weights_on_disk:  # each rank reads its rows only: nothing can use the whole model
-            whole = [f"`{n}`" for n in ("geometry", "model2", "curve_plane") if getattr(self, n)]
+            whole = [f"`{n}`" for n in ("geometry", "curve_plane") if getattr(self, n)]
             if whole:
                 raise UserError(f"`shard` {self.shard} reads each rank's part of the weights: not with "
                                 f"{', '.join(whole)}, which need the whole model on one rank")

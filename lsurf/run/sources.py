@@ -25,7 +25,7 @@ from lsurf.engine.geometry.directions import (
 from lsurf.engine.geometry.grid import Grid
 from lsurf.engine.io import file_sha256
 from lsurf.engine.model.models import build_for, is_zoo, load_checkpoint, load_model, weights_fingerprint
-from lsurf.engine.model.sharding import is_sharded_model, load_sharded, meta_skeleton
+from lsurf.engine.model.sharding import is_sharded_model, load_sharded, meta_skeleton, read_rows
 from lsurf.errors import UserError
 from lsurf.run.options import Options
 from lsurf.run.world import World
@@ -130,6 +130,9 @@ def _towards_models(options: Options, model: nn.Module, two: bool) -> Directions
         raise UserError("`dir_file` and `model2` both set the directions: give one")
     states = []
     for path in others:
+        if is_sharded_model(model):  # read by rows, as the model was
+            states.append(read_rows(model, path))
+            continue
         twin = copy.deepcopy(model)
         load_checkpoint(twin, path)
         states.append(twin.state_dict())

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from lsurf.engine.io import atomic_write
-from lsurf.engine.model.tensor_parts import local_rows, whole
+from lsurf.engine.model.tensor_parts import local_part, local_rows, whole, whole_of
 from lsurf.errors import UserError
 
 Norm = Literal["filter", "layer", "weight", "none"]
@@ -422,17 +422,27 @@ def model_directions(model: nn.Module, others: list[dict[str, torch.Tensor]], di
 
     Coordinates then mean models: α = 1 is exactly model 2 and (0, 1) exactly model 3, so a 1-D
     run interpolates (Goodfellow et al.) and a 2-D run spans the plane through three models.
-    ``others`` are state dicts of the same architecture (already checked to fit).
+    ``others`` are state dicts of the same architecture (already checked to fit); of a sharded
+    model, each rank's rows of them (lsurf.engine.model.sharding.read_rows), and the directions are
+    those rows (collective: the hash is of the whole ones).
     """
     names, targets = target_tensors(model, dir_type)  # parameter names are state-dict keys too
+    held = [local_part(t) for t in targets]  # of a sharded model, this rank's rows (and ``others``' are)
 
     def towards(state: dict[str, torch.Tensor]) -> list[torch.Tensor]:
         return [(state[n].to(w) - w).detach().cpu() if w.is_floating_point() else torch.zeros(w.shape)
-                for n, w in zip(names, targets)]
+                for n, w in zip(names, held)]
 
     dirs = [towards(s) for s in others]
     meta = {"source": "models", "dir_type": dir_type, "models": sources or []}
-    return Directions(names, dirs[0], dirs[1] if len(dirs) > 1 else None, meta)
+    rows = [local_rows(t) for t in targets]
+    if all(r is None for r in rows):
+        return Directions(names, dirs[0], dirs[1] if len(dirs) > 1 else None, meta)
+    digest = hashlib.sha256()  # of the whole directions, each tensor gathered in turn: the unsharded hash
+    for d in dirs:
+        for part, t in zip(d, targets):
+            hash_into(digest, whole_of(part, t))
+    return Directions(names, dirs[0], dirs[1] if len(dirs) > 1 else None, meta, rows, digest.hexdigest())
 
 
 def markers(meta: dict) -> list[dict]:

@@ -125,9 +125,25 @@ def _parameters_on_meta() -> Iterator[None]:
         nn.Module.register_parameter = register  # type: ignore[method-assign]
 
 
+def read_rows(model: nn.Module, checkpoint: str | Path) -> dict[str, torch.Tensor]:
+    """This rank's rows of every parameter of sharded ``model`` (and each buffer the file holds,
+    whole) as ``checkpoint`` stores them, in the model's dtype: another model of the same
+    architecture read as ``model`` is held, e.g. for the direction towards it. Checked to fit as
+    :func:`load_sharded` checks its checkpoint."""
+    with open_weights(checkpoint) as f:
+        return {name: rows.to(local_part(t).dtype) for name, t, rows in _rows(model, f, str(checkpoint))}
+
+
 def _fill(model: nn.Module, f: WeightsFile, where: str) -> None:
-    """Each parameter's local rows, and each buffer the file holds, read from ``f`` (checked to fit
-    as ``load_state_dict(strict=True)`` would: a tensor tied to another may be stored under either name)."""
+    """Each parameter's local rows, and each buffer the file holds, read from ``f`` (see :func:`_rows`)."""
+    for _, t, rows in _rows(model, f, where):
+        local_part(t).copy_(rows)
+
+
+def _rows(model: nn.Module, f: WeightsFile, where: str) -> Iterator[tuple[str, torch.Tensor, torch.Tensor]]:
+    """(name, the model's tensor, this rank's rows of it read from ``f``) for each parameter and
+    each buffer the file holds, one at a time, checked to fit as ``load_state_dict(strict=True)``
+    would: a tensor tied to another may be stored under either name."""
     params = dict(model.named_parameters())
     keys = set(model.state_dict())
     wanted = {**params, **{n: b for n, b in model.named_buffers() if n in keys}}
@@ -143,7 +159,7 @@ def _fill(model: nn.Module, f: WeightsFile, where: str) -> None:
         if f.shape(stored) != tuple(t.shape):
             raise UserError(f"checkpoint {where!r} does not fit this model: {stored!r} has shape "
                             f"{f.shape(stored)}, the model expects {tuple(t.shape)}")
-        local_part(t).copy_(f.read(stored, local_rows(t)))
+        yield name, t, f.read(stored, local_rows(t))
 
 
 def _tied_name(model: nn.Module, name: str, f: WeightsFile) -> str | None:

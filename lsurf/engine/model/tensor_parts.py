@@ -28,6 +28,19 @@ def whole(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if is_sharded(t) else t  # type: ignore[attr-defined]  # a DTensor's
 
 
+def whole_of(rows: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """The whole tensor of which ``rows`` are this rank's part, laid out as ``like`` (a sharded
+    tensor: gathered from its group, collective) or ``rows`` itself (``like`` is whole here)."""
+    if not is_sharded(like):
+        return rows
+    from torch.distributed.tensor import DTensor
+
+    assert isinstance(like, DTensor)
+    part = rows.to(local_part(like).device)
+    return DTensor.from_local(part, like.device_mesh, like.placements, run_check=False, shape=like.shape,
+                              stride=part.new_empty(like.shape, device="meta").stride()).full_tensor()
+
+
 def local_rows(t: torch.Tensor) -> slice | None:
     """The rows of ``t``'s whole tensor that this rank holds (None: ``t`` is whole here, e.g. a buffer)."""
     if not is_sharded(t):
