@@ -123,6 +123,10 @@ def test_a_checkpoint_is_read_by_rows_into_the_sharded_model(tmp_path):
     assert list(sharded["weights"]) == [4965] * 4  # 1/2 of 9,930 on each rank
     # the directions are held by rows: not written beside the surface (the seed draws them again)
     assert not (tmp_path / "s.directions.h5").exists() and (tmp_path / "one.directions.h5").exists()
+    # a direction file is read by rows too: the same surface, the same hash
+    mpirun(2, *args, "--dir-file", tmp_path / "one.directions.h5", "--ranks-per-point", "2", "--shard", "fsdp",
+           "--out", tmp_path / "f.h5", check=True)
+    _same_surface(_values(tmp_path / "f.h5"), _values(tmp_path / "one.h5"))
 
 
 @pytest.mark.mpi

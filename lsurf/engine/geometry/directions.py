@@ -379,7 +379,10 @@ def load_directions(path: str | Path, names: list[str], targets: list[torch.Tens
         groups = ["xdirection", "ydirection"] if want_y else ["xdirection"]
         lists = [_read_group(f[g], path, g, names, targets) for g in groups]
         meta = json.loads(f.attrs["meta"]) if "meta" in f.attrs else {"source": "file"}
-    return Directions(names, lists[0], lists[1] if want_y else None, meta)
+    rows = [local_rows(t) for t in targets]
+    digest = _checked_digest(path, dict(zip(groups, lists)), names, targets)
+    return Directions(names, lists[0], lists[1] if want_y else None, meta,
+                      None if all(r is None for r in rows) else rows, digest)
 
 
 def _check_names(f: h5py.File, path: Path, names: list[str]) -> None:
@@ -395,6 +398,8 @@ def _check_names(f: h5py.File, path: Path, names: list[str]) -> None:
 
 
 def _read_group(g: h5py.Group, path: Path, group: str, names: list[str], targets: list[torch.Tensor]):
+    """Each tensor of ``group`` as the model holds its target: whole, or a sharded target's rows
+    (read from the file alone: no rank holds a whole direction of a sharded model)."""
     if len(g) != len(targets):
         raise UserError(
             f"direction file {str(path)!r} is for another model: {group} has {len(g)} tensors, "
@@ -404,16 +409,31 @@ def _read_group(g: h5py.Group, path: Path, group: str, names: list[str], targets
     for i, (name, w) in enumerate(zip(names, targets)):
         if str(i) not in g:
             raise UserError(f"direction file {str(path)!r}: {group} lacks dataset '{i}' ({name})")
-        a = np.asarray(g[str(i)][()])
-        if a.shape != tuple(w.shape):
+        data = g[str(i)]
+        if data.shape != tuple(w.shape):
             raise UserError(
                 f"direction file {str(path)!r} is for another model: {group}/{i} ({name}) has shape "
-                f"{a.shape}, the model's tensor has {tuple(w.shape)}"
+                f"{data.shape}, the model's tensor has {tuple(w.shape)}"
             )
-        if a.dtype.kind == "f" and not np.isfinite(a).all():
-            raise UserError(f"direction file {str(path)!r}: {group}/{i} ({name}) contains NaN or inf")
+        rows = local_rows(w)
+        a = np.asarray(data[()] if rows is None else data[rows.start:rows.stop])
         out.append(torch.from_numpy(a.astype(np.float32) if a.dtype.kind != "f" else a))
     return out
+
+
+def _checked_digest(path: Path, groups: dict[str, list[torch.Tensor]], names: list[str],
+                    targets: list[torch.Tensor]) -> str:
+    """The hash of the whole directions, each tensor refused if not finite. Of a sharded model's
+    rows each tensor is gathered in turn (collective): every rank checks the same whole tensor, so
+    the ranks refuse together rather than one leaving the others in a gather."""
+    digest = hashlib.sha256()
+    for group, parts in groups.items():
+        for i, (name, part, w) in enumerate(zip(names, parts, targets)):
+            t = whole_of(part, w)
+            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                raise UserError(f"direction file {str(path)!r}: {group}/{i} ({name}) contains NaN or inf")
+            hash_into(digest, t)
+    return digest.hexdigest()
 
 
 def model_directions(model: nn.Module, others: list[dict[str, torch.Tensor]], dir_type: str = "weights",
