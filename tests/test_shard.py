@@ -149,6 +149,29 @@ def test_the_plane_through_three_checkpoints_read_by_rows(tmp_path):
 
 @pytest.mark.mpi
 @requires_mpi
+def test_a_file_one_rank_cannot_see_is_refused_by_every_rank(tmp_path):
+    """Each rank reads its rows of a direction file apart, then the group gathers each tensor to hash
+    it: a rank that cannot see the file (its working directory lacks it) makes every rank refuse, in
+    one line, before any gather — not a hang in one."""
+    (tmp_path / "seen").mkdir(), (tmp_path / "blind").mkdir()
+    torch.save({"state_dict": load_model("cnn", (1, 8, 8), 10, seed=5).state_dict()}, tmp_path / "cnn.t7")
+    args = ["surface", "--model", "cnn", "--data", "digits", "--subset", "40", "--checkpoint", tmp_path / "cnn.t7",
+            "--x", "-1:1:3", "--y", "-1:1:2", "--no-progress", "--threads", "1"]
+    cli(*args, "--out", tmp_path / "seen" / "d.h5", check=True)  # writes d.directions.h5 beside it
+    (tmp_path / "seen" / "d.directions.h5").rename(tmp_path / "seen" / "dirs.h5")
+    rank = [sys.executable, "-m", "lsurf", *map(str, args), "--dir-file", "dirs.h5", "--ranks-per-point", "2",
+            "--shard", "fsdp", "--out", str(tmp_path / "s.h5")]
+    cmd = ["mpirun", "--oversubscribe", "-n", "1", "-wdir", tmp_path / "seen", *rank,  # two ranks, two places
+           ":", "-n", "1", "-wdir", tmp_path / "blind", *rank]
+    p = subprocess.run(list(map(str, cmd)), capture_output=True, text=True, timeout=120, env=_env())
+    errors = [line for line in p.stderr.splitlines() if "error" in line]
+    assert p.returncode == 2 and errors == ["lsurf: error: direction file 'dirs.h5': another rank of the group "
+                                            "could not read it"], p.stderr
+    assert "Traceback" not in p.stderr and not (tmp_path / "s.h5").exists()
+
+
+@pytest.mark.mpi
+@requires_mpi
 def test_the_hessian_of_a_checkpoint_read_by_rows(tmp_path):
     """``lsurf hessian --shard fsdp``: each rank reads its rows of the checkpoint, runs its share of
     the split through the weights gathered whole, and holds its rows of every Lanczos vector; the

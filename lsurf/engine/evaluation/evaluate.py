@@ -78,14 +78,11 @@ def evaluator(
     each split's pass once its loss is known to a tolerance (lsurf.engine.evaluation.precision), the splits'
     samples in its seeded order. ``mesh``: the group's DeviceMesh to shard the model over
     (lsurf.engine.model.sharding; ``shard`` is then this rank's place in it): a sharded copy is evaluated.
-    ``skeleton``: a model that came sharded, its modules and buffers, for ``hessian_iters`` (the
-    sharded Hessian runs its gathered weights through it; of a whole model, a copy is made)."""
+    ``skeleton``: a model that came sharded, its modules and buffers, for gradients and
+    ``hessian_iters`` (they run its gathered weights through it; of a whole model, a copy is made)."""
     dev = torch.device(device)
     if precision is not None:
-        if streamed or shard[1] > 1:
-            raise UserError("`tolerance` takes each split's samples in one seeded order: it needs the splits "
-                            "resident and whole in each process (not streamed, `ranks_per_point` 1)")
-        data = {s: precision.ordered(split) for s, split in data.items()}
+        data = _in_seeded_order(data, precision, bool(streamed) or shard[1] > 1)
     if mesh is not None:
         check_shardable(points_per_pass=points_per_pass, channels_last=channels_last)
     # sharded, a copy is evaluated, unless the model came sharded (lsurf.engine.model.sharding.load_sharded)
@@ -96,13 +93,8 @@ def evaluator(
         rows = [local_rows(t) for t in targets]
         targets = [local_part(t) for t in targets]
         by_batch = bn == "recalibrate"  # train-mode passes see the one process's batches (lsurf.engine.data.batches)
-        batches: dict[str, Feed] = {
-            s: Streamed(split, batch_size, dev, dtype, channels_last, workers, shard, by_batch) if s in streamed
-            else resident_batches(split, batch_size, dev, dtype, channels_last, shard, by_batch)
-            for s, split in data.items()}
-        if mesh is not None:  # a sharded forward is collective: as many batches on every rank
-            batches = {s: equal_batches(b, data[s], batch_size, shard, dev, dtype, by_batch)
-                       for s, b in batches.items()}
+        batches = _feeds(data, batch_size, (dev, dtype, channels_last), (shard, by_batch, mesh is not None),
+                         streamed, workers)
         loss_fn = resolve_loss(loss, ignore_index) if isinstance(loss, str) else loss
         curvature = _sharded_curvature(whole, model, skeleton, data, (dev, dtype), mesh, bool(hessian_iters))
         if metrics is None:
@@ -116,6 +108,31 @@ def evaluator(
     finally:
         if snapshot is not None:
             snapshot.restore()
+
+
+def _in_seeded_order(data: dict[str, AnySplit], precision: Precision, shared: bool) -> dict[str, AnySplit]:
+    """The splits in ``precision``'s seeded order, which only a whole split held in each process
+    (not ``shared``: streamed, or in a rank group) can be taken in."""
+    if shared:
+        raise UserError("`tolerance` takes each split's samples in one seeded order: it needs the splits "
+                        "resident and whole in each process (not streamed, `ranks_per_point` 1)")
+    return {s: precision.ordered(split) for s, split in data.items()}
+
+
+def _feeds(data: dict[str, AnySplit], batch_size: int, place: tuple[torch.device, torch.dtype, bool],
+           part: tuple[tuple[int, int], bool, bool], streamed: Collection[str], workers: int) -> dict[str, Feed]:
+    """Each split's batches on the device (``place``: device, dtype, channels-last): held, or those
+    in ``streamed`` read at every pass. ``part``: this rank's share (r, G), whether it is whole
+    batches of the one process's, and whether forwards are collective (a sharded model's: as many
+    batches on every rank)."""
+    (dev, dtype, channels_last), (shard, by_batch, collective) = place, part
+    batches: dict[str, Feed] = {
+        s: Streamed(split, batch_size, dev, dtype, channels_last, workers, shard, by_batch) if s in streamed
+        else resident_batches(split, batch_size, dev, dtype, channels_last, shard, by_batch)
+        for s, split in data.items()}
+    if not collective:
+        return batches
+    return {s: equal_batches(b, data[s], batch_size, shard, dev, dtype, by_batch) for s, b in batches.items()}
 
 
 def _ready(model: nn.Module, dev: torch.device, dtype: torch.dtype, channels_last: bool, mesh: Any) -> nn.Module:

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from lsurf.engine.io import atomic_write
-from lsurf.engine.model.tensor_parts import local_part, local_rows, whole, whole_of
+from lsurf.engine.model.tensor_parts import local_part, local_rows, read_in_group, whole, whole_of
 from lsurf.errors import UserError
 
 Norm = Literal["filter", "layer", "weight", "none"]
@@ -362,8 +362,21 @@ def save_directions(dirs: AnyDirections, path: str | Path, provenance: dict | No
 
 
 def load_directions(path: str | Path, names: list[str], targets: list[torch.Tensor], want_y: bool) -> Directions:
-    """Read a direction file (ours or Li et al.'s) and check it fits these tensors exactly."""
+    """Read a direction file (ours or Li et al.'s) and check it fits these tensors exactly; of a
+    sharded model, each rank its rows (collective: the ranks of its group refuse together)."""
     path = Path(path)
+    groups = ["xdirection", "ydirection"] if want_y else ["xdirection"]
+    lists, meta = read_in_group(lambda: _read_file(path, groups, names, targets), targets,
+                                f"direction file {str(path)!r}")
+    rows = [local_rows(t) for t in targets]
+    digest = _checked_digest(path, dict(zip(groups, lists)), names, targets)
+    return Directions(names, lists[0], lists[1] if want_y else None, meta,
+                      None if all(r is None for r in rows) else rows, digest)
+
+
+def _read_file(path: Path, groups: list[str], names: list[str],
+               targets: list[torch.Tensor]) -> tuple[list[list[torch.Tensor]], dict]:
+    """The tensors of each of ``groups`` (see :func:`_read_group`) and the file's meta."""
     if not path.is_file():
         raise UserError(f"direction file {str(path)!r} does not exist")
     try:
@@ -374,15 +387,11 @@ def load_directions(path: str | Path, names: list[str], targets: list[torch.Tens
         _check_names(f, path, names)
         if "xdirection" not in f:
             raise UserError(f"direction file {str(path)!r} has no 'xdirection' group")
-        if want_y and "ydirection" not in f:
+        if "ydirection" in groups and "ydirection" not in f:
             raise UserError(f"direction file {str(path)!r} has only an x direction but `y` asks for 2-D")
-        groups = ["xdirection", "ydirection"] if want_y else ["xdirection"]
         lists = [_read_group(f[g], path, g, names, targets) for g in groups]
         meta = json.loads(f.attrs["meta"]) if "meta" in f.attrs else {"source": "file"}
-    rows = [local_rows(t) for t in targets]
-    digest = _checked_digest(path, dict(zip(groups, lists)), names, targets)
-    return Directions(names, lists[0], lists[1] if want_y else None, meta,
-                      None if all(r is None for r in rows) else rows, digest)
+    return lists, meta
 
 
 def _check_names(f: h5py.File, path: Path, names: list[str]) -> None:

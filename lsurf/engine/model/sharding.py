@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lsurf.engine.model.tensor_parts import is_sharded, local_part, local_rows
+from lsurf.engine.model.tensor_parts import is_sharded, local_part, local_rows, read_in_group
 from lsurf.engine.model.weights_file import WeightsFile, open_weights
 from lsurf.errors import UserError
 
@@ -129,9 +129,12 @@ def read_rows(model: nn.Module, checkpoint: str | Path) -> dict[str, torch.Tenso
     """This rank's rows of every parameter of sharded ``model`` (and each buffer the file holds,
     whole) as ``checkpoint`` stores them, in the model's dtype: another model of the same
     architecture read as ``model`` is held, e.g. for the direction towards it. Checked to fit as
-    :func:`load_sharded` checks its checkpoint."""
-    with open_weights(checkpoint) as f:
-        return {name: rows.to(local_part(t).dtype) for name, t, rows in _rows(model, f, str(checkpoint))}
+    :func:`load_sharded` checks its checkpoint; collective over the model's group, whose ranks all
+    refuse if one cannot read the file."""
+    def read() -> dict[str, torch.Tensor]:
+        with open_weights(checkpoint) as f:
+            return {name: part.to(local_part(t).dtype) for name, t, part in _rows(model, f, str(checkpoint))}
+    return read_in_group(read, model.parameters(), f"checkpoint {str(checkpoint)!r}")
 
 
 def _fill(model: nn.Module, f: WeightsFile, where: str) -> None:

@@ -5,10 +5,14 @@ itself so that what reads tensors (fingerprints, directions) needs none of its i
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable, Iterable
+from typing import TypeVar
 
 import torch
 
 from lsurf.errors import UserError
+
+T = TypeVar("T")
 
 
 def is_sharded(t: torch.Tensor) -> bool:
@@ -39,6 +43,32 @@ def whole_of(rows: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     part = rows.to(local_part(like).device)
     return DTensor.from_local(part, like.device_mesh, like.placements, run_check=False, shape=like.shape,
                               stride=part.new_empty(like.shape, device="meta").stride()).full_tensor()
+
+
+def read_in_group(read: Callable[[], T], tensors: Iterable[torch.Tensor], what: str) -> T:
+    """``read()``, which each rank of a sharded model's group runs apart (its rows of a file),
+    refused on every rank of the group if it refused on one (collective where one of ``tensors`` is
+    sharded): before any gather, so a rank that cannot see ``what`` does not leave the others
+    waiting in one."""
+    like = next((t for t in tensors if is_sharded(t)), None)
+    try:
+        result = read()
+    except UserError:
+        if like is not None:
+            _group_agrees(False, like)
+        raise
+    if like is not None and not _group_agrees(True, like):
+        raise UserError(f"{what}: another rank of the group could not read it")
+    return result
+
+
+def _group_agrees(ok: bool, like: torch.Tensor) -> bool:
+    """Whether every rank of sharded tensor ``like``'s group is ``ok`` (collective)."""
+    import torch.distributed as dist
+
+    flag = torch.tensor([int(ok)], device=local_part(like).device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=like.device_mesh.get_group())  # type: ignore[attr-defined]
+    return bool(flag.item())
 
 
 def local_rows(t: torch.Tensor) -> slice | None:
